@@ -1,0 +1,9 @@
+//! `cloude-image`: the guest kernel build, the language catalogue and initramfs images.
+#![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod cli;
+pub mod kernel;
+pub mod lock;
+pub mod paths;
+pub mod progress;

@@ -1,0 +1,443 @@
+//! Wire types shared by the host (backend) and the guest agent.
+//!
+//! Transport contract (see `docs/protocol.md`):
+//! - The agent serves HTTP/1.1 on vsock port [`AGENT_VSOCK_PORT`]; when the VM has an IPv4
+//!   address it also serves the same router on TCP port [`AGENT_TCP_PORT`].
+//! - When a virtio-serial port named [`SERIAL_PORT_NAME`] exists (the QEMU fallback, which has no
+//!   vsock on hosts without vhost), the agent writes the ready line on it and then serves one
+//!   HTTP/1.1 connection over that byte stream.
+//! - Readiness: as soon as it can, the agent connects to the host (CID 2) on vsock port
+//!   [`READY_VSOCK_PORT`] and writes [`ready_line`]; over virtio-serial it writes the same line.
+//! - Routes: `GET /v1/health` -> [`Health`]; `POST /v1/run` with [`RunRequest`] -> [`RunResponse`];
+//!   `POST /v1/run/stream` -> NDJSON of [`StreamEvent`], the last one being `result`.
+#![forbid(unsafe_code)]
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+mod limits;
+pub use limits::*;
+
+/// Version of this wire protocol; the agent rejects requests of another major version.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Vsock port the agent's HTTP server listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Vsock port on the host (CID 2) the agent connects to in order to announce readiness.
+pub const READY_VSOCK_PORT: u32 = 1025;
+/// TCP port the agent's HTTP server listens on when the VM has an IP address.
+pub const AGENT_TCP_PORT: u16 = 8080;
+/// Name of the virtio-serial port used as the agent channel when there is no vsock.
+pub const SERIAL_PORT_NAME: &str = "cloude.agent";
+/// Prefix of the line the agent writes once it is ready to serve.
+pub const READY_PREFIX: &str = "CLOUDE-READY";
+
+/// The line (with trailing newline) the agent writes when it is ready.
+pub fn ready_line() -> String {
+    format!("{READY_PREFIX} {PROTOCOL_VERSION}\n")
+}
+
+/// Parses a ready line; returns the agent's protocol version.
+pub fn parse_ready_line(line: &str) -> Option<u32> {
+    let rest = line.trim_end().strip_prefix(READY_PREFIX)?.strip_prefix(' ')?;
+    rest.parse().ok()
+}
+
+/// Bytes that travel inside JSON as base64 (binary-safe output and input).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Bytes(pub Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({:?})", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl From<Vec<u8>> for Bytes {
+    fn from(v: Vec<u8>) -> Self {
+        Bytes(v)
+    }
+}
+
+impl From<&str> for Bytes {
+    fn from(v: &str) -> Self {
+        Bytes(v.as_bytes().to_vec())
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(Bytes)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a file's content is encoded in a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Utf8,
+    Base64,
+}
+
+/// A file the agent writes into the work directory before compiling or running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    /// Relative path inside the work directory (validated by [`validate_file_name`]).
+    pub name: String,
+    pub content: String,
+    #[serde(default)]
+    pub encoding: Encoding,
+}
+
+impl FileSpec {
+    /// Decoded bytes of the file.
+    pub fn bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        match self.encoding {
+            Encoding::Utf8 => Ok(self.content.as_bytes().to_vec()),
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(self.content.as_bytes())
+                .map_err(|_| ProtocolError::BadBase64(self.name.clone())),
+        }
+    }
+}
+
+/// The run order sent by the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub protocol_version: u32,
+    pub files: Vec<FileSpec>,
+    /// Optional compile command (argv), run in the work directory.
+    #[serde(default)]
+    pub compile: Option<Vec<String>>,
+    /// Run command (argv); `args` are appended.
+    pub run: Vec<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub stdin: Bytes,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    pub compile_timeout_ms: u64,
+    pub run_timeout_ms: u64,
+    /// Cap on stdout + stderr bytes kept per stage; beyond it the stage ends with `output_limit`.
+    pub output_limit_bytes: u64,
+    /// Memory limit for the program's cgroup; `None` lets the agent pick one below the VM's memory.
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
+    /// Maximum number of tasks in the program's cgroup.
+    #[serde(default)]
+    pub pids_limit: Option<u64>,
+    /// Power the VM off once the response has been sent.
+    #[serde(default = "default_true")]
+    pub poweroff_after: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Outcome of a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    /// The program ran to its own exit (whatever its exit code) or was killed by a signal it
+    /// caused itself.
+    Ok,
+    Timeout,
+    OutputLimit,
+    MemoryLimit,
+    /// The stage could not be started (missing binary, bad request).
+    Error,
+}
+
+/// Result of one stage (compile or run).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageResult {
+    pub stdout: Bytes,
+    pub stderr: Bytes,
+    pub exit_code: Option<i32>,
+    /// Signal number that ended the process, if any.
+    pub signal: Option<i32>,
+    pub status: StageStatus,
+    /// Human-readable detail for `error` (and optionally other statuses).
+    #[serde(default)]
+    pub message: Option<String>,
+    pub wall_ms: u64,
+    pub cpu_ms: u64,
+    /// Peak memory of the stage's cgroup, in KiB.
+    pub memory_kib: u64,
+}
+
+/// The agent's answer to a [`RunRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResponse {
+    pub compile: Option<StageResult>,
+    /// `None` when compilation failed and nothing ran.
+    pub run: Option<StageResult>,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    Stdout,
+    Stderr,
+}
+
+/// Which stage a chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Compile,
+    Run,
+}
+
+/// One line of the NDJSON stream of `POST /v1/run/stream`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    Output {
+        stage: Stage,
+        stream: StreamKind,
+        data: Bytes,
+    },
+    Result {
+        result: RunResponse,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// `GET /v1/health`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    /// Seconds since the agent started (PID 1).
+    pub uptime_ms: u64,
+}
+
+/// Error body of every non-2xx agent answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Validation failures of a [`RunRequest`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("protocol version {0} is not supported (agent speaks {PROTOCOL_VERSION})")]
+    Version(u32),
+    #[error("file {0:?}: content is not valid base64")]
+    BadBase64(String),
+    #[error("file name {0:?}: {1}")]
+    BadFileName(String, &'static str),
+    #[error("duplicate file name {0:?}")]
+    DuplicateFile(String),
+    #[error("too many files: {0} (at most {MAX_FILES})")]
+    TooManyFiles(usize),
+    #[error("the run command is empty")]
+    EmptyRun,
+    #[error("{0} is too large: {1} bytes (at most {2})")]
+    TooLarge(&'static str, usize, usize),
+    #[error("{0} must be between 1 and {1} ms")]
+    BadTimeout(&'static str, u64),
+    #[error("{0} contains a NUL byte")]
+    NulByte(&'static str),
+}
+
+/// Checks that a file name is a plain relative path that stays inside the work directory.
+pub fn validate_file_name(name: &str) -> Result<(), ProtocolError> {
+    let bad = |why| Err(ProtocolError::BadFileName(name.to_string(), why));
+    if name.is_empty() {
+        return bad("must not be empty");
+    }
+    if name.len() > MAX_FILE_NAME_BYTES {
+        return bad("is too long");
+    }
+    if name.contains('\0') {
+        return bad("must not contain a NUL byte");
+    }
+    if name.starts_with('/') {
+        return bad("must be a relative path");
+    }
+    if name.contains('\\') {
+        return bad("must not contain a backslash");
+    }
+    for part in name.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return bad("must not contain empty, '.' or '..' components");
+        }
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return bad("must not contain control characters");
+    }
+    Ok(())
+}
+
+impl RunRequest {
+    /// Validates everything the agent relies on before touching the file system.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        if self.protocol_version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version(self.protocol_version));
+        }
+        if self.files.len() > MAX_FILES {
+            return Err(ProtocolError::TooManyFiles(self.files.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0usize;
+        for f in &self.files {
+            validate_file_name(&f.name)?;
+            if !seen.insert(f.name.as_str()) {
+                return Err(ProtocolError::DuplicateFile(f.name.clone()));
+            }
+            total += f.content.len();
+        }
+        if total > MAX_FILES_BYTES {
+            return Err(ProtocolError::TooLarge("files", total, MAX_FILES_BYTES));
+        }
+        if self.stdin.0.len() > MAX_STDIN_BYTES {
+            return Err(ProtocolError::TooLarge("stdin", self.stdin.0.len(), MAX_STDIN_BYTES));
+        }
+        if self.run.is_empty() || self.run[0].is_empty() {
+            return Err(ProtocolError::EmptyRun);
+        }
+        let argv = self
+            .run
+            .iter()
+            .chain(self.args.iter())
+            .chain(self.compile.iter().flatten());
+        for a in argv {
+            if a.contains('\0') {
+                return Err(ProtocolError::NulByte("an argument"));
+            }
+        }
+        for (k, v) in &self.env {
+            if k.contains('\0') || v.contains('\0') || k.contains('=') || k.is_empty() {
+                return Err(ProtocolError::NulByte("an environment variable"));
+            }
+        }
+        if self.run_timeout_ms == 0 || self.run_timeout_ms > MAX_TIMEOUT_MS {
+            return Err(ProtocolError::BadTimeout("run_timeout_ms", MAX_TIMEOUT_MS));
+        }
+        if self.compile_timeout_ms == 0 || self.compile_timeout_ms > MAX_TIMEOUT_MS {
+            return Err(ProtocolError::BadTimeout("compile_timeout_ms", MAX_TIMEOUT_MS));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> RunRequest {
+        RunRequest {
+            protocol_version: PROTOCOL_VERSION,
+            files: vec![FileSpec {
+                name: "main.py".into(),
+                content: "print(1)".into(),
+                encoding: Encoding::Utf8,
+            }],
+            compile: None,
+            run: vec!["python3".into(), "main.py".into()],
+            args: vec![],
+            stdin: Bytes::default(),
+            env: vec![],
+            compile_timeout_ms: 10_000,
+            run_timeout_ms: 5_000,
+            output_limit_bytes: 1 << 20,
+            memory_limit_mib: None,
+            pids_limit: None,
+            poweroff_after: true,
+        }
+    }
+
+    #[test]
+    fn round_trip_binary_output() {
+        let r = StageResult {
+            stdout: Bytes(vec![0, 159, 146, 150, 255]),
+            stderr: "err".into(),
+            exit_code: Some(3),
+            signal: None,
+            status: StageStatus::OutputLimit,
+            message: None,
+            wall_ms: 1,
+            cpu_ms: 2,
+            memory_kib: 3,
+        };
+        let j = serde_json::to_string(&r).expect("serialise");
+        assert!(j.contains("\"output_limit\""));
+        let back: StageResult = serde_json::from_str(&j).expect("parse");
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn file_names() {
+        for good in ["main.py", "src/lib.rs", "a.b.c", "ünïcode.txt"] {
+            assert!(validate_file_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\0b", "a\\b", "a\nb"] {
+            assert!(validate_file_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn validate_request() {
+        assert!(req().validate().is_ok());
+        let mut r = req();
+        r.protocol_version = 99;
+        assert_eq!(r.validate(), Err(ProtocolError::Version(99)));
+        let mut r = req();
+        r.files.push(r.files[0].clone());
+        assert!(matches!(r.validate(), Err(ProtocolError::DuplicateFile(_))));
+        let mut r = req();
+        r.run.clear();
+        assert_eq!(r.validate(), Err(ProtocolError::EmptyRun));
+        let mut r = req();
+        r.run_timeout_ms = 0;
+        assert!(matches!(r.validate(), Err(ProtocolError::BadTimeout(..))));
+        let mut r = req();
+        r.args.push("a\0b".into());
+        assert!(matches!(r.validate(), Err(ProtocolError::NulByte(_))));
+    }
+
+    #[test]
+    fn ready_line_parses() {
+        assert_eq!(parse_ready_line(&ready_line()), Some(PROTOCOL_VERSION));
+        assert_eq!(parse_ready_line("garbage"), None);
+        assert_eq!(parse_ready_line("CLOUDE-READY x"), None);
+    }
+
+    #[test]
+    fn stream_event_shape() {
+        let e = StreamEvent::Output {
+            stage: Stage::Run,
+            stream: StreamKind::Stdout,
+            data: "hi".into(),
+        };
+        let j = serde_json::to_string(&e).expect("serialise");
+        assert_eq!(j, r#"{"type":"output","stage":"run","stream":"stdout","data":"aGk="}"#);
+    }
+
+    #[test]
+    fn bad_base64_rejected() {
+        let f = FileSpec {
+            name: "x".into(),
+            content: "!!!".into(),
+            encoding: Encoding::Base64,
+        };
+        assert!(f.bytes().is_err());
+    }
+}
