@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod image;
 pub mod kernel;
 pub mod lock;
 pub mod paths;
