@@ -3,7 +3,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod deps;
 mod lab;
+mod serve;
+mod test;
 
 #[derive(Parser, Debug)]
 #[command(name = "cargo xtask")]
@@ -16,12 +19,19 @@ struct Cli {
 enum Cmd {
     /// Boot the KVM lab (a nested test machine with a working /dev/kvm) and run a command in it.
     Lab(lab::LabArgs),
+    /// Run every test: unit, integration, end-to-end with real VMs, and the VMM's Linux boot
+    /// tests inside the KVM lab. Installs what it needs on a fresh machine.
+    Test(test::TestArgs),
+    /// Build everything and run `cloude-server` (which builds the kernel and images on first run).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Lab(args) => lab::run(args)?,
+        Cmd::Test(args) => test::run(args)?,
+        Cmd::Serve(args) => serve::run(args)?,
     };
     std::process::exit(code)
 }

@@ -317,6 +317,12 @@ fn build(flavor: Flavor, out: &Path, progress: &Progress) -> Result<(), KernelEr
         for l in BufReader::new(o).lines().map_while(Result::ok) {
             if l.trim_start().starts_with("CC") || l.trim_start().starts_with("AR") {
                 bar.inc(1);
+                if bar.position() % 250 == 0 {
+                    progress.log_plain(format_args!(
+                        "kernel build: {} of ~{APPROX_BUILD_STEPS} objects",
+                        bar.position()
+                    ));
+                }
             }
             last.push(l);
             if last.len() > 40 {

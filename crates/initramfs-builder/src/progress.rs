@@ -21,6 +21,15 @@ impl Progress {
         }
     }
 
+    /// Logs `msg` as a plain line when progress bars cannot be drawn (stderr is not a
+    /// terminal), so that CI logs still show progress.
+    pub fn log_plain(&self, msg: impl std::fmt::Display) {
+        use std::io::IsTerminal as _;
+        if !self.quiet && !std::io::stderr().is_terminal() {
+            eprintln!("cloude: {msg}");
+        }
+    }
+
     /// A spinner for a step of unknown length. Also logs the step when stderr is not a terminal.
     pub fn spinner(&self, msg: impl Into<String>) -> ProgressBar {
         let msg = msg.into();

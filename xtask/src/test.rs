@@ -1,0 +1,117 @@
+//! `cargo xtask test`: the README's test command (what CI runs).
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+use crate::deps;
+
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Skip the KVM lab phase (the VMM's Linux boot tests). CI never skips it.
+    #[arg(long)]
+    pub no_lab: bool,
+    /// Skip clippy and rustfmt checks.
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Extra arguments for `cargo test` (e.g. a test name filter).
+    #[arg(last = true)]
+    pub cargo_args: Vec<String>,
+}
+
+/// One phase's outcome, for the summary.
+struct Phase {
+    name: &'static str,
+    ok: bool,
+}
+
+pub fn run(args: TestArgs) -> anyhow::Result<i32> {
+    let started = std::time::Instant::now();
+    deps::ensure_apt_packages()?;
+    let mut phases = Vec::new();
+    if !args.no_lint {
+        let fmt = deps::run(deps::cargo().args(["fmt", "--all", "--", "--check"]));
+        report(&mut phases, "rustfmt", fmt);
+    }
+    deps::build_release()?;
+    let bin = deps::release_dir();
+    let kernel = deps::last_line(Command::new(bin.join("cloude-image")).arg("kernel"))?;
+    eprintln!("xtask: guest kernel {kernel}");
+    let images = deps::run(Command::new(bin.join("cloude-image")).args(["build", "--all"]));
+    report(&mut phases, "default images", images);
+    if !args.no_lint {
+        let clippy = deps::run(deps::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]));
+        report(&mut phases, "clippy", clippy);
+    }
+    let tests = deps::run(
+        deps::cargo()
+            .args(["test", "--release", "--workspace"])
+            .args(&args.cargo_args)
+            .env("CLOUDE_AGENT_BIN", bin.join("cloude-agent")),
+    );
+    report(&mut phases, "cargo test", tests);
+    if !args.no_lab {
+        let lab = lab_boot_tests(&kernel);
+        report(&mut phases, "VMM boot tests in the KVM lab", lab);
+    }
+    eprintln!(
+        "\nxtask test summary ({:.0} s):",
+        started.elapsed().as_secs_f64()
+    );
+    for p in &phases {
+        eprintln!("  {:<32} {}", p.name, if p.ok { "ok" } else { "FAILED" });
+    }
+    let failed = phases.iter().filter(|p| !p.ok).count();
+    println!("phases: {} passed, {} failed", phases.len() - failed, failed);
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn report(phases: &mut Vec<Phase>, name: &'static str, r: anyhow::Result<()>) {
+    if let Err(e) = &r {
+        eprintln!("xtask: {name}: {e:#}");
+    }
+    phases.push(Phase { name, ok: r.is_ok() });
+}
+
+/// Builds the VMM's boot test binary and runs it inside the KVM lab.
+fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
+    let out = deps::cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "cloude-vmm",
+            "--test",
+            "boot",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot build the VMM boot tests")?;
+    if !out.status.success() {
+        bail!("building the VMM boot tests failed");
+    }
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == "boot")
+        .find_map(|v| v["executable"].as_str().map(str::to_string))
+        .context("cargo did not report the boot test executable")?;
+    let me = std::env::current_exe().context("cannot find xtask's own executable")?;
+    deps::run(
+        Command::new(me)
+            .args(["lab", "--copy", &exe, "--copy", "/bin/busybox", "--"])
+            .args(["env", "CLOUDE_BOOT_TESTS=1"])
+            .arg(format!("CLOUDE_KERNEL={kernel}"))
+            .arg(&exe)
+            .arg("--test-threads=1"),
+    )
+}
