@@ -1,5 +1,3 @@
-#![forbid(unsafe_code)]
-
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+fn main() -> std::process::ExitCode {
+    cloude_server::cli::main()
 }

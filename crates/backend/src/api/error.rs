@@ -1,0 +1,133 @@
+//! The one error type every handler returns; it never leaks internal details.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::limiter::LimitError;
+
+/// Which response body shape an error takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// `{"error": code, "message": ..., "field": ...}`
+    Native,
+    /// Piston v2: `{"message": ...}`
+    Piston,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+    pub retry_after: Option<u64>,
+    pub flavor: Flavor,
+}
+
+#[derive(Serialize)]
+struct NativeBody<'a> {
+    error: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct PistonBody<'a> {
+    message: &'a str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+            retry_after: None,
+            flavor: Flavor::Native,
+        }
+    }
+
+    /// Malformed JSON or a value of the wrong type (400).
+    pub fn bad_request(field: Option<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            field,
+            ..Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        }
+    }
+
+    /// Well-formed but not acceptable (422).
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            field: Some(field.into()),
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+        }
+    }
+
+    /// Over a size limit (413).
+    pub fn too_large(field: Option<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            field,
+            ..Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+        }
+    }
+
+    /// A server-side resource is missing (503), e.g. an image that could not be built.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: Some(30),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    pub fn piston(mut self) -> Self {
+        self.flavor = Flavor::Piston;
+        self
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        let (status, code, retry) = match e {
+            LimitError::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "saturated", 1),
+            LimitError::QueueTimeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "saturated", 5),
+            LimitError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", 10),
+        };
+        ApiError {
+            retry_after: Some(retry),
+            ..Self::new(status, code, format!("{e}; try again later"))
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.flavor {
+            Flavor::Native => serde_json::to_vec(&NativeBody {
+                error: self.code,
+                message: &self.message,
+                field: self.field.as_deref(),
+            }),
+            Flavor::Piston => serde_json::to_vec(&PistonBody {
+                message: &self.message,
+            }),
+        }
+        .unwrap_or_default();
+        let mut resp = (self.status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(s) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}

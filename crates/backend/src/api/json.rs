@@ -1,0 +1,96 @@
+//! JSON request bodies: size-capped, with errors that name the offending field.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// A JSON body decoded into `T`; 413 past the body cap, 400 naming the field otherwise.
+pub struct ApiJson<T>(pub T);
+
+/// Reads the whole body, at most `limit` bytes.
+pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_big = std::error::Error::source(&e)
+            .map(|s| s.to_string().contains("length limit"))
+            .unwrap_or(false)
+            || e.to_string().contains("length limit");
+        if too_big {
+            ApiError::too_large(
+                None,
+                format!("the request body is larger than {limit} bytes"),
+            )
+        } else {
+            ApiError::bad_request(None, "the request body could not be read")
+        }
+    })
+}
+
+/// Decodes JSON, naming the field that failed.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        // "missing field `x`" errors are reported at the parent; name the missing field.
+        let field = match msg
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            Some(missing) if path == "." => Some(missing.to_string()),
+            Some(missing) => Some(format!("{path}.{missing}")),
+            None if path == "." => None,
+            None => Some(path),
+        };
+        let message = match &field {
+            Some(f) if !msg.starts_with("missing field") => format!("{f}: {msg}"),
+            _ => msg,
+        };
+        ApiError::bad_request(field, message)
+    })
+}
+
+#[axum::async_trait]
+impl<T: DeserializeOwned> FromRequest<std::sync::Arc<AppState>> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        req: Request,
+        state: &std::sync::Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let bytes = read_body(req.into_body(), state.body_limit()).await?;
+        decode(&bytes).map(ApiJson)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct T {
+        a: u64,
+        b: Vec<Inner>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Inner {
+        c: String,
+    }
+
+    #[test]
+    fn names_fields() {
+        let e = decode::<T>(br#"{"a": -1, "b": []}"#).expect_err("negative");
+        assert_eq!(e.field.as_deref(), Some("a"));
+        let e = decode::<T>(br#"{"b": []}"#).expect_err("missing");
+        assert_eq!(e.field.as_deref(), Some("a"));
+        let e = decode::<T>(br#"{"a": 1, "b": [{"d": 1}]}"#).expect_err("missing nested");
+        assert_eq!(e.field.as_deref(), Some("b[0].c"));
+        let e = decode::<T>(b"{not json").expect_err("syntax");
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,92 @@
+//! The HTTP API: routes, shared state, middleware.
+
+pub mod error;
+pub mod json;
+pub mod piston;
+pub mod request_id;
+pub mod types;
+pub mod v1;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cloude_image::catalog::Catalog;
+
+use crate::config::Config;
+use crate::executor::Executor;
+use crate::metrics::{Gauges, Metrics};
+
+/// Everything handlers share.
+pub struct AppState {
+    pub config: Config,
+    pub catalog: Catalog,
+    pub executor: Arc<Executor>,
+    pub metrics: Arc<Metrics>,
+    /// Which hypervisor and why (for `/healthz`).
+    pub hypervisor: String,
+    pub hypervisor_reason: String,
+}
+
+impl AppState {
+    /// Largest request body: code and stdin at their limits, JSON-escaped, plus slack.
+    pub fn body_limit(&self) -> usize {
+        let l = &self.config.limits;
+        2 * (l.max_code_bytes + l.max_stdin_bytes) + 64 * 1024
+    }
+
+    pub fn record(&self, endpoint: &str, status: &str, since: Instant) {
+        self.metrics.execution(endpoint, status);
+        self.metrics.observe("total", since.elapsed());
+    }
+
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            vms_running: self.executor.runtime.live_vms(),
+            queue_length: self.executor.limiter.queued(),
+            max_vms: self.config.limits.max_concurrent_vms,
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/executions", post(v1::execute))
+        .route("/v1/executions/stream", post(v1::execute_stream))
+        .route("/v1/languages", get(v1::languages))
+        .route("/api/v2/execute", post(piston::execute))
+        .route("/api/v2/runtimes", get(piston::runtimes))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error::ApiError::not_found() })
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_id::middleware,
+        ))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let g = state.gauges();
+    Json(serde_json::json!({
+        "status": "ok",
+        "hypervisor": state.hypervisor,
+        "hypervisor_reason": state.hypervisor_reason,
+        "vms_running": g.vms_running,
+        "queue_length": g.queue_length,
+        "max_concurrent_vms": g.max_vms,
+    }))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&state.gauges()),
+    )
+}

@@ -1,0 +1,292 @@
+//! The native API: `/v1/executions`, `/v1/executions/stream`, `/v1/languages`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use cloude_protocol::{RunResponse, StageResult, StageStatus, StreamEvent};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::request_id::RequestId;
+use super::types::{
+    signal_name, ExecutionRequest, ExecutionResponse, LanguageInfo, StageOut, Status, StreamLine,
+};
+use super::validate::{build_job, decode_content, find_language, Draft, RawFile};
+use super::AppState;
+use crate::executor::{ExecError, Job, Outcome};
+
+/// Events buffered between the VM task and a slow streaming client.
+const STREAM_BUFFER_EVENTS: usize = 64;
+
+fn to_job(state: &AppState, r: ExecutionRequest) -> Result<Job, ApiError> {
+    let language = find_language(&state.catalog, &r.language, r.version.as_deref())?.clone();
+    if r.network && !state.config.network.allow {
+        return Err(ApiError::invalid(
+            "network",
+            "networking is disabled on this server",
+        ));
+    }
+    let files = match (r.code, r.files) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "files",
+                "send either code or files, not both",
+            ))
+        }
+        (Some(code), None) => vec![RawFile {
+            name: Some(language.file.clone()),
+            bytes: code.into_bytes(),
+            field: "code".into(),
+        }],
+        (None, Some(files)) => files
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let field = format!("files[{i}]");
+                let bytes = decode_content(&field, &f.content, f.encoding.as_deref())?;
+                Ok(RawFile {
+                    name: Some(f.name),
+                    bytes,
+                    field,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?,
+        (None, None) => vec![],
+    };
+    build_job(
+        Draft {
+            language,
+            files,
+            stdin: r.stdin.unwrap_or_default(),
+            args: r.args,
+            timeout_ms: r.timeout_ms,
+            compile_timeout_ms: r.compile_timeout_ms,
+            memory_mib: r.memory_mib,
+        },
+        &state.config.limits,
+    )
+}
+
+pub(crate) fn exec_error(e: ExecError) -> ApiError {
+    match e {
+        ExecError::Limit(l) => l.into(),
+        ExecError::Artifact(a) => ApiError::unavailable(a.to_string()),
+    }
+}
+
+fn lossy(b: &cloude_protocol::Bytes) -> String {
+    String::from_utf8_lossy(&b.0).into_owned()
+}
+
+fn stage_status(s: StageStatus) -> &'static str {
+    match s {
+        StageStatus::Ok => "ok",
+        StageStatus::Timeout => "timeout",
+        StageStatus::OutputLimit => "output_limit",
+        StageStatus::MemoryLimit => "memory_limit",
+        StageStatus::Error => "error",
+    }
+}
+
+fn stage_out(s: &StageResult) -> StageOut {
+    StageOut {
+        stdout: lossy(&s.stdout),
+        stderr: lossy(&s.stderr),
+        exit_code: s.exit_code,
+        signal: s.signal.map(signal_name),
+        status: stage_status(s.status).into(),
+        wall_ms: s.wall_ms,
+        cpu_ms: s.cpu_ms,
+        memory_kib: s.memory_kib,
+    }
+}
+
+/// The overall status of an agent answer.
+pub fn overall_status(r: &RunResponse) -> (Status, Option<String>) {
+    let from_stage = |s: &StageResult| match s.status {
+        StageStatus::Ok => Status::Ok,
+        StageStatus::Timeout => Status::Timeout,
+        StageStatus::OutputLimit => Status::OutputLimit,
+        StageStatus::MemoryLimit => Status::MemoryLimit,
+        StageStatus::Error => Status::InternalError,
+    };
+    if let Some(c) = &r.compile {
+        let failed = c.status != StageStatus::Ok || c.exit_code != Some(0) || r.run.is_none();
+        if failed {
+            return match c.status {
+                StageStatus::Ok => (Status::CompileError, None),
+                StageStatus::Error => (Status::InternalError, c.message.clone()),
+                _ => (from_stage(c), c.message.clone()),
+            };
+        }
+    }
+    match &r.run {
+        Some(s) => (from_stage(s), s.message.clone()),
+        None => (Status::InternalError, Some("the agent ran nothing".into())),
+    }
+}
+
+pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionResponse {
+    let mut resp = ExecutionResponse {
+        request_id: request_id.to_string(),
+        language: job.language.name.clone(),
+        version: job.language.version.clone(),
+        stdout: String::new(),
+        stderr: String::new(),
+        exit_code: None,
+        signal: None,
+        status: Status::InternalError,
+        message: None,
+        compile: None,
+        timings: outcome.timings,
+    };
+    match outcome.result {
+        Err(msg) => resp.message = Some(msg),
+        Ok(r) => {
+            let (status, message) = overall_status(&r);
+            resp.status = status;
+            resp.message = message;
+            resp.compile = r.compile.as_ref().map(stage_out);
+            if let Some(last) = r.run.as_ref().or(r.compile.as_ref()) {
+                resp.stdout = lossy(&last.stdout);
+                resp.stderr = lossy(&last.stderr);
+                resp.exit_code = last.exit_code;
+                resp.signal = last.signal.map(signal_name);
+            }
+        }
+    }
+    resp
+}
+
+pub async fn execute(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    ApiJson(req): ApiJson<ExecutionRequest>,
+) -> Result<Json<ExecutionResponse>, ApiError> {
+    let t = Instant::now();
+    let job = to_job(&state, req)?;
+    let (permit, queued) = state.executor.admit().await?;
+    let outcome = state
+        .executor
+        .execute(permit, job.clone(), queued, None)
+        .await
+        .map_err(exec_error)?;
+    let resp = response(&job, &rid.0, outcome);
+    state.record("v1", resp.status.as_str(), t);
+    Ok(Json(resp))
+}
+
+pub async fn execute_stream(
+    State(state): State<Arc<AppState>>,
+    Extension(rid): Extension<RequestId>,
+    ApiJson(req): ApiJson<ExecutionRequest>,
+) -> Result<Response, ApiError> {
+    let t = Instant::now();
+    let job = to_job(&state, req)?;
+    let (permit, queued) = state.executor.admit().await?;
+    let (line_tx, line_rx) =
+        mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(STREAM_BUFFER_EVENTS);
+    let span = tracing::Span::current();
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let (ev_tx, mut ev_rx) = mpsc::channel::<StreamEvent>(STREAM_BUFFER_EVENTS);
+            let forward_tx = line_tx.clone();
+            let forward = async move {
+                while let Some(ev) = ev_rx.recv().await {
+                    if let StreamEvent::Output {
+                        stage,
+                        stream,
+                        data,
+                    } = ev
+                    {
+                        let line = StreamLine::Output {
+                            stage: match stage {
+                                cloude_protocol::Stage::Compile => "compile",
+                                cloude_protocol::Stage::Run => "run",
+                            },
+                            stream: match stream {
+                                cloude_protocol::StreamKind::Stdout => "stdout",
+                                cloude_protocol::StreamKind::Stderr => "stderr",
+                            },
+                            data: lossy(&data),
+                        };
+                        if forward_tx.send(Ok(ndjson(&line))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            let exec = state
+                .executor
+                .execute(permit, job.clone(), queued, Some(ev_tx));
+            let closed = line_tx.clone();
+            // A client that goes away cancels the run: dropping `exec` kills the VM.
+            let result = tokio::select! {
+                (r, ()) = async { tokio::join!(exec, forward) } => r,
+                () = closed.closed() => {
+                    tracing::info!("client disconnected; VM killed");
+                    state.record("v1_stream", "cancelled", t);
+                    return;
+                }
+            };
+            let line = match result {
+                Ok(outcome) => {
+                    let resp = response(&job, &rid.0, outcome);
+                    state.record("v1_stream", resp.status.as_str(), t);
+                    StreamLine::Result {
+                        result: Box::new(resp),
+                    }
+                }
+                Err(e) => {
+                    let e = exec_error(e);
+                    StreamLine::Error {
+                        error: e.code,
+                        message: e.message,
+                    }
+                }
+            };
+            let _ = line_tx.send(Ok(ndjson(&line))).await;
+        },
+        span,
+    ));
+    let stream =
+        futures_util::stream::unfold(
+            line_rx,
+            |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
+        );
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+fn ndjson<T: serde::Serialize>(v: &T) -> bytes::Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    b.into()
+}
+
+pub async fn languages(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let langs: Vec<LanguageInfo> = state
+        .catalog
+        .languages
+        .iter()
+        .map(|l| LanguageInfo {
+            name: l.name.clone(),
+            version: l.version.clone(),
+            aliases: l.aliases.clone(),
+            extensions: l.extensions.clone(),
+            compiled: l.compile.is_some(),
+            entry_file: l.file.clone(),
+        })
+        .collect();
+    Json(serde_json::json!({ "languages": langs }))
+}

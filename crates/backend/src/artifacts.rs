@@ -1,0 +1,94 @@
+//! The guest kernel and language images, built (or found in the cache) once and shared.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cloude_image::catalog::Language;
+use cloude_image::image::BuildOptions;
+use cloude_image::kernel::{Flavor, Kernel};
+use cloude_image::progress::Progress;
+use tokio::sync::OnceCell;
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum ArtifactError {
+    #[error("the guest kernel is not available: {0}")]
+    Kernel(String),
+    #[error("the image for {0} is not available: {1}")]
+    Image(String, String),
+}
+
+/// Kernel and images, each built at most once at a time; failures are retried on next use.
+pub struct Artifacts {
+    progress: Progress,
+    /// When false, only already-cached artifacts are used (nothing is built).
+    build: bool,
+    kernel: OnceCell<Kernel>,
+    images: Mutex<HashMap<String, Arc<OnceCell<PathBuf>>>>,
+}
+
+impl Artifacts {
+    pub fn new(progress: Progress, build: bool) -> Self {
+        Artifacts {
+            progress,
+            build,
+            kernel: OnceCell::new(),
+            images: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn kernel(&self) -> Result<Kernel, ArtifactError> {
+        let progress = self.progress.clone();
+        let build = self.build;
+        self.kernel
+            .get_or_try_init(|| async move {
+                if !build {
+                    return cloude_image::kernel::cached_kernel(Flavor::Guest)
+                        .map_err(|e| ArtifactError::Kernel(e.to_string()))?
+                        .ok_or_else(|| {
+                            ArtifactError::Kernel(
+                                "it is not built yet and building is disabled".into(),
+                            )
+                        });
+                }
+                tokio::task::spawn_blocking(move || {
+                    cloude_image::kernel::ensure_kernel(Flavor::Guest, &progress)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| ArtifactError::Kernel(e.to_string()))?
+                .map_err(ArtifactError::Kernel)
+            })
+            .await
+            .cloned()
+    }
+
+    pub async fn image(&self, lang: &Language) -> Result<PathBuf, ArtifactError> {
+        let key = format!("{}-{}", lang.name, lang.version);
+        let cell = {
+            let mut map = self.images.lock().expect("images lock is never poisoned");
+            map.entry(key).or_default().clone()
+        };
+        let progress = self.progress.clone();
+        let l = lang.clone();
+        let build = self.build;
+        cell.get_or_try_init(|| async move {
+            if !build {
+                return Err(ArtifactError::Image(
+                    l.name.clone(),
+                    "building is disabled".into(),
+                ));
+            }
+            let name = l.name.clone();
+            tokio::task::spawn_blocking(move || {
+                cloude_image::image::ensure_image(&l, &BuildOptions::default(), &progress)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| ArtifactError::Image(name.clone(), e.to_string()))?
+            .map_err(|e| ArtifactError::Image(name, e))
+        })
+        .await
+        .cloned()
+    }
+}

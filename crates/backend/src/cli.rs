@@ -1,0 +1,221 @@
+//! `cloude-server` start-up: configuration, hypervisor probe, artifacts, serving, shutdown.
+
+use std::future::IntoFuture as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use cloude_image::catalog::Catalog;
+use cloude_image::progress::Progress;
+
+use crate::api::{router, AppState};
+use crate::artifacts::Artifacts;
+use crate::config::{Config, HypervisorChoice, Transport};
+use crate::executor::{ExecSettings, Executor};
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+use crate::vm::{self, probe::HostFacts, Runtime};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum HypervisorArg {
+    Auto,
+    CloudeVmm,
+    Qemu,
+}
+
+/// Runs each request in its own fresh micro-VM.
+#[derive(Debug, Parser)]
+#[command(name = "cloude-server", version)]
+struct Args {
+    /// Address to listen on (default from the configuration: 127.0.0.1:8787).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Configuration file (TOML; keys override the embedded default).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Language catalogue (default: the embedded one, or $CLOUDE_CATALOG).
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Hypervisor driver (default: probe).
+    #[arg(long, value_enum)]
+    hypervisor: Option<HypervisorArg>,
+    /// Build the kernel and images on first use instead of before serving.
+    #[arg(long)]
+    lazy: bool,
+    /// Never build: use only a kernel and images already in the cache (implies --lazy).
+    #[arg(long)]
+    no_build: bool,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_config {
+        print!("{}", crate::config::DEFAULT_CONFIG);
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLOUDE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cloude-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(run(args));
+    // Dropping the runtime drops in-flight tasks; their VMs are killed on drop.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloude-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(h) = args.hypervisor {
+        config.vm.hypervisor = match h {
+            HypervisorArg::Auto => HypervisorChoice::Auto,
+            HypervisorArg::CloudeVmm => HypervisorChoice::CloudeVmm,
+            HypervisorArg::Qemu => HypervisorChoice::Qemu,
+        };
+    }
+    if config.vm.transport == Transport::Tcp {
+        anyhow::bail!("vm.transport = \"tcp\" is not implemented yet; use \"vsock\"");
+    }
+    let catalog = Catalog::load(args.catalog.as_deref())?;
+    let choice = vm::choose(config.vm.hypervisor, &HostFacts::gather())?;
+    tracing::info!(
+        hypervisor = choice.driver.kind.name(),
+        binary = %choice.driver.binary.display(),
+        "hypervisor: {} ({})",
+        choice.driver.kind.name(),
+        choice.reason
+    );
+    let runtime = Runtime::new().context("cannot create the runtime directory")?;
+    let metrics = Arc::new(Metrics::default());
+    let artifacts = Arc::new(Artifacts::new(Progress::new(false), !args.no_build));
+    let l = &config.limits;
+    let executor = Arc::new(Executor {
+        driver: choice.driver.clone(),
+        runtime: runtime.clone(),
+        artifacts: artifacts.clone(),
+        limiter: Limiter::new(
+            l.max_concurrent_vms,
+            l.max_queue,
+            Duration::from_millis(l.queue_timeout_ms),
+        ),
+        metrics: metrics.clone(),
+        settings: ExecSettings {
+            vcpus: config.vm.vcpus,
+            boot_timeout: Duration::from_millis(l.boot_timeout_ms),
+            output_limit_bytes: l.output_limit_bytes,
+        },
+    });
+    if !args.lazy && !args.no_build {
+        prepare(&artifacts, &catalog, &config.vm.prebuild).await;
+    }
+    let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        catalog,
+        executor: executor.clone(),
+        metrics,
+        hypervisor: choice.driver.kind.name().to_string(),
+        hypervisor_reason: choice.reason.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!("listening on http://{addr}");
+    println!("cloude-server listening on http://{addr}");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut graceful_rx = stop_rx.clone();
+    let exec = executor.clone();
+    let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        let _ = graceful_rx.wait_for(|v| *v).await;
+        tracing::info!(
+            "shutting down: no new connections; in-flight requests get {} ms",
+            grace.as_millis()
+        );
+        exec.limiter.close();
+    });
+    let mut serve = std::pin::pin!(serve.into_future());
+    tokio::select! {
+        r = &mut serve => r.context("the HTTP server failed")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|v| *v).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("in-flight requests did not finish within the grace period; cancelling them"),
+    }
+    let killed = runtime.kill_all();
+    if killed > 0 {
+        tracing::warn!("killed {killed} VM(s) at shutdown");
+    }
+    let _ = std::fs::remove_dir_all(runtime.dir());
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will not shut down gracefully");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Builds (or finds cached) the kernel and the images of `which` ("*" = all), with progress.
+async fn prepare(artifacts: &Artifacts, catalog: &Catalog, which: &[String]) {
+    match artifacts.kernel().await {
+        Ok(k) => tracing::info!("guest kernel: {}", k.bzimage.display()),
+        Err(e) => {
+            tracing::error!("{e}; executions will fail with 503 until it can be built");
+            return;
+        }
+    }
+    let all = which.iter().any(|w| w == "*");
+    for lang in &catalog.languages {
+        if !all && !which.iter().any(|w| w.eq_ignore_ascii_case(&lang.name)) {
+            continue;
+        }
+        match artifacts.image(lang).await {
+            Ok(p) => tracing::info!("image {} {}: {}", lang.name, lang.version, p.display()),
+            Err(e) => tracing::error!("{e}; requests for it will retry the build"),
+        }
+    }
+}

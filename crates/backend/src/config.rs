@@ -1,0 +1,187 @@
+//! Server configuration: plain data (TOML), validated at the edge.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub limits: Limits,
+    pub network: Network,
+    pub vm: VmConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_code_bytes: usize,
+    pub max_stdin_bytes: usize,
+    pub max_files: usize,
+    pub max_args: usize,
+    pub default_timeout_ms: u64,
+    pub max_timeout_ms: u64,
+    pub default_compile_timeout_ms: u64,
+    pub max_compile_timeout_ms: u64,
+    pub max_memory_mib: u64,
+    pub output_limit_bytes: u64,
+    pub max_concurrent_vms: usize,
+    pub max_queue: usize,
+    pub queue_timeout_ms: u64,
+    pub boot_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub allow: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorChoice {
+    Auto,
+    CloudeVmm,
+    Qemu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Vsock,
+    Tcp,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub hypervisor: HypervisorChoice,
+    pub transport: Transport,
+    pub vcpus: u32,
+    pub prebuild: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("the configuration is not valid: {0}")]
+    Parse(String),
+    #[error("the configuration is not valid: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The embedded default.
+    pub fn embedded() -> Self {
+        Self::parse(DEFAULT_CONFIG).expect("the embedded configuration is valid (unit-tested)")
+    }
+
+    /// Parses `text` as overrides on top of the embedded default, then validates.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut base: toml::Table =
+            toml::from_str(DEFAULT_CONFIG).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let over: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        merge(&mut base, over);
+        let cfg: Config = toml::Value::Table(base)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// `path` if given, else the embedded default.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.into(), e))?;
+                Self::parse(&text)
+            }
+            None => Ok(Self::embedded()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if l.max_concurrent_vms == 0 {
+            return bad("limits.max_concurrent_vms must be at least 1");
+        }
+        if l.default_timeout_ms == 0 || l.default_timeout_ms > l.max_timeout_ms {
+            return bad("limits.default_timeout_ms must be between 1 and limits.max_timeout_ms");
+        }
+        if l.default_compile_timeout_ms == 0
+            || l.default_compile_timeout_ms > l.max_compile_timeout_ms
+        {
+            return bad("limits.default_compile_timeout_ms must be between 1 and limits.max_compile_timeout_ms");
+        }
+        let cap = cloude_protocol::MAX_TIMEOUT_MS;
+        if l.max_timeout_ms > cap || l.max_compile_timeout_ms > cap {
+            return bad("timeout ceilings must not exceed the agent's 15 minutes");
+        }
+        if l.max_code_bytes > cloude_protocol::MAX_FILES_BYTES
+            || l.max_stdin_bytes > cloude_protocol::MAX_STDIN_BYTES
+        {
+            return bad("code and stdin limits must not exceed the agent's (16 MiB)");
+        }
+        if l.max_files > cloude_protocol::MAX_FILES {
+            return bad("limits.max_files must not exceed the agent's limit");
+        }
+        if l.output_limit_bytes == 0
+            || l.output_limit_bytes > cloude_protocol::MAX_OUTPUT_LIMIT_BYTES
+        {
+            return bad("limits.output_limit_bytes must be between 1 and 64 MiB");
+        }
+        if !(1..=64).contains(&self.vm.vcpus) {
+            return bad("vm.vcpus must be between 1 and 64");
+        }
+        if self.network.allow && self.vm.transport != Transport::Tcp {
+            return bad("network.allow needs vm.transport = \"tcp\"");
+        }
+        Ok(())
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_is_valid() {
+        let c = Config::embedded();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(c.vm.transport, Transport::Vsock);
+        assert!(!c.network.allow);
+    }
+
+    #[test]
+    fn overrides_merge_and_validate() {
+        let c = Config::parse("[limits]\nmax_concurrent_vms = 2\n").expect("valid");
+        assert_eq!(c.limits.max_concurrent_vms, 2);
+        assert_eq!(c.limits.max_queue, Config::embedded().limits.max_queue);
+        assert!(Config::parse("[limits]\nmax_concurrent_vms = 0\n").is_err());
+        assert!(Config::parse("[limits]\nbogus = 1\n").is_err());
+        assert!(Config::parse("[network]\nallow = true\n").is_err());
+        assert!(Config::parse("[vm]\nhypervisor = \"qemu\"\n").is_ok());
+        assert!(Config::parse("[vm]\nhypervisor = \"xen\"\n").is_err());
+    }
+}

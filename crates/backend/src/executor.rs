@@ -1,0 +1,242 @@
+//! Runs one validated job in one fresh VM: admission, boot, run order, teardown.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloude_image::catalog::Language;
+use cloude_protocol::{FileSpec, RunRequest, RunResponse, StreamEvent, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+
+use crate::agent::AgentClient;
+use crate::artifacts::{ArtifactError, Artifacts};
+use crate::limiter::{LimitError, Limiter, Permit};
+use crate::metrics::Metrics;
+use crate::vm::{Driver, Kind, Runtime, Vm, VmError, VmSpec};
+
+/// Memory the guest kernel and agent need on top of the program's limit.
+const VM_OVERHEAD_MIB: u64 = 128;
+/// Slack on top of the stage timeouts before the backend gives up on the agent.
+const AGENT_DEADLINE_SLACK: Duration = Duration::from_secs(30);
+
+/// A validated request, ready to run.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub language: Language,
+    /// The first file is the entry point.
+    pub files: Vec<FileSpec>,
+    pub stdin: Vec<u8>,
+    pub args: Vec<String>,
+    pub run_timeout_ms: u64,
+    pub compile_timeout_ms: u64,
+    /// The program's memory limit, if the client set one.
+    pub memory_mib: Option<u64>,
+}
+
+/// Where each phase's time went.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub queue_ms: u64,
+    pub boot_ms: u64,
+    pub run_ms: u64,
+    pub total_ms: u64,
+}
+
+/// What happened to a job that was admitted.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The agent's answer, or why there is none (an internal error: VM crash, boot failure...).
+    pub result: Result<RunResponse, String>,
+    pub timings: Timings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+}
+
+/// Settings the executor needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct ExecSettings {
+    pub vcpus: u32,
+    pub boot_timeout: Duration,
+    pub output_limit_bytes: u64,
+}
+
+pub struct Executor {
+    pub driver: Driver,
+    pub runtime: Runtime,
+    pub artifacts: Arc<Artifacts>,
+    pub limiter: Limiter,
+    pub metrics: Arc<Metrics>,
+    pub settings: ExecSettings,
+}
+
+/// Milliseconds as u64 (saturating).
+pub fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Executor {
+    /// Waits for a VM slot (bounded queue); fails fast when saturated or shutting down.
+    pub async fn admit(&self) -> Result<(Permit, Duration), LimitError> {
+        let t = Instant::now();
+        let p = self.limiter.acquire().await?;
+        Ok((p, t.elapsed()))
+    }
+
+    fn run_request(&self, job: &Job) -> RunRequest {
+        let subst = |argv: &[String]| -> Vec<String> {
+            let entry = &job.files[0].name;
+            argv.iter()
+                .map(|a| {
+                    if *a == job.language.file {
+                        entry.clone()
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect()
+        };
+        RunRequest {
+            protocol_version: PROTOCOL_VERSION,
+            files: job.files.clone(),
+            compile: job.language.compile.as_deref().map(subst),
+            run: subst(&job.language.run),
+            args: job.args.clone(),
+            stdin: cloude_protocol::Bytes(job.stdin.clone()),
+            env: job.language.env.clone(),
+            compile_timeout_ms: job.compile_timeout_ms,
+            run_timeout_ms: job.run_timeout_ms,
+            output_limit_bytes: self.settings.output_limit_bytes,
+            memory_limit_mib: job.memory_mib,
+            pids_limit: None,
+            poweroff_after: true,
+        }
+    }
+
+    /// Boots a fresh VM for `job`. This is the seam where a warm pool or a snapshot restore
+    /// would hand out an already-booted VM instead.
+    async fn acquire_vm(&self, job: &Job) -> Result<Vm, ExecError2> {
+        let kernel = self.artifacts.kernel().await?;
+        let initrd = self.artifacts.image(&job.language).await?;
+        let memory_mib = job
+            .language
+            .memory_mib
+            .max(job.memory_mib.map_or(0, |m| m + VM_OVERHEAD_MIB));
+        let spec = VmSpec {
+            kernel: match self.driver.kind {
+                Kind::Qemu => kernel.bzimage,
+                Kind::CloudeVmm => kernel.vmlinux,
+            },
+            initrd,
+            memory_mib,
+            vcpus: self.settings.vcpus,
+            boot_timeout: self.settings.boot_timeout,
+        };
+        let slot = self.runtime.slot().map_err(VmError::RuntimeDir)?;
+        let cid = slot.cid;
+        let vm = self.driver.boot(&spec, slot).await.inspect_err(|e| {
+            self.metrics.vm_failed();
+            tracing::error!(cid, "VM boot failed: {e}");
+        })?;
+        self.metrics.vm_started();
+        tracing::info!(cid, pid = vm.pid(), boot_ms = ms(vm.boot), "VM ready");
+        Ok(vm)
+    }
+
+    /// Runs an admitted job. `events` receives output as it happens (streaming variant).
+    pub async fn execute(
+        &self,
+        _permit: Permit,
+        job: Job,
+        queue: Duration,
+        events: Option<mpsc::Sender<StreamEvent>>,
+    ) -> Result<Outcome, ExecError> {
+        let start = Instant::now();
+        let mut timings = Timings {
+            queue_ms: ms(queue),
+            ..Timings::default()
+        };
+        let mut vm = match self.acquire_vm(&job).await {
+            Ok(vm) => vm,
+            Err(ExecError2::Exec(e)) => return Err(e),
+            Err(ExecError2::Vm(e)) => {
+                timings.boot_ms = ms(start.elapsed());
+                timings.total_ms = timings.queue_ms + ms(start.elapsed());
+                return Ok(Outcome {
+                    result: Err(format!("the VM failed to start: {e}")),
+                    timings,
+                });
+            }
+        };
+        timings.boot_ms = ms(vm.boot);
+        self.metrics.observe("boot", vm.boot);
+        let req = self.run_request(&job);
+        let deadline = Duration::from_millis(job.compile_timeout_ms + job.run_timeout_ms)
+            + AGENT_DEADLINE_SLACK;
+        let run_start = Instant::now();
+        let result = match vm.take_io() {
+            None => Err("the VM has no agent channel".to_string()),
+            Some(io) => {
+                let talk = async {
+                    let mut client = AgentClient::handshake(io).await?;
+                    match events {
+                        Some(tx) => client.run_stream(&req, &tx).await,
+                        None => client.run(&req).await,
+                    }
+                };
+                match tokio::time::timeout(deadline, talk).await {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(e)) => Err(self.explain(&mut vm, e.to_string())),
+                    Err(_) => Err(format!(
+                        "the agent did not answer within {} ms",
+                        deadline.as_millis()
+                    )),
+                }
+            }
+        };
+        timings.run_ms = ms(run_start.elapsed());
+        self.metrics.observe("run", run_start.elapsed());
+        if let Err(e) = &result {
+            tracing::error!(
+                cid = vm.cid(),
+                "run failed: {e}; console: {}",
+                vm.console_tail()
+            );
+        }
+        vm.shutdown(Duration::ZERO).await;
+        timings.total_ms = timings.queue_ms + ms(start.elapsed());
+        Ok(Outcome { result, timings })
+    }
+
+    fn explain(&self, vm: &mut Vm, err: String) -> String {
+        match vm.try_exit_status() {
+            Some(status) => {
+                self.metrics.vm_failed();
+                format!("the VM stopped unexpectedly ({status}) while running the program")
+            }
+            None => format!("lost contact with the VM's agent: {err}"),
+        }
+    }
+}
+
+/// Internal split between "cannot even start" (artifacts) and "VM failed".
+enum ExecError2 {
+    Exec(ExecError),
+    Vm(VmError),
+}
+
+impl From<ArtifactError> for ExecError2 {
+    fn from(e: ArtifactError) -> Self {
+        ExecError2::Exec(ExecError::Artifact(e))
+    }
+}
+
+impl From<VmError> for ExecError2 {
+    fn from(e: VmError) -> Self {
+        ExecError2::Vm(e)
+    }
+}

@@ -1,0 +1,238 @@
+//! Starting and stopping micro-VMs through one small interface with two drivers.
+//!
+//! Lifecycle: [`Runtime::slot`] reserves a CID and a private directory, [`Driver::boot`] spawns the
+//! hypervisor and waits for the agent's ready line, returning a [`Vm`] with an open channel to the
+//! agent. Dropping the [`Vm`] kills the hypervisor process and removes the directory (every exit
+//! path: success, timeout, client disconnect, error). A warm pool or a snapshot restore slots in as
+//! another producer of ready [`Vm`]s (see `executor::VmSource`).
+
+pub mod probe;
+mod qemu;
+mod runtime;
+mod vmm;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::process::Child;
+
+pub use probe::{choose, Choice};
+pub use runtime::{Runtime, Slot};
+
+/// Which hypervisor starts the VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Our own VMM on KVM.
+    CloudeVmm,
+    /// QEMU `-M microvm`, with KVM acceleration when it works, else TCG.
+    Qemu,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::CloudeVmm => "cloude-vmm",
+            Kind::Qemu => "qemu",
+        }
+    }
+}
+
+/// A configured driver.
+#[derive(Clone, Debug)]
+pub struct Driver {
+    pub kind: Kind,
+    /// The hypervisor binary.
+    pub binary: PathBuf,
+    /// QEMU only: use `-accel kvm` instead of TCG.
+    pub qemu_kvm: bool,
+}
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// From spawn to the agent's ready line.
+    pub boot_timeout: Duration,
+}
+
+/// Kernel command line shared by both drivers.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet loglevel=4";
+
+/// The byte stream to the agent (virtio-serial or vsock through a Unix socket).
+pub trait AgentIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AgentIo for T {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot prepare the VM's runtime directory: {0}")]
+    RuntimeDir(std::io::Error),
+    #[error("cannot start {0}: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("the hypervisor exited during boot ({status}); console: {console}")]
+    ExitedDuringBoot { status: String, console: String },
+    #[error("the VM did not become ready within {0} ms; console: {1}")]
+    BootTimeout(u128, String),
+    #[error("agent channel: {0}")]
+    Channel(std::io::Error),
+    #[error("the agent sent an unexpected ready line {0:?}")]
+    BadReady(String),
+    #[error("the vsock handshake failed: {0}")]
+    Handshake(String),
+}
+
+/// A running VM with its agent channel. Dropping it kills the VM and frees its slot.
+pub struct Vm {
+    pub(crate) child: Child,
+    pub(crate) slot: Slot,
+    pub(crate) io: Option<Box<dyn AgentIo>>,
+    pub started: Instant,
+    pub boot: Duration,
+}
+
+impl Vm {
+    /// Takes the agent channel (once).
+    pub fn take_io(&mut self) -> Option<Box<dyn AgentIo>> {
+        self.io.take()
+    }
+
+    /// Process id of the hypervisor (for logs and fault injection).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn cid(&self) -> u32 {
+        self.slot.cid
+    }
+
+    /// Whether the hypervisor process has exited, and how.
+    pub fn try_exit_status(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(s)) => Some(s.to_string()),
+            _ => None,
+        }
+    }
+
+    /// The last lines of the guest console (for error messages in logs).
+    pub fn console_tail(&self) -> String {
+        self.slot.console_tail()
+    }
+
+    /// Waits up to `grace` for the VM to power off by itself, then kills it.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // kill_on_drop is set as well; this makes the kill immediate and explicit.
+        let _ = self.child.start_kill();
+        let _ = self.child.try_wait();
+    }
+}
+
+impl Driver {
+    /// Boots one fresh VM in `slot` and waits until its agent is ready.
+    pub async fn boot(&self, spec: &VmSpec, slot: Slot) -> Result<Vm, VmError> {
+        match self.kind {
+            Kind::Qemu => qemu::boot(self, spec, slot).await,
+            Kind::CloudeVmm => vmm::boot(self, spec, slot).await,
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line byte by byte (never reads past it), at most `max` bytes.
+pub(crate) async fn read_line<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<String> {
+    let mut buf = Vec::new();
+    loop {
+        let b = r.read_u8().await?;
+        if b == b'\n' {
+            return Ok(String::from_utf8_lossy(&buf).into_owned());
+        }
+        if buf.len() >= max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "line too long",
+            ));
+        }
+        buf.push(b);
+    }
+}
+
+/// Waits for the ready line on `io`; skips blank lines and noise before it (bounded).
+pub(crate) async fn wait_ready<R: AsyncRead + Unpin>(io: &mut R) -> Result<(), VmError> {
+    /// Lines of noise tolerated before the ready line.
+    const MAX_NOISE_LINES: usize = 64;
+    for _ in 0..MAX_NOISE_LINES {
+        let line = read_line(io, 256).await.map_err(VmError::Channel)?;
+        match cloude_protocol::parse_ready_line(&line) {
+            Some(v) if v == cloude_protocol::PROTOCOL_VERSION => return Ok(()),
+            Some(_) => return Err(VmError::BadReady(line)),
+            None => continue,
+        }
+    }
+    Err(VmError::BadReady("no ready line".into()))
+}
+
+/// Races `fut` against the child's exit and the boot deadline.
+pub(crate) async fn during_boot<T>(
+    child: &mut Child,
+    slot: &Slot,
+    spec: &VmSpec,
+    started: Instant,
+    fut: impl std::future::Future<Output = Result<T, VmError>>,
+) -> Result<T, VmError> {
+    let left = spec.boot_timeout.saturating_sub(started.elapsed());
+    tokio::select! {
+        r = tokio::time::timeout(left, fut) => match r {
+            Ok(r) => r,
+            Err(_) => Err(VmError::BootTimeout(spec.boot_timeout.as_millis(), slot.console_tail())),
+        },
+        s = child.wait() => Err(VmError::ExitedDuringBoot {
+            status: s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            console: slot.console_tail(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ready_line_after_noise() {
+        let (mut a, mut b) = tokio::io::duplex(256);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"\nboot noise\nCLOUDE-READY 1\nGET")
+            .await
+            .expect("write");
+        wait_ready(&mut b).await.expect("ready");
+        let mut rest = [0u8; 3];
+        b.read_exact(&mut rest).await.expect("rest");
+        assert_eq!(&rest, b"GET", "nothing past the ready line is consumed");
+    }
+
+    #[tokio::test]
+    async fn wrong_version_rejected() {
+        let (mut a, mut b) = tokio::io::duplex(256);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"CLOUDE-READY 9\n")
+            .await
+            .expect("write");
+        assert!(matches!(
+            wait_ready(&mut b).await,
+            Err(VmError::BadReady(_))
+        ));
+    }
+}

@@ -1,0 +1,133 @@
+//! QEMU `-M microvm` driver: agent over virtio-serial, no network device at all.
+
+use std::process::Stdio;
+use std::time::Instant;
+
+use tokio::net::UnixListener;
+use tokio::process::Command;
+
+use super::{during_boot, wait_ready, Driver, Slot, Vm, VmError, VmSpec, BASE_CMDLINE};
+
+/// The QEMU command line for one VM (pure; unit-tested).
+pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot) -> Vec<String> {
+    let accel = if driver.qemu_kvm { "kvm" } else { "tcg" };
+    let sock = slot.path("agent.sock");
+    let console = slot.console_path();
+    let mut a: Vec<String> = vec![
+        "-M".into(),
+        // No ACPI in the guest kernel: QEMU then adds virtio_mmio.device= to the command line.
+        "microvm,acpi=off,rtc=on".into(),
+        "-accel".into(),
+        accel.into(),
+        "-cpu".into(),
+        if driver.qemu_kvm {
+            "host".into()
+        } else {
+            "max".into()
+        },
+        "-m".into(),
+        spec.memory_mib.to_string(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+        "-initrd".into(),
+        spec.initrd.display().to_string(),
+        "-append".into(),
+        BASE_CMDLINE.into(),
+        "-serial".into(),
+        format!("file:{}", console.display()),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!("socket,id=agent,path={}", sock.display()),
+        "-device".into(),
+        format!(
+            "virtserialport,chardev=agent,name={}",
+            cloude_protocol::SERIAL_PORT_NAME
+        ),
+        "-device".into(),
+        "virtio-rng-device".into(),
+        "-nic".into(),
+        "none".into(),
+    ];
+    a.shrink_to_fit();
+    a
+}
+
+pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<Vm, VmError> {
+    let sock = slot.path("agent.sock");
+    let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
+    let started = Instant::now();
+    let mut child = Command::new(&driver.binary)
+        .args(args(driver, spec, &slot))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(slot.path("qemu.stderr")).map_err(VmError::RuntimeDir)?)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| VmError::Spawn(driver.binary.display().to_string(), e))?;
+    slot.register_pid(child.id());
+    let io = during_boot(&mut child, &slot, spec, started, async {
+        let (mut stream, _) = listener.accept().await.map_err(VmError::Channel)?;
+        wait_ready(&mut stream).await?;
+        Ok(stream)
+    })
+    .await;
+    let io = match io {
+        Ok(io) => io,
+        Err(VmError::ExitedDuringBoot { status, console }) => {
+            let err = std::fs::read_to_string(slot.path("qemu.stderr")).unwrap_or_default();
+            let console = if err.trim().is_empty() {
+                console
+            } else {
+                format!("{console}\nqemu: {}", err.trim())
+            };
+            return Err(VmError::ExitedDuringBoot { status, console });
+        }
+        Err(e) => return Err(e),
+    };
+    drop(listener);
+    let _ = std::fs::remove_file(&sock);
+    Ok(Vm {
+        child,
+        slot,
+        io: Some(Box::new(io)),
+        started,
+        boot: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::{Kind, Runtime};
+
+    #[test]
+    fn command_line_has_no_network_and_uses_serial_channel() {
+        let rt = Runtime::new().expect("runtime");
+        let slot = rt.slot().expect("slot");
+        let d = Driver {
+            kind: Kind::Qemu,
+            binary: "qemu-system-x86_64".into(),
+            qemu_kvm: false,
+        };
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            boot_timeout: std::time::Duration::from_secs(1),
+        };
+        let a = args(&d, &spec, &slot).join(" ");
+        assert!(a.contains("-nic none"), "{a}");
+        assert!(a.contains("-accel tcg"), "{a}");
+        assert!(a.contains("name=cloude.agent"), "{a}");
+        assert!(a.contains("-no-reboot"), "{a}");
+        assert!(!a.contains("server"), "QEMU connects to our socket: {a}");
+    }
+}

@@ -1,0 +1,203 @@
+//! Per-server runtime directory, vsock CID allocation and the registry of live VM processes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Lowest guest CID (0-2 are reserved by vsock).
+const FIRST_CID: u32 = 3;
+/// Highest CID we hand out before wrapping around.
+const LAST_CID: u32 = 0x00ff_ffff;
+/// Bytes of the console log shown in error messages.
+const CONSOLE_TAIL_BYTES: u64 = 2048;
+
+struct Inner {
+    dir: tempfile::TempDir,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_cid: u32,
+    used: HashSet<u32>,
+    /// Live hypervisor pids by CID.
+    pids: HashMap<u32, u32>,
+}
+
+/// The server's runtime directory (removed when the last handle is dropped) and allocators.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl Runtime {
+    /// Creates `cloude-<random>` under `$CLOUDE_RUNTIME_DIR`, else the system temp directory.
+    pub fn new() -> std::io::Result<Self> {
+        let base = std::env::var_os("CLOUDE_RUNTIME_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&base)?;
+        let dir = tempfile::Builder::new()
+            .prefix("cloude-")
+            .tempdir_in(base)?;
+        let state = State {
+            next_cid: FIRST_CID,
+            ..State::default()
+        };
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                dir,
+                state: Mutex::new(state),
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.inner.dir.path()
+    }
+
+    /// Reserves a unique CID and a private directory for one VM.
+    pub fn slot(&self) -> std::io::Result<Slot> {
+        let cid = {
+            let mut st = self
+                .inner
+                .state
+                .lock()
+                .expect("runtime state lock is never poisoned");
+            loop {
+                let c = st.next_cid;
+                st.next_cid = if c >= LAST_CID { FIRST_CID } else { c + 1 };
+                if st.used.insert(c) {
+                    break c;
+                }
+            }
+        };
+        let dir = self.dir().join(format!("vm-{cid}"));
+        let slot = Slot {
+            cid,
+            dir,
+            runtime: self.clone(),
+        };
+        std::fs::create_dir(&slot.dir)?;
+        Ok(slot)
+    }
+
+    /// Number of VMs whose hypervisor process is registered as running.
+    pub fn live_vms(&self) -> usize {
+        self.inner
+            .state
+            .lock()
+            .expect("runtime state lock is never poisoned")
+            .pids
+            .len()
+    }
+
+    /// SIGKILLs every registered hypervisor process (shutdown path).
+    pub fn kill_all(&self) -> usize {
+        let pids: Vec<u32> = {
+            let st = self
+                .inner
+                .state
+                .lock()
+                .expect("runtime state lock is never poisoned");
+            st.pids.values().copied().collect()
+        };
+        for pid in &pids {
+            if let Ok(p) = i32::try_from(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        pids.len()
+    }
+}
+
+/// One VM's CID and directory; freed and removed on drop.
+pub struct Slot {
+    pub cid: u32,
+    pub dir: PathBuf,
+    runtime: Runtime,
+}
+
+impl Slot {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn console_path(&self) -> PathBuf {
+        self.path("console.log")
+    }
+
+    /// Records the hypervisor's pid so that shutdown can kill it.
+    pub fn register_pid(&self, pid: Option<u32>) {
+        if let Some(pid) = pid {
+            let mut st = self
+                .runtime
+                .inner
+                .state
+                .lock()
+                .expect("runtime state lock is never poisoned");
+            st.pids.insert(self.cid, pid);
+        }
+    }
+
+    /// The end of the guest console log.
+    pub fn console_tail(&self) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(self.console_path()) else {
+            return String::from("(no console output)");
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)));
+        let mut buf = Vec::new();
+        let _ = f.take(CONSOLE_TAIL_BYTES).read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf).trim().to_string();
+        if text.is_empty() {
+            String::from("(no console output)")
+        } else {
+            text
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let mut st = self
+            .runtime
+            .inner
+            .state
+            .lock()
+            .expect("runtime state lock is never poisoned");
+        st.used.remove(&self.cid);
+        st.pids.remove(&self.cid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_unique_and_cleaned() {
+        let rt = Runtime::new().expect("runtime dir");
+        let a = rt.slot().expect("slot");
+        let b = rt.slot().expect("slot");
+        assert_ne!(a.cid, b.cid);
+        assert!(a.cid >= FIRST_CID);
+        assert!(a.dir.is_dir() && b.dir.is_dir());
+        a.register_pid(Some(u32::MAX));
+        assert_eq!(rt.live_vms(), 1);
+        let dir = a.dir.clone();
+        drop(a);
+        assert!(!dir.exists());
+        assert_eq!(rt.live_vms(), 0);
+        let top = rt.dir().to_path_buf();
+        drop(b);
+        drop(rt);
+        assert!(!top.exists(), "runtime dir removed with the last handle");
+    }
+}
