@@ -1,5 +1,4 @@
-#![forbid(unsafe_code)]
-
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+fn main() {
+    let started = std::time::Instant::now();
+    std::process::exit(cloude_vmm::main_with_args(started));
 }

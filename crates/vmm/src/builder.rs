@@ -1,0 +1,244 @@
+//! Turns a validated [`VmConfig`] into a running VM: memory, kernel, devices, vCPU threads and
+//! the device event loop; then waits for the guest to stop.
+
+use std::fs::File;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::boot::{self, BootInfo, EntryPoint};
+use crate::arch::x86_64::layout::*;
+use crate::arch::x86_64::mptable;
+use crate::config::{ip_arg, VmConfig};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::Bus;
+use crate::stats;
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::{ExitTrigger, VmExit};
+
+/// Set-up failures (each one sentence).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot open the {what} {path}: {source}")]
+    Open {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("KVM could not {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("could not set up {what}: {source}")]
+    Device {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] crate::devices::bus::BusError),
+    #[error("could not start the {0} thread")]
+    Thread(&'static str),
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// Creates one virtio device (as transport target and event subscriber) for its interrupt.
+type MakeDevice<'a> =
+    &'a dyn Fn(Arc<Interrupt>) -> Result<(Arc<Mutex<dyn VirtioDevice>>, Subscriber), BuildError>;
+
+fn open(what: &'static str, path: &std::path::Path) -> Result<File, BuildError> {
+    File::open(path).map_err(|source| BuildError::Open {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn dev_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Device { what, source }
+}
+
+/// Builds and runs the VM; returns how it ended.
+pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
+    let mut kernel_file = open("kernel", &cfg.kernel)?;
+    let mut initrd_file = open("initrd", &cfg.initrd)?;
+    let vm = Vm::new(cfg.mem_size)?;
+    let kernel = boot::load_kernel(&vm.mem, &mut kernel_file)?;
+    let low_end = cfg.mem_size.min(MMIO_GAP_START);
+    let initrd = boot::load_initrd(&vm.mem, &mut initrd_file, &kernel, low_end)?;
+
+    let (exit_tx, exit_rx) = mpsc::channel::<VmExit>();
+    let powered_off = Arc::new(AtomicBool::new(false));
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let kvm_err = |what| move |source| BuildError::Kvm { what, source };
+
+    let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(dev_err("the serial interrupt"))?;
+    vm.fd
+        .register_irqfd(&com1_irq, COM1_IRQ)
+        .map_err(kvm_err("route the serial interrupt"))?;
+    let serial = SerialDevice::new(
+        EventFdTrigger(com1_irq),
+        std::io::stdout(),
+        powered_off.clone(),
+    );
+    pio.insert(Arc::new(Mutex::new(serial)), u64::from(COM1_PORT), 8)?;
+    let reset = ExitTrigger(
+        exit_tx.clone(),
+        VmExit::Stopped("the guest reset the CPU (i8042)"),
+    );
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(reset))),
+        u64::from(I8042_PORT),
+        5,
+    )?;
+
+    let mut event_manager = EventManager::<Subscriber>::new().map_err(|e| BuildError::Device {
+        what: "the event loop",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    let mut cmdline = cfg.cmdline.clone();
+    let mut slot: u64 = 0;
+    let mut add_virtio =
+        |make: MakeDevice, mmio: &mut Bus, cmdline: &mut String| -> Result<(), BuildError> {
+            let base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE;
+            let irq = VIRTIO_IRQ_BASE + slot as u32;
+            let irqfd = EventFd::new(EFD_NONBLOCK).map_err(dev_err("a virtio interrupt"))?;
+            vm.fd
+                .register_irqfd(&irqfd, irq)
+                .map_err(kvm_err("route a virtio interrupt"))?;
+            let interrupt = Arc::new(Interrupt::new(irqfd));
+            let (dev, sub) = make(interrupt.clone())?;
+            for (i, evt) in crate::devices::bus::lock(&dev)
+                .queue_events()
+                .iter()
+                .enumerate()
+            {
+                vm.fd
+                    .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), i as u32)
+                    .map_err(kvm_err("register a queue notification"))?;
+            }
+            event_manager.add_subscriber(sub);
+            let transport = MmioTransport::new(dev, interrupt, vm.mem.clone());
+            mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            slot += 1;
+            Ok(())
+        };
+    add_virtio(
+        &|irq| {
+            let d = Arc::new(Mutex::new(Rng::new(irq).map_err(dev_err("virtio-rng"))?));
+            Ok((d.clone(), d))
+        },
+        &mut mmio,
+        &mut cmdline,
+    )?;
+    if let Some((cid, uds)) = &cfg.vsock {
+        add_virtio(
+            &|irq| {
+                let d = Arc::new(Mutex::new(
+                    Vsock::new(u64::from(*cid), uds, irq).map_err(dev_err("virtio-vsock"))?,
+                ));
+                Ok((d.clone(), d))
+            },
+            &mut mmio,
+            &mut cmdline,
+        )?;
+    }
+    if let Some(net) = &cfg.net {
+        add_virtio(
+            &|irq| {
+                let d = Arc::new(Mutex::new(
+                    Net::new(&net.tap, net.mac, irq).map_err(dev_err("virtio-net"))?,
+                ));
+                Ok((d.clone(), d))
+            },
+            &mut mmio,
+            &mut cmdline,
+        )?;
+        if let Some((addr, prefix, host)) = net.ip {
+            cmdline.push(' ');
+            cmdline.push_str(&ip_arg(addr, prefix, host));
+        }
+    }
+
+    boot::write_cmdline(&vm.mem, &cmdline)?;
+    let info = BootInfo {
+        initrd,
+        cmdline_len: cmdline.len() + 1,
+        mem_size: cfg.mem_size,
+    };
+    match kernel.entry {
+        EntryPoint::Pvh(_) => boot::write_pvh_info(&vm.mem, &info)?,
+        EntryPoint::Linux64(_) => boot::write_zero_page(&vm.mem, &info, kernel.setup_header)?,
+    }
+    mptable::setup(&vm.mem, cfg.vcpus)?;
+
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for i in 0..cfg.vcpus {
+        vcpus.push(Vcpu::new(
+            &vm,
+            i,
+            cfg.vcpus,
+            kernel.entry,
+            pio.clone(),
+            mmio.clone(),
+            exit_tx.clone(),
+            powered_off.clone(),
+        )?);
+    }
+    if stats::enabled() {
+        let starts: Vec<u64> = vm
+            .mem
+            .iter()
+            .filter_map(|r| vm.mem.get_host_address(r.start_addr()).ok())
+            .map(|p| p as u64)
+            .collect();
+        if let Some(v) = vcpus.first_mut() {
+            v.before_first_run = Some(Box::new(move || stats::report_first_run(started, &starts)));
+        }
+    }
+    std::thread::Builder::new()
+        .name("cloude-devices".into())
+        .spawn(move || loop {
+            if let Err(e) = event_manager.run() {
+                eprintln!("cloude-vmm: device event loop error: {e:?}");
+            }
+        })
+        .map_err(|_| BuildError::Thread("device event loop"))?;
+    for (i, v) in vcpus.into_iter().enumerate() {
+        std::thread::Builder::new()
+            .name(format!("cloude-vcpu{i}"))
+            .spawn(move || v.run())
+            .map_err(|_| BuildError::Thread("vCPU"))?;
+    }
+    drop(exit_tx);
+    let outcome = exit_rx.recv().unwrap_or(VmExit::Failed(
+        "every vCPU thread ended without a reason".into(),
+    ));
+    // Guest memory and KVM objects are torn down by process exit.
+    std::mem::forget(vm);
+    Ok(outcome)
+}

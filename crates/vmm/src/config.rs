@@ -1,0 +1,279 @@
+//! Command line (a contract used by scripts and the backend) and its validation into [`VmConfig`].
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+
+/// Default base kernel command line (`--cmdline` replaces it).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux \
+i8042.nomux i8042.dumbkbd tsc=reliable nomodule random.trust_cpu=on";
+/// Smallest guest memory we accept.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// Largest guest memory we accept.
+pub const MAX_MEMORY_MIB: u64 = 256 * 1024;
+
+/// `cloude-vmm`: boots one Linux micro-VM on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "cloude-vmm", version, about)]
+pub struct Cli {
+    /// Guest kernel: an ELF vmlinux (PVH entry preferred) or a bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    pub initrd: PathBuf,
+    /// Replaces the default base kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest vsock context id (>= 3).
+    #[arg(long, requires = "vsock_uds")]
+    pub vsock_cid: Option<u32>,
+    /// Host Unix socket for vsock (`CONNECT <port>`); guest connections to port P go to `<path>_P`.
+    #[arg(long, requires = "vsock_cid")]
+    pub vsock_uds: Option<PathBuf>,
+    /// Tap device for virtio-net (created if it does not exist).
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// Guest MAC address (default: derived from the tap name).
+    #[arg(long, requires = "tap")]
+    pub guest_mac: Option<String>,
+    /// Guest IPv4 address with prefix, e.g. 10.0.0.2/30 (sets the kernel `ip=`).
+    #[arg(long, requires = "tap", requires = "host_ip")]
+    pub guest_ip: Option<String>,
+    /// Host (gateway) IPv4 address on the tap.
+    #[arg(long, requires = "guest_ip")]
+    pub host_ip: Option<String>,
+}
+
+/// Validation errors (one sentence each).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--memory-mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
+    Memory(u64),
+    #[error("--vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u8),
+    #[error("--vsock-cid must be at least 3 and below 2^32-1, got {0}")]
+    Cid(u32),
+    #[error("--guest-mac {0:?} is not a MAC address like 06:00:0a:00:00:02")]
+    Mac(String),
+    #[error("--guest-ip {0:?} is not an IPv4 address with a prefix like 10.0.0.2/30")]
+    GuestIp(String),
+    #[error("--host-ip {0:?} is not an IPv4 address")]
+    HostIp(String),
+    #[error("--tap name {0:?} must be 1 to 15 characters without '/' or whitespace")]
+    Tap(String),
+    #[error("the {what} {path} does not exist or cannot be read: {reason}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// Network settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+    /// Guest address, prefix length and host address.
+    pub ip: Option<(Ipv4Addr, u8, Ipv4Addr)>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub mem_size: u64,
+    pub vcpus: u8,
+    pub vsock: Option<(u32, PathBuf)>,
+    pub net: Option<NetConfig>,
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// A locally administered unicast MAC derived from the tap name.
+fn default_mac(tap: &str) -> [u8; 6] {
+    let h = tap.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let b = h.to_be_bytes();
+    [0x06, 0x00, b[0], b[1], b[2], b[3]]
+}
+
+impl Cli {
+    /// Validates the flags.
+    pub fn validate(self) -> Result<VmConfig, ConfigError> {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            std::fs::File::open(path).map_err(|e| ConfigError::File {
+                what,
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let vsock = match (self.vsock_cid, self.vsock_uds) {
+            (Some(cid), Some(uds)) if cid >= 3 && cid != u32::MAX => Some((cid, uds)),
+            (Some(cid), Some(_)) => return Err(ConfigError::Cid(cid)),
+            _ => None,
+        };
+        let net = match self.tap {
+            None => None,
+            Some(tap) => {
+                if tap.is_empty()
+                    || tap.len() > 15
+                    || tap.contains('/')
+                    || tap.contains(char::is_whitespace)
+                {
+                    return Err(ConfigError::Tap(tap));
+                }
+                let mac = match &self.guest_mac {
+                    Some(m) => parse_mac(m).ok_or_else(|| ConfigError::Mac(m.clone()))?,
+                    None => default_mac(&tap),
+                };
+                let ip = match (&self.guest_ip, &self.host_ip) {
+                    (Some(g), Some(h)) => {
+                        let bad = || ConfigError::GuestIp(g.clone());
+                        let (a, p) = g.split_once('/').ok_or_else(bad)?;
+                        let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
+                        let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+                        let host: Ipv4Addr =
+                            h.parse().map_err(|_| ConfigError::HostIp(h.clone()))?;
+                        Some((addr, prefix, host))
+                    }
+                    _ => None,
+                };
+                Some(NetConfig { tap, mac, ip })
+            }
+        };
+        Ok(VmConfig {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            mem_size: self.memory_mib << 20,
+            vcpus: self.vcpus,
+            vsock,
+            net,
+        })
+    }
+}
+
+/// The kernel `ip=` argument for a static guest address.
+pub fn ip_arg(addr: Ipv4Addr, prefix: u8, host: Ipv4Addr) -> String {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    };
+    format!("ip={addr}::{host}:{}::eth0:off", Ipv4Addr::from(mask))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<VmConfig, ConfigError> {
+        let f = tempfile::NamedTempFile::new().expect("tmp");
+        let p = f.path().to_str().expect("utf8").to_string();
+        let mut v = vec!["cloude-vmm", "--kernel", &p, "--initrd", &p];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).expect("parse").validate()
+    }
+
+    #[test]
+    fn defaults_and_limits() {
+        let c = cli(&[]).expect("valid");
+        assert_eq!(c.mem_size, 256 << 20);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert!(matches!(cli(&["--vcpus", "0"]), Err(ConfigError::Vcpus(0))));
+        assert!(matches!(
+            cli(&["--memory-mib", "1"]),
+            Err(ConfigError::Memory(1))
+        ));
+        assert!(matches!(
+            cli(&["--vsock-cid", "2", "--vsock-uds", "/x"]),
+            Err(ConfigError::Cid(2))
+        ));
+    }
+
+    #[test]
+    fn network_flags() {
+        let c = cli(&[
+            "--tap",
+            "tap0",
+            "--guest-mac",
+            "06:00:0a:00:00:02",
+            "--guest-ip",
+            "10.0.0.2/30",
+            "--host-ip",
+            "10.0.0.1",
+        ])
+        .expect("valid");
+        let n = c.net.expect("net");
+        assert_eq!(n.mac, [6, 0, 10, 0, 0, 2]);
+        let (a, p, h) = n.ip.expect("ip");
+        assert_eq!(
+            ip_arg(a, p, h),
+            "ip=10.0.0.2::10.0.0.1:255.255.255.252::eth0:off"
+        );
+        assert!(matches!(
+            cli(&["--tap", "t", "--guest-mac", "zz"]),
+            Err(ConfigError::Mac(_))
+        ));
+        assert!(matches!(
+            cli(&[
+                "--tap",
+                "t",
+                "--guest-ip",
+                "10.0.0.2/40",
+                "--host-ip",
+                "10.0.0.1"
+            ]),
+            Err(ConfigError::GuestIp(_))
+        ));
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Cli::try_parse_from([
+            "cloude-vmm",
+            "--kernel",
+            "/nonexistent/k",
+            "--initrd",
+            "/nonexistent/i",
+        ])
+        .expect("parse")
+        .validate()
+        .expect_err("missing");
+        assert!(e.to_string().contains("/nonexistent/k"), "{e}");
+    }
+}

@@ -1,0 +1,313 @@
+//! The virtio-mmio transport (version 2 register layout).
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::bus::lock;
+use crate::devices::BusDevice;
+
+const MAGIC: u32 = 0x7472_6976;
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x554c_4344; // "DCLU"
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const STATUS_FAILED: u32 = 0x80;
+
+/// Offset of the queue-notify register (the ioeventfd address).
+pub const NOTIFY_OFFSET: u64 = 0x50;
+const CONFIG_OFFSET: u64 = 0x100;
+
+/// The transport: common registers and queue setup; forwards the rest to the device.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    interrupt: Arc<Interrupt>,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    /// Wraps `device`.
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        interrupt: Arc<Interrupt>,
+        mem: GuestMemoryMmap,
+    ) -> Self {
+        let queues = Self::fresh_queues(&*lock(&device));
+        Self {
+            device,
+            interrupt,
+            mem,
+            queues,
+            features: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+        }
+    }
+
+    fn fresh_queues(dev: &dyn VirtioDevice) -> Vec<Queue> {
+        dev.queue_max_sizes()
+            .iter()
+            .map(|s| Queue::new(*s).expect("device queue sizes are powers of two"))
+            .collect()
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        lock(&self.device).reset();
+        self.queues = Self::fresh_queues(&*lock(&self.device));
+        self.features = 0;
+        self.status = 0;
+        self.queue_sel = 0;
+        self.activated = false;
+        self.interrupt.reset();
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        self.status = v;
+        if v & STATUS_DRIVER_OK != 0 && v & STATUS_FEATURES_OK != 0 && !self.activated {
+            self.activated = true;
+            let valid = self
+                .queues
+                .iter()
+                .all(|q| !q.ready() || q.is_valid(&self.mem));
+            let res = if valid {
+                let queues =
+                    std::mem::replace(&mut self.queues, Self::fresh_queues(&*lock(&self.device)));
+                lock(&self.device)
+                    .activate(self.mem.clone(), queues, self.features)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("a queue lies outside guest memory".into())
+            };
+            if let Err(e) = res {
+                eprintln!("cloude-vmm: virtio device failed to start: {e}");
+                self.interrupt.fail();
+            }
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            lock(&self.device).read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let dev = lock(&self.device);
+        let v = match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => dev.device_type(),
+            0x0c => VENDOR_ID,
+            0x10 => match self.device_features_sel {
+                0 => dev.features() as u32,
+                1 => (dev.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => dev
+                .queue_max_sizes()
+                .get(self.queue_sel as usize)
+                .map_or(0, |s| u32::from(*s)),
+            0x44 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready() || self.activated)),
+            0x60 => self.interrupt.status(),
+            0x70 => {
+                let broken = if self.interrupt.failed() {
+                    STATUS_NEEDS_RESET
+                } else {
+                    0
+                };
+                self.status | broken
+            }
+            0xfc => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            // No device has writable configuration.
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 if self.status & STATUS_FEATURES_OK == 0 => {
+                let offered = lock(&self.device).features();
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                let mask = 0xffff_ffffu64 << shift;
+                self.features =
+                    (self.features & !mask) | ((u64::from(v) << shift) & offered & mask);
+            }
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            NOTIFY_OFFSET => {
+                // Normally caught by the ioeventfd; this is the slow path.
+                if let Some(e) = lock(&self.device).queue_events().get(v as usize) {
+                    let _ = e.write(1);
+                }
+            }
+            0x64 => self.interrupt.ack(v),
+            0x70 => {
+                if v & STATUS_FEATURES_OK != 0 && self.features & VIRTIO_F_VERSION_1 == 0 {
+                    // Legacy drivers are not supported: refuse FEATURES_OK.
+                    self.status = v & !STATUS_FEATURES_OK;
+                    return;
+                }
+                let _ = (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FAILED);
+                self.set_status(v);
+            }
+            0x80 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(Some(v), None)),
+            0x84 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(None, Some(v))),
+            0x90 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(Some(v), None)),
+            0x94 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(None, Some(v))),
+            0xa0 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(Some(v), None)),
+            0xa4 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(None, Some(v))),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::queue::testing::{AVAIL, DESC, USED};
+    use crate::devices::virtio::rng::Rng;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn negotiates_and_activates() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mmap");
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
+        let rng = Arc::new(Mutex::new(Rng::new(irq.clone()).expect("rng")));
+        let mut t = MmioTransport::new(rng.clone(), irq.clone(), mem);
+        assert_eq!(rd(&mut t, 0), MAGIC);
+        assert_eq!(rd(&mut t, 8), super::super::TYPE_RNG);
+        wr(&mut t, 0x14, 1);
+        assert_eq!(rd(&mut t, 0x10), 1, "VERSION_1 offered");
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // A legacy driver (no VERSION_1) cannot set FEATURES_OK.
+        wr(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        wr(&mut t, 0x24, 1);
+        wr(&mut t, 0x20, 1);
+        wr(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_ne!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x38, 8);
+        wr(&mut t, 0x80, DESC as u32);
+        wr(&mut t, 0x90, AVAIL as u32);
+        wr(&mut t, 0xa0, USED as u32);
+        wr(&mut t, 0x44, 1);
+        wr(&mut t, 0x70, 0xf);
+        assert!(!irq.failed());
+        assert!(lock(&rng).is_active());
+        wr(&mut t, 0x70, 0);
+        assert!(!lock(&rng).is_active());
+    }
+
+    #[test]
+    fn queue_outside_memory_fails_device() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mmap");
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
+        let rng = Arc::new(Mutex::new(Rng::new(irq.clone()).expect("rng")));
+        let mut t = MmioTransport::new(rng, irq.clone(), mem);
+        wr(&mut t, 0x24, 1);
+        wr(&mut t, 0x20, 1);
+        wr(&mut t, 0x70, 0xb);
+        wr(&mut t, 0x38, 8);
+        wr(&mut t, 0x80, 0xffff_f000);
+        wr(&mut t, 0x44, 1);
+        wr(&mut t, 0x70, 0xf);
+        assert!(irq.failed());
+        assert_ne!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+    }
+}

@@ -1,0 +1,118 @@
+//! virtio over MMIO: the transport, the device trait, and the devices (rng, net, vsock).
+
+pub mod mmio;
+pub mod net;
+pub mod queue;
+pub mod rng;
+pub mod vsock;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit: modern (virtio 1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device ids.
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+
+const INT_USED_RING: u32 = 1;
+const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one device, shared by the transport (status/ack) and the device.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+    needs_reset: AtomicBool,
+}
+
+impl Interrupt {
+    /// Wraps an irqfd registered with KVM.
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+            needs_reset: AtomicBool::new(false),
+        }
+    }
+
+    /// Signals "used buffers available".
+    pub fn signal_used(&self) {
+        self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
+        // A failed eventfd write only loses an interrupt the guest's next kick recovers.
+        let _ = self.irqfd.write(1);
+    }
+
+    /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the guest.
+    pub fn fail(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
+        let _ = self.irqfd.write(1);
+    }
+
+    /// True after [`Interrupt::fail`] until the device is reset.
+    pub fn failed(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Activation failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver configured {0} queues, the device needs {1}")]
+    QueueCount(usize, usize),
+    #[error("device I/O setup failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A virtio device behind the MMIO transport. Request processing lives in the device; the
+/// event-loop glue (its `MutEventSubscriber` impl) drives it.
+pub trait VirtioDevice: Send {
+    /// virtio device id.
+    fn device_type(&self) -> u32;
+    /// Offered feature bits.
+    fn features(&self) -> u64;
+    /// Maximum size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One eventfd per queue, signalled when the guest notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// Reads device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Starts the device with the driver's queues and negotiated features.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        acked: u64,
+    ) -> Result<(), ActivateError>;
+    /// Returns to the pre-activation state (drops queues and connections).
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes at `offset` of a config blob (zeros past its end).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
