@@ -1,18 +1,28 @@
 //! The `cloude-image` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::catalog::Catalog;
+use crate::image::{self, BuildOptions, Compression};
 use crate::kernel::{self, Flavor};
 use crate::progress::Progress;
 
 #[derive(Parser, Debug)]
-#[command(name = "cloude-image", version, about = "Builds Cloude's guest kernel and language images")]
+#[command(
+    name = "cloude-image",
+    version,
+    about = "Builds Cloude's guest kernel and language images"
+)]
 struct Cli {
     /// Hide progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Language catalogue file (default: the embedded one).
+    #[arg(long, global = true, env = crate::catalog::CATALOG_ENV)]
+    catalog: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -28,6 +38,30 @@ enum Cmd {
         #[arg(long)]
         vmlinux: bool,
     },
+    /// Build a language image if needed; print its path as the last line.
+    Build {
+        /// Language name or alias from the catalogue.
+        language: String,
+        /// Build from this OCI image instead (docker://HOST/REPO:TAG, oci:DIR[:TAG],
+        /// docker-archive:FILE).
+        #[arg(long)]
+        from: Option<String>,
+        /// Allow a plain-HTTP registry on loopback.
+        #[arg(long)]
+        insecure: bool,
+        /// Also copy the image to this path.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// The agent binary to inject as /init (default: $CLOUDE_AGENT_BIN or the sibling
+        /// cloude-agent).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// gzip, lz4, zstd or none (default: $CLOUDE_IMAGE_COMPRESSION or lz4).
+        #[arg(long)]
+        compression: Option<Compression>,
+    },
+    /// List the catalogue's languages.
+    List,
 }
 
 /// Entry point of the binary.
@@ -41,7 +75,7 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let progress = Progress::new(cli.quiet);
-    match run(cli.cmd, &progress) {
+    match run(cli.cmd, cli.catalog, &progress) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cloude-image: {e:#}");
@@ -50,13 +84,55 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(cmd: Cmd, progress: &Progress) -> anyhow::Result<()> {
+fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Result<()> {
     match cmd {
         Cmd::Kernel { lab, vmlinux } => {
             let flavor = if lab { Flavor::Lab } else { Flavor::Guest };
             let k = kernel::ensure_kernel(flavor, progress)?;
             let p = if vmlinux { k.vmlinux } else { k.bzimage };
             println!("{}", p.display());
+        }
+        Cmd::Build {
+            language,
+            from,
+            insecure,
+            output,
+            agent,
+            compression,
+        } => {
+            let cat = Catalog::load(catalog.as_deref())?;
+            let lang = cat.find(&language, None).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "language {language:?} is not in the catalogue (see `cloude-image list`)"
+                )
+            })?;
+            let opts = BuildOptions {
+                from,
+                insecure,
+                output,
+                agent,
+            };
+            let compression = match compression {
+                Some(c) => c,
+                None => image::default_compression()?,
+            };
+            let p = image::ensure_image_with(lang, &opts, compression, progress)?;
+            println!("{}", p.display());
+        }
+        Cmd::List => {
+            let cat = Catalog::load(catalog.as_deref())?;
+            for l in &cat.languages {
+                let source = match &l.image {
+                    Some(i) => i.clone(),
+                    None => format!("debian: {}", l.debian_packages.join(" ")),
+                };
+                let aliases = if l.aliases.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", l.aliases.join(", "))
+                };
+                println!("{:<12} {:<10} {}{}", l.name, l.version, source, aliases);
+            }
         }
     }
     Ok(())

@@ -1,11 +1,35 @@
-//! Language images: rootfs (Debian packages or OCI) + the agent as `/init`, as a compressed cpio.
+//! Language images: a root filesystem (Debian packages or an OCI image) plus the agent as
+//! `/init`, written as a compressed cpio newc archive and cached by content hash under
+//! [`crate::paths::images_dir`].
 //!
-//! Placeholder with the final signature so that dependants compile; the builder lands next.
+//! The cache key hashes everything the image is made of: the source (the resolved Debian package
+//! closure with versions, or the platform manifest's digest), the agent binary, the compression
+//! and [`BUILDER_VERSION`]. Builders of one key are serialised by a lock file; results are
+//! published by rename.
 
-use std::path::PathBuf;
+pub mod compress;
+pub mod cpio;
+pub mod debian;
+pub mod oci;
+pub mod tree;
+
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+pub use compress::Compression;
+use tree::{DevKind, Meta, Node, Tree, TreeError};
 
 use crate::catalog::Language;
 use crate::progress::Progress;
+
+/// Bumped whenever the builder's output for the same inputs changes (trimming, layout, ...).
+pub const BUILDER_VERSION: &str = "cloude-image-builder-1";
+/// Environment variable overriding the default compression (`gzip`, `lz4`, `zstd`, `none`).
+pub const COMPRESSION_ENV: &str = "CLOUDE_IMAGE_COMPRESSION";
 
 /// How to build an image.
 #[derive(Clone, Debug, Default)]
@@ -22,15 +46,325 @@ pub struct BuildOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("the image builder is not available yet")]
-    NotYet,
+    #[error("the agent binary cloude-agent was not found (build it with `cargo build -p cloude-agent`, or set CLOUDE_AGENT_BIN)")]
+    AgentMissing,
+    #[error("cannot read the agent binary {0}: {1}")]
+    AgentRead(PathBuf, std::io::Error),
+    #[error("language {0:?} has neither Debian packages nor an image reference")]
+    NoSource(String),
+    #[error("invalid {COMPRESSION_ENV}: {0}")]
+    BadCompression(String),
+    #[error("building the {language} image from Debian packages: {source}")]
+    Debian {
+        language: String,
+        #[source]
+        source: Box<debian::DebianError>,
+    },
+    #[error("building the {language} image from {reference}: {source}")]
+    Oci {
+        language: String,
+        reference: String,
+        #[source]
+        source: Box<oci::OciError>,
+    },
+    #[error("preparing the image root: {0}")]
+    Finalize(#[source] TreeError),
+    #[error("I/O error at {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |e| ImageError::Io(p.to_path_buf(), e)
+}
+
+/// The compression used when none is asked for: `$CLOUDE_IMAGE_COMPRESSION` or
+/// [`Compression::DEFAULT`].
+pub fn default_compression() -> Result<Compression, ImageError> {
+    match std::env::var(COMPRESSION_ENV) {
+        Ok(v) if !v.is_empty() => v.parse().map_err(ImageError::BadCompression),
+        _ => Ok(Compression::DEFAULT),
+    }
 }
 
 /// Builds the image for `lang` (or reuses the cached one) and returns its path.
 pub fn ensure_image(
-    _lang: &Language,
-    _opts: &BuildOptions,
-    _progress: &Progress,
+    lang: &Language,
+    opts: &BuildOptions,
+    progress: &Progress,
 ) -> Result<PathBuf, ImageError> {
-    Err(ImageError::NotYet)
+    ensure_image_with(lang, opts, default_compression()?, progress)
+}
+
+enum Plan {
+    Debian(Vec<debian::Package>),
+    Oci(String, Box<oci::Resolved>),
+}
+
+/// A summary written next to each image (`<image>.json`).
+#[derive(serde::Serialize)]
+struct Summary<'a> {
+    language: &'a str,
+    source: String,
+    packages: Vec<String>,
+    manifest_digest: Option<&'a str>,
+    compression: &'static str,
+    agent_sha256: &'a str,
+    entries: u64,
+    uncompressed_bytes: u64,
+    compressed_bytes: u64,
+    build_seconds: f64,
+}
+
+fn file_name_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// [`ensure_image`] with an explicit compression.
+pub fn ensure_image_with(
+    lang: &Language,
+    opts: &BuildOptions,
+    compression: Compression,
+    progress: &Progress,
+) -> Result<PathBuf, ImageError> {
+    let agent_path = opts
+        .agent
+        .clone()
+        .or_else(crate::paths::agent_binary)
+        .ok_or(ImageError::AgentMissing)?;
+    let agent = fs::read(&agent_path).map_err(|e| ImageError::AgentRead(agent_path.clone(), e))?;
+    let agent_sha = hex::encode(Sha256::digest(&agent));
+
+    let reference = opts.from.clone().or_else(|| lang.image.clone());
+    let debian_err = |source| ImageError::Debian {
+        language: lang.name.clone(),
+        source: Box::new(source),
+    };
+    let oci_err = |r: &str| {
+        let r = r.to_string();
+        move |source| ImageError::Oci {
+            language: lang.name.clone(),
+            reference: r,
+            source: Box::new(source),
+        }
+    };
+    let plan = match &reference {
+        Some(r) => {
+            let parsed = oci::parse_reference(r).map_err(oci_err(r))?;
+            let resolved = oci::resolve(&parsed, opts.insecure, progress).map_err(oci_err(r))?;
+            Plan::Oci(r.clone(), Box::new(resolved))
+        }
+        None if lang.debian_packages.is_empty() => {
+            return Err(ImageError::NoSource(lang.name.clone()))
+        }
+        None => Plan::Debian(debian::resolve(&lang.debian_packages, progress).map_err(debian_err)?),
+    };
+
+    let mut h = Sha256::new();
+    h.update(BUILDER_VERSION);
+    h.update([0]);
+    match &plan {
+        Plan::Debian(pkgs) => {
+            for p in pkgs {
+                h.update(format!("deb {} {}\n", p.name, p.version));
+            }
+        }
+        Plan::Oci(_, r) => h.update(format!("oci {}\n", r.manifest_digest)),
+    }
+    h.update(format!(
+        "agent {agent_sha}\ncompression {}\n",
+        compression.name()
+    ));
+    let key = hex::encode(h.finalize());
+    let dir = crate::paths::images_dir();
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let stem = format!("{}-{}", file_name_safe(&lang.name), &key[..16]);
+    let out = dir.join(format!("{stem}.cpio{}", compression.extension()));
+
+    if !out.is_file() {
+        let lock_path = dir.join(format!(".{stem}.lock"));
+        let _lock = crate::lock::FileLock::acquire(&lock_path).map_err(io_err(&lock_path))?;
+        if !out.is_file() {
+            let started = Instant::now();
+            let mut tree = match &plan {
+                Plan::Debian(pkgs) => debian::build_tree(pkgs, progress).map_err(debian_err)?,
+                Plan::Oci(r, resolved) => resolved.build_tree(progress).map_err(oci_err(r))?,
+            };
+            finalize(&mut tree, agent).map_err(ImageError::Finalize)?;
+            let bar = progress.spinner(format!(
+                "writing {} ({})",
+                out.display(),
+                compression.name()
+            ));
+            let (stats, size) = write_image(&tree, compression, &out)?;
+            bar.finish_with_message(format!("wrote {} ({} bytes)", out.display(), size));
+            let summary = Summary {
+                language: &lang.name,
+                source: reference.clone().unwrap_or_else(|| "debian".into()),
+                packages: match &plan {
+                    Plan::Debian(p) => p
+                        .iter()
+                        .map(|p| format!("{}={}", p.name, p.version))
+                        .collect(),
+                    Plan::Oci(..) => Vec::new(),
+                },
+                manifest_digest: match &plan {
+                    Plan::Oci(_, r) => Some(&r.manifest_digest),
+                    Plan::Debian(_) => None,
+                },
+                compression: compression.name(),
+                agent_sha256: &agent_sha,
+                entries: stats.entries,
+                uncompressed_bytes: stats.bytes,
+                compressed_bytes: size,
+                build_seconds: started.elapsed().as_secs_f64(),
+            };
+            let sp = dir.join(format!("{stem}.json"));
+            let text = serde_json::to_string_pretty(&summary).expect("the summary serialises");
+            fs::write(&sp, text).map_err(io_err(&sp))?;
+        }
+    }
+    if let Some(o) = &opts.output {
+        copy_atomic(&out, o)?;
+    }
+    Ok(out)
+}
+
+/// Adds the agent as `/init` and the directories and device nodes the guest needs at boot.
+pub fn finalize(tree: &mut Tree, agent: Vec<u8>) -> Result<(), TreeError> {
+    tree.insert_file("init", Meta::root(0o755), agent)?;
+    let dir = |tree: &mut Tree, path: &str, mode: u32| -> Result<(), TreeError> {
+        if tree.lookup(path).is_none() {
+            let comps = tree::components(path.as_bytes())?;
+            tree.insert(
+                &comps,
+                Node::Dir {
+                    meta: Meta::root(mode),
+                    children: Default::default(),
+                },
+                path,
+            )?;
+        }
+        Ok(())
+    };
+    for (p, m) in [
+        ("dev", 0o755),
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("tmp", 0o1777),
+        ("run", 0o755),
+        ("root", 0o700),
+        ("etc", 0o755),
+    ] {
+        dir(tree, p, m)?;
+    }
+    // The kernel opens /dev/console for init's standard streams before anything is mounted.
+    for (p, mode, major, minor) in [("dev/console", 0o600, 5, 1), ("dev/null", 0o666, 1, 3)] {
+        if tree.lookup(p).is_none() {
+            let comps = tree::components(p.as_bytes())?;
+            let meta = Meta::root(mode);
+            tree.insert(
+                &comps,
+                Node::Device {
+                    meta,
+                    kind: DevKind::Char,
+                    major,
+                    minor,
+                },
+                p,
+            )?;
+        }
+    }
+    for (p, text) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+    ] {
+        if tree.lookup(p).is_none() {
+            tree.insert_file(p, Meta::root(0o644), text.as_bytes().to_vec())?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the compressed cpio beside `out` and renames it into place. Returns the cpio stats and
+/// the compressed size.
+fn write_image(
+    tree: &Tree,
+    compression: Compression,
+    out: &Path,
+) -> Result<(cpio::Stats, u64), ImageError> {
+    let dir = out.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    let stats = {
+        let buffered = BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+        let mut w = compression.writer(buffered).map_err(io_err(out))?;
+        let stats = cpio::write_tree(tree, &mut w).map_err(io_err(out))?;
+        w.finish().map_err(io_err(out))?;
+        stats
+    };
+    tmp.as_file().sync_all().map_err(io_err(out))?;
+    let size = tmp.as_file().metadata().map_err(io_err(out))?.len();
+    let mut perm = tmp.as_file().metadata().map_err(io_err(out))?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    fs::set_permissions(tmp.path(), perm).map_err(io_err(out))?;
+    tmp.persist(out)
+        .map_err(|e| ImageError::Io(out.to_path_buf(), e.error))?;
+    Ok((stats, size))
+}
+
+fn copy_atomic(from: &Path, to: &Path) -> Result<(), ImageError> {
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    let mut src = fs::File::open(from).map_err(io_err(from))?;
+    std::io::copy(&mut src, tmp.as_file_mut()).map_err(io_err(to))?;
+    tmp.as_file_mut().flush().map_err(io_err(to))?;
+    tmp.persist(to)
+        .map_err(|e| ImageError::Io(to.to_path_buf(), e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finalize_adds_init_and_boot_essentials_but_keeps_files() {
+        let mut t = Tree::new();
+        t.insert_file("etc/passwd", Meta::root(0o644), b"mine".to_vec())
+            .expect("passwd");
+        t.insert_file("init", Meta::root(0o644), b"old init".to_vec())
+            .expect("init");
+        finalize(&mut t, b"AGENT".to_vec()).expect("finalize");
+        let mut buf = Vec::new();
+        cpio::write_tree(&t, &mut buf).expect("write");
+        let e = cpio::parse(&buf).expect("parse");
+        let get = |n: &str| {
+            e.iter()
+                .find(|e| e.name == n)
+                .unwrap_or_else(|| panic!("{n}"))
+        };
+        assert_eq!(get("init").data, b"AGENT");
+        assert_eq!(get("init").mode & 0o7777, 0o755);
+        assert_eq!(get("etc/passwd").data, b"mine");
+        assert!(get("dev").is_dir());
+        assert_eq!(get("dev/console").rdev, (5, 1));
+        assert_eq!(get("tmp").mode & 0o7777, 0o1777);
+        assert!(e.iter().any(|e| e.name == "etc/group"));
+    }
+
+    #[test]
+    fn file_names_are_sanitised() {
+        assert_eq!(file_name_safe("c++/x"), "c___x");
+        assert_eq!(file_name_safe("python"), "python");
+    }
 }

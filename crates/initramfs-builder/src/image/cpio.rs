@@ -1,0 +1,399 @@
+//! The cpio "newc" format (what the kernel unpacks as an initramfs): a writer for a [`Tree`]
+//! and a reader (for tests and inspection).
+//!
+//! Hard links follow the kernel's reading of the format: every name of an inode carries the same
+//! `ino` and `nlink`; the first one carries the data, the others are empty.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+
+use super::tree::{DevKind, Node, Tree};
+
+const MAGIC: &[u8; 6] = b"070701";
+const TRAILER: &[u8] = b"TRAILER!!!";
+const HEADER_LEN: usize = 110;
+
+const S_IFDIR: u32 = 0o040_000;
+const S_IFREG: u32 = 0o100_000;
+const S_IFLNK: u32 = 0o120_000;
+const S_IFCHR: u32 = 0o020_000;
+const S_IFBLK: u32 = 0o060_000;
+const S_IFIFO: u32 = 0o010_000;
+/// Mask of the file-type bits of a mode.
+pub const S_IFMT: u32 = 0o170_000;
+
+/// Most entries [`parse`] accepts.
+pub const MAX_PARSE_ENTRIES: usize = 4_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpioError {
+    #[error("cpio archive truncated at offset {0}")]
+    Truncated(usize),
+    #[error("bad cpio header at offset {0}")]
+    BadHeader(usize),
+    #[error("cpio archive has more than MAX_PARSE_ENTRIES entries")]
+    TooMany,
+    #[error("cpio entry {name:?}: {why}")]
+    Entry { name: String, why: &'static str },
+}
+
+/// What a written archive contains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+struct Writer<W: Write> {
+    w: W,
+    pos: u64,
+}
+
+impl<W: Write> Writer<W> {
+    fn put(&mut self, b: &[u8]) -> io::Result<()> {
+        self.w.write_all(b)?;
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+
+    fn pad(&mut self) -> io::Result<()> {
+        let n = (4 - (self.pos % 4) as usize) % 4;
+        self.put(&[0u8; 3][..n])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn entry(
+        &mut self,
+        name: &[u8],
+        ino: u32,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        nlink: u32,
+        mtime: u64,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
+        let size = u32::try_from(data.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is larger than 4 GiB, which cpio newc cannot hold",
+                    String::from_utf8_lossy(name)
+                ),
+            )
+        })?;
+        let mtime = u32::try_from(mtime).unwrap_or(u32::MAX);
+        let fields = [
+            ino,
+            mode,
+            uid,
+            gid,
+            nlink,
+            mtime,
+            size,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        let mut h = Vec::with_capacity(HEADER_LEN);
+        h.extend_from_slice(MAGIC);
+        for f in fields {
+            h.extend_from_slice(format!("{f:08X}").as_bytes());
+        }
+        self.put(&h)?;
+        self.put(name)?;
+        self.put(&[0])?;
+        self.pad()?;
+        self.put(data)?;
+        self.pad()
+    }
+}
+
+/// Writes `tree` as a cpio newc archive (without the root directory itself), then the trailer.
+pub fn write_tree<W: Write>(tree: &Tree, w: W) -> io::Result<Stats> {
+    let links = tree.link_counts();
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    let mut out = Writer { w, pos: 0 };
+    let mut next_ino: u32 = 1;
+    let mut stats = Stats::default();
+    tree.walk::<io::Error>(&mut |path, node| {
+        let mut ino = next_ino;
+        next_ino = next_ino.wrapping_add(1);
+        stats.entries += 1;
+        match node {
+            Node::Dir { meta, .. } => out.entry(
+                path,
+                ino,
+                S_IFDIR | meta.mode,
+                meta.uid,
+                meta.gid,
+                2,
+                meta.mtime,
+                (0, 0),
+                &[],
+            ),
+            Node::File(i) => {
+                let nlink = links.get(&i.id).copied().unwrap_or(1);
+                let data: &[u8] = match seen.get(&i.id) {
+                    Some(first) => {
+                        ino = *first;
+                        &[]
+                    }
+                    None => {
+                        seen.insert(i.id, ino);
+                        &i.data
+                    }
+                };
+                stats.bytes += data.len() as u64;
+                let m = i.meta;
+                out.entry(
+                    path,
+                    ino,
+                    S_IFREG | m.mode,
+                    m.uid,
+                    m.gid,
+                    nlink,
+                    m.mtime,
+                    (0, 0),
+                    data,
+                )
+            }
+            Node::Symlink { meta, target } => out.entry(
+                path,
+                ino,
+                S_IFLNK | 0o777,
+                meta.uid,
+                meta.gid,
+                1,
+                meta.mtime,
+                (0, 0),
+                target,
+            ),
+            Node::Device {
+                meta,
+                kind,
+                major,
+                minor,
+            } => {
+                let t = match kind {
+                    DevKind::Char => S_IFCHR,
+                    DevKind::Block => S_IFBLK,
+                };
+                out.entry(
+                    path,
+                    ino,
+                    t | meta.mode,
+                    meta.uid,
+                    meta.gid,
+                    1,
+                    meta.mtime,
+                    (*major, *minor),
+                    &[],
+                )
+            }
+            Node::Fifo { meta } => out.entry(
+                path,
+                ino,
+                S_IFIFO | meta.mode,
+                meta.uid,
+                meta.gid,
+                1,
+                meta.mtime,
+                (0, 0),
+                &[],
+            ),
+        }
+    })?;
+    out.entry(TRAILER, 0, 0, 0, 0, 1, 0, (0, 0), &[])?;
+    out.w.flush()?;
+    Ok(stats)
+}
+
+/// One entry read back from an archive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub ino: u32,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: (u32, u32),
+    pub data: Vec<u8>,
+}
+
+impl Entry {
+    /// The file-type bits of the mode.
+    pub fn kind(&self) -> u32 {
+        self.mode & S_IFMT
+    }
+    pub fn is_dir(&self) -> bool {
+        self.kind() == S_IFDIR
+    }
+    pub fn is_file(&self) -> bool {
+        self.kind() == S_IFREG
+    }
+    pub fn is_symlink(&self) -> bool {
+        self.kind() == S_IFLNK
+    }
+    pub fn is_char_device(&self) -> bool {
+        self.kind() == S_IFCHR
+    }
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Parses a whole (uncompressed) newc archive up to its trailer.
+pub fn parse(buf: &[u8]) -> Result<Vec<Entry>, CpioError> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    loop {
+        let h = buf
+            .get(pos..pos + HEADER_LEN)
+            .ok_or(CpioError::Truncated(pos))?;
+        if &h[..6] != MAGIC {
+            return Err(CpioError::BadHeader(pos));
+        }
+        let mut f = [0u32; 13];
+        for (i, v) in f.iter_mut().enumerate() {
+            let s = std::str::from_utf8(&h[6 + i * 8..14 + i * 8])
+                .map_err(|_| CpioError::BadHeader(pos))?;
+            *v = u32::from_str_radix(s, 16).map_err(|_| CpioError::BadHeader(pos))?;
+        }
+        let namesize = f[11] as usize;
+        let name_start = pos + HEADER_LEN;
+        let name_bytes = buf
+            .get(name_start..name_start + namesize)
+            .ok_or(CpioError::Truncated(name_start))?;
+        let name = String::from_utf8_lossy(name_bytes.strip_suffix(&[0]).unwrap_or(name_bytes))
+            .into_owned();
+        let data_start = align4(name_start + namesize);
+        let size = f[6] as usize;
+        let data = buf
+            .get(data_start..data_start + size)
+            .ok_or(CpioError::Truncated(data_start))?
+            .to_vec();
+        pos = align4(data_start + size);
+        if name.as_bytes() == TRAILER {
+            return Ok(out);
+        }
+        if out.len() >= MAX_PARSE_ENTRIES {
+            return Err(CpioError::TooMany);
+        }
+        out.push(Entry {
+            name,
+            ino: f[0],
+            mode: f[1],
+            uid: f[2],
+            gid: f[3],
+            nlink: f[4],
+            rdev: (f[9], f[10]),
+            data,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tree::{Meta, Tree};
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let mut t = Tree::new();
+        t.insert_file(
+            "usr/bin/tool",
+            Meta {
+                mode: 0o4755,
+                uid: 3,
+                gid: 4,
+                mtime: 9,
+            },
+            b"12345".to_vec(),
+        )
+        .expect("file");
+        t.insert_file("e", Meta::root(0o600), Vec::new())
+            .expect("empty");
+        let comps = super::super::tree::components(b"dev/console").expect("path");
+        t.insert(
+            &comps,
+            Node::Device {
+                meta: Meta::root(0o600),
+                kind: DevKind::Char,
+                major: 5,
+                minor: 1,
+            },
+            "dev/console",
+        )
+        .expect("dev");
+        t.insert(
+            &[b"lnk".to_vec()],
+            Node::Symlink {
+                meta: Meta::root(0o777),
+                target: b"usr/bin/tool".to_vec(),
+            },
+            "lnk",
+        )
+        .expect("link");
+        let mut buf = Vec::new();
+        let stats = write_tree(&t, &mut buf).expect("write");
+        assert_eq!(buf.len() % 4, 0);
+        assert_eq!(stats.entries, 7);
+        let e = parse(&buf).expect("parse");
+        let names: Vec<&str> = e.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "dev",
+                "dev/console",
+                "e",
+                "lnk",
+                "usr",
+                "usr/bin",
+                "usr/bin/tool"
+            ]
+        );
+        let tool = &e[6];
+        assert!(tool.is_file());
+        assert_eq!(
+            (tool.mode & 0o7777, tool.uid, tool.gid, tool.data.as_slice()),
+            (0o4755, 3, 4, &b"12345"[..])
+        );
+        assert!(e[1].is_char_device());
+        assert_eq!(e[1].rdev, (5, 1));
+        assert!(e[3].is_symlink());
+        assert_eq!(e[3].data, b"usr/bin/tool");
+        assert!(e[0].is_dir());
+        assert!(e[2].data.is_empty());
+    }
+
+    #[test]
+    fn hard_links_carry_data_once() {
+        let mut t = Tree::new();
+        let l = super::super::tree::tests::layer(&[("a", 'f', "data"), ("b", 'h', "a")]);
+        t.apply_tar(&l[..], Default::default()).expect("apply");
+        let mut buf = Vec::new();
+        write_tree(&t, &mut buf).expect("write");
+        let e = parse(&buf).expect("parse");
+        assert_eq!(
+            (e[0].ino, e[0].nlink, e[0].data.as_slice()),
+            (e[1].ino, 2, &b"data"[..])
+        );
+        assert!(e[1].data.is_empty());
+    }
+
+    #[test]
+    fn truncated_and_garbage_input_fail() {
+        let mut buf = Vec::new();
+        write_tree(&Tree::new(), &mut buf).expect("write");
+        assert!(parse(&buf).expect("empty archive").is_empty());
+        assert!(matches!(parse(&buf[..50]), Err(CpioError::Truncated(0))));
+        assert!(matches!(parse(b"garbagegarbagegarbagegarbagegarbagegarbagegarbagegarbagegarbagegarbagegarbagegarbagegarbagegarbagegarbagegarbage"), Err(CpioError::BadHeader(0))));
+    }
+}

@@ -1,0 +1,762 @@
+//! A root filesystem as an in-memory tree, and the application of tar layers to it.
+//!
+//! Pure (no I/O besides the `Read` it is given), so that it can be unit-tested with crafted layers
+//! and fuzzed. Layer semantics follow the OCI image spec: whiteouts (`.wh.NAME`) and opaque
+//! directories (`.wh..wh..opq`) hide entries of *lower* layers, so a layer's deletions are applied
+//! before its additions. Every entry that would land outside the root — absolute paths, `..`,
+//! writes through a symbolic link — is rejected with an error naming the entry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::Arc;
+
+/// Longest entry path accepted (the kernel's `PATH_MAX`).
+pub const MAX_PATH_LEN: usize = 4096;
+/// Most bytes of file data an image may hold (all layers together).
+pub const MAX_TOTAL_BYTES: u64 = 8 << 30;
+/// Most entries an image may hold (all layers together).
+pub const MAX_ENTRIES: u64 = 4_000_000;
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// Top-level directories that merged-`/usr` systems keep under `/usr`.
+const MERGED_USR_DIRS: &[&[u8]] = &[b"bin", b"sbin", b"lib", b"lib32", b"lib64", b"libx32"];
+
+/// Owner, permissions (including set-id and sticky bits) and modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: u64,
+}
+
+impl Meta {
+    /// Root-owned with the given permissions.
+    pub fn root(mode: u32) -> Self {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+        }
+    }
+}
+
+/// A regular file's inode; hard links share one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub id: u64,
+    pub meta: Meta,
+    pub data: Vec<u8>,
+}
+
+/// Character or block device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevKind {
+    Char,
+    Block,
+}
+
+/// One node of the tree.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Node {
+    Dir {
+        meta: Meta,
+        children: BTreeMap<Vec<u8>, Node>,
+    },
+    File(Arc<Inode>),
+    Symlink {
+        meta: Meta,
+        target: Vec<u8>,
+    },
+    Device {
+        meta: Meta,
+        kind: DevKind,
+        major: u32,
+        minor: u32,
+    },
+    Fifo {
+        meta: Meta,
+    },
+}
+
+/// A callback of [`Tree::walk`]: the node's path and the node.
+pub type Visitor<'a, E> = dyn FnMut(&[u8], &Node) -> Result<(), E> + 'a;
+
+/// How to read a layer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyOptions {
+    /// Interpret OCI whiteouts (`.wh.*`); off for Debian packages.
+    pub whiteouts: bool,
+    /// Rewrite `bin/`, `lib/`, ... to `usr/bin/`, ... (Debian packages on a merged-`/usr` root).
+    pub merged_usr: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("entry {entry:?} escapes the image root ({why})")]
+    Escape { entry: String, why: &'static str },
+    #[error("entry {entry:?} would be written through the symbolic link {link:?}")]
+    ThroughSymlink { entry: String, link: String },
+    #[error("entry {entry:?} needs {path:?} to be a directory, but it is not")]
+    NotADirectory { entry: String, path: String },
+    #[error("hard link {entry:?} points to {target:?}, which is not a file of the image")]
+    BadHardLink { entry: String, target: String },
+    #[error("entry {entry:?} has an unsupported tar type ({kind})")]
+    Unsupported { entry: String, kind: String },
+    #[error("the image is too large: more than {0}")]
+    TooLarge(&'static str),
+    #[error("malformed tar archive: {0}")]
+    Tar(#[source] std::io::Error),
+}
+
+/// The root filesystem under construction.
+#[derive(Debug)]
+pub struct Tree {
+    pub root: Node,
+    next_inode: u64,
+    total_bytes: u64,
+    total_entries: u64,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn show(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+/// Splits an entry path into components, refusing anything that could leave the root.
+pub fn components(path: &[u8]) -> Result<Vec<Vec<u8>>, TreeError> {
+    let escape = |why| TreeError::Escape {
+        entry: show(path),
+        why,
+    };
+    if path.len() > MAX_PATH_LEN {
+        return Err(escape("path too long"));
+    }
+    if path.first() == Some(&b'/') {
+        return Err(escape("absolute path"));
+    }
+    if path.contains(&0) {
+        return Err(escape("NUL byte in path"));
+    }
+    let mut out = Vec::new();
+    for c in path.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err(escape("`..` component")),
+            c => out.push(c.to_vec()),
+        }
+    }
+    Ok(out)
+}
+
+fn join(comps: &[Vec<u8>]) -> String {
+    show(&comps.join(&b'/'))
+}
+
+/// `bin/x` → `usr/bin/x` (and the other merged-`/usr` directories).
+fn merge_usr(mut comps: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    if !comps.is_empty() && MERGED_USR_DIRS.contains(&comps[0].as_slice()) {
+        comps.insert(0, b"usr".to_vec());
+    }
+    comps
+}
+
+/// Resolves a relative symlink `target` found at `dir` to an absolute path (lexically).
+fn absolute_target(dir: &[Vec<u8>], target: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = dir.iter().map(Vec::as_slice).collect();
+    for c in target.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    let mut out = b"/".to_vec();
+    out.extend(parts.join(&b'/'));
+    out
+}
+
+/// One entry of a layer, read and validated, waiting to be applied.
+struct Pending {
+    comps: Vec<Vec<u8>>,
+    entry: String,
+    what: PendingKind,
+}
+
+enum PendingKind {
+    Dir(Meta),
+    File(Meta, Vec<u8>),
+    Symlink(Meta, Vec<u8>),
+    HardLink(Vec<Vec<u8>>, String),
+    Device(Meta, DevKind, u32, u32),
+    Fifo(Meta),
+}
+
+impl Tree {
+    /// An empty root directory (mode 0755, owned by root).
+    pub fn new() -> Self {
+        Tree {
+            root: Node::Dir {
+                meta: Meta::root(0o755),
+                children: BTreeMap::new(),
+            },
+            next_inode: 1,
+            total_bytes: 0,
+            total_entries: 0,
+        }
+    }
+
+    fn root_children(&mut self) -> &mut BTreeMap<Vec<u8>, Node> {
+        match &mut self.root {
+            Node::Dir { children, .. } => children,
+            _ => unreachable!("the root is always a directory"),
+        }
+    }
+
+    /// The children of directory `comps`. Missing directories are created (0755, root) when
+    /// `create`, else `Ok(None)`. Symbolic links are never followed.
+    fn dir_mut(
+        &mut self,
+        comps: &[Vec<u8>],
+        entry: &str,
+        create: bool,
+    ) -> Result<Option<&mut BTreeMap<Vec<u8>, Node>>, TreeError> {
+        let mut cur = self.root_children();
+        for (i, c) in comps.iter().enumerate() {
+            if !cur.contains_key(c) {
+                if !create {
+                    return Ok(None);
+                }
+                cur.insert(
+                    c.clone(),
+                    Node::Dir {
+                        meta: Meta::root(0o755),
+                        children: BTreeMap::new(),
+                    },
+                );
+            }
+            cur = match cur.get_mut(c) {
+                Some(Node::Dir { children, .. }) => children,
+                Some(Node::Symlink { .. }) => {
+                    return Err(TreeError::ThroughSymlink {
+                        entry: entry.to_string(),
+                        link: join(&comps[..=i]),
+                    })
+                }
+                _ => {
+                    return Err(TreeError::NotADirectory {
+                        entry: entry.to_string(),
+                        path: join(&comps[..=i]),
+                    })
+                }
+            };
+        }
+        Ok(Some(cur))
+    }
+
+    /// The node at `comps` without following symbolic links (`None` if missing).
+    pub fn get(&self, comps: &[Vec<u8>]) -> Option<&Node> {
+        let mut cur = &self.root;
+        for c in comps {
+            match cur {
+                Node::Dir { children, .. } => cur = children.get(c)?,
+                _ => return None,
+            }
+        }
+        Some(cur)
+    }
+
+    /// The node at a slash-separated path (`"usr/bin/env"`).
+    pub fn lookup(&self, path: &str) -> Option<&Node> {
+        self.get(&components(path.as_bytes()).ok()?)
+    }
+
+    fn count(&mut self, bytes: u64) -> Result<(), TreeError> {
+        self.total_entries += 1;
+        self.total_bytes += bytes;
+        if self.total_entries > MAX_ENTRIES {
+            return Err(TreeError::TooLarge("MAX_ENTRIES entries"));
+        }
+        if self.total_bytes > MAX_TOTAL_BYTES {
+            return Err(TreeError::TooLarge("MAX_TOTAL_BYTES bytes of file data"));
+        }
+        Ok(())
+    }
+
+    /// Puts `node` at `comps` (creating parents, replacing what was there; a directory placed
+    /// over a directory only updates its metadata).
+    pub fn insert(&mut self, comps: &[Vec<u8>], node: Node, entry: &str) -> Result<(), TreeError> {
+        let Some((name, parent)) = comps.split_last() else {
+            if let (Node::Dir { meta: new, .. }, Node::Dir { meta, .. }) = (&node, &mut self.root) {
+                *meta = *new;
+            }
+            return Ok(());
+        };
+        let dir = self
+            .dir_mut(parent, entry, true)?
+            .expect("dir_mut creates missing directories");
+        match (dir.get_mut(name), node) {
+            (Some(Node::Dir { meta, .. }), Node::Dir { meta: new, .. }) => *meta = new,
+            (_, node) => {
+                dir.insert(name.clone(), node);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a regular file with a fresh inode.
+    pub fn insert_file(&mut self, path: &str, meta: Meta, data: Vec<u8>) -> Result<(), TreeError> {
+        let comps = components(path.as_bytes())?;
+        self.count(data.len() as u64)?;
+        let node = self.new_file(meta, data);
+        self.insert(&comps, node, path)
+    }
+
+    fn new_file(&mut self, meta: Meta, data: Vec<u8>) -> Node {
+        let id = self.next_inode;
+        self.next_inode += 1;
+        Node::File(Arc::new(Inode { id, meta, data }))
+    }
+
+    /// Removes the node at `comps` if it exists (never through a symbolic link).
+    pub fn remove(&mut self, comps: &[Vec<u8>], entry: &str) -> Result<Option<Node>, TreeError> {
+        let Some((name, parent)) = comps.split_last() else {
+            return Ok(None);
+        };
+        Ok(self
+            .dir_mut(parent, entry, false)?
+            .and_then(|d| d.remove(name)))
+    }
+
+    /// Removes every node for which `pred(path)` holds (`path` is slash-separated, relative).
+    pub fn prune(&mut self, pred: &dyn Fn(&str) -> bool) -> u64 {
+        fn walk(node: &mut Node, prefix: &mut String, pred: &dyn Fn(&str) -> bool) -> u64 {
+            let Node::Dir { children, .. } = node else {
+                return 0;
+            };
+            let mut removed = 0;
+            children.retain(|name, _| {
+                let len = prefix.len();
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(&String::from_utf8_lossy(name));
+                let keep = !pred(prefix);
+                prefix.truncate(len);
+                removed += u64::from(!keep);
+                keep
+            });
+            for (name, child) in children.iter_mut() {
+                let len = prefix.len();
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(&String::from_utf8_lossy(name));
+                removed += walk(child, prefix, pred);
+                prefix.truncate(len);
+            }
+            removed
+        }
+        walk(&mut self.root, &mut String::new(), pred)
+    }
+
+    /// Visits every node but the root in pre-order (parents before children, names sorted).
+    pub fn walk<E>(&self, f: &mut Visitor<'_, E>) -> Result<(), E> {
+        fn go<E>(node: &Node, path: &mut Vec<u8>, f: &mut Visitor<'_, E>) -> Result<(), E> {
+            if let Node::Dir { children, .. } = node {
+                for (name, child) in children {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(name);
+                    f(path, child)?;
+                    go(child, path, f)?;
+                    path.truncate(len);
+                }
+            }
+            Ok(())
+        }
+        go(&self.root, &mut Vec::new(), f)
+    }
+
+    /// Applies one tar layer.
+    pub fn apply_tar<R: Read>(&mut self, reader: R, opts: ApplyOptions) -> Result<(), TreeError> {
+        let mut archive = tar::Archive::new(reader);
+        let mut opaque = Vec::new();
+        let mut whiteouts = Vec::new();
+        let mut pending = Vec::new();
+        for entry in archive.entries().map_err(TreeError::Tar)? {
+            let mut e = entry.map_err(TreeError::Tar)?;
+            let raw = e.path_bytes().into_owned();
+            let entry_name = show(&raw);
+            let mut comps = components(&raw)?;
+            if opts.whiteouts {
+                if let Some(name) = comps.last() {
+                    if name.as_slice() == OPAQUE_MARKER {
+                        comps.pop();
+                        opaque.push((comps, entry_name));
+                        continue;
+                    }
+                    if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+                        if !hidden.starts_with(WHITEOUT_PREFIX) && !hidden.is_empty() {
+                            let hidden = hidden.to_vec();
+                            comps.pop();
+                            comps.push(hidden);
+                            whiteouts.push((comps, entry_name));
+                        }
+                        // Other `.wh..wh.*` names are AUFS metadata: ignored.
+                        continue;
+                    }
+                }
+            }
+            if opts.merged_usr {
+                comps = merge_usr(comps);
+            }
+            let h = e.header();
+            let meta = Meta {
+                mode: h.mode().map_err(TreeError::Tar)? & 0o7777,
+                uid: u32::try_from(h.uid().map_err(TreeError::Tar)?).unwrap_or(u32::MAX),
+                gid: u32::try_from(h.gid().map_err(TreeError::Tar)?).unwrap_or(u32::MAX),
+                mtime: h.mtime().unwrap_or(0),
+            };
+            let kind = h.entry_type();
+            let dev = |h: &tar::Header| -> Result<(u32, u32), TreeError> {
+                Ok((
+                    h.device_major().map_err(TreeError::Tar)?.unwrap_or(0),
+                    h.device_minor().map_err(TreeError::Tar)?.unwrap_or(0),
+                ))
+            };
+            use tar::EntryType as T;
+            let what = match kind {
+                T::Directory => PendingKind::Dir(meta),
+                T::Regular | T::Continuous => {
+                    let size = e.size();
+                    self.count(size)?;
+                    let mut data = Vec::with_capacity(size.min(64 << 20) as usize);
+                    e.read_to_end(&mut data).map_err(TreeError::Tar)?;
+                    PendingKind::File(meta, data)
+                }
+                T::Symlink => {
+                    let mut target = e
+                        .link_name_bytes()
+                        .map(|t| t.into_owned())
+                        .unwrap_or_default();
+                    if opts.merged_usr && raw_moved(&raw, &comps) && target.first() != Some(&b'/') {
+                        let orig = components(&raw)?;
+                        target = absolute_target(&orig[..orig.len().saturating_sub(1)], &target);
+                    }
+                    PendingKind::Symlink(meta, target)
+                }
+                T::Link => {
+                    let target = e
+                        .link_name_bytes()
+                        .map(|t| t.into_owned())
+                        .unwrap_or_default();
+                    let mut tc = components(&target).map_err(|_| TreeError::Escape {
+                        entry: entry_name.clone(),
+                        why: "hard link target outside the root",
+                    })?;
+                    if opts.merged_usr {
+                        tc = merge_usr(tc);
+                    }
+                    PendingKind::HardLink(tc, show(&target))
+                }
+                T::Char | T::Block => {
+                    let (ma, mi) = dev(h)?;
+                    let k = if kind == T::Char {
+                        DevKind::Char
+                    } else {
+                        DevKind::Block
+                    };
+                    PendingKind::Device(meta, k, ma, mi)
+                }
+                T::Fifo => PendingKind::Fifo(meta),
+                T::XGlobalHeader => continue,
+                other => {
+                    return Err(TreeError::Unsupported {
+                        entry: entry_name,
+                        kind: format!("{other:?}"),
+                    })
+                }
+            };
+            if !matches!(what, PendingKind::File(..)) {
+                self.count(0)?;
+            }
+            pending.push(Pending {
+                comps,
+                entry: entry_name,
+                what,
+            });
+        }
+        // Deletions hide lower layers only: apply them before this layer's additions.
+        for (dir, entry) in opaque {
+            if let Some(children) = self.dir_mut(&dir, &entry, false)? {
+                children.clear();
+            }
+        }
+        for (comps, entry) in whiteouts {
+            self.remove(&comps, &entry)?;
+        }
+        for p in pending {
+            let node = match p.what {
+                PendingKind::Dir(meta) => Node::Dir {
+                    meta,
+                    children: BTreeMap::new(),
+                },
+                PendingKind::File(meta, data) => self.new_file(meta, data),
+                PendingKind::Symlink(meta, target) => Node::Symlink { meta, target },
+                PendingKind::Device(meta, kind, major, minor) => Node::Device {
+                    meta,
+                    kind,
+                    major,
+                    minor,
+                },
+                PendingKind::Fifo(meta) => Node::Fifo { meta },
+                PendingKind::HardLink(target, shown) => {
+                    if target == p.comps {
+                        continue;
+                    }
+                    if let Some((_, parent)) = target.split_last() {
+                        // Errors if the target's directory is reached through a symlink.
+                        self.dir_mut(parent, &p.entry, false)?;
+                    }
+                    match self.get(&target) {
+                        Some(Node::File(inode)) => Node::File(Arc::clone(inode)),
+                        Some(Node::Symlink { meta, target }) => Node::Symlink {
+                            meta: *meta,
+                            target: target.clone(),
+                        },
+                        _ => {
+                            return Err(TreeError::BadHardLink {
+                                entry: p.entry,
+                                target: shown,
+                            })
+                        }
+                    }
+                }
+            };
+            self.insert(&p.comps, node, &p.entry)?;
+        }
+        Ok(())
+    }
+
+    /// Per-inode link counts of regular files (for the cpio writer).
+    pub fn link_counts(&self) -> HashMap<u64, u32> {
+        let mut counts = HashMap::new();
+        let _ = self.walk::<()>(&mut |_, n| {
+            if let Node::File(i) = n {
+                *counts.entry(i.id).or_insert(0) += 1;
+            }
+            Ok(())
+        });
+        counts
+    }
+}
+
+/// Whether the merged-`/usr` rewrite moved this entry.
+fn raw_moved(raw: &[u8], comps: &[Vec<u8>]) -> bool {
+    components(raw)
+        .map(|c| c.len() != comps.len())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Builds a tar layer from (path, kind, data-or-link-target).
+    pub(crate) fn layer(entries: &[(&str, char, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(if *kind == 'd' { 0o755 } else { 0o644 });
+            h.set_uid(1);
+            h.set_gid(2);
+            h.set_mtime(7);
+            let ty = match kind {
+                'd' => tar::EntryType::Directory,
+                'f' => tar::EntryType::Regular,
+                'l' => tar::EntryType::Symlink,
+                'h' => tar::EntryType::Link,
+                _ => unreachable!(),
+            };
+            h.set_entry_type(ty);
+            // set_path refuses `..`; write the raw name to craft hostile entries.
+            let name = h.as_old_mut().name.as_mut();
+            name.fill(0);
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            if matches!(kind, 'l' | 'h') {
+                h.set_link_name(data).expect("short link");
+                h.set_size(0);
+                h.set_cksum();
+                b.append(&h, std::io::empty()).expect("append");
+            } else {
+                let body = if *kind == 'f' { data.as_bytes() } else { b"" };
+                h.set_size(body.len() as u64);
+                h.set_cksum();
+                b.append(&h, body).expect("append");
+            }
+        }
+        b.into_inner().expect("finish")
+    }
+
+    fn paths(t: &Tree) -> Vec<String> {
+        let mut v = Vec::new();
+        t.walk::<()>(&mut |p, _| {
+            v.push(show(p));
+            Ok(())
+        })
+        .expect("walk");
+        v
+    }
+
+    fn content(t: &Tree, p: &str) -> Option<String> {
+        match t.lookup(p)? {
+            Node::File(i) => Some(show(&i.data)),
+            _ => None,
+        }
+    }
+
+    const OCI: ApplyOptions = ApplyOptions {
+        whiteouts: true,
+        merged_usr: false,
+    };
+
+    #[test]
+    fn whiteouts_and_opaque_dirs() {
+        let mut t = Tree::new();
+        let l1 = layer(&[
+            ("etc/", 'd', ""),
+            ("etc/keep", 'f', "k"),
+            ("etc/gone", 'f', "g"),
+            ("opt/", 'd', ""),
+            ("opt/old/", 'd', ""),
+            ("opt/old/a", 'f', "a"),
+            ("opt/b", 'f', "b"),
+        ]);
+        let l2 = layer(&[
+            ("etc/.wh.gone", 'f', ""),
+            ("opt/new", 'f', "n"),
+            ("opt/.wh..wh..opq", 'f', ""),
+            ("etc/added", 'f', "x"),
+        ]);
+        t.apply_tar(&l1[..], OCI).expect("l1");
+        t.apply_tar(&l2[..], OCI).expect("l2");
+        assert_eq!(
+            paths(&t),
+            ["etc", "etc/added", "etc/keep", "opt", "opt/new"],
+            "same-layer entries survive the opaque marker, lower ones do not"
+        );
+        assert_eq!(content(&t, "opt/new").as_deref(), Some("n"));
+        match t.lookup("etc/keep") {
+            Some(Node::File(i)) => assert_eq!((i.meta.uid, i.meta.gid, i.meta.mode), (1, 2, 0o644)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_entries_are_rejected_by_name() {
+        for (entries, needle) in [
+            (vec![("../evil", 'f', "x")], "../evil"),
+            (vec![("a/../../evil", 'f', "x")], "a/../../evil"),
+            (vec![("/etc/passwd", 'f', "x")], "/etc/passwd"),
+            (
+                vec![("link", 'l', "/etc"), ("link/passwd", 'f', "x")],
+                "link/passwd",
+            ),
+            (
+                vec![("link", 'l', "../.."), ("link/x/y", 'f', "x")],
+                "link/x/y",
+            ),
+            (vec![("h", 'h', "../../etc/shadow")], "h"),
+            (vec![("h", 'h', "missing")], "h"),
+        ] {
+            let mut t = Tree::new();
+            let err = t.apply_tar(&layer(&entries)[..], OCI).expect_err(needle);
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        // A whiteout may not delete through a symlink either.
+        let mut t = Tree::new();
+        t.apply_tar(&layer(&[("l", 'l', "/")])[..], OCI).expect("l");
+        let err = t
+            .apply_tar(&layer(&[("l/.wh.etc", 'f', "")])[..], OCI)
+            .expect_err("through link");
+        assert!(matches!(err, TreeError::ThroughSymlink { .. }), "{err}");
+    }
+
+    #[test]
+    fn hard_links_share_an_inode_and_files_replace_dirs() {
+        let mut t = Tree::new();
+        let l = layer(&[
+            ("a", 'f', "data"),
+            ("b", 'h', "a"),
+            ("d/", 'd', ""),
+            ("d/x", 'f', "x"),
+            ("s", 'l', "a"),
+        ]);
+        t.apply_tar(&l[..], OCI).expect("apply");
+        t.apply_tar(&layer(&[("d", 'f', "now a file")])[..], OCI)
+            .expect("replace");
+        let counts = t.link_counts();
+        let id = match t.lookup("b") {
+            Some(Node::File(i)) => i.id,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(counts[&id], 2);
+        assert_eq!(content(&t, "d").as_deref(), Some("now a file"));
+        assert_eq!(paths(&t), ["a", "b", "d", "s"]);
+    }
+
+    #[test]
+    fn merged_usr_rewrites_paths_and_relative_links() {
+        let mut t = Tree::new();
+        let opts = ApplyOptions {
+            whiteouts: false,
+            merged_usr: true,
+        };
+        let l = layer(&[
+            ("./bin/", 'd', ""),
+            ("./bin/bash", 'f', "b"),
+            ("./bin/rbash", 'l', "bash"),
+            ("./bin/up", 'l', "../usr/bin/x"),
+            ("./bin/.wh.x", 'f', "not a whiteout"),
+        ]);
+        t.apply_tar(&l[..], opts).expect("apply");
+        assert_eq!(content(&t, "usr/bin/bash").as_deref(), Some("b"));
+        assert_eq!(
+            content(&t, "usr/bin/.wh.x").as_deref(),
+            Some("not a whiteout")
+        );
+        match t.lookup("usr/bin/up") {
+            Some(Node::Symlink { target, .. }) => assert_eq!(target, b"/usr/bin/x"),
+            other => panic!("{other:?}"),
+        }
+        match t.lookup("usr/bin/rbash") {
+            Some(Node::Symlink { target, .. }) => assert_eq!(target, b"/bin/bash"),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.lookup("bin").is_none());
+    }
+
+    #[test]
+    fn prune_removes_subtrees() {
+        let mut t = Tree::new();
+        let l = layer(&[
+            ("usr/share/doc/x/README", 'f', "r"),
+            ("usr/bin/x", 'f', "x"),
+        ]);
+        t.apply_tar(&l[..], OCI).expect("apply");
+        assert_eq!(t.prune(&|p| p == "usr/share/doc"), 1);
+        assert_eq!(paths(&t), ["usr", "usr/bin", "usr/bin/x", "usr/share"]);
+    }
+}
