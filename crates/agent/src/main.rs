@@ -1,5 +1,5 @@
 #![forbid(unsafe_code)]
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+fn main() -> std::process::ExitCode {
+    cloude_agent::cli::main()
 }

@@ -203,6 +203,8 @@ pub enum Stage {
 }
 
 /// One line of the NDJSON stream of `POST /v1/run/stream`.
+// One `Result` per stream: boxing it would only complicate the wire type's users.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StreamEvent {

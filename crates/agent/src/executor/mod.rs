@@ -1,0 +1,221 @@
+//! Runs a [`RunRequest`]: a fresh work directory, an optional compile stage, then the run stage.
+//! Usable on the host (tests) as well as in the guest.
+
+mod stage;
+mod workdir;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloude_protocol::{
+    ProtocolError, RunRequest, RunResponse, Stage, StageStatus, StreamEvent, MAX_OUTPUT_LIMIT_BYTES,
+};
+use tokio::sync::mpsc;
+
+pub use stage::error_result;
+pub use workdir::{WorkDir, WorkDirError};
+
+use crate::cgroup::Limits;
+use stage::{run_stage, StageSpec};
+
+/// Search path given to programs unless the request sets its own `PATH`.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Tasks allowed in a stage's cgroup unless the request asks for fewer or more.
+pub const DEFAULT_PIDS_LIMIT: u64 = 128;
+/// Memory kept out of the program's reach for the kernel and the agent, in MiB (plus 10 %).
+pub const MEMORY_RESERVE_MIB: u64 = 32;
+/// Smallest memory limit the agent derives from the VM's memory, in MiB.
+pub const MIN_MEMORY_LIMIT_MIB: u64 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Invalid(#[from] ProtocolError),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error(transparent)]
+    WorkDir(#[from] WorkDirError),
+}
+
+impl ExecError {
+    /// True when the request itself is at fault (HTTP 400), false for agent-side failures.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, ExecError::WorkDir(WorkDirError::Io(..)))
+    }
+}
+
+/// Where and as whom programs run.
+#[derive(Clone, Debug)]
+pub struct ExecutorConfig {
+    /// Parent of the per-request work directories.
+    pub work_root: PathBuf,
+    /// cgroup v2 directory under which each stage gets a child; `None` runs without one
+    /// (no limits, and only the session is killed at timeout).
+    pub cgroup_root: Option<PathBuf>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Memory limit when the request sets none (requests may only ask for less).
+    pub memory_limit_mib: Option<u64>,
+    pub pids_limit: u64,
+}
+
+impl ExecutorConfig {
+    /// Defaults for `work_root` and `cgroup_root`: uid/gid 1000, memory from `/proc/meminfo`.
+    pub fn new(work_root: PathBuf, cgroup_root: Option<PathBuf>) -> Self {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        ExecutorConfig {
+            work_root,
+            cgroup_root,
+            uid: 1000,
+            gid: 1000,
+            memory_limit_mib: default_memory_limit_mib(&meminfo),
+            pids_limit: DEFAULT_PIDS_LIMIT,
+        }
+    }
+}
+
+/// A memory limit below the machine's available memory, from the text of `/proc/meminfo`.
+pub fn default_memory_limit_mib(meminfo: &str) -> Option<u64> {
+    let field = |name: &str| {
+        meminfo.lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+    };
+    let kib = field("MemAvailable").or_else(|| field("MemTotal"))?;
+    let mib = kib / 1024;
+    let reserve = MEMORY_RESERVE_MIB + mib / 10;
+    Some(mib.saturating_sub(reserve).max(MIN_MEMORY_LIMIT_MIB))
+}
+
+/// Runs requests; see [`Executor::run`].
+#[derive(Debug)]
+pub struct Executor {
+    cfg: ExecutorConfig,
+    seq: AtomicU64,
+}
+
+impl Executor {
+    pub fn new(cfg: ExecutorConfig) -> Self {
+        Executor {
+            cfg,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.cfg
+    }
+
+    /// Validates `req`, writes its files, compiles (if asked) and runs it. With `sink`, output
+    /// chunks are sent as they arrive (they are also in the returned result).
+    pub async fn run(
+        &self,
+        req: &RunRequest,
+        sink: Option<mpsc::Sender<StreamEvent>>,
+    ) -> Result<RunResponse, ExecError> {
+        req.validate()?;
+        if req.memory_limit_mib == Some(0) {
+            return Err(ExecError::Zero("memory_limit_mib"));
+        }
+        if req.pids_limit == Some(0) {
+            return Err(ExecError::Zero("pids_limit"));
+        }
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let job = format!("job-{}-{n}", std::process::id());
+        let cfg = &self.cfg;
+        let wd = WorkDir::create(&cfg.work_root, &job, &req.files, cfg.uid, cfg.gid)?;
+        let memory_mib = match (req.memory_limit_mib, cfg.memory_limit_mib) {
+            (Some(r), Some(d)) => Some(r.min(d)),
+            (r, d) => r.or(d),
+        };
+        let limits = Limits {
+            memory_bytes: memory_mib.map(|m| m.saturating_mul(1 << 20)),
+            pids: Some(req.pids_limit.unwrap_or(cfg.pids_limit)),
+        };
+        let mut env = vec![
+            ("PATH".to_string(), DEFAULT_PATH.to_string()),
+            stage::home_env(wd.path()),
+            ("TMPDIR".into(), "/tmp".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("USER".into(), "cloude".into()),
+            ("LOGNAME".into(), "cloude".into()),
+        ];
+        env.extend(req.env.iter().cloned());
+        let spec = |stage: Stage, argv: Vec<String>, stdin: Vec<u8>, timeout_ms: u64| StageSpec {
+            stage,
+            argv,
+            stdin: Arc::new(stdin),
+            env: env.clone(),
+            cwd: wd.path().to_path_buf(),
+            timeout: Duration::from_millis(timeout_ms),
+            output_limit: req.output_limit_bytes.min(MAX_OUTPUT_LIMIT_BYTES),
+            limits,
+            cgroup_root: cfg.cgroup_root.clone(),
+            cgroup_name: format!(
+                "{job}-{}",
+                if stage == Stage::Run {
+                    "run"
+                } else {
+                    "compile"
+                }
+            ),
+            uid: cfg.uid,
+            gid: cfg.gid,
+            sink: sink.clone(),
+        };
+
+        let mut response = RunResponse {
+            compile: None,
+            run: None,
+        };
+        if let Some(argv) = &req.compile {
+            if argv.is_empty() || argv[0].is_empty() {
+                response.compile = Some(error_result("the compile command is empty".into()));
+                return Ok(response);
+            }
+            let r = run_stage(spec(
+                Stage::Compile,
+                argv.clone(),
+                Vec::new(),
+                req.compile_timeout_ms,
+            ))
+            .await;
+            let failed = r.status != StageStatus::Ok || r.exit_code != Some(0);
+            response.compile = Some(r);
+            if failed {
+                return Ok(response);
+            }
+        }
+        let argv = req.run.iter().chain(&req.args).cloned().collect();
+        let r = run_stage(spec(
+            Stage::Run,
+            argv,
+            req.stdin.0.clone(),
+            req.run_timeout_ms,
+        ))
+        .await;
+        response.run = Some(r);
+        drop(wd);
+        Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_default_leaves_room() {
+        let m = "MemTotal:         262144 kB\nMemFree:  200000 kB\nMemAvailable:     204800 kB\n";
+        // 200 MiB available - (32 + 20) reserve.
+        assert_eq!(default_memory_limit_mib(m), Some(148));
+        assert_eq!(
+            default_memory_limit_mib("MemTotal: 40960 kB\n"),
+            Some(MIN_MEMORY_LIMIT_MIB)
+        );
+        assert_eq!(default_memory_limit_mib("garbage"), None);
+    }
+}

@@ -1,0 +1,238 @@
+//! One stage (compile or run): spawn the program in its own session and cgroup, feed stdin,
+//! capture output under the cap, enforce the timeout, then measure and clean up.
+
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloude_protocol::{Stage, StageResult, StageStatus, StreamEvent, StreamKind};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, watch};
+
+use crate::cgroup::{Limits, StageCgroup};
+use crate::output::{pump, OutputCap, Sink};
+use crate::reaper::Reaper;
+use crate::sys::{self, ChildSetup};
+
+/// How long output pipes may stay open after the program ended and its cgroup was killed
+/// (only matters without a cgroup, where an escapee may keep a pipe open).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Everything one stage needs.
+#[derive(Debug)]
+pub struct StageSpec {
+    pub stage: Stage,
+    pub argv: Vec<String>,
+    pub stdin: Arc<Vec<u8>>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub timeout: Duration,
+    pub output_limit: u64,
+    pub limits: Limits,
+    pub cgroup_root: Option<PathBuf>,
+    pub cgroup_name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub sink: Option<mpsc::Sender<StreamEvent>>,
+}
+
+/// A result for a stage that could not start.
+pub fn error_result(message: String) -> StageResult {
+    StageResult {
+        stdout: Default::default(),
+        stderr: Default::default(),
+        exit_code: None,
+        signal: None,
+        status: StageStatus::Error,
+        message: Some(message),
+        wall_ms: 0,
+        cpu_ms: 0,
+        memory_kib: 0,
+    }
+}
+
+/// Runs one stage to completion. Never fails: problems become a `status: error` result.
+pub async fn run_stage(spec: StageSpec) -> StageResult {
+    let cgroup = match &spec.cgroup_root {
+        Some(root) => match StageCgroup::create(root, &spec.cgroup_name, spec.limits) {
+            Ok(cg) => Some(cg),
+            Err(e) => return error_result(format!("cannot isolate the program: {e}")),
+        },
+        None => None,
+    };
+    let reaper = match Reaper::global() {
+        Ok(r) => r,
+        Err(e) => return error_result(e.to_string()),
+    };
+    let mut cmd = command(&spec, cgroup.as_ref());
+    let start = Instant::now();
+    let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
+        Ok(x) => x,
+        Err(e) => {
+            let cause = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            return error_result(format!("cannot start {:?}: {cause}", spec.argv[0]));
+        }
+    };
+    drop(cmd);
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
+    let cap = OutputCap::new(spec.output_limit);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sink = |_| {
+        spec.sink.clone().map(|tx| Sink {
+            stage: spec.stage,
+            tx,
+        })
+    };
+    let out = child.stdout.take().map(OwnedFd::from);
+    let err = child.stderr.take().map(OwnedFd::from);
+    let out_task = tokio::spawn(drain(
+        out,
+        StreamKind::Stdout,
+        cap.clone(),
+        sink(0),
+        stop_rx.clone(),
+    ));
+    let err_task = tokio::spawn(drain(
+        err,
+        StreamKind::Stderr,
+        cap.clone(),
+        sink(1),
+        stop_rx,
+    ));
+    let stdin_task = child
+        .stdin
+        .take()
+        .map(|w| tokio::spawn(feed(OwnedFd::from(w), spec.stdin.clone())));
+
+    let deadline = tokio::time::sleep(spec.timeout);
+    tokio::pin!(deadline);
+    tokio::pin!(exit_rx);
+    let mut reason = None;
+    let waited = loop {
+        tokio::select! {
+            w = &mut exit_rx => break w.ok(),
+            _ = &mut deadline, if reason.is_none() => {
+                reason = Some(StageStatus::Timeout);
+                kill_all(cgroup.as_ref(), pid);
+            }
+            _ = cap.exceeded(), if reason.is_none() => {
+                reason = Some(StageStatus::OutputLimit);
+                kill_all(cgroup.as_ref(), pid);
+            }
+        }
+    };
+    let wall = start.elapsed();
+    // The stage ends with its main process: whatever it left behind goes too.
+    kill_all(cgroup.as_ref(), pid);
+    if let Some(t) = stdin_task {
+        t.abort();
+    }
+    let grace = tokio::spawn(async move {
+        tokio::time::sleep(DRAIN_GRACE).await;
+        let _ = stop_tx.send(true);
+    });
+    let stdout = out_task.await.unwrap_or_default();
+    let stderr = err_task.await.unwrap_or_default();
+    grace.abort();
+    let stats = cgroup.as_ref().map(StageCgroup::stats).unwrap_or_default();
+    if let Some(cg) = cgroup {
+        let _ = tokio::task::spawn_blocking(move || cg.kill_and_remove()).await;
+    }
+
+    let Some(waited) = waited else {
+        return error_result("lost track of the program's exit status".into());
+    };
+    let status = match reason {
+        Some(r) => r,
+        None if stats.oom_killed => StageStatus::MemoryLimit,
+        None if cap.is_exceeded() => StageStatus::OutputLimit,
+        None => StageStatus::Ok,
+    };
+    let message = match status {
+        StageStatus::Timeout => Some(format!("killed after {} ms", spec.timeout.as_millis())),
+        StageStatus::OutputLimit => {
+            Some(format!("output beyond {} bytes dropped", spec.output_limit))
+        }
+        StageStatus::MemoryLimit => Some("killed by the memory limit".to_string()),
+        _ => None,
+    };
+    StageResult {
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+        exit_code: waited.code,
+        signal: waited.signal,
+        status,
+        message,
+        wall_ms: u64::try_from(wall.as_millis()).unwrap_or(u64::MAX),
+        cpu_ms: stats.cpu_us.unwrap_or(waited.cpu_us) / 1000,
+        memory_kib: stats.memory_peak_kib.unwrap_or(waited.maxrss_kib),
+    }
+}
+
+fn command(spec: &StageSpec, cgroup: Option<&StageCgroup>) -> Command {
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    sys::prepare_child(
+        &mut cmd,
+        ChildSetup {
+            cgroup_procs: cgroup.map(|c| c.procs_file().as_raw_fd()),
+            uid: spec.uid,
+            gid: spec.gid,
+        },
+    );
+    cmd
+}
+
+/// Kills the stage's processes: the whole cgroup, and the session's process group.
+fn kill_all(cgroup: Option<&StageCgroup>, pid: Pid) {
+    if let Some(cg) = cgroup {
+        cg.kill();
+    }
+    // The program leads its own session, so its process group id is its pid.
+    let _ = killpg(pid, Signal::SIGKILL);
+}
+
+async fn drain(
+    fd: Option<OwnedFd>,
+    kind: StreamKind,
+    cap: Arc<OutputCap>,
+    sink: Option<Sink>,
+    stop: watch::Receiver<bool>,
+) -> Vec<u8> {
+    let Some(fd) = fd else { return Vec::new() };
+    let reader = match pipe::Receiver::from_owned_fd(fd) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("cannot watch the {kind:?} pipe: {e}");
+            return Vec::new();
+        }
+    };
+    pump(reader, kind, cap, sink, Some(stop)).await
+}
+
+async fn feed(fd: OwnedFd, data: Arc<Vec<u8>>) {
+    let Ok(mut w) = pipe::Sender::from_owned_fd(fd) else {
+        return;
+    };
+    // A program that does not read its input (EPIPE) is not an error.
+    let _ = w.write_all(&data).await;
+    let _ = w.shutdown().await;
+}
+
+/// The working directory path as given to the program (`HOME` too).
+pub fn home_env(cwd: &Path) -> (String, String) {
+    ("HOME".into(), cwd.to_string_lossy().into_owned())
+}

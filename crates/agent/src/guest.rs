@@ -1,0 +1,102 @@
+//! The agent as PID 1: boot, start every transport the VM offers, announce readiness, serve.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cloude_protocol::{
+    ready_line, AGENT_TCP_PORT, AGENT_VSOCK_PORT, READY_VSOCK_PORT, SERIAL_PORT_NAME,
+};
+
+use crate::executor::{Executor, ExecutorConfig};
+use crate::init::{self, CGROUP_ROOT, RUN_GID, RUN_UID, WORK_ROOT};
+use crate::reaper::Reaper;
+use crate::server::AgentState;
+use crate::transport::{serial, tcp, vsock};
+use crate::{cgroup, power, serve};
+
+/// Worker threads of the guest's runtime (I/O only; programs run in their own processes).
+const WORKER_THREADS: usize = 2;
+
+/// Entry point when running as PID 1. Never returns: on a fatal error it resets the VM.
+pub fn run_pid1() -> ! {
+    init::boot();
+    crate::logging::init(true);
+    let outcome = std::panic::catch_unwind(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(WORKER_THREADS)
+            .enable_all()
+            .build();
+        match rt {
+            Ok(rt) => rt.block_on(guest_main()),
+            Err(e) => tracing::error!("cannot start the runtime: {e}"),
+        }
+    });
+    if outcome.is_err() {
+        tracing::error!("agent panicked");
+    }
+    tracing::error!("agent stopped; resetting the VM");
+    power::reset_now();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+async fn guest_main() {
+    match Reaper::global() {
+        Ok(r) => r.reap_all_children(),
+        Err(e) => tracing::error!("{e}"),
+    }
+    let cgroup_root = Path::new(CGROUP_ROOT);
+    let cgroup_root = if cgroup_root.join("cgroup.procs").exists() {
+        cgroup::enable_controllers(cgroup_root);
+        Some(cgroup_root.to_path_buf())
+    } else {
+        tracing::error!("no cgroup v2 at {CGROUP_ROOT}: programs run without limits");
+        None
+    };
+    let mut cfg = ExecutorConfig::new(PathBuf::from(WORK_ROOT), cgroup_root);
+    cfg.uid = RUN_UID;
+    cfg.gid = RUN_GID;
+    let poweroff = std::env::var_os("CLOUDE_NO_POWEROFF").is_none();
+    let state = AgentState::new(Executor::new(cfg), poweroff);
+
+    let mut transports = 0;
+    let vsock_ok = match vsock::VsockListener::bind(AGENT_VSOCK_PORT) {
+        Ok(l) => {
+            serve::spawn_vsock(l, state.clone());
+            transports += 1;
+            true
+        }
+        Err(e) => {
+            tracing::info!("no vsock listener: {e}");
+            false
+        }
+    };
+    if tcp::has_ipv4_interface() {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, AGENT_TCP_PORT));
+        match serve::start_tcp(addr, state.clone()).await {
+            Ok(_) => transports += 1,
+            Err(e) => tracing::error!("cannot listen on {addr}: {e}"),
+        }
+    }
+    if let Some(port) = serial::find_port(SERIAL_PORT_NAME) {
+        serve::spawn_serial(port, state.clone());
+        transports += 1;
+    }
+    if transports == 0 {
+        tracing::error!("no transport to the host (no vsock, IP or {SERIAL_PORT_NAME} port)");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        return;
+    }
+    // The console marker (benchmarks watch the serial console for it).
+    print!("{}", ready_line());
+    if vsock_ok {
+        tokio::task::spawn_blocking(|| {
+            if let Err(e) = vsock::announce_ready(READY_VSOCK_PORT) {
+                tracing::info!("vsock readiness connection failed: {e}");
+            }
+        });
+    }
+    std::future::pending::<()>().await;
+}

@@ -1,0 +1,114 @@
+//! Serving the router over each transport, and the power-off once a connection that asked for
+//! it has been answered and closed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use cloude_protocol::ready_line;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::power;
+use crate::server::{router, AgentState, ConnCtx};
+use crate::transport::{serial, vsock::VsockListener};
+
+/// Pause after a failed `accept` (e.g. out of descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Pause before reopening the serial port after its connection ended.
+const SERIAL_REOPEN: Duration = Duration::from_millis(50);
+
+/// Serves HTTP/1.1 (keep-alive) on one byte stream until it closes; then powers off if a run
+/// on it asked for that.
+pub async fn serve_connection<IO>(io: IO, state: Arc<AgentState>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = ConnCtx::default();
+    let app = router(state.clone()).layer(Extension(ctx.clone()));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    if let Err(e) = conn.await {
+        tracing::debug!("connection ended: {e}");
+    }
+    if ctx.poweroff.load(Ordering::SeqCst) {
+        power::power_off(state.poweroff_enabled).await;
+    }
+}
+
+/// Accepts TCP connections forever.
+pub fn spawn_tcp(listener: TcpListener, state: Arc<AgentState>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(stream, state.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!("tcp accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    })
+}
+
+/// Accepts vsock connections forever.
+pub fn spawn_vsock(listener: VsockListener, state: Arc<AgentState>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    tokio::spawn(serve_connection(stream, state.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!("vsock accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    })
+}
+
+/// Serves the virtio-serial port at `path`: write the ready line, serve one HTTP connection
+/// over the stream; when the host side goes away, reopen and start again.
+pub fn spawn_serial(path: PathBuf, state: Arc<AgentState>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match serial::open(&path) {
+                Ok(mut stream) => match stream.write_all(ready_line().as_bytes()).await {
+                    Ok(()) => serve_connection(stream, state.clone()).await,
+                    Err(e) => {
+                        tracing::warn!("cannot write the ready line on {}: {e}", path.display())
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(
+                        "cannot open {}: {e}; serial channel stopped",
+                        path.display()
+                    );
+                    return;
+                }
+            }
+            tokio::time::sleep(SERIAL_REOPEN).await;
+        }
+    })
+}
+
+/// Binds TCP `addr` and serves it; returns the bound address (port 0 picks one).
+pub async fn start_tcp(
+    addr: SocketAddr,
+    state: Arc<AgentState>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((local, spawn_tcp(listener, state)))
+}

@@ -1,0 +1,213 @@
+//! The HTTP router shared by every transport: health, run, and the streaming run.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use cloude_protocol::{
+    ErrorBody, Health, RunRequest, StreamEvent, MAX_REQUEST_BODY_BYTES, PROTOCOL_VERSION,
+};
+use hyper::body::Frame;
+use tokio::sync::{mpsc, Mutex};
+
+use crate::executor::{ExecError, Executor};
+use crate::power;
+
+/// Output events buffered between the program and a slow streaming client.
+const STREAM_QUEUE: usize = 64;
+
+/// Shared state of the server.
+#[derive(Debug)]
+pub struct AgentState {
+    pub executor: Executor,
+    /// Held for the duration of a run: one run at a time.
+    busy: Arc<Mutex<()>>,
+    started: Instant,
+    /// Whether `poweroff_after` may reboot the machine (only ever true as PID 1).
+    pub poweroff_enabled: bool,
+}
+
+impl AgentState {
+    pub fn new(executor: Executor, poweroff_enabled: bool) -> Arc<Self> {
+        Arc::new(AgentState {
+            executor,
+            busy: Arc::new(Mutex::new(())),
+            started: Instant::now(),
+            poweroff_enabled,
+        })
+    }
+}
+
+/// Per-connection context: set when the connection must end with a power-off.
+#[derive(Clone, Debug, Default)]
+pub struct ConnCtx {
+    pub poweroff: Arc<AtomicBool>,
+}
+
+/// Every error answer of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body: {0}")]
+    Body(String, StatusCode),
+    #[error("another run is in progress")]
+    Busy,
+    #[error("internal error")]
+    Internal,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Body(_, s) => *s,
+            ApiError::Busy => StatusCode::CONFLICT,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let body = ErrorBody {
+            error: self.to_string(),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        if e.is_client_error() {
+            ApiError::BadRequest(e.to_string())
+        } else {
+            tracing::error!("run failed: {e}: {:?}", std::error::Error::source(&e));
+            ApiError::Internal
+        }
+    }
+}
+
+/// The agent's router.
+pub fn router(state: Arc<AgentState>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/run", post(run))
+        .route("/v1/run/stream", post(run_stream))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
+    Json(Health {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_ms: u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+fn parse(body: Result<Bytes, BytesRejection>) -> Result<RunRequest, ApiError> {
+    let body = body.map_err(|r| ApiError::Body(r.body_text(), r.status()))?;
+    let req: RunRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid run request: {e}")))?;
+    req.validate()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(req)
+}
+
+/// Marks the connection for power-off and asks the client to close it after this response.
+fn arm_poweroff(state: &AgentState, ctx: Option<&ConnCtx>, resp: &mut Response) {
+    if let Some(ctx) = ctx {
+        ctx.poweroff.store(true, Ordering::SeqCst);
+    }
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    if state.poweroff_enabled {
+        tracing::info!("powering off once the response is sent");
+    }
+}
+
+async fn run(
+    State(state): State<Arc<AgentState>>,
+    ctx: Option<Extension<ConnCtx>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req = parse(body)?;
+    let _guard = state.busy.try_lock().map_err(|_| ApiError::Busy)?;
+    let result = state.executor.run(&req, None).await?;
+    let mut resp = Json(result).into_response();
+    if req.poweroff_after {
+        arm_poweroff(&state, ctx.as_deref(), &mut resp);
+        power::arm_fallback(state.poweroff_enabled);
+    }
+    Ok(resp)
+}
+
+async fn run_stream(
+    State(state): State<Arc<AgentState>>,
+    ctx: Option<Extension<ConnCtx>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req = parse(body)?;
+    let guard = state
+        .busy
+        .clone()
+        .try_lock_owned()
+        .map_err(|_| ApiError::Busy)?;
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+    let poweroff = req.poweroff_after;
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        let last = match task_state.executor.run(&req, Some(tx.clone())).await {
+            Ok(result) => StreamEvent::Result { result },
+            Err(e) => StreamEvent::Error {
+                message: ApiError::from(e).to_string(),
+            },
+        };
+        let _ = tx.send(last).await;
+        drop(guard);
+        if poweroff {
+            power::arm_fallback(task_state.poweroff_enabled);
+        }
+    });
+    let mut resp = Response::new(axum::body::Body::new(NdjsonBody { rx }));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    if poweroff {
+        arm_poweroff(&state, ctx.as_deref(), &mut resp);
+    }
+    Ok(resp)
+}
+
+/// A response body of NDJSON lines, one per [`StreamEvent`], ending when the sender is gone.
+struct NdjsonBody {
+    rx: mpsc::Receiver<StreamEvent>,
+}
+
+impl hyper::body::Body for NdjsonBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|ev| {
+            ev.map(|ev| {
+                let mut line = serde_json::to_vec(&ev).unwrap_or_else(|e| {
+                    format!("{{\"type\":\"error\",\"message\":\"cannot encode event: {e}\"}}")
+                        .into_bytes()
+                });
+                line.push(b'\n');
+                Ok(Frame::data(Bytes::from(line)))
+            })
+        })
+    }
+}

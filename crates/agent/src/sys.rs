@@ -1,0 +1,216 @@
+//! The few system calls that need `unsafe`: child set-up after `fork`, `wait4`, the SIGCHLD
+//! self-pipe, signal dispositions and `SIOCSIFFLAGS`. Everything else uses safe `nix` wrappers.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// Signals the agent ignores so that nothing (a program, a stray `kill -TERM 1`) can stop it.
+/// They are reset to their defaults in every child.
+const IGNORED_SIGNALS: [libc::c_int; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGTSTP,
+];
+
+/// How a child set up by [`prepare_child`] runs.
+#[derive(Clone, Copy, Debug)]
+pub struct ChildSetup {
+    /// An open `cgroup.procs` of the stage's cgroup (written from the child before `exec`).
+    pub cgroup_procs: Option<RawFd>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Makes `cmd`'s child join the cgroup, start its own session, drop every privilege and restore
+/// default signal dispositions before `exec`.
+pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
+    let hook = move || -> io::Result<()> {
+        // SAFETY: only async-signal-safe calls (signal, write, setsid, setrlimit, setgroups,
+        // setgid, setuid) on values copied into the closure; no allocation.
+        unsafe {
+            for sig in IGNORED_SIGNALS.iter().chain(&[libc::SIGPIPE]) {
+                libc::signal(*sig, libc::SIG_DFL);
+            }
+            if let Some(fd) = setup.cgroup_procs {
+                // Writing "0" to cgroup.procs moves the writer itself.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+            if libc::geteuid() == 0
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(setup.gid) != 0
+                    || libc::setuid(setup.uid) != 0)
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook above is async-signal-safe (see inside), as `pre_exec` requires.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Status of a child collected by [`wait4`].
+#[derive(Clone, Copy, Debug)]
+pub struct Waited {
+    pub pid: i32,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// User + system CPU time of the child and the descendants it reaped.
+    pub cpu_us: u64,
+    pub maxrss_kib: u64,
+}
+
+/// `wait4(pid, WNOHANG)`: `Ok(None)` when no matching child has exited yet.
+pub fn wait4_nohang(pid: i32) -> io::Result<Option<Waited>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: `rusage` is a plain C struct of integers; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for writes for the duration of the call.
+    let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    let tv_us = |tv: libc::timeval| (tv.tv_sec as u64) * 1_000_000 + tv.tv_usec as u64;
+    let (code, signal) = if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, None)
+    };
+    Ok(Some(Waited {
+        pid: r,
+        code,
+        signal,
+        cpu_us: tv_us(ru.ru_utime) + tv_us(ru.ru_stime),
+        maxrss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0),
+    }))
+}
+
+/// Write end of the SIGCHLD self-pipe (-1 until installed).
+static SIGCHLD_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_sigchld(_: libc::c_int) {
+    let fd = SIGCHLD_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: errno is saved and restored; write(2) on a non-blocking pipe is
+        // async-signal-safe and the buffer is a valid one-byte static.
+        unsafe {
+            let errno = *libc::__errno_location();
+            libc::write(fd, b"c".as_ptr().cast(), 1);
+            *libc::__errno_location() = errno;
+        }
+    }
+}
+
+/// Installs a SIGCHLD handler that writes a byte to a pipe; returns the pipe's read end.
+/// Call once per process.
+pub fn install_sigchld_pipe() -> io::Result<OwnedFd> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is valid for two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these two fresh descriptors; we own them from here on.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The write end lives for the rest of the process (the handler may run at any time).
+    let write_fd = std::os::fd::IntoRawFd::into_raw_fd(write);
+    SIGCHLD_PIPE.store(write_fd, Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction is valid; we fill handler, mask and flags before use.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_sigchld as extern "C" fn(libc::c_int) as usize;
+    sa.sa_flags = libc::SA_RESTART | libc::SA_NOCLDSTOP;
+    // SAFETY: `sa.sa_mask` is a valid sigset_t to initialise.
+    if unsafe { libc::sigemptyset(&mut sa.sa_mask) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `sa` is fully initialised; the handler only touches async-signal-safe state.
+    if unsafe { libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(read)
+}
+
+/// Ignores the signals that could otherwise stop the agent.
+pub fn ignore_signals() {
+    for sig in IGNORED_SIGNALS {
+        // SAFETY: SIG_IGN installs no handler code; changing dispositions is process-wide and
+        // harmless here.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+}
+
+/// Sets `IFF_UP` (and `IFF_RUNNING`) on an interface, e.g. `lo`.
+pub fn set_link_up(name: &str) -> io::Result<()> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    // SAFETY: plain socket(2) call; the result is checked and owned right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    // SAFETY: `ifreq` is a plain C struct/union; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name; SIOCGIFFLAGS fills ifru_flags.
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just initialised the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: same valid ifreq, now carrying the new flags.
+    if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `accept4` with `SOCK_NONBLOCK | SOCK_CLOEXEC`, returning an owned descriptor.
+pub fn accept_nonblocking(listener: RawFd) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{accept4, SockFlag};
+    let fd = accept4(listener, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)?;
+    // SAFETY: accept4 just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Registers an owned descriptor with the current tokio reactor.
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is a valid open descriptor that it alone closes, and its
+    // `as_raw_fd` always returns that same descriptor until the `AsyncFd` drops it.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}
