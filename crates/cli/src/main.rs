@@ -1,5 +1,50 @@
+//! `cloude`: a thin client for cloude-server.
 #![forbid(unsafe_code)]
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+mod client;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Default server when neither --server nor CLOUDE_SERVER is given.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8787";
+
+/// Run code in a fresh micro-VM on a cloude-server.
+#[derive(Debug, Parser)]
+#[command(name = "cloude", version)]
+struct Cli {
+    /// Server URL.
+    #[arg(long, global = true, env = "CLOUDE_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+    /// Print the server's raw JSON response instead of the program's output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a file (language from its extension) or inline code (-c).
+    Run(run::RunArgs),
+    /// List the languages the server offers.
+    Languages,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = client::Client::new(&cli.server);
+    let result = match cli.command {
+        Command::Run(args) => run::run(&client, args, cli.json),
+        Command::Languages => run::languages(&client, cli.json),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("cloude: {e}");
+            ExitCode::from(run::EXIT_CLIENT_ERROR)
+        }
+    }
 }

@@ -1,0 +1,257 @@
+//! Test support: a real `cloude-server` process and a tiny blocking HTTP/1.1 client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub url: String,
+    pub runtime_dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `cloude-server --listen 127.0.0.1:0 ARGS...` and waits (up to `ready_within`) for
+    /// its "listening on" line. Its stderr (logs and build progress) goes to ours.
+    pub fn start(
+        args: &[&str],
+        config: Option<&str>,
+        ready_within: Duration,
+    ) -> Result<Server, String> {
+        let runtime_dir = tempfile::Builder::new()
+            .prefix("cloude-test-rt-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloude-server"));
+        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        if let Some(text) = config {
+            let p = runtime_dir.path().join("config.toml");
+            std::fs::write(&p, text).map_err(|e| e.to_string())?;
+            cmd.arg("--config").arg(p);
+        }
+        let mut child = cmd
+            .env("CLOUDE_RUNTIME_DIR", runtime_dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start cloude-server: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(a.trim().to_string());
+                }
+            }
+        });
+        let addr: SocketAddr = match rx.recv_timeout(ready_within) {
+            Ok(a) => a.parse().map_err(|e| format!("bad address {a}: {e}"))?,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                return Err(format!(
+                    "cloude-server did not start listening within {} s (exit: {status:?}); see its log above",
+                    ready_within.as_secs()
+                ));
+            }
+        };
+        Ok(Server {
+            child: Some(child),
+            addr,
+            url: format!("http://{addr}"),
+            runtime_dir,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGTERM, then wait up to `within` for a clean exit.
+    pub fn stop(mut self, within: Duration) -> Result<ExitStatus, String> {
+        let mut child = self.child.take().ok_or("already stopped")?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let t = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+                return Ok(s);
+            }
+            if t.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "cloude-server did not exit within {} s of SIGTERM",
+                    within.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        http(self.addr, "GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Response {
+        http(
+            self.addr,
+            "POST",
+            path,
+            Some(serde_json::to_vec(body).expect("json")),
+        )
+    }
+
+    /// Children of the server process still alive (hypervisors it failed to reap).
+    pub fn children(&self) -> Vec<u32> {
+        children_of(self.pid())
+    }
+
+    pub fn runtime_dir(&self) -> &Path {
+        self.runtime_dir.path()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(str::to_string))
+                .and_then(|rest| {
+                    rest.split_whitespace()
+                        .nth(1)
+                        .and_then(|pp| pp.parse::<u32>().ok())
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!(
+                "not JSON ({}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; decodes chunked bodies.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Vec<u8>>) -> Response {
+    let mut s = TcpStream::connect(addr).expect("connect to cloude-server");
+    s.set_read_timeout(Some(Duration::from_secs(600)))
+        .expect("timeout");
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(&body).expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                break;
+            };
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
+                .unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            let start = eol + 2;
+            out.extend_from_slice(&rest[start..start + size]);
+            rest = &rest[start + size + 2..];
+        }
+        body = out;
+    }
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Path of a sibling workspace binary (built by `cargo test --workspace`).
+pub fn sibling_bin(name: &str) -> Result<PathBuf, String> {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_cloude-server"));
+    let p = server.with_file_name(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} is missing: build the workspace first (cargo build --workspace)",
+            p.display()
+        ))
+    }
+}
