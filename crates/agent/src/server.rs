@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -111,8 +111,34 @@ async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
     })
 }
 
-fn parse(body: Result<Bytes, BytesRejection>) -> Result<RunRequest, ApiError> {
-    let body = body.map_err(|r| ApiError::Body(r.body_text(), r.status()))?;
+/// A run request body: refused early (413) when its declared length is over the limit,
+/// before a byte of it is read.
+struct RunBody(Bytes);
+
+#[axum::async_trait]
+impl<S: Send + Sync> FromRequest<S> for RunBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_REQUEST_BODY_BYTES as u64) {
+            return Err(ApiError::Body(
+                format!("larger than {MAX_REQUEST_BODY_BYTES} bytes"),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ));
+        }
+        Bytes::from_request(req, state)
+            .await
+            .map(RunBody)
+            .map_err(|r: BytesRejection| ApiError::Body(r.body_text(), r.status()))
+    }
+}
+
+fn parse(RunBody(body): RunBody) -> Result<RunRequest, ApiError> {
     let req: RunRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid run request: {e}")))?;
     req.validate()
@@ -135,7 +161,7 @@ fn arm_poweroff(state: &AgentState, ctx: Option<&ConnCtx>, resp: &mut Response) 
 async fn run(
     State(state): State<Arc<AgentState>>,
     ctx: Option<Extension<ConnCtx>>,
-    body: Result<Bytes, BytesRejection>,
+    body: RunBody,
 ) -> Result<Response, ApiError> {
     let req = parse(body)?;
     let _guard = state.busy.try_lock().map_err(|_| ApiError::Busy)?;
@@ -151,7 +177,7 @@ async fn run(
 async fn run_stream(
     State(state): State<Arc<AgentState>>,
     ctx: Option<Extension<ConnCtx>>,
-    body: Result<Bytes, BytesRejection>,
+    body: RunBody,
 ) -> Result<Response, ApiError> {
     let req = parse(body)?;
     let guard = state

@@ -1,0 +1,340 @@
+//! The real server on loopback TCP (and over a pty standing in for virtio-serial), driven by a
+//! real HTTP/1.1 client.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cloude_agent::serve;
+use cloude_agent::server::AgentState;
+use cloude_protocol::{
+    ErrorBody, Health, RunResponse, StageStatus, StreamEvent, StreamKind, PROTOCOL_VERSION,
+};
+use common::*;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+struct Server {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    _cg: TestCgroup,
+    _work: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start(tag: &str) -> Option<(Server, Arc<AgentState>)> {
+    let cg = cgroup_or_skip(tag)?;
+    let work = work_root();
+    // poweroff_enabled = true: outside PID 1 the agent must still never reset the machine.
+    let state = AgentState::new(executor(work.path(), &cg), true);
+    let (addr, task) = serve::start_tcp("127.0.0.1:0".parse().expect("addr"), state.clone())
+        .await
+        .expect("bind");
+    Some((
+        Server {
+            addr,
+            task,
+            _cg: cg,
+            _work: work,
+        },
+        state,
+    ))
+}
+
+async fn client<IO>(io: IO) -> SendRequest<Full<Bytes>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+async fn tcp_client(addr: SocketAddr) -> SendRequest<Full<Bytes>> {
+    client(TcpStream::connect(addr).await.expect("connect")).await
+}
+
+async fn call(
+    c: &mut SendRequest<Full<Bytes>>,
+    method: Method,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> (StatusCode, hyper::HeaderMap, Bytes) {
+    c.ready().await.expect("connection usable");
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "agent")
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .expect("request");
+    let resp = c.send_request(req).await.expect("response");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, body)
+}
+
+fn json(req: &cloude_protocol::RunRequest) -> Vec<u8> {
+    serde_json::to_vec(req).expect("serialise")
+}
+
+#[tokio::test]
+async fn health_and_runs_on_one_keep_alive_connection() {
+    let Some((srv, _)) = start("http-basic").await else {
+        return;
+    };
+    let mut c = tcp_client(srv.addr).await;
+    let (st, _, body) = call(&mut c, Method::GET, "/v1/health", "").await;
+    assert_eq!(st, StatusCode::OK);
+    let h: Health = serde_json::from_slice(&body).expect("health json");
+    assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+
+    let mut req = sh("cat; echo err >&2; exit 7");
+    req.stdin = "from stdin\n".into();
+    req.poweroff_after = true;
+    let (st, headers, body) = call(&mut c, Method::POST, "/v1/run", json(&req)).await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    let r: RunResponse = serde_json::from_slice(&body).expect("run json");
+    let run = r.run.expect("run stage");
+    assert_eq!(run.stdout.0, b"from stdin\n");
+    assert_eq!(run.stderr.0, b"err\n");
+    assert_eq!(run.exit_code, Some(7));
+
+    // The poweroff run closed that connection; a new one works and keeps alive.
+    let mut c = tcp_client(srv.addr).await;
+    for _ in 0..3 {
+        let (st, _, body) = call(&mut c, Method::POST, "/v1/run", json(&sh("echo again"))).await;
+        assert_eq!(st, StatusCode::OK);
+        let r: RunResponse = serde_json::from_slice(&body).expect("run json");
+        assert_eq!(r.run.expect("run").stdout.0, b"again\n");
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_get_400_with_an_error_body() {
+    let Some((srv, _)) = start("http-bad").await else {
+        return;
+    };
+    let mut c = tcp_client(srv.addr).await;
+    let good = String::from_utf8(json(&sh("echo hi"))).expect("utf8");
+    let with_files = |name_json: &str| -> Vec<u8> {
+        let mut v = good
+            .replacen(
+                "\"files\":[]",
+                &format!("\"files\":[{{\"name\":{name_json},\"content\":\"x\"}}]"),
+                1,
+            )
+            .into_bytes();
+        v.shrink_to_fit();
+        v
+    };
+    // Raw invalid UTF-8 inside the name, a lone surrogate escape, a path escape, bad JSON.
+    let mut raw_bad = with_files("\"abc\"");
+    let pos = raw_bad.windows(3).position(|w| w == b"abc").expect("abc");
+    raw_bad[pos + 1] = 0xff;
+    let cases: Vec<Vec<u8>> = vec![
+        raw_bad,
+        with_files("\"\\udc80.py\""),
+        with_files("\"../etc/passwd\""),
+        b"{not json".to_vec(),
+        good.replace("\"protocol_version\":1", "\"protocol_version\":99")
+            .into_bytes(),
+    ];
+    for body in cases {
+        let (st, _, resp) = call(&mut c, Method::POST, "/v1/run", body.clone()).await;
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        let e: ErrorBody = serde_json::from_slice(&resp).expect("error body");
+        assert!(!e.error.is_empty());
+    }
+    // Unknown route.
+    let (st, _, _) = call(&mut c, Method::GET, "/nope", "").await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // The connection (and server) survived all of that.
+    let (st, _, _) = call(&mut c, Method::GET, "/v1/health", "").await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn oversized_body_is_refused_with_413() {
+    let Some((srv, _)) = start("http-big").await else {
+        return;
+    };
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/run HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{",
+        cloude_protocol::MAX_REQUEST_BODY_BYTES + 1
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered without reading the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("\"error\""), "{text}");
+}
+
+#[tokio::test]
+async fn a_second_concurrent_run_gets_409() {
+    let Some((srv, _)) = start("http-busy").await else {
+        return;
+    };
+    let addr = srv.addr;
+    let slow = tokio::spawn(async move {
+        let mut c = tcp_client(addr).await;
+        call(
+            &mut c,
+            Method::POST,
+            "/v1/run",
+            json(&sh("sleep 1; echo slow")),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = tcp_client(addr).await;
+    let (st, _, body) = call(&mut c, Method::POST, "/v1/run", json(&sh("echo fast"))).await;
+    assert_eq!(
+        st,
+        StatusCode::CONFLICT,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (st, _, _) = call(&mut c, Method::GET, "/v1/health", "").await;
+    assert_eq!(st, StatusCode::OK, "health answers during a run");
+    let (st, _, body) = slow.await.expect("slow run");
+    assert_eq!(st, StatusCode::OK);
+    let r: RunResponse = serde_json::from_slice(&body).expect("json");
+    assert_eq!(r.run.expect("run").stdout.0, b"slow\n");
+}
+
+#[tokio::test]
+async fn streaming_run_emits_chunks_then_the_result() {
+    let Some((srv, _)) = start("http-stream").await else {
+        return;
+    };
+    let mut c = tcp_client(srv.addr).await;
+    c.ready().await.expect("ready");
+    let req = sh("echo one; sleep 0.3; echo two >&2; sleep 0.3; echo three; exit 4");
+    let http = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/run/stream")
+        .header("host", "agent")
+        .body(Full::new(Bytes::from(json(&req))))
+        .expect("request");
+    let resp = c.send_request(http).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut frames_seen = 0;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("frame");
+        if let Some(d) = frame.data_ref() {
+            frames_seen += 1;
+            buf.extend_from_slice(d);
+        }
+    }
+    let events: Vec<StreamEvent> = buf
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("ndjson line"))
+        .collect();
+    assert!(
+        frames_seen >= 3,
+        "chunks arrive separately ({frames_seen} frames)"
+    );
+    let outputs: Vec<(StreamKind, Vec<u8>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            StreamEvent::Output { stream, data, .. } => Some((*stream, data.0.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outputs,
+        vec![
+            (StreamKind::Stdout, b"one\n".to_vec()),
+            (StreamKind::Stderr, b"two\n".to_vec()),
+            (StreamKind::Stdout, b"three\n".to_vec()),
+        ]
+    );
+    match events.last() {
+        Some(StreamEvent::Result { result }) => {
+            let run = result.run.as_ref().expect("run");
+            assert_eq!(run.exit_code, Some(4));
+            assert_eq!(run.status, StageStatus::Ok);
+            assert_eq!(run.stdout.0, b"one\nthree\n");
+        }
+        other => panic!("last event is not the result: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn serial_channel_writes_ready_line_then_serves_http() {
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+    let Some(cg) = cgroup_or_skip("http-serial") else {
+        return;
+    };
+    let work = work_root();
+    let state = AgentState::new(executor(work.path(), &cg), true);
+    // A raw pty stands in for /dev/vportNpM: a pollable character device with both directions.
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut t = tcgetattr(&pty.slave).expect("tcgetattr");
+    cfmakeraw(&mut t);
+    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).expect("tcsetattr");
+    let path = nix::unistd::ttyname(&pty.slave).expect("ttyname");
+    let task = serve::spawn_serial(path, state);
+    let mut host = cloude_agent::transport::FdStream::new(pty.master).expect("master");
+    let mut line = Vec::new();
+    while !line.ends_with(b"\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), host.read_exact(&mut b))
+            .await
+            .expect("ready line in time")
+            .expect("read");
+        line.push(b[0]);
+    }
+    assert_eq!(
+        cloude_protocol::parse_ready_line(&String::from_utf8_lossy(&line)),
+        Some(PROTOCOL_VERSION)
+    );
+    let mut c = client(host).await;
+    let (st, _, _) = call(&mut c, Method::GET, "/v1/health", "").await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, body) = call(
+        &mut c,
+        Method::POST,
+        "/v1/run",
+        json(&sh("printf 'over serial'")),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let r: RunResponse = serde_json::from_slice(&body).expect("json");
+    assert_eq!(r.run.expect("run").stdout.0, b"over serial");
+    task.abort();
+    drop(pty.slave);
+}
