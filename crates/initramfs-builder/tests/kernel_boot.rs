@@ -23,12 +23,16 @@ fn tiny_initramfs(dir: &Path) -> std::path::PathBuf {
         "#!/bin/busybox sh\n\
          /bin/busybox mount -t proc proc /proc\n\
          /bin/busybox echo \"{MARKER} cpus=$(/bin/busybox nproc) $(/bin/busybox uname -r)\"\n\
-         /bin/busybox grep -q ' cgroup2$' /proc/filesystems && /bin/busybox echo has-cgroup2\n\
-         /bin/busybox grep -q 'overlay$' /proc/filesystems && /bin/busybox echo has-overlay\n\
+         /bin/busybox grep -qw cgroup2 /proc/filesystems && /bin/busybox echo has-cgroup2\n\
+         /bin/busybox grep -qw overlay /proc/filesystems && /bin/busybox echo has-overlay\n\
          /bin/busybox reboot -f\n"
     );
     std::fs::write(root.join("init"), init).expect("write init");
-    Command::new("chmod").arg("755").arg(root.join("init")).status().expect("chmod");
+    Command::new("chmod")
+        .arg("755")
+        .arg(root.join("init"))
+        .status()
+        .expect("chmod");
     let out = dir.join("initramfs.cpio");
     let status = Command::new("sh")
         .arg("-c")
@@ -54,14 +58,16 @@ fn guest_kernel_boots_under_qemu_microvm() {
     let initrd = tiny_initramfs(dir.path());
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "2"])
+        .args([
+            "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "2",
+        ])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio"])
         .arg("-kernel")
         .arg(&kernel.bzimage)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet"])
+        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -87,10 +93,22 @@ fn guest_kernel_boots_under_qemu_microvm() {
     };
     let out = reader.join().expect("reader");
     let elapsed = started.elapsed();
-    assert!(status.is_some(), "QEMU did not exit within 120 s; console:\n{out}");
+    assert!(
+        status.is_some(),
+        "QEMU did not exit within 120 s; console:\n{out}"
+    );
     assert!(out.contains(MARKER), "marker missing; console:\n{out}");
-    assert!(out.contains("cpus=2"), "guest did not see 2 CPUs; console:\n{out}");
-    assert!(out.contains("has-cgroup2"), "no cgroup2 in the guest kernel; console:\n{out}");
-    assert!(out.contains("has-overlay"), "no overlayfs in the guest kernel; console:\n{out}");
+    assert!(
+        out.contains("cpus=2"),
+        "guest did not see 2 CPUs; console:\n{out}"
+    );
+    assert!(
+        out.contains("has-cgroup2"),
+        "no cgroup2 in the guest kernel; console:\n{out}"
+    );
+    assert!(
+        out.contains("has-overlay"),
+        "no overlayfs in the guest kernel; console:\n{out}"
+    );
     eprintln!("guest kernel booted to its marker and rebooted in {elapsed:?}");
 }
