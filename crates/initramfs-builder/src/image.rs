@@ -328,6 +328,9 @@ fn copy_atomic(from: &Path, to: &Path) -> Result<(), ImageError> {
     let mut src = fs::File::open(from).map_err(io_err(from))?;
     std::io::copy(&mut src, tmp.as_file_mut()).map_err(io_err(to))?;
     tmp.as_file_mut().flush().map_err(io_err(to))?;
+    let mut perm = tmp.as_file().metadata().map_err(io_err(to))?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    fs::set_permissions(tmp.path(), perm).map_err(io_err(to))?;
     tmp.persist(to)
         .map_err(|e| ImageError::Io(to.to_path_buf(), e.error))?;
     Ok(())
