@@ -238,6 +238,10 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     let outcome = exit_rx.recv().unwrap_or(VmExit::Failed(
         "every vCPU thread ended without a reason".into(),
     ));
+    if let Some((_, uds)) = &cfg.vsock {
+        // The process exits without running destructors; do not leave the socket file behind.
+        let _ = std::fs::remove_file(uds);
+    }
     // Guest memory and KVM objects are torn down by process exit.
     std::mem::forget(vm);
     Ok(outcome)

@@ -222,3 +222,57 @@ fn setup_errors_are_one_sentence() {
     let (out, _) = g.run(&["--vcpus", "0"]);
     assert!(!out.status.success());
 }
+
+/// Every device set up (vsock socket bound, tap created in a private network namespace, rng),
+/// then a clean exit that removes the vsock socket.
+#[test]
+fn all_devices_set_up_and_clean_up() {
+    if !kvm_usable() {
+        return;
+    }
+    let ns = format!("cloude-vmm-t{}", std::process::id());
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !ip(&["netns", "add", &ns]) {
+        println!("SKIPPED: cannot create a network namespace (need root and iproute2)");
+        return;
+    }
+    let g = Guest::new(&pvh_elf(&print_and_reset(b"DEV\n")));
+    let uds = g.path("v.sock");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, VMM])
+        .arg("--kernel")
+        .arg(g.path("kernel"))
+        .arg("--initrd")
+        .arg(g.path("initrd"))
+        .args(["--vsock-cid", "3", "--vsock-uds"])
+        .arg(&uds)
+        .args([
+            "--tap",
+            "vmtap0",
+            "--guest-ip",
+            "10.9.0.2/30",
+            "--host-ip",
+            "10.9.0.1",
+        ])
+        .output()
+        .expect("run");
+    ip(&["netns", "del", &ns]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "DEV\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!uds.exists(), "vsock socket left behind");
+}
