@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod deps;
 mod lab;
 mod serve;
@@ -24,6 +25,11 @@ enum Cmd {
     Test(test::TestArgs),
     /// Build everything and run `cloude-server` (which builds the kernel and images on first run).
     Serve(serve::ServeArgs),
+    /// Measure boot-to-ready, end-to-end latency, throughput and VMM overhead against peers.
+    Bench(bench::BenchArgs),
+    /// (internal) The boot comparison itself, run where /dev/kvm boots Linux.
+    #[command(hide = true)]
+    BenchBoot(bench::boot::BootArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +38,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lab(args) => lab::run(args)?,
         Cmd::Test(args) => test::run(args)?,
         Cmd::Serve(args) => serve::run(args)?,
+        Cmd::Bench(args) => bench::run(args)?,
+        Cmd::BenchBoot(args) => bench::boot::run(args)?,
     };
     std::process::exit(code)
 }

@@ -154,7 +154,9 @@ fn source_version() -> Result<String, KernelError> {
         .map_err(|e| KernelError::SourceVersion(e.to_string()))?;
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || v.is_empty() || !Path::new(SOURCE_TARBALL).is_file() {
-        return Err(KernelError::SourceVersion("the package is not installed".into()));
+        return Err(KernelError::SourceVersion(
+            "the package is not installed".into(),
+        ));
     }
     Ok(v)
 }
@@ -249,7 +251,11 @@ fn build(flavor: Flavor, out: &Path, progress: &Progress) -> Result<(), KernelEr
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).map_err(io_err(&staging))?;
         run_step(
-            Command::new("tar").arg("-xf").arg(SOURCE_TARBALL).arg("-C").arg(&staging),
+            Command::new("tar")
+                .arg("-xf")
+                .arg(SOURCE_TARBALL)
+                .arg("-C")
+                .arg(&staging),
             "unpacking the kernel source",
         )?;
         let inner = staging.join(SOURCE_PACKAGE);
@@ -262,7 +268,10 @@ fn build(flavor: Flavor, out: &Path, progress: &Progress) -> Result<(), KernelEr
     fs::create_dir_all(&obj).map_err(io_err(&obj))?;
     let make = |args: &[&str]| {
         let mut c = Command::new("make");
-        c.arg("-C").arg(&src).arg(format!("O={}", obj.display())).args(args);
+        c.arg("-C")
+            .arg(&src)
+            .arg(format!("O={}", obj.display()))
+            .args(args);
         c
     };
     // Configuration: allnoconfig + our fragments + olddefconfig.
@@ -284,7 +293,9 @@ fn build(flavor: Flavor, out: &Path, progress: &Progress) -> Result<(), KernelEr
         tracing::warn!(option = %missing, "kernel option requested by the fragment is not in the final config");
     }
 
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let bar = progress.bar(
         APPROX_BUILD_STEPS,
         format!("building the {} kernel ({jobs} jobs)", flavor.name()),
@@ -317,7 +328,7 @@ fn build(flavor: Flavor, out: &Path, progress: &Progress) -> Result<(), KernelEr
         for l in BufReader::new(o).lines().map_while(Result::ok) {
             if l.trim_start().starts_with("CC") || l.trim_start().starts_with("AR") {
                 bar.inc(1);
-                if bar.position() % 250 == 0 {
+                if bar.position().is_multiple_of(250) {
                     progress.log_plain(format_args!(
                         "kernel build: {} of ~{APPROX_BUILD_STEPS} objects",
                         bar.position()
@@ -362,10 +373,8 @@ fn build(flavor: Flavor, out: &Path, progress: &Progress) -> Result<(), KernelEr
 
 /// Options set to `y` in the fragment that the final config does not have (or `n` ones it does).
 pub fn unmet_options(fragment: &str, config: &str) -> Vec<String> {
-    let have: std::collections::HashMap<&str, &str> = config
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .collect();
+    let have: std::collections::HashMap<&str, &str> =
+        config.lines().filter_map(|l| l.split_once('=')).collect();
     fragment
         .lines()
         .map(str::trim)

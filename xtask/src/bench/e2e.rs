@@ -1,0 +1,173 @@
+//! End-to-end latency and throughput through a real `cloude-server` over HTTP.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use super::http;
+use super::stats::{percentile, r1};
+
+const HELLO: &str = r#"{"language":"python","code":"print(\"hello\")"}"#;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A `cloude-server` child that is killed (SIGTERM, then SIGKILL) when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub hypervisor: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts the server from `bin` with the given max VMs and waits for /healthz.
+pub fn start_server(bin: &std::path::Path, max_vms: usize) -> anyhow::Result<Server> {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let dir = std::env::temp_dir().join(format!("cloude-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("server.toml");
+    std::fs::write(
+        &config,
+        format!("[limits]\nmax_concurrent_vms = {max_vms}\nmax_queue = 256\n"),
+    )?;
+    let log = std::fs::File::create(dir.join("server.log"))?;
+    let child = Command::new(bin)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start cloude-server")?;
+    let mut server = Server {
+        child,
+        addr,
+        hypervisor: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        if let Ok(r) = http::request(addr, "GET", "/healthz", None, Duration::from_secs(2)) {
+            if r.status == 200 {
+                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+                server.hypervisor = v["hypervisor"].as_str().unwrap_or("unknown").to_string();
+                return Ok(server);
+            }
+        }
+        if let Ok(Some(st)) = server.child.try_wait() {
+            bail!(
+                "cloude-server exited ({st}) before serving; log: {}",
+                dir.join("server.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("cloude-server did not become healthy");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One hello-world request; its latency in ms, or an error description.
+fn hello(addr: SocketAddr) -> Result<f64, String> {
+    let t = Instant::now();
+    let r = http::request(addr, "POST", "/v1/executions", Some(HELLO), REQUEST_TIMEOUT)
+        .map_err(|e| format!("{e:#}"))?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    if r.status != 200 {
+        return Err(format!("HTTP {}", r.status));
+    }
+    let v: serde_json::Value = serde_json::from_str(&r.body).map_err(|e| e.to_string())?;
+    if v["stdout"] != "hello\n" || v["status"] != "ok" {
+        return Err(format!("unexpected answer: {}", r.body));
+    }
+    Ok(ms)
+}
+
+/// Sequential latency over `n` requests, beside host python3 over as many runs.
+pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let ms = hello(server.addr).map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
+        samples.push(ms);
+    }
+    let mut host = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = Command::new("python3").args(["-c", "print(\"hello\")"]).output()?;
+        if out.stdout != b"hello\n" {
+            bail!("host python3 printed {:?}", String::from_utf8_lossy(&out.stdout));
+        }
+        host.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let p = |s: &[f64], q| percentile(s, q).map(r1);
+    Ok(json!({
+        "p50": p(&samples, 50.0), "p90": p(&samples, 90.0), "p99": p(&samples, 99.0),
+        "host_python_p50": p(&host, 50.0), "requests": n,
+    }))
+}
+
+/// Closed-loop load at each concurrency for `secs` seconds.
+pub fn throughput(server: &Server, levels: &[usize], secs: u64) -> Vec<serde_json::Value> {
+    levels
+        .iter()
+        .map(|&c| {
+            let stop = Arc::new(AtomicBool::new(false));
+            let lat = Arc::new(Mutex::new(Vec::new()));
+            let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+            let t0 = Instant::now();
+            let workers: Vec<_> = (0..c)
+                .map(|_| {
+                    let (stop, lat, errors, addr) =
+                        (stop.clone(), lat.clone(), errors.clone(), server.addr);
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            match hello(addr) {
+                                Ok(ms) => lat.lock().expect("not poisoned").push(ms),
+                                Err(e) => errors.lock().expect("not poisoned").push(e),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_secs(secs));
+            stop.store(true, Ordering::Relaxed);
+            for w in workers {
+                let _ = w.join();
+            }
+            let elapsed = t0.elapsed().as_secs_f64();
+            let lat = lat.lock().expect("not poisoned").clone();
+            let errors = errors.lock().expect("not poisoned").clone();
+            if let Some(e) = errors.first() {
+                eprintln!("bench: concurrency {c}: {} errors, first: {e}", errors.len());
+            }
+            json!({
+                "concurrency": c,
+                "rps": r1(lat.len() as f64 / elapsed * 10.0) / 10.0,
+                "completed": lat.len(),
+                "p99_ms": percentile(&lat, 99.0).map(r1),
+                "errors": errors.len(),
+            })
+        })
+        .collect()
+}

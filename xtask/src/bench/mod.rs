@@ -1,0 +1,217 @@
+//! `cargo xtask bench`: start-up, latency, throughput and overhead, side by side with peers.
+//! Writes `target/bench/results.json` and prints a Markdown table.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use crate::deps;
+
+pub mod boot;
+mod e2e;
+mod http;
+mod overhead;
+mod stats;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// A smoke run: few samples, short throughput windows.
+    #[arg(long)]
+    pub quick: bool,
+    /// Skip the boot comparison (it needs the KVM lab on hosts without VT-x/AMD-V).
+    #[arg(long)]
+    pub no_boot: bool,
+    /// Skip the end-to-end and throughput parts.
+    #[arg(long)]
+    pub no_e2e: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    deps::ensure_apt_packages()?;
+    deps::build_release()?;
+    let bin = deps::release_dir();
+    let kernel = deps::last_line(Command::new(bin.join("cloude-image")).args(["kernel", "--vmlinux"]))?;
+    let python = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "python"]))?;
+    let (boot_runs, requests, window, levels): (usize, usize, u64, &[usize]) = if args.quick {
+        (3, 10, 10, &[1, 2, 4])
+    } else {
+        (10, 50, 60, &[1, 2, 4, 8, 16])
+    };
+    let mut results = json!({
+        "machine": machine(),
+        "commit": commit(),
+        "quick": args.quick,
+    });
+
+    // 4. VMM overhead on this machine's own /dev/kvm.
+    match overhead::measure(&bin.join("cloude-vmm"), Path::new(&kernel)) {
+        Ok(v) => {
+            results["vmm_overhead_rss_mib"] = v["rss_overhead_mib"].clone();
+            results["vmm_start_to_first_run_cpu_ms"] = v["first_run_cpu_ms"].clone();
+            results["vmm_overhead"] = v;
+        }
+        Err(e) => eprintln!("bench: VMM overhead not measured: {e:#}"),
+    }
+
+    // 1. Boot to ready.
+    if !args.no_boot {
+        match boot_to_ready(&kernel, &python, boot_runs) {
+            Ok(v) => {
+                results["boot_exits"] = v["boot_exits"].clone();
+                results["boot_to_ready_ms"] = v;
+            }
+            Err(e) => eprintln!("bench: boot comparison failed: {e:#}"),
+        }
+    }
+
+    // 2 and 3. Through the server.
+    if !args.no_e2e {
+        let server = e2e::start_server(&bin.join("cloude-server"), 4)?;
+        results["hypervisor"] = json!(server.hypervisor);
+        results["e2e_hello_python_ms"] = e2e::latency(&server, requests)?;
+        results["throughput"] = json!(e2e::throughput(&server, levels, window));
+    }
+
+    let dir = deps::root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    println!("{}", table(&results));
+    eprintln!("bench: wrote {}", path.display());
+    Ok(0)
+}
+
+/// Runs the boot comparison where /dev/kvm boots Linux: directly on VT-x/AMD-V hosts, else in
+/// the KVM lab.
+fn boot_to_ready(kernel: &str, initrd: &str, runs: usize) -> anyhow::Result<Value> {
+    let me = std::env::current_exe()?;
+    let vmm = deps::release_dir().join("cloude-vmm");
+    let inner = |c: &mut Command| {
+        c.arg("bench-boot")
+            .args(["--kernel", kernel, "--initrd", initrd, "--runs"])
+            .arg(runs.to_string())
+            .arg("--vmm")
+            .arg(&vmm);
+    };
+    let (mut cmd, place) = if hardware_kvm() {
+        let mut c = Command::new(&me);
+        inner(&mut c);
+        (c, "host (hardware KVM)")
+    } else {
+        let mut c = Command::new(&me);
+        c.args(["lab", "--no-build", "--memory-mib", "3072"])
+            .args(["--copy", initrd, "--copy"])
+            .arg(&me)
+            .arg("--")
+            .arg(&me);
+        inner(&mut c);
+        (c, "KVM lab (nested KVM under QEMU TCG)")
+    };
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run the boot benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("the boot benchmark printed no result ({})", out.status))?;
+    let mut v: Value = serde_json::from_str(line)?;
+    v["where"] = json!(place);
+    Ok(v)
+}
+
+fn hardware_kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+        && (Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists())
+        && !Path::new("/sys/module/kvm_pvm").exists()
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kvm = if hardware_kvm() {
+        "hardware"
+    } else if Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm_pvm (cannot boot Linux)"
+    } else {
+        "none"
+    };
+    json!({"cpu": model, "cores": cores, "kvm": kvm})
+}
+
+fn commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(deps::root())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn table(r: &Value) -> String {
+    let f = |v: &Value| match v {
+        Value::Null => "—".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let b = &r["boot_to_ready_ms"];
+    let e = &r["e2e_hello_python_ms"];
+    let mut s = String::new();
+    s.push_str(&format!(
+        "Machine: {} ({} cores, KVM: {}), commit {}, hypervisor for the API: {}\n\n",
+        f(&r["machine"]["cpu"]),
+        f(&r["machine"]["cores"]),
+        f(&r["machine"]["kvm"]),
+        f(&r["commit"]),
+        f(&r["hypervisor"]),
+    ));
+    s.push_str("| measure | Cloude | peer | ratio |\n|---|---|---|---|\n");
+    s.push_str(&format!(
+        "| boot to ready, p50 ms ({}) | {} | QEMU microvm {} | {} |\n",
+        f(&b["where"]),
+        f(&b["cloude_p50"]),
+        f(&b["qemu_microvm_p50"]),
+        f(&b["ratio"])
+    ));
+    s.push_str(&format!(
+        "| hello.py end to end, p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | {} |\n",
+        f(&e["p50"]),
+        f(&e["p90"]),
+        f(&e["p99"]),
+        f(&e["host_python_p50"]),
+        match (e["p50"].as_f64(), e["host_python_p50"].as_f64()) {
+            (Some(a), Some(h)) if h > 0.0 => format!("{:.1}×", a / h),
+            _ => "—".into(),
+        }
+    ));
+    s.push_str(&format!(
+        "| VMM RSS overhead (1 vCPU, 128 MiB), MiB | {} | Firecracker bound 5 | |\n",
+        f(&r["vmm_overhead_rss_mib"])
+    ));
+    s.push_str(&format!(
+        "| VMM CPU from start to first KVM_RUN, ms | {} | Firecracker bound 8 | |\n",
+        f(&r["vmm_start_to_first_run_cpu_ms"])
+    ));
+    if let Some(t) = r["throughput"].as_array() {
+        s.push_str("\n| concurrency | req/s | p99 ms | errors |\n|---|---|---|---|\n");
+        for row in t {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                f(&row["concurrency"]),
+                f(&row["rps"]),
+                f(&row["p99_ms"]),
+                f(&row["errors"])
+            ));
+        }
+    }
+    s
+}
