@@ -153,8 +153,9 @@ impl Vcpu {
         } else {
             format!("internal error {suberror}")
         };
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
         format!(
-            "the guest cannot run on this host's KVM (vCPU {} stopped on {what}; kvm_pvm and similar backends cannot boot Linux, use a host with VT-x/AMD-V or the KVM lab)",
+            "the guest cannot run on this host's KVM (vCPU {} stopped on {what} at {rip:#x}; kvm_pvm and similar backends cannot boot Linux, use a host with VT-x/AMD-V or the KVM lab)",
             self.index
         )
     }

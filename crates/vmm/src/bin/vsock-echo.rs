@@ -1,0 +1,128 @@
+//! Test helper that runs inside the guest of the boot tests (static binary):
+//! `vsock-echo listen PORT` echoes every connection on AF_VSOCK PORT until EOF;
+//! `vsock-echo connect CID PORT MSG` sends MSG and a newline, then prints all it receives.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    a.svm_cid = cid;
+    a.svm_port = port;
+    a
+}
+
+fn vsock_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A connected vsock stream; UnixStream gives us Read/Write/shutdown on any stream socket fd.
+fn stream(fd: OwnedFd) -> UnixStream {
+    UnixStream::from(fd)
+}
+
+fn echo(mut s: UnixStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+fn listen(port: u32) -> std::io::Result<()> {
+    let fd = vsock_socket()?;
+    let addr = sockaddr(libc::VMADDR_CID_ANY, port);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    use std::os::fd::AsRawFd;
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            len,
+        )
+    })?;
+    // SAFETY: listen on our own socket.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 64) })?;
+    loop {
+        // SAFETY: accept without peer address on our listening socket.
+        let c = unsafe {
+            libc::accept4(
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if c < 0 {
+            continue;
+        }
+        // SAFETY: `c` is a freshly accepted socket we own.
+        let s = stream(unsafe { OwnedFd::from_raw_fd(c) });
+        std::thread::spawn(move || echo(s));
+    }
+}
+
+fn connect(cid: u32, port: u32, msg: &str) -> std::io::Result<()> {
+    let fd = vsock_socket()?;
+    let addr = sockaddr(cid, port);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    use std::os::fd::AsRawFd;
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            len,
+        )
+    })?;
+    let mut s = stream(fd);
+    s.write_all(format!("{msg}\n").as_bytes())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    std::io::stdout().write_all(&out)?;
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let num = |i: usize| args.get(i).and_then(|a| a.parse::<u32>().ok());
+    let result = match (args.get(1).map(String::as_str), num(2), num(3)) {
+        (Some("listen"), Some(port), _) => listen(port),
+        (Some("connect"), Some(cid), Some(port)) => {
+            connect(cid, port, args.get(4).map_or("", String::as_str))
+        }
+        _ => {
+            eprintln!("usage: vsock-echo listen PORT | connect CID PORT MSG");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("vsock-echo: {e}");
+        std::process::exit(1);
+    }
+}

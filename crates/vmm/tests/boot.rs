@@ -1,0 +1,475 @@
+//! Linux boot tests: the real guest kernel on a KVM that can run it (the KVM lab).
+//!
+//! Enabled by `CLOUDE_BOOT_TESTS=1`; the kernel comes from `CLOUDE_KERNEL` (bzImage or vmlinux).
+//! Each test builds a tiny initramfs (static busybox + a shell `/init` + the static
+//! `vsock-echo` helper) whose behaviour is picked by `cloude_test=MODE` on the kernel command
+//! line (the kernel hands unknown `key=value` parameters to init as environment variables).
+//! Host files used (keep them `--copy`able into the lab): `CLOUDE_BUSYBOX` (default
+//! /bin/busybox), `CLOUDE_VSOCK_ECHO` (default: the built helper), `CLOUDE_VMM` (default: the
+//! built cloude-vmm, else `cloude-vmm` on PATH).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Per-boot limit (nested TCG in the lab is slow).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable";
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+case "$cloude_test" in
+  marker)
+    echo CLOUDE-BOOT-MARKER ;;
+  cpus)
+    echo "CPUS=$(grep -c ^processor /proc/cpuinfo)" ;;
+  mem)
+    echo "MEM=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)" ;;
+  vsock)
+    /bin/vsock-echo listen 1024 &
+    sleep 0.2
+    /bin/vsock-echo connect 2 1025 READY ;;
+  net)
+    ip link set lo up
+    nc -ll -p 8080 -e /bin/cat &
+    echo NET-READY
+    i=0
+    while [ $i -lt 100 ]; do
+      if echo FROM-GUEST | nc -w 2 10.77.0.1 9090; then break; fi
+      sleep 0.2; i=$((i+1))
+    done
+    nc -l -p 8081 ;;
+esac
+echo CLOUDE-TEST-DONE
+reboot -f
+"#;
+
+fn enabled() -> Option<PathBuf> {
+    if std::env::var("CLOUDE_BOOT_TESTS").ok().as_deref() != Some("1") {
+        println!(
+            "SKIPPED: Linux boot tests run inside the KVM lab (cargo xtask test runs them there)"
+        );
+        return None;
+    }
+    let k = std::env::var_os("CLOUDE_KERNEL").expect("CLOUDE_BOOT_TESTS=1 needs CLOUDE_KERNEL");
+    Some(PathBuf::from(k))
+}
+
+fn vmm() -> PathBuf {
+    if let Some(p) = std::env::var_os("CLOUDE_VMM") {
+        return p.into();
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_cloude-vmm"));
+    if built.exists() {
+        built
+    } else {
+        "cloude-vmm".into()
+    }
+}
+
+fn host_file(env: &str, default: &str) -> PathBuf {
+    std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| default.into())
+}
+
+/// Minimal cpio "newc" writer.
+fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+    let fields = [
+        0u32,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        name.len() as u32 + 1,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while out.len() & 3 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() & 3 != 0 {
+        out.push(0);
+    }
+}
+
+fn initramfs(dir: &Path) -> PathBuf {
+    let busybox = host_file("CLOUDE_BUSYBOX", "/bin/busybox");
+    let echo = host_file("CLOUDE_VSOCK_ECHO", env!("CARGO_BIN_EXE_vsock-echo"));
+    let mut c = Vec::new();
+    for d in ["bin", "proc", "sys", "dev", "tmp"] {
+        cpio_entry(&mut c, d, 0o040755, &[]);
+    }
+    cpio_entry(&mut c, "init", 0o100755, INIT.as_bytes());
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    cpio_entry(&mut c, "bin/busybox", 0o100755, &read(&busybox));
+    cpio_entry(&mut c, "bin/vsock-echo", 0o100755, &read(&echo));
+    cpio_entry(&mut c, "TRAILER!!!", 0, &[]);
+    let path = dir.join("initramfs.cpio");
+    std::fs::write(&path, c).expect("write initramfs");
+    path
+}
+
+/// A running VMM whose serial lines arrive on a channel.
+struct Vm {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Vm {
+    fn start(kernel: &Path, mode: &str, extra: &[&str], netns: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let initrd = initramfs(dir.path());
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(vmm());
+                c
+            }
+            None => Command::new(vmm()),
+        };
+        cmd.arg("--kernel")
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(&initrd)
+            .arg("--cmdline")
+            .arg(format!("{BASE_CMDLINE} cloude_test={mode}"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn cloude-vmm");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                println!("guest: {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Waits for a serial line containing `needle`; returns that line.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no {needle:?} on serial; last lines: {:?}",
+                        self.seen.iter().rev().take(20).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for the VMM to exit; asserts status 0.
+    fn expect_clean_exit(mut self) {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                assert!(s.success(), "cloude-vmm exited with {s}");
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("cloude-vmm did not exit after the guest finished");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn marker_on_serial_and_exit_zero() {
+    let Some(kernel) = enabled() else { return };
+    let mut vm = Vm::start(&kernel, "marker", &[], None);
+    vm.wait_for("CLOUDE-BOOT-MARKER");
+    vm.expect_clean_exit();
+}
+
+#[test]
+fn guest_sees_all_vcpus() {
+    let Some(kernel) = enabled() else { return };
+    for n in ["2", "4"] {
+        let mut vm = Vm::start(&kernel, "cpus", &["--vcpus", n], None);
+        let line = vm.wait_for("CPUS=");
+        assert_eq!(line.trim(), format!("CPUS={n}"));
+        vm.expect_clean_exit();
+    }
+}
+
+#[test]
+fn guest_sees_its_memory() {
+    let Some(kernel) = enabled() else { return };
+    let mut vm = Vm::start(&kernel, "mem", &["--memory-mib", "512"], None);
+    let line = vm.wait_for("MEM=");
+    let kib: u64 = line
+        .trim()
+        .trim_start_matches("MEM=")
+        .parse()
+        .expect("MemTotal number");
+    // The kernel keeps some memory for itself; MemTotal is a bit below the RAM size.
+    assert!(
+        (440 * 1024..=512 * 1024).contains(&kib),
+        "MemTotal {kib} KiB for 512 MiB"
+    );
+    vm.expect_clean_exit();
+}
+
+fn connect_port(uds: &Path, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(uds).expect("connect vsock uds");
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .expect("CONNECT");
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        s.read_exact(&mut b).expect("OK line");
+        line.push(b[0]);
+    }
+    assert!(
+        line.starts_with(b"OK "),
+        "handshake answer {:?}",
+        String::from_utf8_lossy(&line)
+    );
+    s
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Sends `data` and reads back the echo on another thread; returns the echoed bytes.
+fn echo_through(s: UnixStream, data: Vec<u8>) -> Vec<u8> {
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data).expect("send");
+        w.shutdown(std::net::Shutdown::Write).expect("half-close");
+    });
+    let mut r = s;
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).expect("echo");
+    writer.join().expect("writer");
+    got
+}
+
+#[test]
+fn vsock_both_ways_many_connections_and_16_mib() {
+    let Some(kernel) = enabled() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let uds = dir.path().join("vsock.sock");
+    // Guest-initiated: the guest announces itself on host port 1025.
+    let ready = UnixListener::bind(format!("{}_1025", uds.display())).expect("bind _1025");
+    let uds_s = uds.to_str().expect("utf8");
+    let mut vm = Vm::start(
+        &kernel,
+        "vsock",
+        &["--vsock-cid", "7", "--vsock-uds", uds_s],
+        None,
+    );
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = ready.accept().map(|(s, _)| s);
+        let _ = tx.send(r);
+    });
+    let mut guest_conn = rx
+        .recv_timeout(BOOT_TIMEOUT)
+        .expect("guest connected to _1025")
+        .expect("accept");
+    let mut hello = [0u8; 6];
+    guest_conn.read_exact(&mut hello).expect("READY");
+    assert_eq!(&hello, b"READY\n");
+
+    // Host-initiated, 16 MiB echoed.
+    let start = Instant::now();
+    let big = pattern(1, 16 << 20);
+    let got = echo_through(connect_port(&uds, 1024), big.clone());
+    let took = start.elapsed();
+    assert_eq!(got.len(), big.len());
+    assert!(got == big, "16 MiB echo differs");
+    println!(
+        "vsock: 16 MiB echoed in {took:?} ({:.1} MiB/s each way)",
+        16.0 / took.as_secs_f64()
+    );
+
+    // Eight at once.
+    let handles: Vec<_> = (0..8u8)
+        .map(|i| {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let data = pattern(i + 10, 256 << 10);
+                let got = echo_through(connect_port(&uds, 1024), data.clone());
+                assert!(got == data, "connection {i} corrupted");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("connection thread");
+    }
+
+    // A port nobody listens on is refused (reset): the client sees EOF without OK.
+    let mut s = UnixStream::connect(&uds).expect("connect");
+    s.write_all(b"CONNECT 4444\n").expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("eof");
+    assert!(
+        buf.is_empty(),
+        "refused connection answered {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+
+    // Let the guest finish: closing the announce connection ends its client, init reboots.
+    guest_conn.write_all(b"BYE\n").expect("bye");
+    drop(guest_conn);
+    vm.wait_for("CLOUDE-TEST-DONE");
+    vm.expect_clean_exit();
+    assert!(!uds.exists(), "vsock socket left behind");
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace fd we hold open; affects only this thread.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+struct Netns(String);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn virtio_net_tcp_both_ways_in_a_netns() {
+    let Some(kernel) = enabled() else { return };
+    let ns = Netns(format!("cloude-boot-{}", std::process::id()));
+    let ip = |args: &[&str]| {
+        let ok = Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "ip {args:?} failed");
+    };
+    ip(&["netns", "add", &ns.0]);
+    ip(&["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    ip(&["-n", &ns.0, "addr", "add", "10.77.0.1/30", "dev", "tap0"]);
+    ip(&["-n", &ns.0, "link", "set", "tap0", "up"]);
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    // Host listener for the guest's connection.
+    let listener = in_netns(&ns.0, || {
+        TcpListener::bind("10.77.0.1:9090").expect("bind 9090")
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // One line, then close: busybox nc exits when the peer closes.
+        let got = listener.accept().map(|(s, _)| {
+            let mut b = String::new();
+            let _ = BufReader::new(s).read_line(&mut b);
+            b
+        });
+        let _ = tx.send(got);
+    });
+    let mut vm = Vm::start(
+        &kernel,
+        "net",
+        &[
+            "--tap",
+            "tap0",
+            "--guest-mac",
+            "06:00:0a:4d:00:02",
+            "--guest-ip",
+            "10.77.0.2/30",
+            "--host-ip",
+            "10.77.0.1",
+        ],
+        Some(&ns.0),
+    );
+    vm.wait_for("NET-READY");
+    let from_guest = rx
+        .recv_timeout(BOOT_TIMEOUT)
+        .expect("guest reached the host")
+        .expect("read");
+    assert_eq!(from_guest, "FROM-GUEST\n");
+    let echoed = in_netns(&ns.0, || {
+        let mut s = TcpStream::connect_timeout(
+            &"10.77.0.2:8080".parse().expect("addr"),
+            Duration::from_secs(30),
+        )
+        .expect("connect guest");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(b"ping over virtio-net\n").expect("send");
+        let mut b = [0u8; 21];
+        s.read_exact(&mut b).expect("echo");
+        b
+    });
+    assert_eq!(&echoed, b"ping over virtio-net\n");
+    in_netns(&ns.0, || {
+        let _ = TcpStream::connect_timeout(
+            &"10.77.0.2:8081".parse().expect("addr"),
+            Duration::from_secs(30),
+        );
+    });
+    vm.wait_for("CLOUDE-TEST-DONE");
+    vm.expect_clean_exit();
+}
