@@ -27,7 +27,7 @@ use crate::catalog::Language;
 use crate::progress::Progress;
 
 /// Bumped whenever the builder's output for the same inputs changes (trimming, layout, ...).
-pub const BUILDER_VERSION: &str = "cloude-image-builder-1";
+pub const BUILDER_VERSION: &str = "cloude-image-builder-2";
 /// Environment variable overriding the default compression (`gzip`, `lz4`, `zstd`, `none`).
 pub const COMPRESSION_ENV: &str = "CLOUDE_IMAGE_COMPRESSION";
 
@@ -141,6 +141,8 @@ pub fn ensure_image_with(
         .ok_or(ImageError::AgentMissing)?;
     let agent = fs::read(&agent_path).map_err(|e| ImageError::AgentRead(agent_path.clone(), e))?;
     let agent_sha = hex::encode(Sha256::digest(&agent));
+    // Debug info is of no use in the guest and would slow every boot (unpacking is per byte).
+    let agent = stripped(&agent_path).unwrap_or(agent);
 
     let reference = opts.from.clone().or_else(|| lang.image.clone());
     let debian_err = |source| ImageError::Debian {
@@ -235,6 +237,26 @@ pub fn ensure_image_with(
         copy_atomic(&out, o)?;
     }
     Ok(out)
+}
+
+/// `strip --strip-all` of `path` when the tool is available (else `None`: the binary is used as is).
+fn stripped(path: &Path) -> Option<Vec<u8>> {
+    let tmp = tempfile::NamedTempFile::new().ok()?;
+    let st = std::process::Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(tmp.path())
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    if !st.success() {
+        tracing::warn!(agent = %path.display(), "strip failed; injecting the agent unstripped");
+        return None;
+    }
+    fs::read(tmp.path()).ok().filter(|d| !d.is_empty())
 }
 
 /// Adds the agent as `/init` and the directories and device nodes the guest needs at boot.

@@ -42,6 +42,45 @@ pub const TRIMMED: &[&str] = &[
     "etc/logrotate.d",
 ];
 
+/// Glob patterns (`*` matches within one path component) of large files no program run by
+/// Cloude needs: LTO (`-flto`), sanitizer runtimes (`-fsanitize`), gold, dwp and gprofng.
+pub const TRIMMED_PATTERNS: &[&str] = &[
+    "usr/bin/*lto-dump*",
+    "usr/lib/gcc/x86_64-linux-gnu/*/lto1",
+    "usr/lib/x86_64-linux-gnu/lib*san.so*",
+    "usr/lib/gcc/x86_64-linux-gnu/*/lib*san.a",
+    "usr/lib/gcc/x86_64-linux-gnu/*/lib*san_preinit.o",
+    "usr/bin/*ld.gold",
+    "usr/bin/*dwp",
+    "usr/bin/*gprofng*",
+    "usr/bin/gp-*",
+    "usr/lib/x86_64-linux-gnu/gprofng",
+    "usr/lib/x86_64-linux-gnu/libgprofng*",
+];
+
+/// Whether `path` matches `pattern` (`*` matches any run of characters other than `/`).
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match p.split_first() {
+            None => s.is_empty(),
+            Some((b'*', rest)) => {
+                let mut i = 0;
+                loop {
+                    if go(rest, &s[i..]) {
+                        return true;
+                    }
+                    if i == s.len() || s[i] == b'/' {
+                        return false;
+                    }
+                    i += 1;
+                }
+            }
+            Some((c, rest)) => s.first() == Some(c) && go(rest, &s[1..]),
+        }
+    }
+    go(pattern.as_bytes(), path.as_bytes())
+}
+
 /// Most packages one image may pull in.
 pub const MAX_PACKAGES: usize = 2000;
 
@@ -329,7 +368,7 @@ pub fn add_usr_links(tree: &mut Tree) -> Result<(), TreeError> {
 
 /// Removes documentation, locales and package-manager state; returns how many subtrees went.
 pub fn trim(tree: &mut Tree) -> u64 {
-    tree.prune(&|p| TRIMMED.contains(&p))
+    tree.prune(&|p| TRIMMED.contains(&p) || TRIMMED_PATTERNS.iter().any(|g| glob_match(g, p)))
 }
 
 /// Builds the Debian root filesystem for a resolved closure.
@@ -378,6 +417,28 @@ mod tests {
             version: "1:2.5.1-4".into(),
         };
         assert_eq!(deb_prefix(&p), "libattr1_1%3a2.5.1-4_");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(
+            "usr/bin/*lto-dump*",
+            "usr/bin/x86_64-linux-gnu-lto-dump-12"
+        ));
+        assert!(glob_match(
+            "usr/lib/gcc/x86_64-linux-gnu/*/lto1",
+            "usr/lib/gcc/x86_64-linux-gnu/12/lto1"
+        ));
+        assert!(!glob_match(
+            "usr/lib/gcc/x86_64-linux-gnu/*/lto1",
+            "usr/lib/gcc/x86_64-linux-gnu/12/x/lto1"
+        ));
+        assert!(glob_match(
+            "usr/lib/x86_64-linux-gnu/lib*san.so*",
+            "usr/lib/x86_64-linux-gnu/libasan.so.8"
+        ));
+        assert!(!glob_match("usr/bin/gp-*", "usr/bin/gcc"));
+        assert!(!glob_match("a*", "a/b"));
     }
 
     #[test]
