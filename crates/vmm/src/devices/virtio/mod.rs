@@ -1,5 +1,6 @@
 //! virtio over MMIO: the transport, the device trait, and the devices (rng, net, vsock).
 
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod queue;
