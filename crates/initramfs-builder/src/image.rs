@@ -27,7 +27,7 @@ use crate::catalog::Language;
 use crate::progress::Progress;
 
 /// Bumped whenever the builder's output for the same inputs changes (trimming, layout, ...).
-pub const BUILDER_VERSION: &str = "cloude-image-builder-2";
+pub const BUILDER_VERSION: &str = "cloude-image-builder-3";
 /// Environment variable overriding the default compression (`gzip`, `lz4`, `zstd`, `none`).
 pub const COMPRESSION_ENV: &str = "CLOUDE_IMAGE_COMPRESSION";
 

@@ -81,6 +81,9 @@ pub fn glob_match(pattern: &str, path: &str) -> bool {
     go(pattern.as_bytes(), path.as_bytes())
 }
 
+/// The CA bundle path programs expect; an empty placeholder when no package provides it.
+pub const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+
 /// Most packages one image may pull in.
 pub const MAX_PACKAGES: usize = 2000;
 
@@ -382,6 +385,15 @@ pub fn build_tree(closure: &[Package], progress: &Progress) -> Result<Tree, Debi
         bar.inc(1);
     }
     trim(&mut tree);
+    // Debian's node loads this bundle on every start and warns on stderr when it is missing
+    // (ca-certificates builds it in a maintainer script, which we do not run).
+    if tree.lookup(CA_BUNDLE).is_none() {
+        tree.insert_file(CA_BUNDLE, Meta::root(0o644), Vec::new())
+            .map_err(|source| DebianError::Layer {
+                package: "(CA bundle placeholder)".into(),
+                source,
+            })?;
+    }
     add_usr_links(&mut tree).map_err(|source| DebianError::Layer {
         package: "(merged /usr links)".into(),
         source,
