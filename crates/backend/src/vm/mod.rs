@@ -59,8 +59,12 @@ pub struct VmSpec {
     pub boot_timeout: Duration,
 }
 
-/// Kernel command line shared by both drivers.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet loglevel=4";
+/// Kernel command line shared by both drivers. `reboot=t` (triple fault): QEMU microvm has no
+/// i8042, so `reboot=k` stalls for a minute under emulation; a triple fault ends both QEMU
+/// (`-no-reboot`) and cloude-vmm (KVM_EXIT_SHUTDOWN) at once. `rootfstype=ramfs`: the initramfs
+/// root is ramfs rather than a tmpfs capped at half the RAM, which cut big images (Python, Node)
+/// short while unpacking.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=1 quiet loglevel=4 rootfstype=ramfs";
 
 /// The byte stream to the agent (virtio-serial or vsock through a Unix socket).
 pub trait AgentIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
