@@ -41,7 +41,11 @@ enum Cmd {
     /// Build a language image if needed; print its path as the last line.
     Build {
         /// Language name or alias from the catalogue.
-        language: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        language: Option<String>,
+        /// Build every language of the catalogue (one path per line).
+        #[arg(long, conflicts_with_all = ["from", "output"])]
+        all: bool,
         /// Build from this OCI image instead (docker://HOST/REPO:TAG, oci:DIR[:TAG],
         /// docker-archive:FILE).
         #[arg(long)]
@@ -94,6 +98,7 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
         }
         Cmd::Build {
             language,
+            all,
             from,
             insecure,
             output,
@@ -101,11 +106,14 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
             compression,
         } => {
             let cat = Catalog::load(catalog.as_deref())?;
-            let lang = cat.find(&language, None).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "language {language:?} is not in the catalogue (see `cloude-image list`)"
-                )
-            })?;
+            let langs: Vec<_> = match language {
+                Some(language) if !all => vec![cat.find(&language, None).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "language {language:?} is not in the catalogue (see `cloude-image list`)"
+                    )
+                })?],
+                _ => cat.languages.iter().collect(),
+            };
             let opts = BuildOptions {
                 from,
                 insecure,
@@ -116,8 +124,10 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
                 Some(c) => c,
                 None => image::default_compression()?,
             };
-            let p = image::ensure_image_with(lang, &opts, compression, progress)?;
-            println!("{}", p.display());
+            for lang in langs {
+                let p = image::ensure_image_with(lang, &opts, compression, progress)?;
+                println!("{}", p.display());
+            }
         }
         Cmd::List => {
             let cat = Catalog::load(catalog.as_deref())?;
