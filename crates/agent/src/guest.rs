@@ -17,6 +17,8 @@ use crate::{cgroup, power, serve};
 
 /// Worker threads of the guest's runtime (I/O only; programs run in their own processes).
 const WORKER_THREADS: usize = 2;
+/// How long to wait for the `cloude.agent` port when the VM has a virtio-serial device.
+const SERIAL_WAIT: Duration = Duration::from_secs(5);
 
 /// Entry point when running as PID 1. Never returns: on a fatal error it resets the VM.
 pub fn run_pid1() -> ! {
@@ -80,9 +82,19 @@ async fn guest_main() {
             Err(e) => tracing::error!("cannot listen on {addr}: {e}"),
         }
     }
-    if let Some(port) = serial::find_port(SERIAL_PORT_NAME) {
-        serve::spawn_serial(port, state.clone());
+    if serial::has_virtio_console() {
+        // The port may appear a little after boot; serve it as soon as it does.
         transports += 1;
+        let state = state.clone();
+        tokio::spawn(async move {
+            match serial::wait_for_port(SERIAL_PORT_NAME, SERIAL_WAIT).await {
+                Some(port) => {
+                    tracing::info!("serving on {}", port.display());
+                    serve::spawn_serial(port, state);
+                }
+                None => tracing::info!("no virtio-serial port named {SERIAL_PORT_NAME}"),
+            }
+        });
     }
     if transports == 0 {
         tracing::error!("no transport to the host (no vsock, IP or {SERIAL_PORT_NAME} port)");

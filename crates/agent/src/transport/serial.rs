@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::FdStream;
 
@@ -22,6 +23,38 @@ fn find_port_in(class_dir: &Path, dev_dir: &Path, name: &str) -> Option<PathBuf>
         let port_name = fs::read_to_string(e.path().join("name")).ok()?;
         (port_name.trim_end() == name).then(|| dev_dir.join(e.file_name()))
     })
+}
+
+/// Where the kernel lists virtio devices (`device` holds the virtio device id).
+const VIRTIO_DEVICES: &str = "/sys/bus/virtio/devices";
+/// Virtio device id of a console / virtio-serial device.
+const VIRTIO_ID_CONSOLE: &str = "0x0003";
+/// How often [`wait_for_port`] looks again.
+const PORT_POLL: Duration = Duration::from_millis(10);
+
+/// Whether the VM has a virtio-serial (console) device at all.
+pub fn has_virtio_console() -> bool {
+    let Ok(entries) = fs::read_dir(VIRTIO_DEVICES) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        fs::read_to_string(e.path().join("device")).is_ok_and(|d| d.trim() == VIRTIO_ID_CONSOLE)
+    })
+}
+
+/// Waits (up to `timeout`) for the port called `name`: the driver creates ports only once
+/// the device announces them, which can be after PID 1 started.
+pub async fn wait_for_port(name: &str, timeout: Duration) -> Option<PathBuf> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(p) = find_port(name) {
+            return Some(p);
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        tokio::time::sleep(PORT_POLL).await;
+    }
 }
 
 /// Opens the port (or any pollable character device / FIFO / socket path) as a stream.
