@@ -1,0 +1,285 @@
+//! The agent as PID 1 of a real VM: QEMU `-M microvm` (software emulation) with the project's
+//! guest kernel and a cached image, the current agent overlaid as `/init`, reached over the
+//! virtio-serial port `cloude.agent` (the QEMU fallback's channel).
+//!
+//! Needs `qemu-system-x86_64`, `lz4`, a guest kernel under `$CLOUDE_HOME/kernels/guest-*/` and
+//! a bash image under `$CLOUDE_HOME/images/` (prints SKIPPED otherwise). About 30 s of TCG:
+//! run with `cargo test -p cloude-agent --test qemu_vm -- --ignored`.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloude_protocol::{Health, RunRequest, RunResponse, StageResult, StageStatus};
+use common::*;
+
+fn cloude_home() -> PathBuf {
+    std::env::var_os("CLOUDE_HOME").map_or_else(|| PathBuf::from("/var/lib/cloude"), PathBuf::from)
+}
+
+fn find(dir: &Path, pred: impl Fn(&str) -> bool) -> Option<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&pred))
+        .collect();
+    v.sort();
+    v.pop()
+}
+
+/// One newc cpio archive holding `/init`.
+fn init_cpio(agent: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut entry = |name: &str, mode: u32, data: &[u8]| {
+        let name_z = format!("{name}\0");
+        let head =
+            format!(
+            "070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
+            1, mode, 0, 0, 1, 0, data.len(), 0, 0, 0, 0, name_z.len(), 0
+        );
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(name_z.as_bytes());
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    };
+    entry("init", 0o100755, agent);
+    entry("TRAILER!!!", 0, &[]);
+    out
+}
+
+struct Vm {
+    qemu: Child,
+    conn: BufReader<UnixStream>,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+    }
+}
+
+impl Vm {
+    fn request(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let s = self.conn.get_mut();
+        s.write_all(head.as_bytes()).expect("write");
+        s.write_all(body).expect("write");
+        let mut line = String::new();
+        self.conn.read_line(&mut line).expect("status line");
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        let mut len = 0;
+        loop {
+            line.clear();
+            self.conn.read_line(&mut line).expect("header");
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().expect("length");
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.conn.read_exact(&mut body).expect("body");
+        (status, body)
+    }
+
+    fn run(&mut self, req: &RunRequest) -> StageResult {
+        let (st, body) = self.request("POST", "/v1/run", &serde_json::to_vec(req).expect("json"));
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        let r: RunResponse = serde_json::from_slice(&body).expect("response");
+        r.run.expect("run stage")
+    }
+}
+
+fn bash(script: &str) -> RunRequest {
+    request(&["bash", "-c", script])
+}
+
+#[test]
+#[ignore = "boots a QEMU VM (~30 s of TCG); run with --ignored"]
+fn agent_as_pid1_in_qemu_microvm() {
+    let home = cloude_home();
+    let kernel =
+        find(&home.join("kernels"), |n| n.starts_with("guest-")).map(|d| d.join("bzImage"));
+    let image = find(&home.join("images"), |n| {
+        n.starts_with("bash-") && n.ends_with(".cpio.lz4")
+    });
+    let tools = ["qemu-system-x86_64", "lz4"].iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    });
+    let (Some(kernel), Some(image), true) = (kernel.filter(|k| k.exists()), image, tools) else {
+        eprintln!(
+            "SKIPPED: needs qemu-system-x86_64, lz4, a guest kernel and a bash image in {}",
+            home.display()
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = Command::new("lz4")
+        .arg("-dc")
+        .arg(&image)
+        .output()
+        .expect("lz4");
+    assert!(base.status.success());
+    let agent = fs::read(env!("CARGO_BIN_EXE_cloude-agent")).expect("agent binary");
+    let mut initrd = base.stdout;
+    initrd.extend_from_slice(&init_cpio(&agent));
+    fs::write(dir.path().join("initrd"), initrd).expect("initrd");
+    let sock = dir.path().join("agent.sock");
+    let console = fs::File::create(dir.path().join("console.log")).expect("console");
+    let qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,acpi=off",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(dir.path().join("initrd"))
+        .args([
+            "-append",
+            "console=ttyS0 reboot=t panic=-1 quiet",
+            "-device",
+            "virtio-serial-device",
+        ])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args(["-device", "virtserialport,chardev=agent,name=cloude.agent"])
+        .stdin(Stdio::null())
+        .stdout(console.try_clone().expect("clone"))
+        .stderr(console)
+        .spawn()
+        .expect("qemu");
+    let start = Instant::now();
+    let stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("no agent socket: {e}"),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut vm = Vm {
+        qemu,
+        conn: BufReader::new(stream),
+    };
+    let mut ready = String::new();
+    vm.conn.read_line(&mut ready).expect("ready line");
+    assert_eq!(
+        cloude_protocol::parse_ready_line(&ready),
+        Some(cloude_protocol::PROTOCOL_VERSION)
+    );
+    eprintln!("ready after {:?}", start.elapsed());
+
+    let (st, body) = vm.request("GET", "/v1/health", b"");
+    assert_eq!(st, 200);
+    let _: Health = serde_json::from_slice(&body).expect("health");
+
+    let r = vm.run(&bash("id -u; cat /proc/self/cgroup; whoami"));
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout.0)
+            .lines()
+            .collect::<Vec<_>>()[0],
+        "1000"
+    );
+    assert!(
+        String::from_utf8_lossy(&r.stdout.0).contains("0::/job-"),
+        "{:?}",
+        r.stdout
+    );
+
+    let mut req = request(&["cat"]);
+    req.stdin = b"in\0put".to_vec().into();
+    assert_eq!(vm.run(&req).stdout.0, b"in\0put");
+
+    let count = "ls -d /proc/[0-9]* | wc -l";
+    let before = vm.run(&bash(count)).stdout.0;
+    let mut req = bash("(sleep 1000 &) ; sleep 1000 & sleep 1000");
+    req.run_timeout_ms = 1000;
+    assert_eq!(vm.run(&req).status, StageStatus::Timeout);
+    assert_eq!(
+        vm.run(&bash(count)).stdout.0,
+        before,
+        "no process survived the timeout"
+    );
+
+    let mut req = bash("bomb() { bomb | bomb & }; bomb; sleep 2");
+    req.pids_limit = Some(32);
+    req.run_timeout_ms = 4000;
+    let r = vm.run(&req);
+    assert!(
+        matches!(r.status, StageStatus::Timeout | StageStatus::Ok),
+        "{r:?}"
+    );
+    assert_eq!(
+        vm.run(&bash(count)).stdout.0,
+        before,
+        "fork bomb fully removed"
+    );
+
+    let mut req = bash("head -c 200000000 /dev/zero > big; echo wrote");
+    req.memory_limit_mib = Some(64);
+    req.run_timeout_ms = 20_000;
+    assert_eq!(vm.run(&req).status, StageStatus::MemoryLimit);
+
+    let mut req = request(&["yes"]);
+    req.output_limit_bytes = 1000;
+    let r = vm.run(&req);
+    assert_eq!(
+        (r.status, r.stdout.0.len()),
+        (StageStatus::OutputLimit, 1000)
+    );
+
+    let mut req = bash("echo bye");
+    req.poweroff_after = true;
+    assert_eq!(vm.run(&req).stdout.0, b"bye\n");
+    let off = Instant::now();
+    while off.elapsed() < Duration::from_secs(15) {
+        if let Some(st) = vm.qemu.try_wait().expect("wait") {
+            eprintln!("VM gone {:?} after the last response ({st})", off.elapsed());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
+    panic!("the VM did not power off; console:\n{log}");
+}
