@@ -1,6 +1,5 @@
 //! `cloude-server` start-up: configuration, hypervisor probe, artifacts, serving, shutdown.
 
-use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -157,19 +156,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
-    let mut graceful_rx = stop_rx.clone();
     let exec = executor.clone();
-    let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-        let _ = graceful_rx.wait_for(|v| *v).await;
+    let mut closing_rx = stop_rx.clone();
+    tokio::spawn(async move {
+        let _ = closing_rx.wait_for(|v| *v).await;
         tracing::info!(
             "shutting down: no new connections; in-flight requests get {} ms",
             grace.as_millis()
         );
         exec.limiter.close();
     });
-    let mut serve = std::pin::pin!(serve.into_future());
+    let serve = crate::serve::serve(listener, router(state), stop_rx.clone());
     tokio::select! {
-        r = &mut serve => r.context("the HTTP server failed")?,
+        () = serve => {}
         _ = async {
             let _ = stop_rx.wait_for(|v| *v).await;
             tokio::time::sleep(grace).await;

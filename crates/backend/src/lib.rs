@@ -9,4 +9,5 @@ pub mod config;
 pub mod executor;
 pub mod limiter;
 pub mod metrics;
+pub mod serve;
 pub mod vm;

@@ -82,6 +82,15 @@ impl ApiError {
         }
     }
 
+    /// The client closed the connection before the answer (nginx's 499; nobody reads it).
+    pub fn client_gone() -> Self {
+        Self::new(
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            "client_closed",
+            "the client closed the connection",
+        )
+    }
+
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
     }

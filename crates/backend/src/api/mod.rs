@@ -1,5 +1,6 @@
 //! The HTTP API: routes, shared state, middleware.
 
+pub mod conn;
 pub mod error;
 pub mod json;
 pub mod piston;

@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::Json;
+use axum::{Extension, Json};
 use cloude_protocol::{StageResult, StageStatus};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::conn::ConnWatch;
 use super::error::ApiError;
 use super::json::read_body;
 use super::types::signal_name;
-use super::v1::exec_error;
+use super::v1::{exec_error, unless_gone};
 use super::validate::{build_job, decode_content, Draft, RawFile};
 use super::AppState;
 use crate::executor::{Job, Outcome};
@@ -104,6 +105,27 @@ fn constraint(body: &Value, name: &str, max: Option<u64>) -> Result<Option<i64>,
 }
 
 pub fn to_job(state: &AppState, body: &Value) -> Result<Job, ApiError> {
+    job_from_body(&state.catalog, &state.config, body)
+}
+
+/// Decodes and validates a `/api/v2/execute` body exactly as the handler does, without server
+/// state (pure; fuzzed by `fuzz/fuzz_targets/piston_request.rs`).
+pub fn decode_piston(
+    body: &[u8],
+    catalog: &cloude_image::catalog::Catalog,
+    config: &crate::config::Config,
+) -> Result<Job, ApiError> {
+    let body: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    job_from_body(catalog, config, &body)
+}
+
+/// Validates a Piston v2 body against the catalogue and the limits.
+pub fn job_from_body(
+    catalog: &cloude_image::catalog::Catalog,
+    config: &crate::config::Config,
+    body: &Value,
+) -> Result<Job, ApiError> {
     if !body.is_object() {
         return Err(bad("the request body must be a JSON object"));
     }
@@ -124,8 +146,7 @@ pub fn to_job(state: &AppState, body: &Value) -> Result<Job, ApiError> {
             return Err(bad(format!("files[{i}].content is required as a string")));
         }
     }
-    let lang = state
-        .catalog
+    let lang = catalog
         .find(&language, Some(&version))
         .ok_or_else(|| bad(format!("{language}-{version} runtime is unknown")))?
         .clone();
@@ -140,7 +161,7 @@ pub fn to_job(state: &AppState, body: &Value) -> Result<Job, ApiError> {
     {
         return Err(bad("files must include at least one utf8 encoded file"));
     }
-    let limits = &state.config.limits;
+    let limits = &config.limits;
     let run_timeout = constraint(body, "run_timeout", Some(limits.max_timeout_ms))?;
     let compile_timeout = constraint(body, "compile_timeout", Some(limits.max_compile_timeout_ms))?;
     constraint(body, "run_cpu_time", Some(limits.max_timeout_ms))?;
@@ -283,6 +304,7 @@ pub fn piston_response(job: &Job, outcome: Outcome) -> (PistonResponse, &'static
 
 pub async fn execute(
     State(state): State<Arc<AppState>>,
+    conn: Option<Extension<ConnWatch>>,
     req: Request,
 ) -> Result<Json<PistonResponse>, ApiError> {
     let t = Instant::now();
@@ -292,16 +314,19 @@ pub async fn execute(
     let body: Value =
         serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let job = to_job(&state, &body)?;
-    let (permit, queued) = state
-        .executor
-        .admit()
-        .await
-        .map_err(|e| ApiError::from(e).piston())?;
-    let outcome = state
-        .executor
-        .execute(permit, job.clone(), queued, None)
-        .await
-        .map_err(|e| exec_error(e).piston())?;
+    let outcome = unless_gone(&state, "piston", conn, t, async {
+        let (permit, queued) = state
+            .executor
+            .admit()
+            .await
+            .map_err(|e| ApiError::from(e).piston())?;
+        state
+            .executor
+            .execute(permit, job.clone(), queued, None)
+            .await
+            .map_err(|e| exec_error(e).piston())
+    })
+    .await?;
     let (resp, status) = piston_response(&job, outcome);
     state.record("piston", status, t);
     Ok(Json(resp))

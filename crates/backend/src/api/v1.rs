@@ -11,6 +11,7 @@ use axum::{Extension, Json};
 use cloude_protocol::{RunResponse, StageResult, StageStatus, StreamEvent};
 use tokio::sync::mpsc;
 
+use super::conn::ConnWatch;
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::request_id::RequestId;
@@ -25,8 +26,27 @@ use crate::executor::{ExecError, Job, Outcome};
 const STREAM_BUFFER_EVENTS: usize = 64;
 
 fn to_job(state: &AppState, r: ExecutionRequest) -> Result<Job, ApiError> {
-    let language = find_language(&state.catalog, &r.language, r.version.as_deref())?.clone();
-    if r.network && !state.config.network.allow {
+    job_from_request(&state.catalog, &state.config, r)
+}
+
+/// Decodes and validates a `/v1/executions` body exactly as the handler does, without server
+/// state (pure; fuzzed by `fuzz/fuzz_targets/api_request.rs`).
+pub fn decode_execution(
+    body: &[u8],
+    catalog: &cloude_image::catalog::Catalog,
+    config: &crate::config::Config,
+) -> Result<Job, ApiError> {
+    job_from_request(catalog, config, super::json::decode(body)?)
+}
+
+/// Validates a decoded request against the catalogue and the limits.
+pub fn job_from_request(
+    catalog: &cloude_image::catalog::Catalog,
+    config: &crate::config::Config,
+    r: ExecutionRequest,
+) -> Result<Job, ApiError> {
+    let language = find_language(catalog, &r.language, r.version.as_deref())?.clone();
+    if r.network && !config.network.allow {
         return Err(ApiError::invalid(
             "network",
             "networking is disabled on this server",
@@ -69,7 +89,7 @@ fn to_job(state: &AppState, r: ExecutionRequest) -> Result<Job, ApiError> {
             compile_timeout_ms: r.compile_timeout_ms,
             memory_mib: r.memory_mib,
         },
-        &state.config.limits,
+        &config.limits,
     )
 }
 
@@ -164,19 +184,42 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
     resp
 }
 
+/// Runs `fut` unless the client disconnects first; dropping `fut` kills its VM.
+pub(crate) async fn unless_gone<T>(
+    state: &AppState,
+    endpoint: &str,
+    conn: Option<Extension<ConnWatch>>,
+    since: Instant,
+    fut: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    let conn = conn.map(|Extension(c)| c).unwrap_or_else(ConnWatch::none);
+    tokio::select! {
+        r = fut => r,
+        () = conn.closed() => {
+            tracing::info!("client disconnected; its VM (if any) was killed");
+            state.record(endpoint, "cancelled", since);
+            Err(ApiError::client_gone())
+        }
+    }
+}
+
 pub async fn execute(
     State(state): State<Arc<AppState>>,
     Extension(rid): Extension<RequestId>,
+    conn: Option<Extension<ConnWatch>>,
     ApiJson(req): ApiJson<ExecutionRequest>,
 ) -> Result<Json<ExecutionResponse>, ApiError> {
     let t = Instant::now();
     let job = to_job(&state, req)?;
-    let (permit, queued) = state.executor.admit().await?;
-    let outcome = state
-        .executor
-        .execute(permit, job.clone(), queued, None)
-        .await
-        .map_err(exec_error)?;
+    let outcome = unless_gone(&state, "v1", conn, t, async {
+        let (permit, queued) = state.executor.admit().await?;
+        state
+            .executor
+            .execute(permit, job.clone(), queued, None)
+            .await
+            .map_err(exec_error)
+    })
+    .await?;
     let resp = response(&job, &rid.0, outcome);
     state.record("v1", resp.status.as_str(), t);
     Ok(Json(resp))

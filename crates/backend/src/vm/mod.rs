@@ -90,7 +90,8 @@ pub enum VmError {
 
 /// A running VM with its agent channel. Dropping it kills the VM and frees its slot.
 pub struct Vm {
-    pub(crate) child: Child,
+    /// `None` only after drop or shutdown took it.
+    pub(crate) child: Option<Child>,
     pub(crate) slot: Slot,
     pub(crate) io: Option<Box<dyn AgentIo>>,
     pub started: Instant,
@@ -105,7 +106,7 @@ impl Vm {
 
     /// Process id of the hypervisor (for logs and fault injection).
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.child.as_ref().and_then(Child::id)
     }
 
     pub fn cid(&self) -> u32 {
@@ -114,8 +115,8 @@ impl Vm {
 
     /// Whether the hypervisor process has exited, and how.
     pub fn try_exit_status(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(s)) => Some(s.to_string()),
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(s))) => Some(s.to_string()),
             _ => None,
         }
     }
@@ -127,21 +128,32 @@ impl Vm {
 
     /// Waits up to `grace` for the VM to power off by itself, then kills it.
     pub async fn shutdown(mut self, grace: Duration) {
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
         }
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // kill_on_drop is set as well; this makes the kill immediate and explicit.
-        let _ = self.child.start_kill();
-        let _ = self.child.try_wait();
+        // Kill now, and reap in the background so that no zombie is left (tokio only reaps
+        // dropped children lazily).
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = child.start_kill();
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = child.wait().await;
+            });
+        }
     }
 }
 

@@ -94,7 +94,7 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     drop(listener);
     let _ = std::fs::remove_file(&sock);
     Ok(Vm {
-        child,
+        child: Some(child),
         slot,
         io: Some(Box::new(io)),
         started,

@@ -60,7 +60,7 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     drop(listener);
     let _ = std::fs::remove_file(&ready_path);
     Ok(Vm {
-        child,
+        child: Some(child),
         slot,
         io: Some(Box::new(io)),
         started,
