@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use cloude_protocol::{ready_line, AGENT_VSOCK_PORT};
 
 use crate::executor::{Executor, ExecutorConfig};
+use crate::serve::Peers;
 use crate::server::AgentState;
 use crate::transport::vsock::VsockListener;
 use crate::{cgroup, guest, serve};
@@ -106,7 +107,7 @@ async fn serve_host(args: ServeArgs) -> anyhow::Result<()> {
     let state = AgentState::new(Executor::new(cfg), !args.no_poweroff);
     let mut tasks = Vec::new();
     for addr in &args.tcp {
-        let (local, task) = serve::start_tcp(*addr, state.clone())
+        let (local, task) = serve::start_tcp(*addr, state.clone(), Peers::Any)
             .await
             .with_context(|| format!("listening on {addr}"))?;
         println!("listening tcp {local}");
@@ -115,7 +116,7 @@ async fn serve_host(args: ServeArgs) -> anyhow::Result<()> {
     if args.vsock {
         let l = VsockListener::bind(AGENT_VSOCK_PORT).context("listening on vsock")?;
         println!("listening vsock {AGENT_VSOCK_PORT}");
-        tasks.push(serve::spawn_vsock(l, state.clone()));
+        tasks.push(serve::spawn_vsock(l, state.clone(), Peers::Any));
     }
     if let Some(path) = args.serial {
         tasks.push(serve::spawn_serial(path, state.clone()));

@@ -11,6 +11,7 @@ use cloude_protocol::{
 use crate::executor::{Executor, ExecutorConfig};
 use crate::init::{self, CGROUP_ROOT, RUN_GID, RUN_UID, WORK_ROOT};
 use crate::reaper::Reaper;
+use crate::serve::Peers;
 use crate::server::AgentState;
 use crate::transport::{serial, tcp, vsock};
 use crate::{cgroup, power, serve};
@@ -66,7 +67,7 @@ async fn guest_main() {
     let mut transports = 0;
     let vsock_ok = match vsock::VsockListener::bind(AGENT_VSOCK_PORT) {
         Ok(l) => {
-            serve::spawn_vsock(l, state.clone());
+            serve::spawn_vsock(l, state.clone(), Peers::HostOnly);
             transports += 1;
             true
         }
@@ -77,7 +78,7 @@ async fn guest_main() {
     };
     if tcp::has_ipv4_interface() {
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, AGENT_TCP_PORT));
-        match serve::start_tcp(addr, state.clone()).await {
+        match serve::start_tcp(addr, state.clone(), Peers::HostOnly).await {
             Ok(_) => transports += 1,
             Err(e) => tracing::error!("cannot listen on {addr}: {e}"),
         }

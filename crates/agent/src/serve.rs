@@ -17,7 +17,8 @@ use tokio::task::JoinHandle;
 
 use crate::power;
 use crate::server::{router, AgentState, ConnCtx};
-use crate::transport::{serial, vsock::VsockListener};
+use crate::transport::serial;
+use crate::transport::vsock::{VsockListener, VMADDR_CID_HOST};
 
 /// Pause after a failed `accept` (e.g. out of descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -43,12 +44,28 @@ where
     }
 }
 
+/// Who may connect to the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peers {
+    /// Anyone (host mode: tests talk over loopback).
+    Any,
+    /// Only the host: in the guest, the program itself must not reach the agent (loopback,
+    /// the guest's own IP, or the vsock loopback transport).
+    HostOnly,
+}
+
 /// Accepts TCP connections forever.
-pub fn spawn_tcp(listener: TcpListener, state: Arc<AgentState>) -> JoinHandle<()> {
+pub fn spawn_tcp(listener: TcpListener, state: Arc<AgentState>, peers: Peers) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    let local = stream.local_addr().map(|a| a.ip()).ok();
+                    let from_guest = peer.ip().is_loopback() || Some(peer.ip()) == local;
+                    if peers == Peers::HostOnly && from_guest {
+                        tracing::warn!("refused a TCP connection from inside the guest ({peer})");
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     tokio::spawn(serve_connection(stream, state.clone()));
                 }
@@ -62,11 +79,19 @@ pub fn spawn_tcp(listener: TcpListener, state: Arc<AgentState>) -> JoinHandle<()
 }
 
 /// Accepts vsock connections forever.
-pub fn spawn_vsock(listener: VsockListener, state: Arc<AgentState>) -> JoinHandle<()> {
+pub fn spawn_vsock(
+    listener: VsockListener,
+    state: Arc<AgentState>,
+    peers: Peers,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok(stream) => {
+                Ok((stream, cid)) => {
+                    if peers == Peers::HostOnly && cid != VMADDR_CID_HOST {
+                        tracing::warn!("refused a vsock connection from CID {cid}");
+                        continue;
+                    }
                     tokio::spawn(serve_connection(stream, state.clone()));
                 }
                 Err(e) => {
@@ -107,8 +132,9 @@ pub fn spawn_serial(path: PathBuf, state: Arc<AgentState>) -> JoinHandle<()> {
 pub async fn start_tcp(
     addr: SocketAddr,
     state: Arc<AgentState>,
+    peers: Peers,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    Ok((local, spawn_tcp(listener, state)))
+    Ok((local, spawn_tcp(listener, state, peers)))
 }

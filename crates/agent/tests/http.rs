@@ -39,9 +39,13 @@ async fn start(tag: &str) -> Option<(Server, Arc<AgentState>)> {
     let work = work_root();
     // poweroff_enabled = true: outside PID 1 the agent must still never reset the machine.
     let state = AgentState::new(executor(work.path(), &cg), true);
-    let (addr, task) = serve::start_tcp("127.0.0.1:0".parse().expect("addr"), state.clone())
-        .await
-        .expect("bind");
+    let (addr, task) = serve::start_tcp(
+        "127.0.0.1:0".parse().expect("addr"),
+        state.clone(),
+        serve::Peers::Any,
+    )
+    .await
+    .expect("bind");
     Some((
         Server {
             addr,
@@ -337,4 +341,34 @@ async fn serial_channel_writes_ready_line_then_serves_http() {
     assert_eq!(r.run.expect("run").stdout.0, b"over serial");
     task.abort();
     drop(pty.slave);
+}
+
+#[tokio::test]
+async fn host_only_mode_refuses_connections_from_inside() {
+    let Some(cg) = cgroup_or_skip("http-hostonly") else {
+        return;
+    };
+    let work = work_root();
+    let state = AgentState::new(executor(work.path(), &cg), true);
+    let (addr, task) = serve::start_tcp(
+        "127.0.0.1:0".parse().expect("addr"),
+        state,
+        serve::Peers::HostOnly,
+    )
+    .await
+    .expect("bind");
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .ok();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed promptly");
+    assert!(
+        n.is_err() || buf.is_empty(),
+        "got an answer: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    task.abort();
 }

@@ -5,7 +5,8 @@ use std::os::fd::{AsRawFd as _, OwnedFd};
 
 use cloude_protocol::ready_line;
 use nix::sys::socket::{
-    bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    bind, connect, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
+    VsockAddr,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -41,12 +42,16 @@ impl VsockListener {
         })
     }
 
-    /// Waits for the next connection.
-    pub async fn accept(&self) -> io::Result<FdStream> {
+    /// Waits for the next connection; returns it with the peer's CID.
+    pub async fn accept(&self) -> io::Result<(FdStream, u32)> {
         loop {
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|fd| sys::accept_nonblocking(fd.get_ref().as_raw_fd())) {
-                Ok(res) => return FdStream::new(res?),
+                Ok(res) => {
+                    let fd = res?;
+                    let peer: VsockAddr = getpeername(fd.as_raw_fd())?;
+                    return Ok((FdStream::new(fd)?, peer.cid()));
+                }
                 Err(_would_block) => continue,
             }
         }
