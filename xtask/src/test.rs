@@ -14,7 +14,7 @@ pub struct TestArgs {
     /// Skip clippy and rustfmt checks.
     #[arg(long)]
     pub no_lint: bool,
-    /// Extra arguments for `cargo test` (e.g. a test name filter).
+    /// Extra arguments for `cargo test` before its `--` (e.g. `-p cloude-agent`).
     #[arg(last = true)]
     pub cargo_args: Vec<String>,
 }
@@ -54,6 +54,8 @@ pub fn run(args: TestArgs) -> anyhow::Result<i32> {
         deps::cargo()
             .args(["test", "--release", "--workspace"])
             .args(&args.cargo_args)
+            // VM tests are #[ignore]d for a plain `cargo test`; the full suite runs them.
+            .args(["--", "--include-ignored"])
             .env("CLOUDE_AGENT_BIN", bin.join("cloude-agent")),
     );
     report(&mut phases, "cargo test", tests);
