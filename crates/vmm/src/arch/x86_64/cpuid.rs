@@ -66,6 +66,12 @@ pub fn adjust(cpuid: &mut CpuId, index: u8, count: u8) -> Result<(), CpuidError>
                 }
             }
             0x8000_0008 => e.ecx = (e.ecx & !0xff) | u32::from(count.saturating_sub(1)),
+            0x8000_001e => {
+                // AMD topology: extended APIC id, one thread per core, core id, node 0.
+                e.eax = u32::from(index);
+                e.ebx = u32::from(index);
+                e.ecx = 0;
+            }
             _ => {}
         }
     }
