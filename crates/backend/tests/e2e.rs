@@ -74,7 +74,7 @@ fn e2e_real_vms() {
     for (lang, code) in hello {
         let (st, v, took) = exec(
             &server,
-            json!({"language": lang, "code": code, "timeout_ms": 10000}),
+            json!({"language": lang, "code": code, "timeout_ms": 20000, "compile_timeout_ms": 60000}),
         );
         let want = format!("hello from {lang}\n");
         c.check(

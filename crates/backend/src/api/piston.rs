@@ -331,3 +331,60 @@ pub async fn execute(
     state.record("piston", status, t);
     Ok(Json(resp))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloude_protocol::Bytes;
+
+    fn stage(status: StageStatus, code: Option<i32>, signal: Option<i32>) -> StageResult {
+        StageResult {
+            stdout: Bytes::from("out"),
+            stderr: Bytes::from("err"),
+            exit_code: code,
+            signal,
+            status,
+            message: None,
+            wall_ms: 12,
+            cpu_ms: 7,
+            memory_kib: 2,
+        }
+    }
+
+    #[test]
+    fn piston_statuses() {
+        let s = piston_stage(&stage(StageStatus::Ok, Some(0), None));
+        assert_eq!((s.status, s.message.is_none()), (None, true));
+        assert_eq!(s.output, "outerr");
+        assert_eq!((s.memory, s.cpu_time, s.wall_time), (2048, 7, 12));
+        assert_eq!(
+            piston_stage(&stage(StageStatus::Ok, Some(1), None))
+                .status
+                .as_deref(),
+            Some("RE")
+        );
+        let sg = piston_stage(&stage(StageStatus::Ok, None, Some(11)));
+        assert_eq!(
+            (sg.status.as_deref(), sg.signal.as_deref()),
+            (Some("SG"), Some("SIGSEGV"))
+        );
+        assert_eq!(
+            piston_stage(&stage(StageStatus::Timeout, None, Some(9)))
+                .status
+                .as_deref(),
+            Some("TO")
+        );
+        assert_eq!(
+            piston_stage(&stage(StageStatus::OutputLimit, None, Some(9)))
+                .status
+                .as_deref(),
+            Some("OL")
+        );
+        assert_eq!(
+            piston_stage(&stage(StageStatus::Error, None, None))
+                .status
+                .as_deref(),
+            Some("XX")
+        );
+    }
+}

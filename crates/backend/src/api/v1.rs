@@ -333,3 +333,67 @@ pub async fn languages(State(state): State<Arc<AppState>>) -> Json<serde_json::V
         .collect();
     Json(serde_json::json!({ "languages": langs }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloude_protocol::Bytes;
+
+    fn stage(status: StageStatus, code: Option<i32>) -> StageResult {
+        StageResult {
+            stdout: Bytes::default(),
+            stderr: Bytes::default(),
+            exit_code: code,
+            signal: None,
+            status,
+            message: None,
+            wall_ms: 0,
+            cpu_ms: 0,
+            memory_kib: 0,
+        }
+    }
+
+    #[test]
+    fn overall_statuses() {
+        let r = |compile: Option<StageResult>, run: Option<StageResult>| {
+            overall_status(&RunResponse { compile, run }).0
+        };
+        assert_eq!(
+            r(None, Some(stage(StageStatus::Ok, Some(3)))),
+            Status::Ok,
+            "any exit code is ok"
+        );
+        assert_eq!(
+            r(None, Some(stage(StageStatus::Timeout, None))),
+            Status::Timeout
+        );
+        assert_eq!(
+            r(None, Some(stage(StageStatus::MemoryLimit, None))),
+            Status::MemoryLimit
+        );
+        assert_eq!(
+            r(None, Some(stage(StageStatus::OutputLimit, None))),
+            Status::OutputLimit
+        );
+        assert_eq!(
+            r(None, Some(stage(StageStatus::Error, None))),
+            Status::InternalError
+        );
+        assert_eq!(
+            r(Some(stage(StageStatus::Ok, Some(1))), None),
+            Status::CompileError
+        );
+        assert_eq!(
+            r(Some(stage(StageStatus::Timeout, None)), None),
+            Status::Timeout
+        );
+        assert_eq!(
+            r(
+                Some(stage(StageStatus::Ok, Some(0))),
+                Some(stage(StageStatus::Ok, Some(0)))
+            ),
+            Status::Ok
+        );
+        assert_eq!(r(None, None), Status::InternalError);
+    }
+}
