@@ -232,6 +232,7 @@ fn e2e_real_vms() {
         t.elapsed().as_millis()
     ));
 
+    fault_checks(&server, &mut c);
     cli_checks(&server, &mut c);
     piston_client_check(&server, &mut c);
 
@@ -288,6 +289,76 @@ fn e2e_real_vms() {
         "{} end-to-end check(s) failed:\n  {}",
         c.failures.len(),
         c.failures.join("\n  ")
+    );
+}
+
+/// Waits until the server has exactly `n` child processes (VMs); returns them.
+fn wait_children(server: &Server, n: usize, within: Duration) -> Vec<u32> {
+    let t = Instant::now();
+    loop {
+        let kids = server.children();
+        if kids.len() == n || t.elapsed() > within {
+            return kids;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A client that disconnects mid-run, and a hypervisor killed mid-run.
+fn fault_checks(server: &Server, c: &mut Checks) {
+    // Client disconnect: its VM is killed (and reaped) at once.
+    let body =
+        serde_json::to_vec(&json!({"language": "bash", "code": "sleep 60", "timeout_ms": 60000}))
+            .expect("json");
+    let mut s = std::net::TcpStream::connect(server.addr).expect("connect");
+    let head = format!(
+        "POST /v1/executions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())
+        .and_then(|_| s.write_all(&body))
+        .expect("send");
+    let running = wait_children(server, 1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(6));
+    drop(s);
+    let t = Instant::now();
+    let left = wait_children(server, 0, Duration::from_secs(5));
+    c.check(
+        "client disconnect kills its VM",
+        running.len() == 1 && left.is_empty(),
+        format!("VMs before {running:?}, after {left:?}"),
+    );
+    c.timings.push(format!(
+        "VM gone {} ms after the client disconnected",
+        t.elapsed().as_millis()
+    ));
+
+    // Hypervisor crash: that request gets internal_error with a clear message.
+    let addr = server.addr;
+    let h = std::thread::spawn(move || {
+        let body = json!({"language": "bash", "code": "sleep 60", "timeout_ms": 60000});
+        support::http(
+            addr,
+            "POST",
+            "/v1/executions",
+            Some(serde_json::to_vec(&body).expect("json")),
+        )
+    });
+    let kids = wait_children(server, 1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(6));
+    for k in &kids {
+        let _ = Command::new("kill").args(["-9", &k.to_string()]).status();
+    }
+    let r = h.join().expect("thread");
+    let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    c.check(
+        "hypervisor killed mid-run -> internal_error",
+        r.status == 200
+            && v["status"] == "internal_error"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("stopped unexpectedly")),
+        short(&v),
     );
 }
 
