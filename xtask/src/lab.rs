@@ -143,6 +143,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<i32> {
         kernel: lab_kernel,
         initrd,
         memory_mib: args.memory_mib,
+        tsc_khz: vm::host_tsc_khz(),
         timeout: Duration::from_secs(args.timeout),
         console_log: log.clone(),
         socket_dir: tmp.path().to_path_buf(),
@@ -244,7 +245,8 @@ fn build_release() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `cloude*` executables in `dir`.
+/// The executables at the top of `dir` (the workspace's binaries: `cloude-*`, helpers like
+/// `vsock-echo`, xtask itself).
 fn our_binaries(dir: &Path) -> Vec<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -258,7 +260,7 @@ fn our_binaries(dir: &Path) -> Vec<PathBuf> {
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
-            name.starts_with("cloude")
+            !name.starts_with('.')
                 && !name.ends_with(".d")
                 && std::fs::metadata(p)
                     .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -278,6 +280,7 @@ fn lab_env() -> Vec<(String, String)> {
                 && k != "CLOUDE_HOME"
                 && k != "CLOUDE_LAB"
                 && k != "CLOUDE_LAB_KERNEL"
+                && k != "CLOUDE_LAB_TSC_KHZ"
                 && script::valid_env_name(k)
         })
         .collect();

@@ -26,7 +26,8 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays on the (tmpfs) root: --copy paths under /tmp live there.
+chmod 1777 /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/netns
 [ -d /sys/fs/cgroup ] && mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null

@@ -23,7 +23,11 @@ const POLL: Duration = Duration::from_millis(20);
 const MAX_STATUS_BYTES: u64 = 256;
 
 /// The kernel command line of the lab machine.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 rdinit=/init";
+/// `reboot=t`: reset by triple fault at once (microvm has no i8042; `reboot=k` stalls).
+/// `tsc=reliable`: TCG's TSC is the host's; without it the watchdog, comparing with jiffies under
+/// emulation jitter, marks it unstable.
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 reboot=t panic=-1 rdinit=/init printk.time=1 tsc=reliable";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -42,6 +46,8 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub memory_mib: u32,
+    /// Host TSC frequency for the lab kernel (see [`host_tsc_khz`]).
+    pub tsc_khz: Option<u64>,
     pub timeout: Duration,
     /// Receives the serial console and QEMU's own messages.
     pub console_log: PathBuf,
@@ -107,7 +113,10 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<String> {
     a.push("-initrd".into());
     a.push(cfg.initrd.display().to_string());
     a.push("-append".into());
-    a.push(KERNEL_CMDLINE.into());
+    a.push(match cfg.tsc_khz {
+        Some(khz) => format!("{KERNEL_CMDLINE} tsc_early_khz={khz}"),
+        None => KERNEL_CMDLINE.to_string(),
+    });
     a.push("-chardev".into());
     a.push(format!(
         "file,id=console,path={},append=on",
@@ -250,6 +259,34 @@ pub fn run(cfg: &VmConfig, signal: &AtomicUsize) -> Result<Outcome, VmError> {
     })
 }
 
+/// The host's TSC frequency in kHz, which is also the lab machine's: TCG's `rdtsc` reads the
+/// host's counter. The lab kernel cannot calibrate it reliably against the emulated PIT on a
+/// busy host, and with an unknown TSC frequency KVM never enters its guests (the clock update
+/// request is retried forever), so we pass it as `tsc_early_khz=`.
+/// `CLOUDE_LAB_TSC_KHZ` overrides; else the `cpu MHz` of `/proc/cpuinfo`.
+pub fn host_tsc_khz() -> Option<u64> {
+    if let Some(v) = std::env::var("CLOUDE_LAB_TSC_KHZ")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return Some(v);
+    }
+    parse_cpu_khz(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+/// The first `cpu MHz` of a `/proc/cpuinfo` text, in kHz.
+fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split_once(':')?
+        .1
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 1.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
 /// Parses the `exit N` line that `/init` writes on the status port.
 pub fn parse_status(text: &str) -> Option<i32> {
     text.lines()
@@ -284,6 +321,7 @@ mod tests {
             kernel: "/k/bzImage".into(),
             initrd: "/t/initrd".into(),
             memory_mib: 2048,
+            tsc_khz: Some(2_299_998),
             timeout: Duration::from_secs(1),
             console_log: "/l/console.log".into(),
             socket_dir: "/t".into(),
@@ -294,5 +332,15 @@ mod tests {
         assert!(a.contains("socket,id=port0,path=/t/lab.stdout.sock"));
         assert!(a.contains("virtserialport,chardev=port2,name=lab.status"));
         assert!(a.contains("-accel tcg -cpu max"));
+        assert!(a.contains(
+            "reboot=t panic=-1 rdinit=/init printk.time=1 tsc=reliable tsc_early_khz=2299998"
+        ));
+    }
+
+    #[test]
+    fn cpu_khz_parsed() {
+        let text = "processor\t: 0\ncpu MHz\t\t: 2299.998\ncache size\t: 1 KB\n";
+        assert_eq!(parse_cpu_khz(text), Some(2_299_998));
+        assert_eq!(parse_cpu_khz("flags: x\n"), None);
     }
 }
