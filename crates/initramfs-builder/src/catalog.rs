@@ -38,6 +38,11 @@ pub struct Language {
     /// VM memory in MiB.
     #[serde(default = "default_memory")]
     pub memory_mib: u64,
+    /// Commands (argv each) run at image build time inside the image's root (a chroot, as root,
+    /// without network), in order, after unpacking and trimming; for example precompiling
+    /// Python's standard library. Part of the image's cache key.
+    #[serde(default)]
+    pub post_build: Vec<Vec<String>>,
 }
 
 fn default_memory() -> u64 {
@@ -85,7 +90,9 @@ impl Catalog {
 
     /// `path` if given, else `$CLOUDE_CATALOG` if set, else the embedded default.
     pub fn load(path: Option<&Path>) -> Result<Self, CatalogError> {
-        let env = std::env::var_os(CATALOG_ENV).filter(|p| !p.is_empty()).map(PathBuf::from);
+        let env = std::env::var_os(CATALOG_ENV)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
         match path.map(Path::to_path_buf).or(env) {
             Some(p) => {
                 let text = std::fs::read_to_string(&p).map_err(|e| CatalogError::Read(p, e))?;
@@ -107,6 +114,9 @@ impl Catalog {
             }
             if matches!(&l.compile, Some(c) if c.is_empty()) {
                 return bad("compile must not be empty when present");
+            }
+            if l.post_build.iter().any(|c| c.is_empty() || c[0].is_empty()) {
+                return bad("post_build commands must not be empty");
             }
             if cloude_protocol::validate_file_name(&l.file).is_err() {
                 return bad("file must be a plain relative file name");
@@ -205,5 +215,11 @@ mod tests {
         assert!(Catalog::parse(&base.replace("main.x", "../x")).is_err());
         assert!(Catalog::parse("[[language]]\nname=1").is_err());
         assert!(Catalog::parse(&format!("{base}debian_packages=[\"x\"]\nbogus=1\n")).is_err());
+        let pb = format!("{base}debian_packages=[\"x\"]\npost_build=[[\"x\", \"-y\"]]\n");
+        assert_eq!(
+            Catalog::parse(&pb).expect("post_build").languages[0].post_build,
+            vec![vec!["x".to_string(), "-y".to_string()]]
+        );
+        assert!(Catalog::parse(&pb.replace("[\"x\", \"-y\"]", "[]")).is_err());
     }
 }

@@ -3,14 +3,17 @@
 //! [`crate::paths::images_dir`].
 //!
 //! The cache key hashes everything the image is made of: the source (the resolved Debian package
-//! closure with versions, or the platform manifest's digest), the agent binary, the compression
-//! and [`BUILDER_VERSION`]. Builders of one key are serialised by a lock file; results are
+//! closure with versions, or the platform manifest's digest), the catalogue's `post_build`
+//! commands (run for Debian images, see [`post_build`]), the agent binary, the compression and
+//! [`BUILDER_VERSION`]. Builders of one key are serialised by a lock file; results are
 //! published by rename.
 
 pub mod compress;
 pub mod cpio;
 pub mod debian;
 pub mod oci;
+pub mod post_build;
+pub mod staging;
 pub mod tree;
 
 use std::fs;
@@ -27,7 +30,7 @@ use crate::catalog::Language;
 use crate::progress::Progress;
 
 /// Bumped whenever the builder's output for the same inputs changes (trimming, layout, ...).
-pub const BUILDER_VERSION: &str = "cloude-image-builder-3";
+pub const BUILDER_VERSION: &str = "cloude-image-builder-4";
 /// Environment variable overriding the default compression (`gzip`, `lz4`, `zstd`, `none`).
 pub const COMPRESSION_ENV: &str = "CLOUDE_IMAGE_COMPRESSION";
 
@@ -66,6 +69,12 @@ pub enum ImageError {
         reference: String,
         #[source]
         source: Box<oci::OciError>,
+    },
+    #[error("running the {language} image's post-build commands: {source}")]
+    PostBuild {
+        language: String,
+        #[source]
+        source: Box<post_build::PostBuildError>,
     },
     #[error("preparing the image root: {0}")]
     Finalize(#[source] TreeError),
@@ -107,6 +116,7 @@ struct Summary<'a> {
     source: String,
     packages: Vec<String>,
     manifest_digest: Option<&'a str>,
+    post_build: &'a [Vec<String>],
     compression: &'static str,
     agent_sha256: &'a str,
     entries: u64,
@@ -169,22 +179,28 @@ pub fn ensure_image_with(
         None => Plan::Debian(debian::resolve(&lang.debian_packages, progress).map_err(debian_err)?),
     };
 
-    let mut h = Sha256::new();
-    h.update(BUILDER_VERSION);
-    h.update([0]);
-    match &plan {
-        Plan::Debian(pkgs) => {
-            for p in pkgs {
-                h.update(format!("deb {} {}\n", p.name, p.version));
+    // Image programs run on the build host only for apt-verified Debian packages; OCI image
+    // contents stay data.
+    let post_build: &[Vec<String>] = match &plan {
+        Plan::Debian(_) => &lang.post_build,
+        Plan::Oci(..) => {
+            if !lang.post_build.is_empty() {
+                tracing::warn!(
+                    language = %lang.name,
+                    "post_build commands are not run for OCI images (their programs are not trusted on the build host)"
+                );
             }
+            &[]
         }
-        Plan::Oci(_, r) => h.update(format!("oci {}\n", r.manifest_digest)),
-    }
-    h.update(format!(
-        "agent {agent_sha}\ncompression {}\n",
-        compression.name()
-    ));
-    let key = hex::encode(h.finalize());
+    };
+    let source = match &plan {
+        Plan::Debian(pkgs) => pkgs
+            .iter()
+            .map(|p| format!("deb {} {}\n", p.name, p.version))
+            .collect(),
+        Plan::Oci(_, r) => format!("oci {}\n", r.manifest_digest),
+    };
+    let key = cache_key(&source, post_build, &agent_sha, compression);
     let dir = crate::paths::images_dir();
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let stem = format!("{}-{}", file_name_safe(&lang.name), &key[..16]);
@@ -199,6 +215,11 @@ pub fn ensure_image_with(
                 Plan::Debian(pkgs) => debian::build_tree(pkgs, progress).map_err(debian_err)?,
                 Plan::Oci(r, resolved) => resolved.build_tree(progress).map_err(oci_err(r))?,
             };
+            tree =
+                post_build::run(tree, post_build, progress).map_err(|e| ImageError::PostBuild {
+                    language: lang.name.clone(),
+                    source: Box::new(e),
+                })?;
             finalize(&mut tree, agent).map_err(ImageError::Finalize)?;
             let bar = progress.spinner(format!(
                 "writing {} ({})",
@@ -221,6 +242,7 @@ pub fn ensure_image_with(
                     Plan::Oci(_, r) => Some(&r.manifest_digest),
                     Plan::Debian(_) => None,
                 },
+                post_build,
                 compression: compression.name(),
                 agent_sha256: &agent_sha,
                 entries: stats.entries,
@@ -237,6 +259,29 @@ pub fn ensure_image_with(
         copy_atomic(&out, o)?;
     }
     Ok(out)
+}
+
+/// The hex cache key of an image: [`BUILDER_VERSION`], the resolved source's description, the
+/// post-build commands, the agent's digest and the compression.
+pub fn cache_key(
+    source: &str,
+    post_build: &[Vec<String>],
+    agent_sha: &str,
+    compression: Compression,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(BUILDER_VERSION);
+    h.update([0]);
+    h.update(source);
+    if !post_build.is_empty() {
+        let json = serde_json::to_string(post_build).expect("argv lists serialise");
+        h.update(format!("post_build {json}\n"));
+    }
+    h.update(format!(
+        "agent {agent_sha}\ncompression {}\n",
+        compression.name()
+    ));
+    hex::encode(h.finalize())
 }
 
 /// `strip --strip-all` of `path` when the tool is available (else `None`: the binary is used as is).
@@ -385,6 +430,33 @@ mod tests {
         assert_eq!(get("dev/console").rdev, (5, 1));
         assert_eq!(get("tmp").mode & 0o7777, 0o1777);
         assert!(e.iter().any(|e| e.name == "etc/group"));
+    }
+
+    #[test]
+    fn cache_key_covers_post_build_commands() {
+        let c = Compression::DEFAULT;
+        let argv = |a: &[&str]| vec![a.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+        let none = cache_key("deb x 1\n", &[], "aa", c);
+        let one = cache_key(
+            "deb x 1\n",
+            &argv(&["python3", "-m", "compileall"]),
+            "aa",
+            c,
+        );
+        let other = cache_key(
+            "deb x 1\n",
+            &argv(&["python3", "-m", "compileall", "-q"]),
+            "aa",
+            c,
+        );
+        // Argument boundaries count: ["a b"] is not ["a", "b"].
+        let joined = cache_key("deb x 1\n", &argv(&["python3 -m", "compileall"]), "aa", c);
+        assert_eq!(none, cache_key("deb x 1\n", &[], "aa", c));
+        assert_ne!(none, one);
+        assert_ne!(one, other);
+        assert_ne!(one, joined);
+        assert_ne!(none, cache_key("deb x 2\n", &[], "aa", c));
+        assert_ne!(none, cache_key("deb x 1\n", &[], "ab", c));
     }
 
     #[test]

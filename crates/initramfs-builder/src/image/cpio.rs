@@ -222,6 +222,7 @@ pub struct Entry {
     pub uid: u32,
     pub gid: u32,
     pub nlink: u32,
+    pub mtime: u32,
     pub rdev: (u32, u32),
     pub data: Vec<u8>,
 }
@@ -293,6 +294,7 @@ pub fn parse(buf: &[u8]) -> Result<Vec<Entry>, CpioError> {
             uid: f[2],
             gid: f[3],
             nlink: f[4],
+            mtime: f[5],
             rdev: (f[9], f[10]),
             data,
         });

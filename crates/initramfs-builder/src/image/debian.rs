@@ -56,6 +56,20 @@ pub const TRIMMED_PATTERNS: &[&str] = &[
     "usr/bin/gp-*",
     "usr/lib/x86_64-linux-gnu/gprofng",
     "usr/lib/x86_64-linux-gnu/libgprofng*",
+    // Python: the regression-test package, IDLE, Tk and turtle demos (no Tk library is
+    // installed), and test suites shipped inside packages.
+    "usr/lib/python3.*/test",
+    "usr/lib/python3.*/idlelib",
+    "usr/lib/python3.*/tkinter",
+    "usr/lib/python3.*/turtledemo",
+    "usr/lib/python3.*/*/test",
+    "usr/lib/python3.*/*/tests",
+    // Node: TypeScript declaration files, never loaded at run time.
+    "usr/share/nodejs/@types",
+    // dpkg and its helpers (python3-minimal pulls dpkg in): no package database is kept.
+    "usr/bin/dpkg*",
+    "usr/bin/update-alternatives",
+    "usr/share/dpkg",
 ];
 
 /// Whether `path` matches `pattern` (`*` matches any run of characters other than `/`).

@@ -280,7 +280,8 @@ impl Tree {
         self.get(&components(path.as_bytes()).ok()?)
     }
 
-    fn count(&mut self, bytes: u64) -> Result<(), TreeError> {
+    /// Counts one entry of `bytes` bytes against [`MAX_ENTRIES`] and [`MAX_TOTAL_BYTES`].
+    pub fn count(&mut self, bytes: u64) -> Result<(), TreeError> {
         self.total_entries += 1;
         self.total_bytes += bytes;
         if self.total_entries > MAX_ENTRIES {
@@ -319,6 +320,13 @@ impl Tree {
         self.count(data.len() as u64)?;
         let node = self.new_file(meta, data);
         self.insert(&comps, node, path)
+    }
+
+    /// A regular file node with a fresh inode, counted against the limits (not yet inserted;
+    /// hard links share it through [`Arc::clone`] of the inode).
+    pub fn file_node(&mut self, meta: Meta, data: Vec<u8>) -> Result<Node, TreeError> {
+        self.count(data.len() as u64)?;
+        Ok(self.new_file(meta, data))
     }
 
     fn new_file(&mut self, meta: Meta, data: Vec<u8>) -> Node {
