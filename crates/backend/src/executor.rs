@@ -15,6 +15,8 @@ use crate::vm::{Driver, Kind, Runtime, Vm, VmError, VmSpec};
 
 /// Memory the guest kernel and agent need on top of the program's limit.
 const VM_OVERHEAD_MIB: u64 = 128;
+/// How long a VM whose agent channel broke may take to show that its hypervisor exited.
+const VM_EXIT_GRACE: Duration = Duration::from_millis(1000);
 /// Slack on top of the stage timeouts before the backend gives up on the agent.
 const AGENT_DEADLINE_SLACK: Duration = Duration::from_secs(30);
 
@@ -190,7 +192,7 @@ impl Executor {
                 };
                 match tokio::time::timeout(deadline, talk).await {
                     Ok(Ok(r)) => Ok(r),
-                    Ok(Err(e)) => Err(self.explain(&mut vm, e.to_string())),
+                    Ok(Err(e)) => Err(self.explain(&mut vm, e.to_string()).await),
                     Err(_) => Err(format!(
                         "the agent did not answer within {} ms",
                         deadline.as_millis()
@@ -212,8 +214,8 @@ impl Executor {
         Ok(Outcome { result, timings })
     }
 
-    fn explain(&self, vm: &mut Vm, err: String) -> String {
-        match vm.try_exit_status() {
+    async fn explain(&self, vm: &mut Vm, err: String) -> String {
+        match vm.exit_status_within(VM_EXIT_GRACE).await {
             Some(status) => {
                 self.metrics.vm_failed();
                 format!("the VM stopped unexpectedly ({status}) while running the program")

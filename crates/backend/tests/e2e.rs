@@ -105,6 +105,17 @@ fn e2e_real_vms() {
         short(&v),
     );
 
+    // Binary (invalid UTF-8) output survives exactly.
+    let (st, v, _) = exec(
+        &server,
+        json!({"language": "python", "code": "import sys\nsys.stdout.buffer.write(b'\\xff\\x00ok')"}),
+    );
+    c.check(
+        "binary stdout as stdout_base64",
+        st == 200 && v["stdout_base64"] == "/wBvaw==",
+        short(&v),
+    );
+
     // stderr and a non-zero exit code: status stays ok.
     let (st, v, _) = exec(
         &server,

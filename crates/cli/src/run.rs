@@ -114,12 +114,21 @@ pub fn run(client: &Client, args: RunArgs, raw_json: bool) -> anyhow::Result<u8>
         println!("{resp}");
     } else {
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(resp["stdout"].as_str().unwrap_or_default().as_bytes());
+        let _ = out.write_all(&output(&resp, "stdout"));
         let _ = out.flush();
         let mut err = std::io::stderr().lock();
-        let _ = err.write_all(resp["stderr"].as_str().unwrap_or_default().as_bytes());
+        let _ = err.write_all(&output(&resp, "stderr"));
     }
     Ok(exit_code(&resp))
+}
+
+/// The exact bytes of `stdout`/`stderr` (`*_base64` when the output is not UTF-8).
+fn output(resp: &Value, key: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    resp[format!("{key}_base64")]
+        .as_str()
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .unwrap_or_else(|| resp[key].as_str().unwrap_or_default().as_bytes().to_vec())
 }
 
 /// The CLI's exit code for a response.
@@ -199,6 +208,13 @@ pub fn languages(client: &Client, raw_json: bool) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binary_output_is_exact() {
+        let v = json!({"stdout": "\u{fffd}", "stdout_base64": "/w==", "stderr": "x"});
+        assert_eq!(output(&v, "stdout"), vec![0xff]);
+        assert_eq!(output(&v, "stderr"), b"x");
+    }
 
     #[test]
     fn exit_codes() {

@@ -81,9 +81,15 @@ pub struct ExecutionResponse {
     pub request_id: String,
     pub language: String,
     pub version: String,
-    /// Output of the last stage that ran (the compiler's on `compile_error`).
+    /// Output of the last stage that ran (the compiler's on `compile_error`), as UTF-8 (invalid
+    /// sequences replaced by U+FFFD).
     pub stdout: String,
     pub stderr: String,
+    /// The exact bytes, base64, present only when the output is not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdout_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr_base64: Option<String>,
     pub exit_code: Option<i32>,
     pub signal: Option<String>,
     pub status: Status,

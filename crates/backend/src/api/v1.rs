@@ -104,6 +104,40 @@ fn lossy(b: &cloude_protocol::Bytes) -> String {
     String::from_utf8_lossy(&b.0).into_owned()
 }
 
+/// Base64 of `b` when it is not valid UTF-8 (so that binary output survives JSON).
+fn exact(b: &cloude_protocol::Bytes) -> Option<String> {
+    use base64::Engine as _;
+    std::str::from_utf8(&b.0)
+        .is_err()
+        .then(|| base64::engine::general_purpose::STANDARD.encode(&b.0))
+}
+
+/// Splits streamed chunks into text without cutting a UTF-8 sequence in two.
+#[derive(Default)]
+pub(crate) struct Utf8Joiner {
+    pending: Vec<u8>,
+}
+
+impl Utf8Joiner {
+    /// Most bytes kept back waiting for the rest of a UTF-8 sequence.
+    const MAX_PENDING: usize = 3;
+
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> String {
+        self.pending.extend_from_slice(chunk);
+        let keep = match std::str::from_utf8(&self.pending) {
+            Ok(_) => 0,
+            // An incomplete sequence at the very end: keep it for the next chunk.
+            Err(e) if e.error_len().is_none() => self.pending.len() - e.valid_up_to(),
+            Err(_) => 0,
+        };
+        let keep = if keep <= Self::MAX_PENDING { keep } else { 0 };
+        let tail = self.pending.split_off(self.pending.len() - keep);
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending = tail;
+        text
+    }
+}
+
 fn stage_status(s: StageStatus) -> &'static str {
     match s {
         StageStatus::Ok => "ok",
@@ -159,6 +193,8 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
         version: job.language.version.clone(),
         stdout: String::new(),
         stderr: String::new(),
+        stdout_base64: None,
+        stderr_base64: None,
         exit_code: None,
         signal: None,
         status: Status::InternalError,
@@ -176,6 +212,8 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
             if let Some(last) = r.run.as_ref().or(r.compile.as_ref()) {
                 resp.stdout = lossy(&last.stdout);
                 resp.stderr = lossy(&last.stderr);
+                resp.stdout_base64 = exact(&last.stdout);
+                resp.stderr_base64 = exact(&last.stderr);
                 resp.exit_code = last.exit_code;
                 resp.signal = last.signal.map(signal_name);
             }
@@ -241,6 +279,8 @@ pub async fn execute_stream(
             let (ev_tx, mut ev_rx) = mpsc::channel::<StreamEvent>(STREAM_BUFFER_EVENTS);
             let forward_tx = line_tx.clone();
             let forward = async move {
+                // One joiner per (stage, stream).
+                let mut joiners: [Utf8Joiner; 4] = Default::default();
                 while let Some(ev) = ev_rx.recv().await {
                     if let StreamEvent::Output {
                         stage,
@@ -248,6 +288,12 @@ pub async fn execute_stream(
                         data,
                     } = ev
                     {
+                        let idx = usize::from(stage == cloude_protocol::Stage::Run) * 2
+                            + usize::from(stream == cloude_protocol::StreamKind::Stderr);
+                        let text = joiners[idx].push(&data.0);
+                        if text.is_empty() {
+                            continue;
+                        }
                         let line = StreamLine::Output {
                             stage: match stage {
                                 cloude_protocol::Stage::Compile => "compile",
@@ -257,7 +303,7 @@ pub async fn execute_stream(
                                 cloude_protocol::StreamKind::Stdout => "stdout",
                                 cloude_protocol::StreamKind::Stderr => "stderr",
                             },
-                            data: lossy(&data),
+                            data: text,
                         };
                         if forward_tx.send(Ok(ndjson(&line))).await.is_err() {
                             return;
@@ -351,6 +397,17 @@ mod tests {
             cpu_ms: 0,
             memory_kib: 0,
         }
+    }
+
+    #[test]
+    fn utf8_joiner_keeps_sequences_whole() {
+        let mut j = Utf8Joiner::default();
+        let e = "é".as_bytes();
+        assert_eq!(j.push(&[b'a', e[0]]), "a");
+        assert_eq!(j.push(&[e[1], b'b']), "éb");
+        assert_eq!(j.push(&[0xff, b'c']), "\u{fffd}c");
+        assert_eq!(exact(&Bytes(vec![0xff])).as_deref(), Some("/w=="));
+        assert_eq!(exact(&Bytes::from("ok")), None);
     }
 
     #[test]

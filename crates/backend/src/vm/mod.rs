@@ -114,10 +114,14 @@ impl Vm {
     }
 
     /// Whether the hypervisor process has exited, and how.
-    pub fn try_exit_status(&mut self) -> Option<String> {
-        match self.child.as_mut().map(Child::try_wait) {
-            Some(Ok(Some(s))) => Some(s.to_string()),
-            _ => None,
+    /// Waits up to `within` for the hypervisor to exit (it may close the agent channel a moment
+    /// before its exit is visible); returns how it ended, or `None` if it is still running.
+    pub async fn exit_status_within(&mut self, within: Duration) -> Option<String> {
+        let child = self.child.as_mut()?;
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(Ok(s)) => Some(s.to_string()),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => None,
         }
     }
 
