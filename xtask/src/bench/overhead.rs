@@ -60,8 +60,8 @@ pub fn measure(vmm: &Path, kernel: &Path) -> anyhow::Result<Value> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for l in BufReader::new(err).lines().map_while(Result::ok) {
-            if let Some(v) = l.strip_prefix("cloude-vmm-stats: ") {
-                let _ = tx.send(v.to_string());
+            if let Some(v) = parse_first_run(&l) {
+                let _ = tx.send(v);
             }
         }
     });
@@ -76,17 +76,29 @@ pub fn measure(vmm: &Path, kernel: &Path) -> anyhow::Result<Value> {
         bail!("cloude-vmm exited before it could be measured");
     }
     let (total, guest) = rss_split(&smaps, GUEST_MIB * 1024);
-    let stats: Value = first
-        .as_deref()
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or(Value::Null);
+    let stats = first.unwrap_or(Value::Null);
     Ok(json!({
         "rss_total_mib": (total as f64 / 1024.0 * 100.0).round() / 100.0,
         "guest_touched_mib": (guest as f64 / 1024.0 * 100.0).round() / 100.0,
         "rss_overhead_mib": ((total - guest) as f64 / 1024.0 * 100.0).round() / 100.0,
         "first_run_cpu_ms": stats["first_run_cpu_ms"].clone(),
         "first_run_wall_ms": stats["first_run_wall_ms"].clone(),
+        "first_run_rss_excluding_guest_kib": stats["first_run_rss_excluding_guest_kib"].clone(),
         "guest_mib": GUEST_MIB,
+    }))
+}
+
+/// Parses the VMM's `CLOUDE_VMM_STATS=1` line: "cloude-vmm: first KVM_RUN after W ms wall,
+/// C ms CPU; VMM RSS excluding guest memory R KiB".
+pub fn parse_first_run(line: &str) -> Option<Value> {
+    let rest = line.strip_prefix("cloude-vmm: first KVM_RUN after ")?;
+    let (wall, rest) = rest.split_once(" ms wall, ")?;
+    let (cpu, rest) = rest.split_once(" ms CPU; VMM RSS excluding guest memory ")?;
+    let rss = rest.strip_suffix(" KiB")?;
+    Some(json!({
+        "first_run_wall_ms": wall.trim().parse::<f64>().ok()?,
+        "first_run_cpu_ms": cpu.trim().parse::<f64>().ok()?,
+        "first_run_rss_excluding_guest_kib": rss.trim().parse::<u64>().ok()?,
     }))
 }
 
@@ -121,6 +133,17 @@ mod tests {
                  7f00-8f00 rw-p\nSize: 131072 kB\nRss: 20000 kB\n\
                  9f00-9f10 rw-p\nSize: 64 kB\nRss: 64 kB\n";
         assert_eq!(rss_split(s, 131072), (20864, 20000));
+    }
+
+    #[test]
+    fn first_run_line() {
+        let v = parse_first_run(
+            "cloude-vmm: first KVM_RUN after 8.13 ms wall, 3.18 ms CPU; VMM RSS excluding guest memory 1928 KiB",
+        )
+        .expect("parses");
+        assert_eq!(v["first_run_cpu_ms"], 3.18);
+        assert_eq!(v["first_run_rss_excluding_guest_kib"], 1928);
+        assert!(parse_first_run("cloude-vmm: something else").is_none());
     }
 
     #[test]
