@@ -55,9 +55,11 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
+    // Every ISA IRQ, the timer included, goes to the same IOAPIC pin (KVM's default routing).
+    // (An ExtINT entry for IRQ 0 leaves Linux without an IRQ 0 mapping: it then crashes in
+    // check_timer.)
     for irq in 0..=IRQ_MAX as u8 {
-        let kind = if irq == 0 { MP_EXTINT } else { MP_INT };
-        entries.extend_from_slice(&[3, kind, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[3, MP_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
     entries.extend_from_slice(&[4, MP_EXTINT, 0, 0, 0, 0, 0xff, 0]);
@@ -113,6 +115,8 @@ mod tests {
         let cpus = cfg[44..].chunks(20).take(4).filter(|c| c[0] == 0).count();
         assert_eq!(cpus, 4);
         assert!(t.len() < 0x400, "fits in the EBDA reservation");
+        let irq0 = cfg[44..].windows(8).any(|w| w[0] == 3 && w[1] == MP_INT && w[5] == 0 && w[7] == 0);
+        assert!(irq0, "IRQ 0 is routed as a normal interrupt");
         assert!(build(0, EBDA_START).is_err());
         assert!(build(MAX_VCPUS + 1, EBDA_START).is_err());
         assert!(build(MAX_VCPUS, EBDA_START).expect("max").len() <= 0x400);
