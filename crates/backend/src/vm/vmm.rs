@@ -9,6 +9,10 @@ use tokio::process::Command;
 
 use super::{during_boot, read_line, wait_ready, Driver, Slot, Vm, VmError, VmSpec, BASE_CMDLINE};
 
+/// What `cloude-vmm` adds to the shared command line (its own defaults: no PCI, no i8042 probing).
+const VMM_CMDLINE_EXTRA: &str =
+    "pci=off i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable random.trust_cpu=on";
+
 pub(crate) fn args(spec: &VmSpec, slot: &Slot) -> Vec<String> {
     vec![
         "--kernel".into(),
@@ -16,7 +20,7 @@ pub(crate) fn args(spec: &VmSpec, slot: &Slot) -> Vec<String> {
         "--initrd".into(),
         spec.initrd.display().to_string(),
         "--cmdline".into(),
-        BASE_CMDLINE.into(),
+        format!("{BASE_CMDLINE} {VMM_CMDLINE_EXTRA}"),
         "--memory-mib".into(),
         spec.memory_mib.to_string(),
         "--vcpus".into(),
