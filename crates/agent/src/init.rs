@@ -5,7 +5,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
 use std::os::fd::IntoRawFd as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
@@ -30,6 +30,14 @@ pub const RUN_GID: u32 = 1000;
 /// Everything PID 1 sets up before serving.
 pub fn boot() {
     sys::ignore_signals();
+    // The initramfs root's mode comes from the kernel (tmpfs roots are 1777): make it root's
+    // alone, so the unprivileged program can only write where it is meant to (/tmp, its work dir).
+    if let Err(e) = nix::unistd::chown("/", Some(0.into()), Some(0.into())) {
+        log(&format!("cannot give the root directory to root: {e}"));
+    }
+    if let Err(e) = fs::set_permissions("/", fs::Permissions::from_mode(0o755)) {
+        log(&format!("cannot restrict the root directory: {e}"));
+    }
     mkdir("/dev");
     mount_fs(
         "devtmpfs",
