@@ -82,38 +82,47 @@ fn report(phases: &mut Vec<Phase>, name: &'static str, r: anyhow::Result<()>) {
     phases.push(Phase { name, ok: r.is_ok() });
 }
 
-/// Builds the VMM's boot test binary and runs it inside the KVM lab.
-fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
+/// Builds a test binary (`cargo test --release -p PKG --test NAME --no-run`); returns its path.
+fn test_exe(package: &str, test: &str) -> anyhow::Result<String> {
     let out = deps::cargo()
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "cloude-vmm",
-            "--test",
-            "boot",
-            "--no-run",
-            "--message-format=json",
-        ])
+        .args(["test", "--release", "-p", package, "--test", test, "--no-run"])
+        .arg("--message-format=json")
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("cannot build the VMM boot tests")?;
+        .with_context(|| format!("cannot build the {test} tests of {package}"))?;
     if !out.status.success() {
-        bail!("building the VMM boot tests failed");
+        bail!("building the {test} tests of {package} failed");
     }
-    let exe = String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"]["name"] == "boot")
+        .filter(|v| v["target"]["name"] == test)
         .find_map(|v| v["executable"].as_str().map(str::to_string))
-        .context("cargo did not report the boot test executable")?;
+        .with_context(|| format!("cargo did not report the {test} test executable"))
+}
+
+/// Runs the tests that need a KVM that boots Linux — the VMM's boot tests and the backend's
+/// `cloude-vmm` driver test — in one KVM lab session.
+fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
+    let boot = test_exe("cloude-vmm", "boot")?;
+    let driver = test_exe("cloude-server", "vmm_lab")?;
+    let bin = deps::release_dir();
+    let initrd = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "bash"]))?;
+    let vmm = bin.join("cloude-vmm").display().to_string();
+    let script = format!(
+        "set -e; echo '== VMM boot tests'; {boot} --test-threads=1; \
+         echo '== cloude-vmm driver test'; {driver} --test-threads=1 --nocapture"
+    );
     let me = std::env::current_exe().context("cannot find xtask's own executable")?;
     deps::run(
         Command::new(me)
-            .args(["lab", "--copy", &exe, "--copy", "/bin/busybox", "--"])
-            .args(["env", "CLOUDE_BOOT_TESTS=1"])
+            .args(["lab", "--no-build"])
+            .args(["--copy", &boot, "--copy", &driver, "--copy", "/bin/busybox"])
+            .args(["--copy", kernel, "--copy", &initrd, "--copy", &vmm, "--"])
+            .args(["env", "CLOUDE_BOOT_TESTS=1", "CLOUDE_VMM_LAB_TESTS=1"])
             .arg(format!("CLOUDE_KERNEL={kernel}"))
-            .arg(&exe)
-            .arg("--test-threads=1"),
+            .arg(format!("CLOUDE_INITRD={initrd}"))
+            .arg(format!("CLOUDE_VMM_BIN={vmm}"))
+            .args(["sh", "-c", &script]),
     )
 }
