@@ -32,9 +32,9 @@ case "$cloude_test" in
   marker)
     echo CLOUDE-BOOT-MARKER ;;
   cpus)
-    echo "CPUS=$(grep -c ^processor /proc/cpuinfo)" ;;
+    echo "GUEST-CPUS=$(grep -c ^processor /proc/cpuinfo)" ;;
   mem)
-    echo "MEM=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)" ;;
+    echo "GUEST-MEM=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)" ;;
   vsock)
     /bin/vsock-echo listen 1024 &
     sleep 0.2
@@ -141,17 +141,10 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(kernel: &Path, mode: &str, extra: &[&str], netns: Option<&str>) -> Self {
+    fn start(kernel: &Path, mode: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let initrd = initramfs(dir.path());
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(vmm());
-                c
-            }
-            None => Command::new(vmm()),
-        };
+        let mut cmd = Command::new(vmm());
         cmd.arg("--kernel")
             .arg(kernel)
             .arg("--initrd")
@@ -231,7 +224,7 @@ impl Drop for Vm {
 #[test]
 fn marker_on_serial_and_exit_zero() {
     let Some(kernel) = enabled() else { return };
-    let mut vm = Vm::start(&kernel, "marker", &[], None);
+    let mut vm = Vm::start(&kernel, "marker", &[]);
     vm.wait_for("CLOUDE-BOOT-MARKER");
     vm.expect_clean_exit();
 }
@@ -240,9 +233,9 @@ fn marker_on_serial_and_exit_zero() {
 fn guest_sees_all_vcpus() {
     let Some(kernel) = enabled() else { return };
     for n in ["2", "4"] {
-        let mut vm = Vm::start(&kernel, "cpus", &["--vcpus", n], None);
-        let line = vm.wait_for("CPUS=");
-        assert_eq!(line.trim(), format!("CPUS={n}"));
+        let mut vm = Vm::start(&kernel, "cpus", &["--vcpus", n]);
+        let line = vm.wait_for("GUEST-CPUS=");
+        assert_eq!(line.trim(), format!("GUEST-CPUS={n}"));
         vm.expect_clean_exit();
     }
 }
@@ -250,7 +243,7 @@ fn guest_sees_all_vcpus() {
 #[test]
 fn guest_sees_its_memory() {
     let Some(kernel) = enabled() else { return };
-    let mut vm = Vm::start(&kernel, "mem", &["--memory-mib", "512"], None);
+    let mut vm = Vm::start(&kernel, "mem", &["--memory-mib", "512"]);
     let line = vm.wait_for("MEM=");
     let kib: u64 = line
         .trim()
@@ -315,7 +308,6 @@ fn vsock_both_ways_many_connections_and_16_mib() {
         &kernel,
         "vsock",
         &["--vsock-cid", "7", "--vsock-uds", uds_s],
-        None,
     );
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -376,100 +368,83 @@ fn vsock_both_ways_many_connections_and_16_mib() {
     assert!(!uds.exists(), "vsock socket left behind");
 }
 
-/// Runs `f` on a thread that has entered network namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a namespace fd we hold open; affects only this thread.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("netns thread")
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
-struct Netns(String);
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
+/// virtio-net: the test thread enters a fresh network namespace (unshare), starts the VMM there
+/// (it creates tap0), gives the tap the host address, and talks TCP with the guest both ways.
+/// Works with iproute2 or busybox `ip`; nothing touches the host's own network namespace.
 #[test]
 fn virtio_net_tcp_both_ways_in_a_netns() {
     let Some(kernel) = enabled() else { return };
-    let ns = Netns(format!("cloude-boot-{}", std::process::id()));
-    let ip = |args: &[&str]| {
-        let ok = Command::new("ip")
-            .args(args)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "ip {args:?} failed");
-    };
-    ip(&["netns", "add", &ns.0]);
-    ip(&["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-    ip(&["-n", &ns.0, "addr", "add", "10.77.0.1/30", "dev", "tap0"]);
-    ip(&["-n", &ns.0, "link", "set", "tap0", "up"]);
-    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-    // Host listener for the guest's connection.
-    let listener = in_netns(&ns.0, || {
-        TcpListener::bind("10.77.0.1:9090").expect("bind 9090")
-    });
-    let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        // One line, then close: busybox nc exits when the peer closes.
-        let got = listener.accept().map(|(s, _)| {
-            let mut b = String::new();
-            let _ = BufReader::new(s).read_line(&mut b);
-            b
+        // SAFETY: unshare only affects this thread's namespaces; the thread ends with the test.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            r,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        let mut vm = Vm::start(
+            &kernel,
+            "net",
+            &[
+                "--tap",
+                "tap0",
+                "--guest-mac",
+                "06:00:0a:4d:00:02",
+                "--guest-ip",
+                "10.77.0.2/30",
+                "--host-ip",
+                "10.77.0.1",
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ip(&["addr", "add", "10.77.0.1/30", "dev", "tap0"]) {
+            assert!(Instant::now() < deadline, "tap0 never appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            ip(&["link", "set", "tap0", "up"]) && ip(&["link", "set", "lo", "up"]),
+            "ip link set"
+        );
+        let listener = TcpListener::bind("10.77.0.1:9090").expect("bind 9090");
+        vm.wait_for("NET-READY");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // One line, then close: busybox nc exits when the peer closes.
+            let got = listener.accept().map(|(s, _)| {
+                let mut b = String::new();
+                let _ = BufReader::new(s).read_line(&mut b);
+                b
+            });
+            let _ = tx.send(got);
         });
-        let _ = tx.send(got);
-    });
-    let mut vm = Vm::start(
-        &kernel,
-        "net",
-        &[
-            "--tap",
-            "tap0",
-            "--guest-mac",
-            "06:00:0a:4d:00:02",
-            "--guest-ip",
-            "10.77.0.2/30",
-            "--host-ip",
-            "10.77.0.1",
-        ],
-        Some(&ns.0),
-    );
-    vm.wait_for("NET-READY");
-    let from_guest = rx
-        .recv_timeout(BOOT_TIMEOUT)
-        .expect("guest reached the host")
-        .expect("read");
-    assert_eq!(from_guest, "FROM-GUEST\n");
-    let echoed = in_netns(&ns.0, || {
-        let mut s = TcpStream::connect_timeout(
-            &"10.77.0.2:8080".parse().expect("addr"),
-            Duration::from_secs(30),
-        )
-        .expect("connect guest");
+        let from_guest = rx
+            .recv_timeout(BOOT_TIMEOUT)
+            .expect("guest reached the host")
+            .expect("read");
+        assert_eq!(from_guest, "FROM-GUEST\n");
+        let addr = "10.77.0.2:8080".parse().expect("addr");
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(30)).expect("connect guest");
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
         s.write_all(b"ping over virtio-net\n").expect("send");
         let mut b = [0u8; 21];
         s.read_exact(&mut b).expect("echo");
-        b
-    });
-    assert_eq!(&echoed, b"ping over virtio-net\n");
-    in_netns(&ns.0, || {
-        let _ = TcpStream::connect_timeout(
-            &"10.77.0.2:8081".parse().expect("addr"),
-            Duration::from_secs(30),
-        );
-    });
-    vm.wait_for("CLOUDE-TEST-DONE");
-    vm.expect_clean_exit();
+        assert_eq!(&b, b"ping over virtio-net\n");
+        let done = "10.77.0.2:8081".parse().expect("addr");
+        drop(TcpStream::connect_timeout(&done, Duration::from_secs(30)).expect("connect 8081"));
+        vm.wait_for("CLOUDE-TEST-DONE");
+        vm.expect_clean_exit();
+    })
+    .join()
+    .expect("network test thread");
 }

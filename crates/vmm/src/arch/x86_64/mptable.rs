@@ -115,7 +115,9 @@ mod tests {
         let cpus = cfg[44..].chunks(20).take(4).filter(|c| c[0] == 0).count();
         assert_eq!(cpus, 4);
         assert!(t.len() < 0x400, "fits in the EBDA reservation");
-        let irq0 = cfg[44..].windows(8).any(|w| w[0] == 3 && w[1] == MP_INT && w[5] == 0 && w[7] == 0);
+        let irq0 = cfg[44..]
+            .windows(8)
+            .any(|w| w[0] == 3 && w[1] == MP_INT && w[5] == 0 && w[7] == 0);
         assert!(irq0, "IRQ 0 is routed as a normal interrupt");
         assert!(build(0, EBDA_START).is_err());
         assert!(build(MAX_VCPUS + 1, EBDA_START).is_err());
