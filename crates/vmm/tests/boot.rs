@@ -5,8 +5,9 @@
 //! `vsock-echo` helper) whose behaviour is picked by `cloude_test=MODE` on the kernel command
 //! line (the kernel hands unknown `key=value` parameters to init as environment variables).
 //! Host files used (keep them `--copy`able into the lab): `CLOUDE_BUSYBOX` (default
-//! /bin/busybox), `CLOUDE_VSOCK_ECHO` (default: the built helper), `CLOUDE_VMM` (default: the
-//! built cloude-vmm, else `cloude-vmm` on PATH).
+//! /bin/busybox); `CLOUDE_VMM` or `CLOUDE_VMM_BIN` (default: the built cloude-vmm if present,
+//! else `cloude-vmm` on PATH). `CLOUDE_VSOCK_ECHO` (default: the built
+//! `vsock-echo` helper, target/<triple>/debug/vsock-echo — copy it into the lab too).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -66,8 +67,10 @@ fn enabled() -> Option<PathBuf> {
 }
 
 fn vmm() -> PathBuf {
-    if let Some(p) = std::env::var_os("CLOUDE_VMM") {
-        return p.into();
+    for var in ["CLOUDE_VMM", "CLOUDE_VMM_BIN"] {
+        if let Some(p) = std::env::var_os(var) {
+            return p.into();
+        }
     }
     let built = PathBuf::from(env!("CARGO_BIN_EXE_cloude-vmm"));
     if built.exists() {
