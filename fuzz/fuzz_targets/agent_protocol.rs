@@ -3,15 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(req) = serde_json::from_slice::<cloude_protocol::RunRequest>(data) {
-        let _ = req.validate();
-        for f in &req.files {
-            let _ = f.bytes();
-        }
-    }
-    if let Ok(s) = std::str::from_utf8(data) {
-        let _ = cloude_protocol::validate_file_name(s);
-        let _ = cloude_protocol::parse_ready_line(s);
-    }
-});
+fuzz_target!(|data: &[u8]| cloude_fuzz::agent_protocol(data));

@@ -3,6 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    cloude_vmm::devices::virtio::fuzzing::parse_rings(data);
-});
+fuzz_target!(|data: &[u8]| cloude_vmm::devices::virtio::fuzzing::parse_rings(data));

@@ -1,0 +1,48 @@
+//! Harnesses behind the cargo-fuzz targets in `fuzz_targets/`, kept in a library so that plain
+//! `cargo test` (stable, no sanitizer) can replay saved inputs from `regressions/<target>/`.
+//!
+//! Each harness takes arbitrary bytes and panics only when an invariant of the code under test
+//! breaks: that panic is the crash libFuzzer reports.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cpio;
+pub mod oci;
+
+/// Every fuzz target, by name (the file names in `fuzz_targets/`).
+pub const TARGETS: &[&str] = &[
+    "agent_protocol",
+    "api_request",
+    "cpio_reader",
+    "oci_layers",
+    "piston_request",
+    "vmm_virtqueue_vsock",
+];
+
+/// Runs target `name` on `data`; `false` when there is no such target.
+pub fn run_target(name: &str, data: &[u8]) -> bool {
+    match name {
+        "agent_protocol" => agent_protocol(data),
+        "api_request" => api::run_v1(data),
+        "cpio_reader" => cpio::run(data),
+        "oci_layers" => oci::run(data),
+        "piston_request" => api::run_piston(data),
+        "vmm_virtqueue_vsock" => cloude_vmm::devices::virtio::fuzzing::parse_rings(data),
+        _ => return false,
+    }
+    true
+}
+
+/// The agent's request decoding: any bytes -> `RunRequest` -> validate, never a panic.
+pub fn agent_protocol(data: &[u8]) {
+    if let Ok(req) = serde_json::from_slice::<cloude_protocol::RunRequest>(data) {
+        let _ = req.validate();
+        for f in &req.files {
+            let _ = f.bytes();
+        }
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = cloude_protocol::validate_file_name(s);
+        let _ = cloude_protocol::parse_ready_line(s);
+    }
+}
