@@ -74,6 +74,11 @@ impl ApiError {
         }
     }
 
+    /// The client was too slow sending its request (408).
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+    }
+
     /// A server-side resource is missing (503), e.g. an image that could not be built.
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError {
@@ -93,6 +98,14 @@ impl ApiError {
 
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not take that method",
+        )
     }
 
     pub fn piston(mut self) -> Self {

@@ -10,9 +10,20 @@ use super::AppState;
 /// A JSON body decoded into `T`; 413 past the body cap, 400 naming the field otherwise.
 pub struct ApiJson<T>(pub T);
 
-/// Reads the whole body, at most `limit` bytes.
+/// Longest time a client may take to send a request body (slowloris: headers are bounded by
+/// `serve`'s header timeout, the body by this).
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the whole body, at most `limit` bytes, within [`BODY_READ_TIMEOUT`].
 pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(ApiError::request_timeout(format!(
+            "the request body was not received within {} s",
+            BODY_READ_TIMEOUT.as_secs()
+        )));
+    };
+    read.map_err(|e| {
         let too_big = std::error::Error::source(&e)
             .map(|s| s.to_string().contains("length limit"))
             .unwrap_or(false)

@@ -64,6 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v2/runtimes", get(piston::runtimes))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() })
         .fallback(|| async { error::ApiError::not_found() })
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(

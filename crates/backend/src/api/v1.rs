@@ -59,6 +59,9 @@ pub fn job_from_request(
                 "send either code or files, not both",
             ))
         }
+        (Some(code), None) if code.is_empty() => {
+            return Err(ApiError::invalid("code", "code must not be empty"))
+        }
         (Some(code), None) => vec![RawFile {
             name: Some(language.file.clone()),
             bytes: code.into_bytes(),
