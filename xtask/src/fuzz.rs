@@ -166,8 +166,17 @@ fn list_targets() -> anyhow::Result<Vec<String>> {
 fn run_one(dir: &Path, logs: &Path, target: &str, seconds: u64) -> anyhow::Result<Outcome> {
     let corpus = dir.join("corpus").join(target);
     std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
-    let mut cmd = fuzz_cmd("run");
-    cmd.arg(target).arg(&corpus);
+    let artifacts = dir.join("artifacts").join(target);
+    std::fs::create_dir_all(&artifacts)
+        .with_context(|| format!("creating {}", artifacts.display()))?;
+    // The binary `cargo fuzz build` made (release + debug assertions, ASan), run directly so
+    // that a change elsewhere in the tree cannot trigger a rebuild inside the timed run.
+    let mut cmd = Command::new(
+        dir.join("target/x86_64-unknown-linux-gnu/release")
+            .join(target),
+    );
+    cmd.arg(format!("-artifact_prefix={}/", artifacts.display()))
+        .arg(&corpus);
     for extra in ["seeds", "regressions"] {
         let d = dir.join(extra).join(target);
         if d.is_dir() {
@@ -175,8 +184,7 @@ fn run_one(dir: &Path, logs: &Path, target: &str, seconds: u64) -> anyhow::Resul
         }
     }
     // One process, one worker (no `-jobs`): the machine's cores are shared.
-    cmd.arg("--")
-        .arg(format!("-max_total_time={seconds}"))
+    cmd.arg(format!("-max_total_time={seconds}"))
         .arg(format!("-timeout={INPUT_TIMEOUT_S}"))
         .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))
         .arg("-print_final_stats=1");
