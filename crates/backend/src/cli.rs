@@ -167,12 +167,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         exec.limiter.close();
     });
     let serve = crate::serve::serve(listener, router(state), stop_rx.clone());
+    tokio::pin!(serve);
     tokio::select! {
-        () = serve => {}
+        () = &mut serve => {}
         _ = async {
             let _ = stop_rx.wait_for(|v| *v).await;
             tokio::time::sleep(grace).await;
-        } => tracing::warn!("in-flight requests did not finish within the grace period; cancelling them"),
+        } => {
+            tracing::warn!("in-flight requests did not finish within the grace period; cancelling them");
+            // Kill their VMs first, so that each cancelled request still answers its client
+            // (internal_error) instead of having its connection cut.
+            let killed = runtime.kill_all();
+            tracing::warn!("killed {killed} VM(s) at shutdown");
+            if tokio::time::timeout(CANCELLED_ANSWER_GRACE, &mut serve).await.is_err() {
+                tracing::warn!("some connections were still open; closing them");
+            }
+        }
     }
     let killed = runtime.kill_all();
     if killed > 0 {
@@ -182,6 +192,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// After the shutdown grace, how long requests whose VMs were killed get to send their answer.
+const CANCELLED_ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

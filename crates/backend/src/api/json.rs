@@ -42,7 +42,7 @@ pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiErro
 /// Decodes JSON, naming the field that failed.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
@@ -61,7 +61,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             _ => msg,
         };
         ApiError::bad_request(field, message)
-    })
+    })?;
+    // Nothing but whitespace may follow the JSON value.
+    de.end()
+        .map_err(|e| ApiError::bad_request(None, format!("after the JSON value: {e}")))?;
+    Ok(value)
 }
 
 #[axum::async_trait]
@@ -101,6 +105,8 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("a"));
         let e = decode::<T>(br#"{"a": 1, "b": [{"d": 1}]}"#).expect_err("missing nested");
         assert_eq!(e.field.as_deref(), Some("b[0].c"));
+        let e = decode::<T>(br#"{"a": 1, "b": []} trailing"#).expect_err("trailing");
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
         let e = decode::<T>(b"{not json").expect_err("syntax");
         assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
     }

@@ -223,7 +223,14 @@ pub fn job_from_body(
         },
         limits,
     )
-    .map_err(ApiError::piston)
+    // Piston answers every invalid value with 400 (only size stays 413).
+    .map_err(|e| {
+        if e.status == axum::http::StatusCode::UNPROCESSABLE_ENTITY {
+            bad(e.message)
+        } else {
+            e.piston()
+        }
+    })
 }
 
 /// Converts one stage the way Piston reports it.
