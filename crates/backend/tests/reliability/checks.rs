@@ -17,6 +17,8 @@ pub struct Checks {
     pub faults: usize,
     /// Requests sent by the load phase.
     pub load_requests: usize,
+    /// Requests of the memory run (within the VM limit, between the two RSS readings).
+    pub memory_run_requests: usize,
     /// Leaked processes, sockets, directories, fds or temp files found.
     pub leaks: usize,
 }
@@ -46,6 +48,7 @@ impl Checks {
         eprintln!("  bad requests tried:      {}", self.bad_requests);
         eprintln!("  faults injected:         {}", self.faults);
         eprintln!("  requests under load:     {}", self.load_requests);
+        eprintln!("  memory-run requests:     {}", self.memory_run_requests);
         eprintln!("  leaks found:             {}", self.leaks);
         eprintln!(
             "  checks: {} passed, {} failed; {:.0} s",

@@ -265,7 +265,7 @@ pub fn sigterm_under_load(server: Server, probe: &LeakProbe, c: &mut Checks) {
         let r = h.join().expect("thread");
         let (st, v) = match &r {
             Ok(r) => (r.status, r.json().unwrap_or(Value::Null)),
-            Err(_) => (0, Value::Null),
+            Err(e) => (0, Value::String(format!("no answer: {e}"))),
         };
         let finished = st == 200 && v["status"] == "ok" && v["stdout"] == format!("{name}\n");
         let failed_cleanly =

@@ -123,16 +123,65 @@ pub fn run(server: &Server, probe: &LeakProbe, c: &mut Checks) {
         t.wrong.len(),
         took.as_secs_f64()
     ));
-    probe.check(server, "load (before memory reading)", c);
+    probe.check(server, "after load", c);
+    let executed = t.own_output + memory_run(server, c);
+    c.memory_run_requests += MEMORY_RUN;
+    probe.check(server, "after memory run", c);
     let rss_after = rss_kib(pid);
     let fds_after = fd_count(pid);
     c.note(format!(
-        "server RSS: {rss_before} KiB before, {rss_after} KiB after {REQUESTS} requests ({} executions ran); fds {fds_before} -> {fds_after}",
-        t.own_output
+        "server RSS: {rss_before} KiB before, {rss_after} KiB after {} requests ({executed} executions ran); fds {fds_before} -> {fds_after}",
+        REQUESTS + MEMORY_RUN
     ));
     c.check(
         "load: server memory stays flat",
         rss_after <= rss_before + RSS_GROWTH_BOUND_KIB,
         format!("{rss_before} KiB -> {rss_after} KiB"),
     );
+}
+
+/// Requests of the memory run: within the VM limit, so that every one executes.
+pub const MEMORY_RUN: usize = 24;
+
+/// `MEMORY_RUN` requests, 3 at a time (no saturation): each must return its own output.
+/// Returns how many did.
+fn memory_run(server: &Server, c: &mut Checks) -> usize {
+    let next = AtomicUsize::new(0);
+    let good = AtomicUsize::new(0);
+    let wrong = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= MEMORY_RUN {
+                    return;
+                }
+                let tok = format!("mem-{}-{i}", std::process::id());
+                let body = json!({"language": "bash", "code": format!("echo {tok}")});
+                let r = raw::post(
+                    server.addr,
+                    "/v1/executions",
+                    &serde_json::to_vec(&body).expect("json"),
+                    Duration::from_secs(300),
+                );
+                let v = r
+                    .as_ref()
+                    .ok()
+                    .and_then(raw::RawResponse::json)
+                    .unwrap_or(Value::Null);
+                if v["stdout"] == format!("{tok}\n") {
+                    good.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    wrong.lock().expect("lock").push(format!("#{i}: {r:?}"));
+                }
+            });
+        }
+    });
+    let wrong = wrong.into_inner().expect("lock");
+    c.check(
+        &format!("memory run: {MEMORY_RUN} requests at 3 VMs, each its own output"),
+        wrong.is_empty(),
+        wrong.join("; "),
+    );
+    good.into_inner()
 }

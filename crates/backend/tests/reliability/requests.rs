@@ -436,13 +436,13 @@ pub fn run(server: &Server, c: &mut Checks) {
     c.check("healthy after bad requests", h.status == 200, h.text());
 }
 
+/// When and how the server ended a slow client (elapsed, HTTP status if it answered).
+type SlowResult = Result<(Duration, Option<u16>), String>;
+
 /// Two slow clients running in the background: one sends its headers a byte a second, the other
 /// sends headers and then its body a byte a second.
 pub struct Slowloris {
-    handles: Vec<(
-        &'static str,
-        JoinHandle<Result<(Duration, Option<u16>), String>>,
-    )>,
+    handles: Vec<(&'static str, JoinHandle<SlowResult>)>,
 }
 
 pub fn start_slowloris(addr: SocketAddr) -> Slowloris {
