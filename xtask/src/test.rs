@@ -113,10 +113,9 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
         "set -e; echo '== VMM boot tests'; {boot} --test-threads=1; \
          echo '== cloude-vmm driver test'; {driver} --test-threads=1 --nocapture"
     );
-    let me = std::env::current_exe().context("cannot find xtask's own executable")?;
     deps::run(
-        Command::new(me)
-            .args(["lab", "--no-build"])
+        deps::cargo()
+            .args(["xtask", "lab", "--no-build"])
             .args(["--copy", &boot, "--copy", &driver, "--copy", "/bin/busybox"])
             .args(["--copy", kernel, "--copy", &initrd, "--copy", &vmm, "--"])
             .args(["env", "CLOUDE_BOOT_TESTS=1", "CLOUDE_VMM_LAB_TESTS=1"])

@@ -86,7 +86,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
 /// Runs the boot comparison where /dev/kvm boots Linux: directly on VT-x/AMD-V hosts, else in
 /// the KVM lab.
 fn boot_to_ready(kernel: &str, initrd: &str, runs: usize) -> anyhow::Result<Value> {
-    let me = std::env::current_exe()?;
+    // The release binary (not current_exe: a rebuild may have replaced the running one).
+    let me = deps::release_dir().join("xtask");
     let vmm = deps::release_dir().join("cloude-vmm");
     let inner = |c: &mut Command| {
         c.arg("bench-boot")
