@@ -4,7 +4,7 @@
 //! Each run starts from `fuzz/seeds/<target>` and replays `fuzz/regressions/<target>` (inputs that
 //! once crashed it) before mutating; what it learns goes to `fuzz/corpus/<target>` (ignored by
 //! git), a crashing input to `fuzz/artifacts/<target>/`, libFuzzer's output to
-//! `fuzz/target/xtask-logs/<target>.log`.
+//! `$CLOUDE_HOME/build/fuzz-target/xtask-logs/<target>.log` (see [`fuzz_target_dir`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -81,7 +81,7 @@ pub fn run(args: FuzzArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
 
-    let logs = dir.join("target/xtask-logs");
+    let logs = fuzz_target_dir().join("xtask-logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let mut outcomes = Vec::new();
     for target in &targets {
@@ -105,10 +105,21 @@ fn fuzz_dir() -> PathBuf {
 
 /// `cargo +nightly fuzz SUB --fuzz-dir fuzz`, through the rustup proxy (not `$CARGO`, which is
 /// the stable toolchain's cargo when xtask runs under `cargo run`).
+/// Where the sanitizer builds go: `$CARGO_TARGET_DIR` if set, else a cache directory beside the
+/// other build caches (`$CLOUDE_HOME/build/fuzz-target`), so that a fresh clone on the same
+/// machine does not redo a cold sanitizer build of every dependency; cargo decides freshness.
+fn fuzz_target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cloude_image::paths::build_dir().join("fuzz-target"))
+}
+
 fn fuzz_cmd(sub: &str) -> Command {
     let mut c = Command::new("cargo");
     c.env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO")
+        .env("CARGO_TARGET_DIR", fuzz_target_dir())
         .current_dir(deps::root())
         .arg(format!("+{NIGHTLY}"))
         .args(["fuzz", sub, "--fuzz-dir"])
@@ -172,7 +183,8 @@ fn run_one(dir: &Path, logs: &Path, target: &str, seconds: u64) -> anyhow::Resul
     // The binary `cargo fuzz build` made (release + debug assertions, ASan), run directly so
     // that a change elsewhere in the tree cannot trigger a rebuild inside the timed run.
     let mut cmd = Command::new(
-        dir.join("target/x86_64-unknown-linux-gnu/release")
+        fuzz_target_dir()
+            .join("x86_64-unknown-linux-gnu/release")
             .join(target),
     );
     cmd.arg(format!("-artifact_prefix={}/", artifacts.display()))

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod deps;
+mod fuzz;
 mod lab;
 mod serve;
 mod test;
@@ -27,6 +28,8 @@ enum Cmd {
     Serve(serve::ServeArgs),
     /// Measure boot-to-ready, end-to-end latency, throughput and VMM overhead against peers.
     Bench(bench::BenchArgs),
+    /// Build the cargo-fuzz targets and run each for a bounded time.
+    Fuzz(fuzz::FuzzArgs),
     /// (internal) The boot comparison itself, run where /dev/kvm boots Linux.
     #[command(hide = true)]
     BenchBoot(bench::boot::BootArgs),
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(args)?,
         Cmd::Serve(args) => serve::run(args)?,
         Cmd::Bench(args) => bench::run(args)?,
+        Cmd::Fuzz(args) => fuzz::run(args)?,
         Cmd::BenchBoot(args) => bench::boot::run(args)?,
     };
     std::process::exit(code)

@@ -11,6 +11,9 @@ pub struct TestArgs {
     /// Skip the KVM lab phase (the VMM's Linux boot tests). CI never skips it.
     #[arg(long)]
     pub no_lab: bool,
+    /// Skip the fuzz smoke phase (sanitizer builds of every target).
+    #[arg(long)]
+    pub no_fuzz: bool,
     /// Skip clippy and rustfmt checks.
     #[arg(long)]
     pub no_lint: bool,
@@ -59,6 +62,16 @@ pub fn run(args: TestArgs) -> anyhow::Result<i32> {
             .env("CLOUDE_AGENT_BIN", bin.join("cloude-agent")),
     );
     report(&mut phases, "cargo test", tests);
+    if !args.no_fuzz {
+        let smoke = crate::fuzz::run(crate::fuzz::FuzzArgs::smoke(10)).and_then(|c| {
+            if c == 0 {
+                Ok(())
+            } else {
+                bail!("a fuzz target crashed")
+            }
+        });
+        report(&mut phases, "fuzz smoke (10 s per target)", smoke);
+    }
     if !args.no_lab {
         let lab = lab_boot_tests(&kernel);
         report(&mut phases, "VMM boot tests in the KVM lab", lab);
@@ -109,6 +122,8 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
     let bin = deps::release_dir();
     let initrd = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "bash"]))?;
     let vmm = bin.join("cloude-vmm").display().to_string();
+    // The boot tests put this guest helper (built with them) into their test initramfs.
+    let echo = bin.join("vsock-echo").display().to_string();
     let script = format!(
         "set -e; echo '== VMM boot tests'; {boot} --test-threads=1; \
          echo '== cloude-vmm driver test'; {driver} --test-threads=1 --nocapture"
@@ -117,11 +132,13 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
         deps::cargo()
             .args(["xtask", "lab", "--no-build"])
             .args(["--copy", &boot, "--copy", &driver, "--copy", "/bin/busybox"])
-            .args(["--copy", kernel, "--copy", &initrd, "--copy", &vmm, "--"])
+            .args(["--copy", kernel, "--copy", &initrd, "--copy", &vmm, "--copy", &echo])
+            .arg("--")
             .args(["env", "CLOUDE_BOOT_TESTS=1", "CLOUDE_VMM_LAB_TESTS=1"])
             .arg(format!("CLOUDE_KERNEL={kernel}"))
             .arg(format!("CLOUDE_INITRD={initrd}"))
             .arg(format!("CLOUDE_VMM_BIN={vmm}"))
+            .arg(format!("CLOUDE_VSOCK_ECHO={echo}"))
             .args(["sh", "-c", &script]),
     )
 }
