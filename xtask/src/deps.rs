@@ -57,7 +57,10 @@ pub fn ensure_apt_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     if !nix_is_root() {
-        bail!("missing Debian packages: {} (install them as root)", missing.join(" "));
+        bail!(
+            "missing Debian packages: {} (install them as root)",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]))?;
@@ -90,7 +93,9 @@ pub fn cargo() -> Command {
 /// Runs a command, failing with its description when it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let desc = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {desc}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {desc}"))?;
     if !status.success() {
         bail!("{desc} failed ({status})");
     }

@@ -84,7 +84,11 @@ pub fn run(args: TestArgs) -> anyhow::Result<i32> {
         eprintln!("  {:<32} {}", p.name, if p.ok { "ok" } else { "FAILED" });
     }
     let failed = phases.iter().filter(|p| !p.ok).count();
-    println!("phases: {} passed, {} failed", phases.len() - failed, failed);
+    println!(
+        "phases: {} passed, {} failed",
+        phases.len() - failed,
+        failed
+    );
     Ok(if failed == 0 { 0 } else { 1 })
 }
 
@@ -92,13 +96,24 @@ fn report(phases: &mut Vec<Phase>, name: &'static str, r: anyhow::Result<()>) {
     if let Err(e) = &r {
         eprintln!("xtask: {name}: {e:#}");
     }
-    phases.push(Phase { name, ok: r.is_ok() });
+    phases.push(Phase {
+        name,
+        ok: r.is_ok(),
+    });
 }
 
 /// Builds a test binary (`cargo test --release -p PKG --test NAME --no-run`); returns its path.
 fn test_exe(package: &str, test: &str) -> anyhow::Result<String> {
     let out = deps::cargo()
-        .args(["test", "--release", "-p", package, "--test", test, "--no-run"])
+        .args([
+            "test",
+            "--release",
+            "-p",
+            package,
+            "--test",
+            test,
+            "--no-run",
+        ])
         .arg("--message-format=json")
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -132,7 +147,9 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
         deps::cargo()
             .args(["xtask", "lab", "--no-build"])
             .args(["--copy", &boot, "--copy", &driver, "--copy", "/bin/busybox"])
-            .args(["--copy", kernel, "--copy", &initrd, "--copy", &vmm, "--copy", &echo])
+            .args([
+                "--copy", kernel, "--copy", &initrd, "--copy", &vmm, "--copy", &echo,
+            ])
             .arg("--")
             .args(["env", "CLOUDE_BOOT_TESTS=1", "CLOUDE_VMM_LAB_TESTS=1"])
             .arg(format!("CLOUDE_KERNEL={kernel}"))

@@ -28,7 +28,9 @@ fn home_from(
     if let Some(x) = xdg.filter(|x| !x.is_empty()) {
         return absolute(&Path::new(&x).join("cloude"));
     }
-    let home = home.map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = home
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/share/cloude")
 }
 
@@ -77,13 +79,25 @@ mod tests {
     #[test]
     fn home_resolution_order() {
         let s = |x: &str| Some(std::ffi::OsString::from(x));
-        assert_eq!(home_from(s("/x"), true, s("/y"), s("/h")), PathBuf::from("/x"));
-        assert_eq!(home_from(None, true, s("/y"), s("/h")), PathBuf::from("/var/lib/cloude"));
-        assert_eq!(home_from(None, false, s("/y"), s("/h")), PathBuf::from("/y/cloude"));
+        assert_eq!(
+            home_from(s("/x"), true, s("/y"), s("/h")),
+            PathBuf::from("/x")
+        );
+        assert_eq!(
+            home_from(None, true, s("/y"), s("/h")),
+            PathBuf::from("/var/lib/cloude")
+        );
+        assert_eq!(
+            home_from(None, false, s("/y"), s("/h")),
+            PathBuf::from("/y/cloude")
+        );
         assert_eq!(
             home_from(None, false, None, s("/h")),
             PathBuf::from("/h/.local/share/cloude")
         );
-        assert_eq!(home_from(s(""), true, None, None), PathBuf::from("/var/lib/cloude"));
+        assert_eq!(
+            home_from(s(""), true, None, None),
+            PathBuf::from("/var/lib/cloude")
+        );
     }
 }

@@ -38,7 +38,10 @@ pub fn ready_line() -> String {
 
 /// Parses a ready line; returns the agent's protocol version.
 pub fn parse_ready_line(line: &str) -> Option<u32> {
-    let rest = line.trim_end().strip_prefix(READY_PREFIX)?.strip_prefix(' ')?;
+    let rest = line
+        .trim_end()
+        .strip_prefix(READY_PREFIX)?
+        .strip_prefix(' ')?;
     rest.parse().ok()
 }
 
@@ -310,7 +313,11 @@ impl RunRequest {
             return Err(ProtocolError::TooLarge("files", total, MAX_FILES_BYTES));
         }
         if self.stdin.0.len() > MAX_STDIN_BYTES {
-            return Err(ProtocolError::TooLarge("stdin", self.stdin.0.len(), MAX_STDIN_BYTES));
+            return Err(ProtocolError::TooLarge(
+                "stdin",
+                self.stdin.0.len(),
+                MAX_STDIN_BYTES,
+            ));
         }
         if self.run.is_empty() || self.run[0].is_empty() {
             return Err(ProtocolError::EmptyRun);
@@ -334,7 +341,10 @@ impl RunRequest {
             return Err(ProtocolError::BadTimeout("run_timeout_ms", MAX_TIMEOUT_MS));
         }
         if self.compile_timeout_ms == 0 || self.compile_timeout_ms > MAX_TIMEOUT_MS {
-            return Err(ProtocolError::BadTimeout("compile_timeout_ms", MAX_TIMEOUT_MS));
+            return Err(ProtocolError::BadTimeout(
+                "compile_timeout_ms",
+                MAX_TIMEOUT_MS,
+            ));
         }
         Ok(())
     }
@@ -390,7 +400,17 @@ mod tests {
         for good in ["main.py", "src/lib.rs", "a.b.c", "ünïcode.txt"] {
             assert!(validate_file_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\0b", "a\\b", "a\nb"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "./a",
+            "a\0b",
+            "a\\b",
+            "a\nb",
+        ] {
             assert!(validate_file_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -430,7 +450,10 @@ mod tests {
             data: "hi".into(),
         };
         let j = serde_json::to_string(&e).expect("serialise");
-        assert_eq!(j, r#"{"type":"output","stage":"run","stream":"stdout","data":"aGk="}"#);
+        assert_eq!(
+            j,
+            r#"{"type":"output","stage":"run","stream":"stdout","data":"aGk="}"#
+        );
     }
 
     #[test]

@@ -86,13 +86,23 @@ fn cloude_vmm(a: &BootArgs) -> Command {
 
 fn qemu(a: &BootArgs) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-serial", "stdio", "-kernel"])
-        .arg(&a.kernel)
-        .arg("-initrd")
-        .arg(&a.initrd)
-        .args(["-append", CMDLINE]);
+    c.args([
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+    ])
+    .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+    .args(["-serial", "stdio", "-kernel"])
+    .arg(&a.kernel)
+    .arg("-initrd")
+    .arg(&a.initrd)
+    .args(["-append", CMDLINE]);
     c
 }
 

@@ -114,9 +114,14 @@ pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
     let mut host = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let out = Command::new("python3").args(["-c", "print(\"hello\")"]).output()?;
+        let out = Command::new("python3")
+            .args(["-c", "print(\"hello\")"])
+            .output()?;
         if out.stdout != b"hello\n" {
-            bail!("host python3 printed {:?}", String::from_utf8_lossy(&out.stdout));
+            bail!(
+                "host python3 printed {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         host.push(t.elapsed().as_secs_f64() * 1000.0);
     }
@@ -159,7 +164,10 @@ pub fn throughput(server: &Server, levels: &[usize], secs: u64) -> Vec<serde_jso
             let lat = lat.lock().expect("not poisoned").clone();
             let errors = errors.lock().expect("not poisoned").clone();
             if let Some(e) = errors.first() {
-                eprintln!("bench: concurrency {c}: {} errors, first: {e}", errors.len());
+                eprintln!(
+                    "bench: concurrency {c}: {} errors, first: {e}",
+                    errors.len()
+                );
             }
             json!({
                 "concurrency": c,

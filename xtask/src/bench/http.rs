@@ -33,16 +33,23 @@ pub fn request(
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).context("read response")?;
     let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text.split_once("\r\n\r\n").context("no header terminator")?;
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .context("no header terminator")?;
     let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("bad status line")?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(rest)? } else { rest.to_string() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_string()
+    };
     Ok(Response { status, body })
 }
 

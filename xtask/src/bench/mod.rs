@@ -32,7 +32,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     deps::ensure_apt_packages()?;
     deps::build_release()?;
     let bin = deps::release_dir();
-    let kernel = deps::last_line(Command::new(bin.join("cloude-image")).args(["kernel", "--vmlinux"]))?;
+    let kernel =
+        deps::last_line(Command::new(bin.join("cloude-image")).args(["kernel", "--vmlinux"]))?;
     let python = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "python"]))?;
     let (boot_runs, requests, window, levels): (usize, usize, u64, &[usize]) = if args.quick {
         (3, 10, 10, &[1, 2, 4])
@@ -127,7 +128,8 @@ fn boot_to_ready(kernel: &str, initrd: &str, runs: usize) -> anyhow::Result<Valu
 
 fn hardware_kvm() -> bool {
     Path::new("/dev/kvm").exists()
-        && (Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists())
+        && (Path::new("/sys/module/kvm_intel").exists()
+            || Path::new("/sys/module/kvm_amd").exists())
         && !Path::new("/sys/module/kvm_pvm").exists()
 }
 
@@ -138,7 +140,9 @@ fn machine() -> Value {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kvm = if hardware_kvm() {
         "hardware"
     } else if Path::new("/sys/module/kvm_pvm").exists() {
