@@ -14,7 +14,7 @@ use super::script;
 use super::tree::{Tree, TreeError};
 
 /// Bumped when the layout of the base archive changes in a way its fingerprint cannot see.
-const BASE_FORMAT: &str = "lab-base-1";
+const BASE_FORMAT: &str = "lab-base-2";
 /// How many cached base archives to keep (each is tens of MB).
 const KEEP_BASES: usize = 2;
 
@@ -168,8 +168,13 @@ pub fn base_tree() -> Result<Tree, RootfsError> {
     skeleton(&mut t);
     t.add_bytes("/lab/format", 0o644, BASE_FORMAT);
     busybox(&mut t)?;
-    // Real programs after the applets, so that they replace busybox's versions.
+    // Real programs after the applets, so that they replace busybox's versions. Debian's busybox
+    // prefers its own applets over PATH (in its shell and in `env`), so `sh` is dash and `env` is
+    // coreutils': `sh -c 'ip ...'` and `env X=1 ip ...` then reach iproute2's `ip`.
     t.add_program(Path::new("/usr/sbin/ip"))?;
+    t.add_program(Path::new("/usr/bin/dash"))?;
+    t.add_symlink("/usr/bin/sh", "dash");
+    t.add_program(Path::new("/usr/bin/env"))?;
     for p in OPTIONAL_PROGRAMS {
         if Path::new(p).exists() {
             t.add_program(Path::new(p))?;

@@ -176,14 +176,13 @@ impl Tree {
                         .map_err(|_| TreeError::Missing(next.clone()))?;
                     if meta.file_type().is_symlink() {
                         let target = fs::read_link(&next).map_err(io_err(&next))?;
-                        if !self.entries.contains_key(&next) {
-                            self.insert(
-                                &next,
-                                Entry::Symlink {
-                                    target: target.clone(),
-                                },
-                            );
-                        }
+                        // The host's link wins over anything added before (e.g. an applet).
+                        self.insert(
+                            &next,
+                            Entry::Symlink {
+                                target: target.clone(),
+                            },
+                        );
                         cur = self.resolve(&cur.join(target), depth + 1)?;
                     } else {
                         cur = next;
