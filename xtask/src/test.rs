@@ -136,6 +136,7 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
     let driver = test_exe("cloude-server", "vmm_lab")?;
     let bin = deps::release_dir();
     let initrd = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "bash"]))?;
+    let python = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "python"]))?;
     let vmm = bin.join("cloude-vmm").display().to_string();
     // The boot tests put this guest helper (built with them) into their test initramfs.
     let echo = bin.join("vsock-echo").display().to_string();
@@ -154,6 +155,7 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
             .args(["env", "CLOUDE_BOOT_TESTS=1", "CLOUDE_VMM_LAB_TESTS=1"])
             .arg(format!("CLOUDE_KERNEL={kernel}"))
             .arg(format!("CLOUDE_INITRD={initrd}"))
+            .arg(format!("CLOUDE_PYTHON_INITRD={python}"))
             .arg(format!("CLOUDE_VMM_BIN={vmm}"))
             .arg(format!("CLOUDE_VSOCK_ECHO={echo}"))
             .args(["sh", "-c", &script]),

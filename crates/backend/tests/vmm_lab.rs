@@ -81,3 +81,104 @@ async fn cloude_vmm_driver_runs_a_program() {
     vm.shutdown(Duration::from_secs(5)).await;
     drop(rt);
 }
+
+fn python(code: &str, timeout_ms: u64) -> RunRequest {
+    RunRequest {
+        protocol_version: PROTOCOL_VERSION,
+        files: vec![FileSpec {
+            name: "main.py".into(),
+            content: code.into(),
+            encoding: Default::default(),
+        }],
+        compile: None,
+        run: vec!["python3".into(), "main.py".into()],
+        args: vec![],
+        stdin: Default::default(),
+        env: vec![],
+        compile_timeout_ms: 10_000,
+        run_timeout_ms: timeout_ms,
+        output_limit_bytes: 1 << 20,
+        memory_limit_mib: Some(64),
+        pids_limit: Some(32),
+        poweroff_after: false,
+    }
+}
+
+/// The python image on `cloude-vmm`: a program runs, then hostile ones (timeout with an escaped
+/// child, fork bomb, memory hog) each get their status and the agent stays reachable in the
+/// same VM.
+#[tokio::test]
+async fn cloude_vmm_runs_python_and_survives_hostile_programs() {
+    let Some(initrd) = std::env::var_os("CLOUDE_PYTHON_INITRD") else {
+        eprintln!("SKIPPED: needs CLOUDE_PYTHON_INITRD and a Linux-capable KVM (cargo xtask test runs it in the KVM lab)");
+        return;
+    };
+    let driver = Driver {
+        kind: Kind::CloudeVmm,
+        binary: env_path("CLOUDE_VMM_BIN"),
+        qemu_kvm: false,
+    };
+    let spec = VmSpec {
+        kernel: env_path("CLOUDE_KERNEL"),
+        initrd: PathBuf::from(initrd),
+        memory_mib: 256,
+        vcpus: 1,
+        boot_timeout: Duration::from_secs(90),
+    };
+    let rt = Runtime::new().expect("runtime dir");
+    let mut vm = driver
+        .boot(&spec, rt.slot().expect("slot"))
+        .await
+        .expect("boot");
+    eprintln!("python VM ready in {} ms", vm.boot.as_millis());
+    let mut client = AgentClient::handshake(vm.take_io().expect("agent channel"))
+        .await
+        .expect("handshake");
+
+    let run = |r: cloude_protocol::RunResponse| r.run.expect("run stage");
+    let hello = run(client
+        .run(&python("print('hello from python')", 20_000))
+        .await
+        .expect("run"));
+    assert_eq!(hello.status, StageStatus::Ok, "{hello:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&hello.stdout.0),
+        "hello from python\n"
+    );
+
+    let escape = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\ntime.sleep(1000)\n";
+    let r = run(client
+        .run(&python(escape, 2_000))
+        .await
+        .expect("timeout run"));
+    assert_eq!(r.status, StageStatus::Timeout, "{r:?}");
+
+    let bomb =
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n";
+    let r = run(client
+        .run(&python(bomb, 3_000))
+        .await
+        .expect("fork bomb run"));
+    assert_eq!(r.status, StageStatus::Timeout, "fork bomb: {r:?}");
+
+    let hog = "x = []\nwhile True:\n    x.append(b'x' * (1 << 20))\n";
+    let r = run(client
+        .run(&python(hog, 20_000))
+        .await
+        .expect("memory hog run"));
+    assert_eq!(r.status, StageStatus::MemoryLimit, "memory hog: {r:?}");
+
+    // Nothing of the earlier programs survived, and the agent still answers.
+    let count = "import os\nprint(sum(1 for p in os.listdir('/proc') if p.isdigit() and os.stat('/proc/' + p).st_uid == os.getuid()))";
+    let mut last = python(count, 20_000);
+    last.poweroff_after = true;
+    let r = run(client.run(&last).await.expect("final run"));
+    assert_eq!(r.status, StageStatus::Ok, "{r:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout.0),
+        "1\n",
+        "only the counting program itself"
+    );
+    vm.shutdown(Duration::from_secs(5)).await;
+    drop(rt);
+}
