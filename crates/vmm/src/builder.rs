@@ -235,9 +235,28 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             .map_err(|_| BuildError::Thread("vCPU"))?;
     }
     drop(exit_tx);
-    let outcome = exit_rx.recv().unwrap_or(VmExit::Failed(
-        "every vCPU thread ended without a reason".into(),
-    ));
+    // SIGTERM (and SIGINT) end the VM cleanly: sockets removed, statistics printed.
+    let terminate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, terminate.clone())
+            .map_err(|_| BuildError::Thread("signal handler"))?;
+    }
+    let outcome = loop {
+        match exit_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(exit) => break exit,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break VmExit::Failed("every vCPU thread ended without a reason".into())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if terminate.load(std::sync::atomic::Ordering::Relaxed) {
+                    break VmExit::Stopped("terminated by a signal");
+                }
+            }
+        }
+    };
+    if stats::enabled() {
+        eprintln!("{}", stats::exits_json());
+    }
     if let Some((_, uds)) = &cfg.vsock {
         // The process exits without running destructors; do not leave the socket file behind.
         let _ = std::fs::remove_file(uds);

@@ -62,6 +62,14 @@ fn time_to_marker(mut cmd: Command) -> anyhow::Result<(f64, String)> {
         String::from_utf8_lossy(&seen).to_string()
     });
     let got = rx.recv_timeout(BOOT_TIMEOUT);
+    // SIGTERM first: cloude-vmm then prints its VM-exit counts (CLOUDE_VMM_STATS=1).
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = child.kill();
     let _ = child.wait();
     let mut err = String::new();
@@ -76,7 +84,8 @@ fn time_to_marker(mut cmd: Command) -> anyhow::Result<(f64, String)> {
 
 fn cloude_vmm(a: &BootArgs) -> Command {
     let mut c = Command::new(&a.vmm);
-    c.arg("--kernel")
+    c.env("CLOUDE_VMM_STATS", "1")
+        .arg("--kernel")
         .arg(&a.kernel)
         .arg("--initrd")
         .arg(&a.initrd)

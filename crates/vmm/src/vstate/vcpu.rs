@@ -12,6 +12,7 @@ use super::VmExit;
 use crate::arch::x86_64::boot::EntryPoint;
 use crate::arch::x86_64::{cpuid, regs};
 use crate::devices::Bus;
+use crate::stats::ExitKind;
 
 /// KVM's internal error sub-code for an instruction it could not emulate.
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -100,7 +101,17 @@ impl Vcpu {
     }
 
     fn run_once(&mut self) -> Option<VmExit> {
-        match self.fd.run() {
+        let result = self.fd.run();
+        crate::stats::count_exit(match &result {
+            Ok(VcpuExit::IoIn(..)) => ExitKind::IoIn,
+            Ok(VcpuExit::IoOut(..)) => ExitKind::IoOut,
+            Ok(VcpuExit::MmioRead(..)) => ExitKind::MmioRead,
+            Ok(VcpuExit::MmioWrite(..)) => ExitKind::MmioWrite,
+            Ok(VcpuExit::Hlt) => ExitKind::Hlt,
+            Ok(VcpuExit::Intr) | Err(_) => ExitKind::Intr,
+            Ok(_) => ExitKind::Other,
+        });
+        match result {
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.pio.write(u64::from(port), data);
                 if self.powered_off.load(Ordering::Relaxed) {
