@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// Skip the end-to-end and throughput parts.
     #[arg(long)]
     pub no_e2e: bool,
+    /// Seconds per concurrency level in the throughput part (default 60, 10 with --quick).
+    #[arg(long)]
+    pub window_secs: Option<u64>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
@@ -40,6 +43,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     } else {
         (10, 50, 60, &[1, 2, 4, 8, 16])
     };
+    let window = args.window_secs.unwrap_or(window);
     let mut results = json!({
         "machine": machine(),
         "commit": commit(),
