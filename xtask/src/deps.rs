@@ -5,20 +5,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-/// Debian packages the project uses at build, test or run time.
+/// Debian packages the project uses at build, test or run time, besides the kernel build's
+/// (`cloude_image::kernel::BUILD_PACKAGES`, also installed on demand by cloude-image).
 pub const APT_PACKAGES: &[&str] = &[
-    // Kernel build (also installed on demand by cloude-image).
-    "linux-source-6.1",
-    "build-essential",
-    "flex",
-    "bison",
-    "bc",
-    "libelf-dev",
-    "libssl-dev",
-    "xz-utils",
-    "cpio",
     // Images and compression.
-    "mmdebstrap",
     "zstd",
     "lz4",
     // The QEMU fallback hypervisor and the KVM lab.
@@ -45,8 +35,9 @@ pub fn release_dir() -> PathBuf {
 
 /// Installs the missing Debian packages (root only; otherwise says what to install).
 pub fn ensure_apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    let missing: Vec<&str> = cloude_image::kernel::BUILD_PACKAGES
         .iter()
+        .chain(APT_PACKAGES)
         .copied()
         .filter(|p| {
             let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();

@@ -19,12 +19,8 @@ fn env_path(name: &str) -> PathBuf {
     PathBuf::from(std::env::var_os(name).unwrap_or_else(|| panic!("{name} must be set")))
 }
 
-#[tokio::test]
-async fn cloude_vmm_driver_runs_a_program() {
-    if std::env::var_os("CLOUDE_VMM_LAB_TESTS").is_none() {
-        eprintln!("SKIPPED: cloude-vmm driver test needs a Linux-capable KVM (run it in the KVM lab with CLOUDE_VMM_LAB_TESTS=1)");
-        return;
-    }
+/// Boots `initrd` with `cloude-vmm` (kernel and VMM from the environment) in a fresh runtime.
+async fn boot(initrd: PathBuf, boot_timeout: Duration) -> (Runtime, cloude_server::vm::Vm) {
     let driver = Driver {
         kind: Kind::CloudeVmm,
         binary: env_path("CLOUDE_VMM_BIN"),
@@ -32,17 +28,27 @@ async fn cloude_vmm_driver_runs_a_program() {
     };
     let spec = VmSpec {
         kernel: env_path("CLOUDE_KERNEL"),
-        initrd: env_path("CLOUDE_INITRD"),
+        initrd,
         memory_mib: 256,
         vcpus: 1,
-        boot_timeout: Duration::from_secs(60),
+        boot_timeout,
     };
     let rt = Runtime::new().expect("runtime dir");
-    let started = std::time::Instant::now();
-    let mut vm = driver
+    let vm = driver
         .boot(&spec, rt.slot().expect("slot"))
         .await
         .expect("boot");
+    (rt, vm)
+}
+
+#[tokio::test]
+async fn cloude_vmm_driver_runs_a_program() {
+    if std::env::var_os("CLOUDE_VMM_LAB_TESTS").is_none() {
+        eprintln!("SKIPPED: cloude-vmm driver test needs a Linux-capable KVM (run it in the KVM lab with CLOUDE_VMM_LAB_TESTS=1)");
+        return;
+    }
+    let started = std::time::Instant::now();
+    let (rt, mut vm) = boot(env_path("CLOUDE_INITRD"), Duration::from_secs(60)).await;
     eprintln!(
         "cloude-vmm VM ready in {} ms (cid {})",
         vm.boot.as_millis(),
@@ -113,23 +119,7 @@ async fn cloude_vmm_runs_python_and_survives_hostile_programs() {
         eprintln!("SKIPPED: needs CLOUDE_PYTHON_INITRD and a Linux-capable KVM (cargo xtask test runs it in the KVM lab)");
         return;
     };
-    let driver = Driver {
-        kind: Kind::CloudeVmm,
-        binary: env_path("CLOUDE_VMM_BIN"),
-        qemu_kvm: false,
-    };
-    let spec = VmSpec {
-        kernel: env_path("CLOUDE_KERNEL"),
-        initrd: PathBuf::from(initrd),
-        memory_mib: 256,
-        vcpus: 1,
-        boot_timeout: Duration::from_secs(90),
-    };
-    let rt = Runtime::new().expect("runtime dir");
-    let mut vm = driver
-        .boot(&spec, rt.slot().expect("slot"))
-        .await
-        .expect("boot");
+    let (rt, mut vm) = boot(PathBuf::from(initrd), Duration::from_secs(90)).await;
     eprintln!("python VM ready in {} ms", vm.boot.as_millis());
     let mut client = AgentClient::handshake(vm.take_io().expect("agent channel"))
         .await

@@ -20,7 +20,7 @@ const LAB_CONFIG: &str = include_str!("../../../kernel/lab.config");
 pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// Debian packages the build needs.
-const BUILD_PACKAGES: &[&str] = &[
+pub const BUILD_PACKAGES: &[&str] = &[
     SOURCE_PACKAGE,
     "build-essential",
     "flex",
