@@ -148,9 +148,8 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
         deps::cargo()
             .args(["xtask", "lab", "--no-build"])
             .args(["--copy", &boot, "--copy", &driver, "--copy", "/bin/busybox"])
-            .args([
-                "--copy", kernel, "--copy", &initrd, "--copy", &vmm, "--copy", &echo,
-            ])
+            .args(["--copy", kernel, "--copy", &initrd, "--copy", &python])
+            .args(["--copy", &vmm, "--copy", &echo])
             .arg("--")
             .args(["env", "CLOUDE_BOOT_TESTS=1", "CLOUDE_VMM_LAB_TESTS=1"])
             .arg(format!("CLOUDE_KERNEL={kernel}"))
