@@ -124,15 +124,31 @@ pub fn run(a: BootArgs) -> anyhow::Result<i32> {
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut exits = serde_json::Value::Null;
+    // A run that misses the marker is recorded and skipped (nested KVM under emulation stalls
+    // now and then), so one stall does not void the whole comparison.
+    let mut failures = Vec::new();
     for i in 0..a.runs {
-        let (ms, err) = time_to_marker(cloude_vmm(&a)).context("cloude-vmm")?;
-        ours.push(ms);
-        if let Some(line) = err.lines().rev().find(|l| l.contains("\"vm_exits\"")) {
-            exits = serde_json::from_str(line).unwrap_or(serde_json::Value::Null);
+        match time_to_marker(cloude_vmm(&a)) {
+            Ok((ms, err)) => {
+                ours.push(ms);
+                if let Some(line) = err.lines().rev().find(|l| l.contains("\"vm_exits\"")) {
+                    exits = serde_json::from_str(line).unwrap_or(serde_json::Value::Null);
+                }
+            }
+            Err(e) => failures.push(format!("run {i} cloude-vmm: {e:#}")),
         }
-        let (qms, _) = time_to_marker(qemu(&a)).context("qemu microvm")?;
-        theirs.push(qms);
-        eprintln!("bench-boot: run {i}: cloude-vmm {ms:.1} ms, qemu microvm {qms:.1} ms");
+        match time_to_marker(qemu(&a)) {
+            Ok((ms, _)) => theirs.push(ms),
+            Err(e) => failures.push(format!("run {i} qemu microvm: {e:#}")),
+        }
+        eprintln!(
+            "bench-boot: run {i}: cloude-vmm {:?} ms, qemu microvm {:?} ms",
+            ours.last(),
+            theirs.last()
+        );
+    }
+    if ours.is_empty() || theirs.is_empty() {
+        bail!("no successful boots: {}", failures.join("; "));
     }
     let (c, q) = (
         percentile(&ours, 50.0).unwrap_or(0.0),
@@ -141,7 +157,7 @@ pub fn run(a: BootArgs) -> anyhow::Result<i32> {
     let v = json!({
         "cloude_p50": r1(c), "qemu_microvm_p50": r1(q),
         "ratio": if q > 0.0 { (c / q * 1000.0).round() / 1000.0 } else { 0.0 },
-        "runs": a.runs, "cloude_samples": ours, "qemu_samples": theirs,
+        "runs": a.runs, "cloude_samples": ours, "qemu_samples": theirs, "failed_runs": failures,
         "boot_exits": exits,
     });
     println!("{v}");
