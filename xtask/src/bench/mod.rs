@@ -107,11 +107,18 @@ fn boot_to_ready(kernel: &str, initrd: &str, runs: usize) -> anyhow::Result<Valu
         (c, "host (hardware KVM)")
     } else {
         let mut c = Command::new(&me);
-        c.args(["lab", "--no-build", "--memory-mib", "3072"])
-            .args(["--copy", initrd, "--copy"])
-            .arg(&me)
-            .arg("--")
-            .arg(&me);
+        c.args([
+            "lab",
+            "--no-build",
+            "--memory-mib",
+            "3072",
+            "--timeout",
+            "900",
+        ])
+        .args(["--copy", initrd, "--copy"])
+        .arg(&me)
+        .arg("--")
+        .arg(&me);
         inner(&mut c);
         (c, "KVM lab (nested KVM under QEMU TCG)")
     };
