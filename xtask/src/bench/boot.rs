@@ -43,6 +43,13 @@ fn time_to_marker(mut cmd: Command) -> anyhow::Result<(f64, String)> {
         .spawn()
         .with_context(|| format!("cannot start {cmd:?}"))?;
     let mut out = child.stdout.take().context("stdout is piped")?;
+    let mut stderr = child.stderr.take().context("stderr is piped")?;
+    let (err_tx, err_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = stderr.read_to_string(&mut err);
+        let _ = err_tx.send(err);
+    });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut seen = Vec::new();
@@ -71,11 +78,14 @@ fn time_to_marker(mut cmd: Command) -> anyhow::Result<(f64, String)> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
-    let _ = child.wait();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
+    // A VMM stuck in the kernel (seen with nested KVM) may not die at once: do not hang on it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let err = err_rx
+        .recv_timeout(Duration::from_secs(2))
+        .unwrap_or_default();
     match got {
         Ok(d) => Ok((d.as_secs_f64() * 1000.0, err)),
         Err(_) => bail!("no ready marker within {BOOT_TIMEOUT:?}; stderr: {err}"),
