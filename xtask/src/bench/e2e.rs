@@ -111,10 +111,15 @@ pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
         let ms = hello(server.addr).map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
         samples.push(ms);
     }
+    // The interpreter itself, not a version-manager shim in front of it.
+    let exe = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()?;
+    let python = String::from_utf8_lossy(&exe.stdout).trim().to_string();
     let mut host = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let out = Command::new("python3")
+        let out = Command::new(&python)
             .args(["-c", "print(\"hello\")"])
             .output()?;
         if out.stdout != b"hello\n" {
@@ -171,7 +176,7 @@ pub fn throughput(server: &Server, levels: &[usize], secs: u64) -> Vec<serde_jso
             }
             json!({
                 "concurrency": c,
-                "rps": r1(lat.len() as f64 / elapsed * 10.0) / 10.0,
+                "rps": (lat.len() as f64 / elapsed * 100.0).round() / 100.0,
                 "completed": lat.len(),
                 "p99_ms": percentile(&lat, 99.0).map(r1),
                 "errors": errors.len(),

@@ -44,11 +44,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         (10, 50, 60, &[1, 2, 4, 8, 16])
     };
     let window = args.window_secs.unwrap_or(window);
-    let mut results = json!({
-        "machine": machine(),
-        "commit": commit(),
-        "quick": args.quick,
-    });
+    let path = deps::root().join("target/bench/results.json");
+    // A partial run (--no-boot / --no-e2e) keeps the other parts of the previous results.
+    let mut results = if args.no_boot || args.no_e2e {
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}))
+    } else {
+        json!({})
+    };
+    results["machine"] = machine();
+    results["commit"] = json!(commit());
+    results["quick"] = json!(args.quick);
 
     // 4. VMM overhead on this machine's own /dev/kvm.
     match overhead::measure(&bin.join("cloude-vmm"), Path::new(&kernel)) {
@@ -79,9 +88,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         results["throughput"] = json!(e2e::throughput(&server, levels, window));
     }
 
-    let dir = deps::root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("results.json");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     println!("{}", table(&results));
     eprintln!("bench: wrote {}", path.display());
