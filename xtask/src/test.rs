@@ -151,7 +151,8 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
     );
     deps::run(
         deps::cargo()
-            .args(["xtask", "lab", "--no-build"])
+            // The phase takes about two minutes; a stall must not eat CI's budget.
+            .args(["xtask", "lab", "--no-build", "--timeout", "600"])
             .args(["--copy", &boot, "--copy", &driver, "--copy", "/bin/busybox"])
             .args(["--copy", kernel, "--copy", &initrd, "--copy", &python])
             .args(["--copy", &vmm, "--copy", &echo])
