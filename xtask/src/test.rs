@@ -55,7 +55,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<i32> {
     }
     let tests = deps::run(
         deps::cargo()
-            .args(["test", "--release", "--workspace"])
+            .args(["test", "--release", "--workspace", "--no-fail-fast"])
             .args(&args.cargo_args)
             // VM tests are #[ignore]d for a plain `cargo test`; the full suite runs them.
             .args(["--", "--include-ignored"])

@@ -130,11 +130,15 @@ mod tests {
     fn rss_is_positive_and_cpu_advances() {
         assert!(rss_excluding_kib(&[]).expect("smaps") > 0);
         let a = cpu_time_us();
+        // Burn CPU until the process clock moves (it may be tick-granular), for at most 5 s of
+        // wall time; `black_box` in the loop keeps the optimiser from folding the work away.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_add(i * i);
+        while cpu_time_us() == a && Instant::now() < deadline {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_add(i * i));
+            }
         }
-        std::hint::black_box(x);
-        assert!(cpu_time_us() > a);
+        assert!(cpu_time_us() > a, "CPU time did not advance within 5 s of busy work");
     }
 }
