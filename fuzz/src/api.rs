@@ -133,6 +133,8 @@ pub fn check_job(job: &Job, config: &Config) {
         memory_limit_mib: job.memory_mib,
         pids_limit: None,
         poweroff_after: true,
+        network: false,
+        run_as_root: false,
     };
     if let Err(e) = order.validate() {
         panic!("the backend accepted a job the agent rejects: {e}");

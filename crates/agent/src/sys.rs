@@ -27,6 +27,9 @@ pub struct ChildSetup {
     pub cgroup_procs: Option<RawFd>,
     pub uid: u32,
     pub gid: u32,
+    /// Move the child into a fresh network namespace (only loopback, brought up) before it drops
+    /// its privileges: the program then reaches no network interface of the VM.
+    pub new_netns: bool,
 }
 
 /// Makes `cmd`'s child join the cgroup, start its own session, drop every privilege and restore
@@ -53,6 +56,12 @@ pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
                 rlim_max: 0,
             };
             libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+            if setup.new_netns {
+                if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                loopback_up()?;
+            }
             if libc::geteuid() == 0
                 && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(setup.gid) != 0
@@ -67,6 +76,41 @@ pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
     unsafe {
         cmd.pre_exec(hook);
     }
+}
+
+/// Sets `lo` up in the calling thread's network namespace with two ioctls (async-signal-safe: no
+/// allocation, only syscalls on stack values).
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket/ioctl/close on a stack `ifreq` that outlives the calls; the fd is closed on
+    // every path.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        if r == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Whether this machine (the VM) has a network interface besides loopback.
+pub fn has_external_interface() -> bool {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| d.flatten().any(|e| e.file_name() != "lo"))
+        .unwrap_or(false)
 }
 
 /// Status of a child collected by [`wait4`].

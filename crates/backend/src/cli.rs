@@ -101,9 +101,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             HypervisorArg::Qemu => HypervisorChoice::Qemu,
         };
     }
-    if config.vm.transport == Transport::Tcp {
-        anyhow::bail!("vm.transport = \"tcp\" is not implemented yet; use \"vsock\"");
-    }
+    let net_plan = match config.vm.transport {
+        Transport::Tcp => {
+            vm::net::preflight().map_err(anyhow::Error::msg)?;
+            let plan = config.network.plan().map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                subnet = %config.network.subnet,
+                "transport: tcp (a tap and a /30 per VM in {}; agents on port {})",
+                config.network.subnet,
+                cloude_protocol::AGENT_TCP_PORT
+            );
+            Some(plan)
+        }
+        Transport::Vsock => None,
+    };
     let catalog = Catalog::load(args.catalog.as_deref())?;
     let choice = vm::choose(config.vm.hypervisor, &HostFacts::gather())?;
     tracing::info!(
@@ -113,7 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         choice.driver.kind.name(),
         choice.reason
     );
-    let runtime = Runtime::new().context("cannot create the runtime directory")?;
+    let runtime = Runtime::with_network(net_plan).context("cannot create the runtime directory")?;
     let metrics = Arc::new(Metrics::default());
     let artifacts = Arc::new(Artifacts::new(Progress::new(false), !args.no_build));
     let l = &config.limits;

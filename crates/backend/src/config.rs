@@ -41,6 +41,14 @@ pub struct Limits {
 #[serde(deny_unknown_fields)]
 pub struct Network {
     pub allow: bool,
+    /// tcp transport: the subnet cut into one /30 per VM (host `.1`, guest `.2`).
+    pub subnet: String,
+}
+
+impl Network {
+    pub fn plan(&self) -> Result<crate::vm::net::NetPlan, String> {
+        crate::vm::net::NetPlan::parse(&self.subnet)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -146,6 +154,9 @@ impl Config {
         if self.network.allow && self.vm.transport != Transport::Tcp {
             return bad("network.allow needs vm.transport = \"tcp\"");
         }
+        if let Err(e) = self.network.plan() {
+            return Err(ConfigError::Invalid(e));
+        }
         Ok(())
     }
 }
@@ -181,6 +192,10 @@ mod tests {
         assert!(Config::parse("[limits]\nmax_concurrent_vms = 0\n").is_err());
         assert!(Config::parse("[limits]\nbogus = 1\n").is_err());
         assert!(Config::parse("[network]\nallow = true\n").is_err());
+        let tcp = Config::parse("[vm]\ntransport = \"tcp\"\n[network]\nallow = true\n")
+            .expect("tcp with network");
+        assert_eq!(tcp.network.plan().expect("plan").blocks(), 16384);
+        assert!(Config::parse("[network]\nsubnet = \"10.0.0.1/16\"\n").is_err());
         assert!(Config::parse("[vm]\nhypervisor = \"qemu\"\n").is_ok());
         assert!(Config::parse("[vm]\nhypervisor = \"xen\"\n").is_err());
     }

@@ -32,6 +32,8 @@ pub struct Job {
     pub compile_timeout_ms: u64,
     /// The program's memory limit, if the client set one.
     pub memory_mib: Option<u64>,
+    /// The program may use the VM's network interface.
+    pub network: bool,
 }
 
 /// Where each phase's time went.
@@ -116,6 +118,8 @@ impl Executor {
             memory_limit_mib: job.memory_mib,
             pids_limit: None,
             poweroff_after: true,
+            network: job.network,
+            run_as_root: job.language.run_as_root,
         }
     }
 

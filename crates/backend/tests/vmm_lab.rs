@@ -75,6 +75,8 @@ async fn cloude_vmm_driver_runs_a_program() {
         memory_limit_mib: None,
         pids_limit: None,
         poweroff_after: true,
+        network: false,
+        run_as_root: false,
     };
     let resp = client.run(&req).await.expect("run");
     let run = resp.run.expect("run stage");
@@ -107,6 +109,8 @@ fn python(code: &str, timeout_ms: u64) -> RunRequest {
         memory_limit_mib: Some(64),
         pids_limit: Some(32),
         poweroff_after: false,
+        network: false,
+        run_as_root: false,
     }
 }
 

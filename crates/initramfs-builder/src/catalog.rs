@@ -43,6 +43,10 @@ pub struct Language {
     /// Python's standard library. Part of the image's cache key.
     #[serde(default)]
     pub post_build: Vec<Vec<String>>,
+    /// Run programs as root inside the VM instead of the unprivileged sandbox user. For test
+    /// images (a guest kernel panic needs root); the VM stays the isolation boundary.
+    #[serde(default)]
+    pub run_as_root: bool,
 }
 
 fn default_memory() -> u64 {

@@ -143,6 +143,14 @@ pub struct RunRequest {
     /// Power the VM off once the response has been sent.
     #[serde(default = "default_true")]
     pub poweroff_after: bool,
+    /// Give the program the VM's network interfaces. When false (the default) and the VM has any
+    /// besides loopback, the stages run in a fresh network namespace with only loopback.
+    #[serde(default)]
+    pub network: bool,
+    /// Run the stages as root instead of the unprivileged sandbox user (catalogue entries that
+    /// ask for it, such as test images; the VM stays the boundary).
+    #[serde(default)]
+    pub run_as_root: bool,
 }
 
 fn default_true() -> bool {
@@ -373,6 +381,8 @@ mod tests {
             memory_limit_mib: None,
             pids_limit: None,
             poweroff_after: true,
+            network: false,
+            run_as_root: false,
         }
     }
 

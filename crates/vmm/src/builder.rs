@@ -171,7 +171,7 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         add_virtio(
             &|irq| {
                 let d = Arc::new(Mutex::new(
-                    Net::new(&net.tap, net.mac, irq).map_err(dev_err("virtio-net"))?,
+                    Net::from_source(&net.tap, net.mac, irq).map_err(dev_err("virtio-net"))?,
                 ));
                 Ok((d.clone(), d))
             },

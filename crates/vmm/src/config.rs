@@ -18,6 +18,7 @@ pub const MAX_MEMORY_MIB: u64 = 256 * 1024;
 /// `cloude-vmm`: boots one Linux micro-VM on KVM.
 #[derive(Debug, Parser)]
 #[command(name = "cloude-vmm", version, about)]
+#[command(group(clap::ArgGroup::new("net").args(["tap", "tap_fd"])))]
 pub struct Cli {
     /// Guest kernel: an ELF vmlinux (PVH entry preferred) or a bzImage.
     #[arg(long)]
@@ -43,11 +44,15 @@ pub struct Cli {
     /// Tap device for virtio-net (created if it does not exist).
     #[arg(long)]
     pub tap: Option<String>,
-    /// Guest MAC address (default: derived from the tap name).
-    #[arg(long, requires = "tap")]
+    /// An open tap file descriptor inherited from the caller, instead of `--tap` (the caller
+    /// created and configured it; the tap goes away when both sides have closed it).
+    #[arg(long)]
+    pub tap_fd: Option<i32>,
+    /// Guest MAC address (default: derived from the tap name, or fixed with `--tap-fd`).
+    #[arg(long, requires = "net")]
     pub guest_mac: Option<String>,
     /// Guest IPv4 address with prefix, e.g. 10.0.0.2/30 (sets the kernel `ip=`).
-    #[arg(long, requires = "tap", requires = "host_ip")]
+    #[arg(long, requires = "net", requires = "host_ip")]
     pub guest_ip: Option<String>,
     /// Host (gateway) IPv4 address on the tap.
     #[arg(long, requires = "guest_ip")]
@@ -67,6 +72,8 @@ pub enum ConfigError {
     Mac(String),
     #[error("--guest-ip {0:?} is not an IPv4 address with a prefix like 10.0.0.2/30")]
     GuestIp(String),
+    #[error("--tap-fd {0} is not an open tap device: {1}")]
+    TapFd(i32, String),
     #[error("--host-ip {0:?} is not an IPv4 address")]
     HostIp(String),
     #[error("--tap name {0:?} must be 1 to 15 characters without '/' or whitespace")]
@@ -79,10 +86,19 @@ pub enum ConfigError {
     },
 }
 
+/// Where the tap comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSource {
+    /// Opened (created if needed) by name.
+    Name(String),
+    /// Inherited open file descriptor.
+    Fd(i32),
+}
+
 /// Network settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    pub tap: String,
+    pub tap: TapSource,
     pub mac: [u8; 6],
     /// Guest address, prefix length and host address.
     pub ip: Option<(Ipv4Addr, u8, Ipv4Addr)>,
@@ -145,9 +161,8 @@ impl Cli {
             (Some(cid), Some(_)) => return Err(ConfigError::Cid(cid)),
             _ => None,
         };
-        let net = match self.tap {
-            None => None,
-            Some(tap) => {
+        let tap = match (self.tap, self.tap_fd) {
+            (Some(tap), _) => {
                 if tap.is_empty()
                     || tap.len() > 15
                     || tap.contains('/')
@@ -155,9 +170,21 @@ impl Cli {
                 {
                     return Err(ConfigError::Tap(tap));
                 }
-                let mac = match &self.guest_mac {
-                    Some(m) => parse_mac(m).ok_or_else(|| ConfigError::Mac(m.clone()))?,
-                    None => default_mac(&tap),
+                Some(TapSource::Name(tap))
+            }
+            (None, Some(fd)) => {
+                check_tap_fd(fd)?;
+                Some(TapSource::Fd(fd))
+            }
+            (None, None) => None,
+        };
+        let net = match tap {
+            None => None,
+            Some(tap) => {
+                let mac = match (&self.guest_mac, &tap) {
+                    (Some(m), _) => parse_mac(m).ok_or_else(|| ConfigError::Mac(m.clone()))?,
+                    (None, TapSource::Name(name)) => default_mac(name),
+                    (None, TapSource::Fd(_)) => default_mac(""),
                 };
                 let ip = match (&self.guest_ip, &self.host_ip) {
                     (Some(g), Some(h)) => {
@@ -184,6 +211,25 @@ impl Cli {
             net,
         })
     }
+}
+
+/// Checks that `fd` is open and is a tun/tap device (TUNGETIFF answers only on those).
+fn check_tap_fd(fd: i32) -> Result<(), ConfigError> {
+    const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+    if fd < 0 {
+        return Err(ConfigError::TapFd(fd, "negative".into()));
+    }
+    let mut ifreq = [0u8; 40];
+    // SAFETY: TUNGETIFF writes at most a `struct ifreq` (40 bytes) into the live buffer; on any
+    // other kind of fd the kernel fails the call without writing.
+    let r = unsafe { libc::ioctl(fd, TUNGETIFF, ifreq.as_mut_ptr()) };
+    if r < 0 {
+        return Err(ConfigError::TapFd(
+            fd,
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// The kernel `ip=` argument for a static guest address.
@@ -260,6 +306,32 @@ mod tests {
             ]),
             Err(ConfigError::GuestIp(_))
         ));
+    }
+
+    #[test]
+    fn tap_fd_must_be_a_tap() {
+        assert!(matches!(
+            cli(&["--tap-fd", "0"]),
+            Err(ConfigError::TapFd(0, _))
+        ));
+        assert!(matches!(
+            cli(&["--tap-fd", "-5"]),
+            Err(ConfigError::TapFd(-5, _))
+        ));
+        let f = tempfile::NamedTempFile::new().expect("tmp");
+        let p = f.path().to_str().expect("utf8").to_string();
+        let both = Cli::try_parse_from([
+            "cloude-vmm",
+            "--kernel",
+            &p,
+            "--initrd",
+            &p,
+            "--tap",
+            "t",
+            "--tap-fd",
+            "3",
+        ]);
+        assert!(both.is_err(), "--tap and --tap-fd exclude each other");
     }
 
     #[test]

@@ -139,6 +139,9 @@ mod tests {
                 x = std::hint::black_box(x.wrapping_add(i * i));
             }
         }
-        assert!(cpu_time_us() > a, "CPU time did not advance within 5 s of busy work");
+        assert!(
+            cpu_time_us() > a,
+            "CPU time did not advance within 5 s of busy work"
+        );
     }
 }

@@ -126,7 +126,15 @@ impl Executor {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let job = format!("job-{}-{n}", std::process::id());
         let cfg = &self.cfg;
-        let wd = WorkDir::create(&cfg.work_root, &job, &req.files, cfg.uid, cfg.gid)?;
+        let (uid, gid) = if req.run_as_root {
+            (0, 0)
+        } else {
+            (cfg.uid, cfg.gid)
+        };
+        // Offline runs get a namespace of their own only where there is something to hide: a VM
+        // without a network device (the vsock transport) has nothing but loopback anyway.
+        let new_netns = !req.network && crate::sys::has_external_interface();
+        let wd = WorkDir::create(&cfg.work_root, &job, &req.files, uid, gid)?;
         let memory_mib = match (req.memory_limit_mib, cfg.memory_limit_mib) {
             (Some(r), Some(d)) => Some(r.min(d)),
             (r, d) => r.or(d),
@@ -162,8 +170,9 @@ impl Executor {
                     "compile"
                 }
             ),
-            uid: cfg.uid,
-            gid: cfg.gid,
+            uid,
+            gid,
+            new_netns,
             sink: sink.clone(),
         };
 

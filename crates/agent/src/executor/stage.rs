@@ -38,6 +38,8 @@ pub struct StageSpec {
     pub cgroup_name: String,
     pub uid: u32,
     pub gid: u32,
+    /// Run in a fresh network namespace (see [`sys::ChildSetup::new_netns`]).
+    pub new_netns: bool,
     pub sink: Option<mpsc::Sender<StreamEvent>>,
 }
 
@@ -191,6 +193,7 @@ fn command(spec: &StageSpec, cgroup: Option<&StageCgroup>) -> Command {
             cgroup_procs: cgroup.map(|c| c.procs_file().as_raw_fd()),
             uid: spec.uid,
             gid: spec.gid,
+            new_netns: spec.new_netns,
         },
     );
     cmd

@@ -104,6 +104,8 @@ pub fn request(run: &[&str]) -> RunRequest {
         memory_limit_mib: None,
         pids_limit: None,
         poweroff_after: false,
+        network: false,
+        run_as_root: false,
     }
 }
 

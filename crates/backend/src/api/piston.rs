@@ -220,6 +220,8 @@ pub fn job_from_body(
                     .min(limits.max_compile_timeout_ms),
             ),
             memory_mib: as_u64(run_mem).map(|b| (b / (1024 * 1024)).max(16)),
+            // Piston's API has no network switch; its runs are offline.
+            network: false,
         },
         limits,
     )

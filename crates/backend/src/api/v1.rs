@@ -91,6 +91,7 @@ pub fn job_from_request(
             timeout_ms: r.timeout_ms,
             compile_timeout_ms: r.compile_timeout_ms,
             memory_mib: r.memory_mib,
+            network: r.network,
         },
         &config.limits,
     )

@@ -25,6 +25,8 @@ pub struct Draft {
     pub timeout_ms: Option<u64>,
     pub compile_timeout_ms: Option<u64>,
     pub memory_mib: Option<u64>,
+    /// Whether the program may use the VM's network (already checked against the config).
+    pub network: bool,
 }
 
 pub fn find_language<'c>(
@@ -206,6 +208,7 @@ pub fn build_job(d: Draft, limits: &Limits) -> Result<Job, ApiError> {
         run_timeout_ms,
         compile_timeout_ms,
         memory_mib: d.memory_mib,
+        network: d.network,
     })
 }
 

@@ -6,6 +6,7 @@
 //! path: success, timeout, client disconnect, error). A warm pool or a snapshot restore slots in as
 //! another producer of ready [`Vm`]s (see `executor::VmSource`).
 
+pub mod net;
 pub mod probe;
 mod qemu;
 mod runtime;
@@ -94,6 +95,8 @@ pub struct Vm {
     pub(crate) child: Option<Child>,
     pub(crate) slot: Slot,
     pub(crate) io: Option<Box<dyn AgentIo>>,
+    /// tcp transport: the channel the ready line came on, held open for the VM's life.
+    pub(crate) _control: Option<Box<dyn AgentIo>>,
     pub started: Instant,
     pub boot: Duration,
 }
@@ -169,6 +172,60 @@ impl Driver {
             Kind::CloudeVmm => vmm::boot(self, spec, slot).await,
         }
     }
+}
+
+/// The kernel command line for `slot`: the shared base, the driver's extras and, with a tap, the
+/// guest's static address.
+pub(crate) fn cmdline(slot: &Slot, extra: &str) -> String {
+    let mut c = BASE_CMDLINE.to_string();
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
+    }
+    if let Some(tap) = &slot.tap {
+        c.push(' ');
+        c.push_str(&tap.kernel_ip_arg());
+    }
+    c
+}
+
+/// Hands the slot's tap (if any) to the hypervisor as fd [`net::CHILD_TAP_FD`].
+#[allow(unsafe_code)]
+pub(crate) fn inherit_tap(cmd: &mut tokio::process::Command, slot: &Slot) {
+    let Some(tap) = &slot.tap else { return };
+    let fd = tap.raw_fd();
+    let hook = move || -> std::io::Result<()> {
+        let target = net::CHILD_TAP_FD;
+        // SAFETY: dup2 and fcntl on integer fds are async-signal-safe and touch no memory.
+        let r = unsafe {
+            if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            }
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook is async-signal-safe (no allocation, two syscalls), as `pre_exec` needs.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// tcp transport: once the agent is ready, connects to it on the VM's own address.
+pub(crate) async fn connect_tcp(slot: &Slot) -> Result<tokio::net::TcpStream, VmError> {
+    let Some(tap) = &slot.tap else {
+        return Err(VmError::Channel(std::io::Error::other("the VM has no tap")));
+    };
+    let addr = std::net::SocketAddr::from((tap.guest, cloude_protocol::AGENT_TCP_PORT));
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| VmError::Channel(std::io::Error::new(e.kind(), format!("{addr}: {e}"))))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
 }
 
 /// Reads one `\n`-terminated line byte by byte (never reads past it), at most `max` bytes.

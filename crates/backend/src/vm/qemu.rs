@@ -6,7 +6,11 @@ use std::time::Instant;
 use tokio::net::UnixListener;
 use tokio::process::Command;
 
-use super::{during_boot, wait_ready, Driver, Slot, Vm, VmError, VmSpec, BASE_CMDLINE};
+use super::net::CHILD_TAP_FD;
+use super::{
+    cmdline, connect_tcp, during_boot, inherit_tap, wait_ready, AgentIo, Driver, Slot, Vm, VmError,
+    VmSpec,
+};
 
 /// The QEMU command line for one VM (pure; unit-tested).
 pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot) -> Vec<String> {
@@ -38,7 +42,7 @@ pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot) -> Vec<String> {
         "-initrd".into(),
         spec.initrd.display().to_string(),
         "-append".into(),
-        BASE_CMDLINE.into(),
+        cmdline(slot, ""),
         "-serial".into(),
         format!("file:{}", console.display()),
         "-device".into(),
@@ -52,9 +56,17 @@ pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot) -> Vec<String> {
         ),
         "-device".into(),
         "virtio-rng-device".into(),
-        "-nic".into(),
-        "none".into(),
     ];
+    match &slot.tap {
+        // tcp transport: virtio-net on the tap we created and pass as an inherited fd.
+        Some(tap) => a.extend([
+            "-netdev".into(),
+            format!("tap,id=net0,fd={CHILD_TAP_FD}"),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={}", tap.mac_string()),
+        ]),
+        None => a.extend(["-nic".into(), "none".into()]),
+    }
     a.shrink_to_fit();
     a
 }
@@ -63,7 +75,9 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     let sock = slot.path("agent.sock");
     let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
-    let mut child = Command::new(&driver.binary)
+    let mut cmd = Command::new(&driver.binary);
+    inherit_tap(&mut cmd, &slot);
+    let mut child = cmd
         .args(args(driver, spec, &slot))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -75,7 +89,12 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     let io = during_boot(&mut child, &slot, spec, started, async {
         let (mut stream, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut stream).await?;
-        Ok(stream)
+        if slot.tap.is_some() {
+            let tcp = connect_tcp(&slot).await?;
+            let control: Box<dyn AgentIo> = Box::new(stream);
+            return Ok((Box::new(tcp) as Box<dyn AgentIo>, Some(control)));
+        }
+        Ok((Box::new(stream) as Box<dyn AgentIo>, None))
     })
     .await;
     let io = match io {
@@ -93,10 +112,12 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     };
     drop(listener);
     let _ = std::fs::remove_file(&sock);
+    let (io, control) = io;
     Ok(Vm {
         child: Some(child),
         slot,
-        io: Some(Box::new(io)),
+        io: Some(io),
+        _control: control,
         started,
         boot: started.elapsed(),
     })

@@ -2,7 +2,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::net::{NetPlan, Tap};
 
 /// Lowest guest CID (0-2 are reserved by vsock).
 const FIRST_CID: u32 = 3;
@@ -14,6 +16,8 @@ const CONSOLE_TAIL_BYTES: u64 = 2048;
 struct Inner {
     dir: tempfile::TempDir,
     state: Mutex<State>,
+    /// Per-VM taps and addresses (tcp transport), or none (vsock).
+    net: Option<NetPlan>,
 }
 
 #[derive(Default)]
@@ -22,6 +26,10 @@ struct State {
     used: HashSet<u32>,
     /// Live hypervisor pids by CID.
     pids: HashMap<u32, u32>,
+    /// Address blocks in use, and the next one to try (round robin, so that a block is reused as
+    /// late as possible, long after its old tap has gone).
+    next_block: u32,
+    used_blocks: HashSet<u32>,
 }
 
 /// The server's runtime directory (removed when the last handle is dropped) and allocators.
@@ -33,6 +41,11 @@ pub struct Runtime {
 impl Runtime {
     /// Creates `cloude-<random>` under `$CLOUDE_RUNTIME_DIR`, else the system temp directory.
     pub fn new() -> std::io::Result<Self> {
+        Self::with_network(None)
+    }
+
+    /// Like [`Runtime::new`]; with a plan, every slot also gets its own configured tap.
+    pub fn with_network(net: Option<NetPlan>) -> std::io::Result<Self> {
         let base = std::env::var_os("CLOUDE_RUNTIME_DIR")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
@@ -49,8 +62,16 @@ impl Runtime {
             inner: Arc::new(Inner {
                 dir,
                 state: Mutex::new(state),
+                net,
             }),
         })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .expect("runtime state lock is never poisoned")
     }
 
     pub fn dir(&self) -> &Path {
@@ -74,12 +95,34 @@ impl Runtime {
             }
         };
         let dir = self.dir().join(format!("vm-{cid}"));
-        let slot = Slot {
+        let mut slot = Slot {
             cid,
             dir,
             runtime: self.clone(),
+            block: None,
+            tap: None,
         };
         std::fs::create_dir(&slot.dir)?;
+        if let Some(plan) = self.inner.net {
+            let block = {
+                let mut st = self.lock();
+                let mut found = None;
+                for _ in 0..plan.blocks() {
+                    let b = st.next_block;
+                    st.next_block = (b + 1) % plan.blocks();
+                    if st.used_blocks.insert(b) {
+                        found = Some(b);
+                        break;
+                    }
+                }
+                found.ok_or_else(|| {
+                    std::io::Error::other("network.subnet has no free address block left")
+                })?
+            };
+            slot.block = Some(block);
+            let (host, guest) = plan.addresses(block);
+            slot.tap = Some(Tap::create(&format!("cld{cid}"), host, guest)?);
+        }
         Ok(slot)
     }
 
@@ -115,11 +158,14 @@ impl Runtime {
     }
 }
 
-/// One VM's CID and directory; freed and removed on drop.
+/// One VM's CID, directory and (tcp transport) tap; freed and removed on drop.
 pub struct Slot {
     pub cid: u32,
     pub dir: PathBuf,
     runtime: Runtime,
+    block: Option<u32>,
+    /// The VM's tap (tcp transport): the hypervisor inherits its fd.
+    pub tap: Option<Tap>,
 }
 
 impl Slot {
@@ -174,6 +220,9 @@ impl Drop for Slot {
             .expect("runtime state lock is never poisoned");
         st.used.remove(&self.cid);
         st.pids.remove(&self.cid);
+        if let Some(b) = self.block {
+            st.used_blocks.remove(&b);
+        }
     }
 }
 

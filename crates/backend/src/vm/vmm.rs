@@ -7,20 +7,24 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
-use super::{during_boot, read_line, wait_ready, Driver, Slot, Vm, VmError, VmSpec, BASE_CMDLINE};
+use super::net::CHILD_TAP_FD;
+use super::{
+    cmdline, connect_tcp, during_boot, inherit_tap, read_line, wait_ready, AgentIo, Driver, Slot,
+    Vm, VmError, VmSpec,
+};
 
 /// What `cloude-vmm` adds to the shared command line (its own defaults: no PCI, no i8042 probing).
 const VMM_CMDLINE_EXTRA: &str =
     "pci=off i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable random.trust_cpu=on";
 
 pub(crate) fn args(spec: &VmSpec, slot: &Slot) -> Vec<String> {
-    vec![
+    let mut a = vec![
         "--kernel".into(),
         spec.kernel.display().to_string(),
         "--initrd".into(),
         spec.initrd.display().to_string(),
         "--cmdline".into(),
-        format!("{BASE_CMDLINE} {VMM_CMDLINE_EXTRA}"),
+        cmdline(slot, VMM_CMDLINE_EXTRA),
         "--memory-mib".into(),
         spec.memory_mib.to_string(),
         "--vcpus".into(),
@@ -29,7 +33,16 @@ pub(crate) fn args(spec: &VmSpec, slot: &Slot) -> Vec<String> {
         slot.cid.to_string(),
         "--vsock-uds".into(),
         slot.path("vsock.sock").display().to_string(),
-    ]
+    ];
+    if let Some(tap) = &slot.tap {
+        a.extend([
+            "--tap-fd".into(),
+            CHILD_TAP_FD.to_string(),
+            "--guest-mac".into(),
+            tap.mac_string(),
+        ]);
+    }
+    a
 }
 
 pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<Vm, VmError> {
@@ -38,7 +51,9 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     let listener = UnixListener::bind(&ready_path).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
     let console = std::fs::File::create(slot.console_path()).map_err(VmError::RuntimeDir)?;
-    let mut child = Command::new(&driver.binary)
+    let mut cmd = Command::new(&driver.binary);
+    inherit_tap(&mut cmd, &slot);
+    let mut child = cmd
         .args(args(spec, &slot))
         .stdin(Stdio::null())
         .stdout(console.try_clone().map_err(VmError::RuntimeDir)?)
@@ -50,6 +65,11 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     let io = during_boot(&mut child, &slot, spec, started, async {
         let (mut ready, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut ready).await?;
+        if slot.tap.is_some() {
+            let tcp = connect_tcp(&slot).await?;
+            let control: Box<dyn AgentIo> = Box::new(ready);
+            return Ok((Box::new(tcp) as Box<dyn AgentIo>, Some(control)));
+        }
         let mut s = UnixStream::connect(&uds).await.map_err(VmError::Channel)?;
         s.write_all(format!("CONNECT {}\n", cloude_protocol::AGENT_VSOCK_PORT).as_bytes())
             .await
@@ -58,15 +78,17 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
         if !ok.starts_with("OK ") {
             return Err(VmError::Handshake(ok));
         }
-        Ok(s)
+        Ok((Box::new(s) as Box<dyn AgentIo>, None))
     })
     .await?;
     drop(listener);
     let _ = std::fs::remove_file(&ready_path);
+    let (io, control) = io;
     Ok(Vm {
         child: Some(child),
         slot,
-        io: Some(Box::new(io)),
+        io: Some(io),
+        _control: control,
         started,
         boot: started.elapsed(),
     })

@@ -24,12 +24,32 @@ impl Server {
         config: Option<&str>,
         ready_within: Duration,
     ) -> Result<Server, String> {
+        Self::start_in(None, "127.0.0.1:0", args, config, ready_within)
+    }
+
+    /// Like [`Server::start`], listening on `listen`, inside network namespace `netns` when given
+    /// (through `ip netns exec`, which execs the server: its pid is the server's).
+    pub fn start_in(
+        netns: Option<&str>,
+        listen: &str,
+        args: &[&str],
+        config: Option<&str>,
+        ready_within: Duration,
+    ) -> Result<Server, String> {
         let runtime_dir = tempfile::Builder::new()
             .prefix("cloude-test-rt-")
             .tempdir()
             .map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloude-server"));
-        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        let bin = env!("CARGO_BIN_EXE_cloude-server");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.args(["--listen", listen]).args(args);
         if let Some(text) = config {
             let p = runtime_dir.path().join("config.toml");
             std::fs::write(&p, text).map_err(|e| e.to_string())?;

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::{self, ChainError};
 use super::{ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::config::TapSource;
 
 /// virtio-net header size with VERSION_1 (includes `num_buffers`).
 pub const NET_HDR_SIZE: usize = 12;
@@ -87,6 +88,35 @@ impl Net {
     /// Opens the tap and creates the device.
     pub fn new(tap: &str, mac: [u8; 6], irq: Arc<Interrupt>) -> std::io::Result<Self> {
         Self::with_tap(open_tap(tap)?, mac, irq)
+    }
+
+    /// Opens the tap by name, or takes over an inherited tap fd (made non-blocking and
+    /// close-on-exec here).
+    pub fn from_source(
+        src: &TapSource,
+        mac: [u8; 6],
+        irq: Arc<Interrupt>,
+    ) -> std::io::Result<Self> {
+        match src {
+            TapSource::Name(name) => Self::new(name, mac, irq),
+            TapSource::Fd(fd) => {
+                let fd = *fd;
+                // SAFETY: fcntl on an fd number only reads/sets its flags; a bad fd fails.
+                let ok = unsafe {
+                    let fl = libc::fcntl(fd, libc::F_GETFL);
+                    fl >= 0
+                        && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) >= 0
+                        && libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) >= 0
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: the fd was inherited for this device (checked to be a tap at
+                // validation) and nothing else in this process owns it.
+                let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                Self::with_tap(file, mac, irq)
+            }
+        }
     }
 
     /// Creates the device on an already open, non-blocking tap-like fd.

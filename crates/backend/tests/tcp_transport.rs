@@ -1,0 +1,294 @@
+//! The tcp transport end to end: `cloude-server` with `vm.transport = "tcp"` runs inside a
+//! network namespace this test creates (reached over a veth pair), gives every VM its own tap and
+//! /30, and talks to each agent over TCP on the VM's own address. Real QEMU VMs (the fallback
+//! hypervisor here), real taps, real HTTP.
+//!
+//! Needs root (or CAP_NET_ADMIN), `/dev/net/tun` and `ip`; without them it says SKIPPED and why.
+
+mod support;
+
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::Server;
+
+/// Images may have to be built on first start (the e2e test usually built them already).
+const FIRST_START: Duration = Duration::from_secs(3600);
+
+fn sh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace with a veth pair to it; deleted (with everything in it) on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    /// The server's address inside the namespace.
+    inner_ip: String,
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let id = std::process::id() % 60_000;
+        let name = format!("cloude-tcp-{id}");
+        let host_if = format!("ctcp{id}h");
+        let peer_if = format!("ctcp{id}n");
+        // A /30 out of 10.250/16 chosen by pid, away from the VMs' 10.201/16.
+        let (a, b) = ((id / 64) % 256, (id % 64) * 4);
+        let host_ip = format!("10.250.{a}.{}", b + 1);
+        let inner_ip = format!("10.250.{a}.{}", b + 2);
+        let _ = sh(&["ip", "netns", "del", &name]);
+        let _ = sh(&["ip", "link", "del", &host_if]);
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns {
+            name,
+            host_if,
+            inner_ip,
+        };
+        let n = ns.name.as_str();
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_if,
+            "netns",
+            n,
+        ])?;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &ns.host_if,
+        ])?;
+        sh(&["ip", "link", "set", &ns.host_if, "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/30", ns.inner_ip),
+            "dev",
+            &peer_if,
+        ])?;
+        sh(&["ip", "-n", n, "link", "set", &peer_if, "up"])?;
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Names of the `cld*` taps in the namespace.
+    fn taps(&self) -> Vec<String> {
+        sh(&["ip", "-n", &self.name, "-o", "link"])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with("cld"))
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+        let _ = sh(&["ip", "link", "del", &self.host_if]);
+    }
+}
+
+fn skip_reason() -> Option<String> {
+    // SAFETY-free check: the effective uid from /proc (no libc needed in tests).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|r| r.split_whitespace().nth(1))
+        .unwrap_or("");
+    if euid != "0" {
+        return Some(format!(
+            "needs root for taps and network namespaces (euid {euid})"
+        ));
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun".into());
+    }
+    if sh(&["ip", "-V"]).is_err() {
+        return Some("no `ip` command (iproute2)".into());
+    }
+    None
+}
+
+fn exec(s: &Server, body: Value) -> (u16, Value) {
+    let r = s.post("/v1/executions", &body);
+    let v = serde_json::from_slice(&r.body).unwrap_or_else(|_| json!({ "raw": r.text() }));
+    (r.status, v)
+}
+
+fn stdout(v: &Value) -> &str {
+    v["stdout"].as_str().unwrap_or("")
+}
+
+#[test]
+fn tcp_transport_in_a_netns() {
+    if let Some(why) = skip_reason() {
+        eprintln!("tcp_transport: SKIPPED: {why}");
+        return;
+    }
+    let ns = Netns::create().unwrap_or_else(|e| panic!("cannot create the test namespace: {e}"));
+    let config = "[vm]\ntransport = \"tcp\"\nprebuild = [\"bash\", \"python\"]\n\
+                  [network]\nallow = true\n\
+                  [limits]\nmax_concurrent_vms = 4\n";
+    let server = Server::start_in(
+        Some(&ns.name),
+        &format!("{}:0", ns.inner_ip),
+        &["--hypervisor", "qemu"],
+        Some(config),
+        FIRST_START,
+    )
+    .unwrap_or_else(|e| panic!("tcp_transport: {e}"));
+    let listen = server.addr;
+    let mut failures: Vec<String> = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: &Value| {
+        if ok {
+            eprintln!("tcp_transport: ok   {name}");
+        } else {
+            let d: String = detail.to_string().chars().take(800).collect();
+            eprintln!("tcp_transport: FAIL {name}: {d}");
+            failures.push(name.to_string());
+        }
+    };
+
+    // Plain requests over TCP to the agent.
+    let (st, v) = exec(
+        &server,
+        json!({"language": "bash", "code": "echo tcp-hello"}),
+    );
+    check(
+        "bash over tcp",
+        st == 200 && v["status"] == "ok" && stdout(&v) == "tcp-hello\n",
+        &v,
+    );
+    let (st, v) = exec(
+        &server,
+        json!({"language": "python", "stdin": "from stdin\n", "args": ["a1"],
+               "code": "import sys\nprint(input(), sys.argv[1])\nsys.exit(3)",
+               "timeout_ms": 30000}),
+    );
+    check(
+        "python over tcp: stdin, args, exit code",
+        st == 200 && stdout(&v) == "from stdin a1\n" && v["exit_code"] == 3,
+        &v,
+    );
+
+    // Offline by default: the program cannot reach the host side of its tap, nor the server,
+    // even though the VM itself has an address.
+    let probe = format!(
+        "for t in 10.201.0.1/{port} {ip}/{port}; do \
+           if (exec 3<>/dev/tcp/${{t%/*}}/${{t#*/}}) 2>/dev/null; then echo REACHED $t; else echo blocked; fi; \
+         done; cat /sys/class/net/eth0/address",
+        port = listen.port(),
+        ip = listen.ip()
+    );
+    let (st, v) = exec(&server, json!({"language": "bash", "code": probe}));
+    check(
+        "offline program reaches nothing (own network namespace)",
+        st == 200
+            && stdout(&v).starts_with("blocked\nblocked\n")
+            && !stdout(&v).contains("REACHED"),
+        &v,
+    );
+
+    // network: true gives the program the VM's link: it reaches the server's address.
+    let fetch = format!(
+        "exec 3<>/dev/tcp/{}/{} && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+        listen.ip(),
+        listen.port()
+    );
+    let (st, v) = exec(
+        &server,
+        json!({"language": "bash", "network": true, "code": fetch}),
+    );
+    check(
+        "network: true reaches a host in the namespace",
+        st == 200 && stdout(&v).contains("200 OK") && stdout(&v).contains("\"hypervisor\""),
+        &v,
+    );
+
+    // Four at once: each VM has its own tap and address, and each answer is its own.
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = server.addr;
+            thread::spawn(move || {
+                let body = json!({"language": "bash", "network": true,
+                    "code": format!("echo token-{i}; cat /sys/class/net/eth0/address")});
+                let r = support::http(
+                    addr,
+                    "POST",
+                    "/v1/executions",
+                    Some(serde_json::to_vec(&body).expect("json")),
+                );
+                let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+                (i, r.status, v)
+            })
+        })
+        .collect();
+    let mut macs = std::collections::HashSet::new();
+    for h in handles {
+        let (i, st, v) = h.join().expect("request thread");
+        let out = stdout(&v).to_string();
+        let mut lines = out.lines();
+        let ok = st == 200 && lines.next() == Some(format!("token-{i}").as_str());
+        if let Some(mac) = lines.next() {
+            macs.insert(mac.to_string());
+        }
+        check(
+            &format!("concurrent request {i} got its own output"),
+            ok,
+            &v,
+        );
+    }
+    check(
+        "four concurrent VMs had four different addresses",
+        macs.len() == 4,
+        &json!(macs.iter().collect::<Vec<_>>()),
+    );
+
+    // Nothing left: no taps, no hypervisors, no VM directories.
+    thread::sleep(Duration::from_millis(500));
+    let taps = ns.taps();
+    check(
+        "no tap left after the requests",
+        taps.is_empty(),
+        &json!(taps),
+    );
+    let kids = server.children();
+    check("no hypervisor left", kids.is_empty(), &json!(kids));
+    let status = server.stop(Duration::from_secs(30));
+    check(
+        "SIGTERM: clean exit",
+        matches!(&status, Ok(s) if s.success()),
+        &json!(format!("{status:?}")),
+    );
+    let taps = ns.taps();
+    check("no tap left after shutdown", taps.is_empty(), &json!(taps));
+    assert!(failures.is_empty(), "tcp_transport failures: {failures:?}");
+}
