@@ -222,11 +222,25 @@ impl Executor {
         match vm.exit_status_within(VM_EXIT_GRACE).await {
             Some(status) => {
                 self.metrics.vm_failed();
-                format!("the VM stopped unexpectedly ({status}) while running the program")
+                match panic_line(&vm.console_tail()) {
+                    Some(p) => format!(
+                        "the guest kernel panicked while running the program ({p}); the VM stopped ({status})"
+                    ),
+                    None => format!(
+                        "the VM stopped unexpectedly ({status}) while running the program"
+                    ),
+                }
             }
             None => format!("lost contact with the VM's agent: {err}"),
         }
     }
+}
+
+/// The guest's "Kernel panic - not syncing: ..." line from its console, without the timestamp.
+fn panic_line(console: &str) -> Option<String> {
+    let line = console.lines().find(|l| l.contains("Kernel panic"))?;
+    let start = line.find("Kernel panic")?;
+    Some(line[start..].trim().chars().take(200).collect())
 }
 
 /// Internal split between "cannot even start" (artifacts) and "VM failed".
@@ -244,5 +258,20 @@ impl From<ArtifactError> for ExecError2 {
 impl From<VmError> for ExecError2 {
     fn from(e: VmError) -> Self {
         ExecError2::Vm(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_line;
+
+    #[test]
+    fn panic_line_is_found_and_trimmed() {
+        let console = "[    0.5] booting\n[    2.1] Kernel panic - not syncing: sysrq triggered crash\n[    2.1] CPU: 0";
+        assert_eq!(
+            panic_line(console).as_deref(),
+            Some("Kernel panic - not syncing: sysrq triggered crash")
+        );
+        assert_eq!(panic_line("all fine\n"), None);
     }
 }

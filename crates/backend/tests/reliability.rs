@@ -33,6 +33,27 @@ const FIRST_START: Duration = Duration::from_secs(3600);
 #[test]
 fn reliability_real_vms() {
     let started = Instant::now();
+    // The default catalogue plus a root-run test image (for the guest kernel panic), written
+    // outside the TMPDIR whose leftovers are checked.
+    let catalog_file = tempfile::Builder::new()
+        .prefix("cloude-test-catalog-")
+        .suffix(".toml")
+        .tempfile()
+        .expect("catalogue file");
+    std::fs::write(
+        catalog_file.path(),
+        format!(
+            "{}{}",
+            include_str!("../../../catalog/default.toml"),
+            programs::TEST_CATALOG_EXTRA
+        ),
+    )
+    .expect("write the test catalogue");
+    let catalog = catalog_file
+        .path()
+        .to_str()
+        .expect("utf-8 temp path")
+        .to_string();
     // A private temp dir for the test and everything it starts (the server and its QEMUs
     // inherit TMPDIR), so that stray temp files can be found.
     let tmp = tempfile::Builder::new()
@@ -44,8 +65,12 @@ fn reliability_real_vms() {
 
     // Server A: hostile requests (no VMs), hostile programs, faults.
     let config_a = "[limits]\nmax_concurrent_vms = 3\nmax_queue = 32\n";
-    let a = Server::start(&["--hypervisor", "qemu"], Some(config_a), FIRST_START)
-        .unwrap_or_else(|e| panic!("reliability: {e}"));
+    let a = Server::start(
+        &["--hypervisor", "qemu", "--catalog", &catalog],
+        Some(config_a),
+        FIRST_START,
+    )
+    .unwrap_or_else(|e| panic!("reliability: {e}"));
     let probe = LeakProbe::new(&a, tmp.path());
     let (st, v) = programs::exec(
         &a,

@@ -176,3 +176,73 @@ async fn cloude_vmm_runs_python_and_survives_hostile_programs() {
     vm.shutdown(Duration::from_secs(5)).await;
     drop(rt);
 }
+
+/// The tcp transport on `cloude-vmm`: this test's thread moves into a network namespace of its
+/// own (the taps the runtime creates, the VMM it spawns and the TCP connection all live there),
+/// the VM gets a tap as an inherited fd and its own /30, and the agent is reached over TCP.
+#[tokio::test]
+async fn cloude_vmm_driver_over_tcp_in_a_netns() {
+    use cloude_server::vm::net::NetPlan;
+    if std::env::var_os("CLOUDE_VMM_LAB_TESTS").is_none() {
+        eprintln!("SKIPPED: cloude-vmm tcp transport test needs a Linux-capable KVM (run it in the KVM lab with CLOUDE_VMM_LAB_TESTS=1)");
+        return;
+    }
+    // A current-thread runtime: everything below runs on this (unshared) thread.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+    let taps = || -> Vec<String> {
+        nix::net::if_::if_nameindex()
+            .expect("if_nameindex")
+            .iter()
+            .map(|i| i.name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("cld"))
+            .collect()
+    };
+    let driver = Driver {
+        kind: Kind::CloudeVmm,
+        binary: env_path("CLOUDE_VMM_BIN"),
+        qemu_kvm: false,
+    };
+    let spec = VmSpec {
+        kernel: env_path("CLOUDE_KERNEL"),
+        initrd: env_path("CLOUDE_INITRD"),
+        memory_mib: 256,
+        vcpus: 1,
+        boot_timeout: Duration::from_secs(60),
+    };
+    let plan = NetPlan::parse("10.201.0.0/16").expect("plan");
+    let rt = Runtime::with_network(Some(plan)).expect("runtime");
+    let slot = rt.slot().expect("slot with a tap");
+    let tap = slot.tap.as_ref().expect("tap").name.clone();
+    assert_eq!(taps(), vec![tap.clone()], "the slot's tap exists");
+    let mut vm = driver.boot(&spec, slot).await.expect("boot over tcp");
+    eprintln!("cloude-vmm VM ready over tcp in {} ms", vm.boot.as_millis());
+    let mut client = AgentClient::handshake(vm.take_io().expect("agent channel"))
+        .await
+        .expect("handshake over tcp");
+    let mut req = python("", 10_000);
+    req.files[0] = FileSpec {
+        name: "main.sh".into(),
+        content: "echo over-tcp; cat /sys/class/net/eth0/address; \
+                  (exec 3<>/dev/tcp/10.201.0.1/9) 2>/dev/null && echo REACHED || echo blocked"
+            .into(),
+        encoding: Default::default(),
+    };
+    req.run = vec!["bash".into(), "main.sh".into()];
+    req.poweroff_after = true;
+    let resp = client.run(&req).await.expect("run over tcp");
+    let run = resp.run.expect("run stage");
+    assert_eq!(run.status, StageStatus::Ok, "{run:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout.0),
+        "over-tcp\n06:00:0a:c9:00:02\nblocked\n",
+        "output, the guest MAC of 10.201.0.2, and no reach to the host side when offline"
+    );
+    vm.shutdown(Duration::from_secs(5)).await;
+    // The tap goes with the VMM's fd and ours.
+    let t = std::time::Instant::now();
+    while !taps().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(taps().is_empty(), "tap left behind: {:?}", taps());
+    drop(rt);
+}

@@ -227,8 +227,47 @@ fn programs() -> Vec<Prog> {
     );
     mem.body["memory_mib"] = json!(64);
     v.push(mem);
+    // The test catalogue's root-run image (`bash-root`, see `TEST_CATALOG_EXTRA`): root in the
+    // guest can panic its kernel; the request must still get a clear answer, and nothing leak.
+    v.push(prog(
+        "root-run test image runs as uid 0",
+        "bash-root",
+        "id -u\n",
+        10000,
+        |v| {
+            status_is(&["ok"])(v)?;
+            (v["stdout"] == "0\n")
+                .then_some(())
+                .ok_or("not root".into())
+        },
+    ));
+    v.push(prog(
+        "guest kernel panic (echo c > /proc/sysrq-trigger as root)",
+        "bash-root",
+        "echo before-panic\necho c > /proc/sysrq-trigger\nsleep 30\necho survived\n",
+        20000,
+        |v| {
+            status_is(&["internal_error"])(v)?;
+            let msg = v["message"].as_str().unwrap_or("");
+            msg.contains("kernel panicked")
+                .then_some(())
+                .ok_or(format!("message does not name the panic: {msg:?}"))
+        },
+    ));
     v
 }
+
+/// Appended to the default catalogue for the reliability server: a root-run bash image.
+pub const TEST_CATALOG_EXTRA: &str = r#"
+[[language]]
+name = "bash-root"
+version = "5.2.15"
+file = "main.sh"
+run = ["bash", "main.sh"]
+debian_packages = ["bash", "coreutils"]
+memory_mib = 256
+run_as_root = true
+"#;
 
 /// Runs one program and checks its status, its own verification and its timing.
 fn run_one(server: &Server, p: &Prog) -> Result<String, String> {
