@@ -61,6 +61,61 @@ async fn runs_unprivileged_in_its_work_dir() {
 }
 
 #[tokio::test]
+async fn run_as_root_when_asked() {
+    let (_cg, _work, ex) = setup!("root");
+    let mut req = sh("id -u; ls -ld . | awk '{print $3}'");
+    req.run_as_root = true;
+    let run = ex
+        .run(&req, None)
+        .await
+        .expect("run")
+        .run
+        .expect("run stage");
+    assert_eq!(String::from_utf8_lossy(&run.stdout.0), "0\nroot\n");
+}
+
+/// Offline programs get a network namespace with only loopback (up) when the machine has other
+/// interfaces; `network: true` leaves them in the machine's. `/proc/net/dev` is per namespace.
+#[tokio::test]
+async fn offline_programs_see_only_loopback() {
+    let (_cg, _work, ex) = setup!("netns");
+    if !cloude_agent::sys::has_external_interface() {
+        eprintln!("SKIPPED: this machine has no network interface besides loopback");
+        return;
+    }
+    let script = r#"tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\n' ' '; echo; (exec 3<>/dev/tcp/127.0.0.1/1) 2>&1 | grep -o refused"#;
+    let bash = |network: bool| {
+        let mut r = request(&["bash", "-c", script]);
+        r.network = network;
+        r
+    };
+    let offline = ex
+        .run(&bash(false), None)
+        .await
+        .expect("run")
+        .run
+        .expect("run");
+    let out = String::from_utf8_lossy(&offline.stdout.0).into_owned();
+    assert!(out.starts_with("lo \n"), "offline: {out:?}");
+    assert!(
+        out.contains("refused"),
+        "loopback is up (connection refused, not unreachable): {out:?}"
+    );
+    let online = ex
+        .run(&bash(true), None)
+        .await
+        .expect("run")
+        .run
+        .expect("run");
+    let out = String::from_utf8_lossy(&online.stdout.0).into_owned();
+    let first = out.lines().next().unwrap_or("");
+    assert!(
+        first.split(' ').filter(|n| !n.is_empty()).count() > 1,
+        "networked: {out:?}"
+    );
+}
+
+#[tokio::test]
 async fn signal_of_its_own_is_ok() {
     let (_cg, _work, ex) = setup!("signal");
     let run = ex

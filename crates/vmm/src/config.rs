@@ -315,7 +315,7 @@ mod tests {
             Err(ConfigError::TapFd(0, _))
         ));
         assert!(matches!(
-            cli(&["--tap-fd", "-5"]),
+            cli(&["--tap-fd=-5"]),
             Err(ConfigError::TapFd(-5, _))
         ));
         let f = tempfile::NamedTempFile::new().expect("tmp");
