@@ -50,20 +50,29 @@ pub enum Peers {
     /// Anyone (host mode: tests talk over loopback).
     Any,
     /// Only the host: in the guest, the program itself must not reach the agent (loopback,
-    /// the guest's own IP, or the vsock loopback transport).
+    /// the guest's own IP, or the vsock loopback transport). Over TCP, when the VM has a default
+    /// gateway (the host's end of its tap), only that address: another VM routed through the
+    /// host must not reach this agent either.
     HostOnly,
 }
 
 /// Accepts TCP connections forever.
 pub fn spawn_tcp(listener: TcpListener, state: Arc<AgentState>, peers: Peers) -> JoinHandle<()> {
+    let gateway = std::fs::read_to_string("/proc/net/route")
+        .ok()
+        .and_then(|t| crate::transport::tcp::default_gateway(&t));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     let local = stream.local_addr().map(|a| a.ip()).ok();
                     let from_guest = peer.ip().is_loopback() || Some(peer.ip()) == local;
-                    if peers == Peers::HostOnly && from_guest {
-                        tracing::warn!("refused a TCP connection from inside the guest ({peer})");
+                    let not_host = match gateway {
+                        Some(g) => peer.ip() != std::net::IpAddr::V4(g),
+                        None => from_guest,
+                    };
+                    if peers == Peers::HostOnly && not_host {
+                        tracing::warn!("refused a TCP connection from {peer}: not the host");
                         continue;
                     }
                     let _ = stream.set_nodelay(true);

@@ -272,6 +272,58 @@ fn tcp_transport_in_a_netns() {
         &json!(macs.iter().collect::<Vec<_>>()),
     );
 
+    // Another VM, routed through the host: with forwarding on in the namespace (as on many real
+    // hosts) packets from one VM do reach another VM's address, but that agent talks only to its
+    // own gateway. B idles while networked A probes the addresses below its own for an agent that answers.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ])
+    .expect("enable forwarding in the test namespace");
+    let addr = server.addr;
+    let b = thread::spawn(move || {
+        let body =
+            json!({"language": "bash", "code": "sleep 12; echo b-done", "timeout_ms": 30000});
+        let r = support::http(
+            addr,
+            "POST",
+            "/v1/executions",
+            Some(serde_json::to_vec(&body).expect("json")),
+        );
+        serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null)
+    });
+    thread::sleep(Duration::from_millis(1500));
+    // Blocks are handed out round robin, so B holds one of the eight blocks below A's. Each probe
+    // is bounded: SYNs to addresses nobody holds get rate-limited ICMP errors at best.
+    let scan = r#"[[ $(</proc/cmdline) =~ ip=([0-9.]+): ]] && own=${BASH_REMATCH[1]}
+probe='exec 3<>/dev/tcp/$1/8080 || exit; echo "CONNECTED $1"
+  printf "GET /v1/health HTTP/1.0\r\n\r\n" >&3; resp=$(cat <&3); [[ $resp == *HTTP/* ]] && echo "REACHED $1"'
+last=${own##*.}
+for k in 1 2 3 4 5 6 7 8; do
+  [ $((last - 4 * k)) -ge 2 ] || break
+  timeout 8 bash -c "$probe" _ "10.201.0.$((last - 4 * k))" 2>/dev/null &
+done; wait; echo scanned"#;
+    let (st, a) = exec(
+        &server,
+        json!({"language": "bash", "network": true, "code": scan, "timeout_ms": 30000}),
+    );
+    let b = b.join().expect("request B");
+    let out = stdout(&a).to_string();
+    check(
+        "another VM is routable, but its agent refuses everyone but its own host",
+        st == 200
+            && out.contains("CONNECTED 10.201.0.")
+            && !out.contains("REACHED")
+            && out.ends_with("scanned\n")
+            && stdout(&b) == "b-done\n",
+        &json!({"scanner": a, "idle": b}),
+    );
+
     // Nothing left: no taps, no hypervisors, no VM directories.
     thread::sleep(Duration::from_millis(500));
     let taps = ns.taps();
