@@ -191,7 +191,7 @@ pub(crate) fn cmdline(slot: &Slot, extra: &str) -> String {
 
 /// Hands the slot's tap (if any) to the hypervisor as fd [`net::CHILD_TAP_FD`].
 #[allow(unsafe_code)]
-pub(crate) fn inherit_tap(cmd: &mut tokio::process::Command, slot: &Slot) {
+fn inherit_tap(cmd: &mut tokio::process::Command, slot: &Slot) {
     let Some(tap) = &slot.tap else { return };
     let fd = tap.raw_fd();
     let hook = move || -> std::io::Result<()> {
@@ -215,8 +215,75 @@ pub(crate) fn inherit_tap(cmd: &mut tokio::process::Command, slot: &Slot) {
     }
 }
 
+/// Spawns the hypervisor for `slot` (with its tap inherited, if any) and registers its pid.
+pub(crate) fn spawn(
+    driver: &Driver,
+    slot: &Slot,
+    args: Vec<String>,
+    stdout: std::process::Stdio,
+    stderr: std::process::Stdio,
+) -> Result<Child, VmError> {
+    let mut cmd = tokio::process::Command::new(&driver.binary);
+    inherit_tap(&mut cmd, slot);
+    let child = cmd
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| VmError::Spawn(driver.binary.display().to_string(), e))?;
+    slot.register_pid(child.id());
+    Ok(child)
+}
+
+/// The agent channel of a booted VM and, for the tcp transport, the ready channel held open.
+pub(crate) struct Channels {
+    io: Box<dyn AgentIo>,
+    control: Option<Box<dyn AgentIo>>,
+}
+
+/// After the ready line arrived on `ready`: with a tap the agent is reached over TCP on the VM's
+/// address (and `ready` is held open); otherwise `direct` makes the channel from `ready`.
+pub(crate) async fn channels<R, F, Fut>(
+    slot: &Slot,
+    ready: R,
+    direct: F,
+) -> Result<Channels, VmError>
+where
+    R: AgentIo,
+    F: FnOnce(R) -> Fut,
+    Fut: std::future::Future<Output = Result<Box<dyn AgentIo>, VmError>>,
+{
+    if slot.tap.is_some() {
+        let tcp = connect_tcp(slot).await?;
+        return Ok(Channels {
+            io: Box::new(tcp),
+            control: Some(Box::new(ready)),
+        });
+    }
+    Ok(Channels {
+        io: direct(ready).await?,
+        control: None,
+    })
+}
+
+impl Vm {
+    /// A VM whose agent is ready on `ch`.
+    pub(crate) fn ready(child: Child, slot: Slot, ch: Channels, started: Instant) -> Vm {
+        Vm {
+            child: Some(child),
+            slot,
+            io: Some(ch.io),
+            _control: ch.control,
+            started,
+            boot: started.elapsed(),
+        }
+    }
+}
+
 /// tcp transport: once the agent is ready, connects to it on the VM's own address.
-pub(crate) async fn connect_tcp(slot: &Slot) -> Result<tokio::net::TcpStream, VmError> {
+async fn connect_tcp(slot: &Slot) -> Result<tokio::net::TcpStream, VmError> {
     let Some(tap) = &slot.tap else {
         return Err(VmError::Channel(std::io::Error::other("the VM has no tap")));
     };

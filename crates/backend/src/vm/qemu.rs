@@ -1,15 +1,14 @@
-//! QEMU `-M microvm` driver: agent over virtio-serial, no network device at all.
+//! QEMU `-M microvm` driver: agent over virtio-serial and no network device (vsock transport), or
+//! virtio-net on the slot's tap with the agent over TCP (tcp transport).
 
 use std::process::Stdio;
 use std::time::Instant;
 
 use tokio::net::UnixListener;
-use tokio::process::Command;
 
 use super::net::CHILD_TAP_FD;
 use super::{
-    cmdline, connect_tcp, during_boot, inherit_tap, wait_ready, AgentIo, Driver, Slot, Vm, VmError,
-    VmSpec,
+    channels, cmdline, during_boot, spawn, wait_ready, AgentIo, Driver, Slot, Vm, VmError, VmSpec,
 };
 
 /// The QEMU command line for one VM (pure; unit-tested).
@@ -75,26 +74,21 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     let sock = slot.path("agent.sock");
     let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
-    let mut cmd = Command::new(&driver.binary);
-    inherit_tap(&mut cmd, &slot);
-    let mut child = cmd
-        .args(args(driver, spec, &slot))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(slot.path("qemu.stderr")).map_err(VmError::RuntimeDir)?)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| VmError::Spawn(driver.binary.display().to_string(), e))?;
-    slot.register_pid(child.id());
+    let stderr = std::fs::File::create(slot.path("qemu.stderr")).map_err(VmError::RuntimeDir)?;
+    let mut child = spawn(
+        driver,
+        &slot,
+        args(driver, spec, &slot),
+        Stdio::null(),
+        stderr.into(),
+    )?;
     let io = during_boot(&mut child, &slot, spec, started, async {
         let (mut stream, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut stream).await?;
-        if slot.tap.is_some() {
-            let tcp = connect_tcp(&slot).await?;
-            let control: Box<dyn AgentIo> = Box::new(stream);
-            return Ok((Box::new(tcp) as Box<dyn AgentIo>, Some(control)));
-        }
-        Ok((Box::new(stream) as Box<dyn AgentIo>, None))
+        channels(&slot, stream, |s| async move {
+            Ok(Box::new(s) as Box<dyn AgentIo>)
+        })
+        .await
     })
     .await;
     let io = match io {
@@ -112,15 +106,7 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     };
     drop(listener);
     let _ = std::fs::remove_file(&sock);
-    let (io, control) = io;
-    Ok(Vm {
-        child: Some(child),
-        slot,
-        io: Some(io),
-        _control: control,
-        started,
-        boot: started.elapsed(),
-    })
+    Ok(Vm::ready(child, slot, io, started))
 }
 
 #[cfg(test)]

@@ -1,16 +1,14 @@
 //! `cloude-vmm` driver: KVM, agent over hybrid vsock (Firecracker-style Unix socket).
 
-use std::process::Stdio;
 use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::process::Command;
 
 use super::net::CHILD_TAP_FD;
 use super::{
-    cmdline, connect_tcp, during_boot, inherit_tap, read_line, wait_ready, AgentIo, Driver, Slot,
-    Vm, VmError, VmSpec,
+    channels, cmdline, during_boot, read_line, spawn, wait_ready, AgentIo, Driver, Slot, Vm,
+    VmError, VmSpec,
 };
 
 /// What `cloude-vmm` adds to the shared command line (its own defaults: no PCI, no i8042 probing).
@@ -51,45 +49,31 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     let listener = UnixListener::bind(&ready_path).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
     let console = std::fs::File::create(slot.console_path()).map_err(VmError::RuntimeDir)?;
-    let mut cmd = Command::new(&driver.binary);
-    inherit_tap(&mut cmd, &slot);
-    let mut child = cmd
-        .args(args(spec, &slot))
-        .stdin(Stdio::null())
-        .stdout(console.try_clone().map_err(VmError::RuntimeDir)?)
-        .stderr(console)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| VmError::Spawn(driver.binary.display().to_string(), e))?;
-    slot.register_pid(child.id());
+    let mut child = spawn(
+        driver,
+        &slot,
+        args(spec, &slot),
+        console.try_clone().map_err(VmError::RuntimeDir)?.into(),
+        console.into(),
+    )?;
     let io = during_boot(&mut child, &slot, spec, started, async {
         let (mut ready, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut ready).await?;
-        if slot.tap.is_some() {
-            let tcp = connect_tcp(&slot).await?;
-            let control: Box<dyn AgentIo> = Box::new(ready);
-            return Ok((Box::new(tcp) as Box<dyn AgentIo>, Some(control)));
-        }
-        let mut s = UnixStream::connect(&uds).await.map_err(VmError::Channel)?;
-        s.write_all(format!("CONNECT {}\n", cloude_protocol::AGENT_VSOCK_PORT).as_bytes())
-            .await
-            .map_err(VmError::Channel)?;
-        let ok = read_line(&mut s, 64).await.map_err(VmError::Channel)?;
-        if !ok.starts_with("OK ") {
-            return Err(VmError::Handshake(ok));
-        }
-        Ok((Box::new(s) as Box<dyn AgentIo>, None))
+        channels(&slot, ready, |_| async {
+            let mut s = UnixStream::connect(&uds).await.map_err(VmError::Channel)?;
+            s.write_all(format!("CONNECT {}\n", cloude_protocol::AGENT_VSOCK_PORT).as_bytes())
+                .await
+                .map_err(VmError::Channel)?;
+            let ok = read_line(&mut s, 64).await.map_err(VmError::Channel)?;
+            if !ok.starts_with("OK ") {
+                return Err(VmError::Handshake(ok));
+            }
+            Ok(Box::new(s) as Box<dyn AgentIo>)
+        })
+        .await
     })
     .await?;
     drop(listener);
     let _ = std::fs::remove_file(&ready_path);
-    let (io, control) = io;
-    Ok(Vm {
-        child: Some(child),
-        slot,
-        io: Some(io),
-        _control: control,
-        started,
-        boot: started.elapsed(),
-    })
+    Ok(Vm::ready(child, slot, io, started))
 }
