@@ -17,6 +17,7 @@ use crate::config::{Config, HypervisorChoice, Transport};
 use crate::executor::{ExecSettings, Executor};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::vm::{self, probe::HostFacts, Runtime};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -143,9 +144,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             boot_timeout: Duration::from_millis(l.boot_timeout_ms),
             output_limit_bytes: l.output_limit_bytes,
         },
+        pool: Pool::new(config.pool.size, config.pool.languages.clone()),
     });
     if !args.lazy && !args.no_build {
         prepare(&artifacts, &catalog, &config.vm.prebuild).await;
+    }
+    if config.pool.size > 0 {
+        let warm: Vec<_> = catalog
+            .languages
+            .iter()
+            .filter(|l| executor.pool.wants(&l.name))
+            .collect();
+        tracing::info!(
+            "warm pool: {} VM(s) each for {}",
+            config.pool.size,
+            warm.iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for l in warm {
+            executor.refill(l);
+        }
     }
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     let state = Arc::new(AppState {
@@ -176,6 +196,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             grace.as_millis()
         );
         exec.limiter.close();
+        let pooled = exec.pool.close();
+        if pooled > 0 {
+            tracing::info!("stopped {pooled} pooled VM(s)");
+        }
     });
     let serve = crate::serve::serve(listener, router(state), stop_rx.clone());
     tokio::pin!(serve);

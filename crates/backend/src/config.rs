@@ -15,6 +15,16 @@ pub struct Config {
     pub limits: Limits,
     pub network: Network,
     pub vm: VmConfig,
+    pub pool: PoolConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Booted VMs kept ready for each pooled language (0: off).
+    pub size: usize,
+    /// Languages kept warm (names; `"*"` for all).
+    pub languages: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -153,6 +163,9 @@ impl Config {
         }
         if self.network.allow && self.vm.transport != Transport::Tcp {
             return bad("network.allow needs vm.transport = \"tcp\"");
+        }
+        if self.pool.size > 16 {
+            return bad("pool.size must be at most 16");
         }
         if let Err(e) = self.network.plan() {
             return Err(ConfigError::Invalid(e));

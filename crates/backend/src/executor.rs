@@ -11,6 +11,7 @@ use crate::agent::AgentClient;
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::limiter::{LimitError, Limiter, Permit};
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::vm::{Driver, Kind, Runtime, Vm, VmError, VmSpec};
 
 /// Memory the guest kernel and agent need on top of the program's limit.
@@ -76,6 +77,8 @@ pub struct Executor {
     pub limiter: Limiter,
     pub metrics: Arc<Metrics>,
     pub settings: ExecSettings,
+    /// VMs booted ahead of requests (off unless configured).
+    pub pool: Pool,
 }
 
 /// Milliseconds as u64 (saturating).
@@ -123,15 +126,47 @@ impl Executor {
         }
     }
 
-    /// Boots a fresh VM for `job`. This is the seam where a warm pool or a snapshot restore
-    /// would hand out an already-booted VM instead.
-    async fn acquire_vm(&self, job: &Job) -> Result<Vm, ExecError2> {
+    /// A VM for `job`: a pooled one when the pool has one that fits (returned with `true`), else
+    /// a fresh boot. A snapshot restore would be one more producer here.
+    async fn acquire_vm(self: &Arc<Self>, job: &Job) -> Result<(Vm, bool), ExecError2> {
+        let language = &job.language;
+        let needed = job.memory_mib.map_or(0, |m| m + VM_OVERHEAD_MIB);
+        if needed <= language.memory_mib {
+            if let Some(vm) = self.pool.take(&language.name) {
+                self.metrics.pool_hit();
+                self.refill(language);
+                tracing::info!(cid = vm.cid(), pid = vm.pid(), "pooled VM taken");
+                return Ok((vm, true));
+            }
+            if self.pool.wants(&language.name) {
+                self.metrics.pool_miss();
+                self.refill(language);
+            }
+        }
+        let vm = self
+            .boot_vm(language, language.memory_mib.max(needed))
+            .await?;
+        Ok((vm, false))
+    }
+
+    /// Boots what the pool lacks for `language`, in the background.
+    pub fn refill(self: &Arc<Self>, language: &Language) {
+        for _ in 0..self.pool.reserve(&language.name) {
+            let exec = self.clone();
+            let language = language.clone();
+            tokio::spawn(async move {
+                match exec.boot_vm(&language, language.memory_mib).await {
+                    Ok(vm) => exec.pool.put(&language.name, Some(vm)),
+                    Err(_) => exec.pool.put(&language.name, None),
+                }
+            });
+        }
+    }
+
+    /// Boots a fresh VM with `memory_mib` for `language`.
+    async fn boot_vm(&self, language: &Language, memory_mib: u64) -> Result<Vm, ExecError2> {
         let kernel = self.artifacts.kernel().await?;
-        let initrd = self.artifacts.image(&job.language).await?;
-        let memory_mib = job
-            .language
-            .memory_mib
-            .max(job.memory_mib.map_or(0, |m| m + VM_OVERHEAD_MIB));
+        let initrd = self.artifacts.image(language).await?;
         let spec = VmSpec {
             kernel: match self.driver.kind {
                 Kind::Qemu => kernel.bzimage,
@@ -155,7 +190,7 @@ impl Executor {
 
     /// Runs an admitted job. `events` receives output as it happens (streaming variant).
     pub async fn execute(
-        &self,
+        self: &Arc<Self>,
         _permit: Permit,
         job: Job,
         queue: Duration,
@@ -166,8 +201,8 @@ impl Executor {
             queue_ms: ms(queue),
             ..Timings::default()
         };
-        let mut vm = match self.acquire_vm(&job).await {
-            Ok(vm) => vm,
+        let (mut vm, pooled) = match self.acquire_vm(&job).await {
+            Ok(v) => v,
             Err(ExecError2::Exec(e)) => return Err(e),
             Err(ExecError2::Vm(e)) => {
                 timings.boot_ms = ms(start.elapsed());
@@ -178,8 +213,13 @@ impl Executor {
                 });
             }
         };
-        timings.boot_ms = ms(vm.boot);
-        self.metrics.observe("boot", vm.boot);
+        if pooled {
+            // The boot happened before the request; it only waited to take the VM.
+            timings.boot_ms = ms(start.elapsed());
+        } else {
+            timings.boot_ms = ms(vm.boot);
+            self.metrics.observe("boot", vm.boot);
+        }
         let req = self.run_request(&job);
         let deadline = Duration::from_millis(job.compile_timeout_ms + job.run_timeout_ms)
             + AGENT_DEADLINE_SLACK;

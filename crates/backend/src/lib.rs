@@ -11,5 +11,6 @@ pub mod config;
 pub mod executor;
 pub mod limiter;
 pub mod metrics;
+pub mod pool;
 pub mod serve;
 pub mod vm;

@@ -42,6 +42,8 @@ struct Inner {
     latency: BTreeMap<&'static str, Histogram>,
     vms_started: u64,
     vm_failures: u64,
+    pool_hits: u64,
+    pool_misses: u64,
 }
 
 #[derive(Default)]
@@ -52,6 +54,8 @@ pub struct Metrics {
 /// Live values read at scrape time.
 pub struct Gauges {
     pub vms_running: usize,
+    /// Booted VMs waiting in the warm pool.
+    pub pool_ready: usize,
     pub queue_length: usize,
     pub max_vms: usize,
 }
@@ -83,6 +87,14 @@ impl Metrics {
 
     pub fn vm_failed(&self) {
         self.with(|m| m.vm_failures += 1);
+    }
+
+    pub fn pool_hit(&self) {
+        self.with(|m| m.pool_hits += 1);
+    }
+
+    pub fn pool_miss(&self) {
+        self.with(|m| m.pool_misses += 1);
     }
 
     pub fn render(&self, g: &Gauges) -> String {
@@ -145,7 +157,20 @@ impl Metrics {
             );
             let _ = writeln!(o, "# TYPE cloude_vm_failures_total counter");
             let _ = writeln!(o, "cloude_vm_failures_total {}", m.vm_failures);
+            let _ = writeln!(
+                o,
+                "# HELP cloude_pool_takes_total Requests of pooled languages, by whether a warm VM was ready."
+            );
+            let _ = writeln!(o, "# TYPE cloude_pool_takes_total counter");
+            let _ = writeln!(o, "cloude_pool_takes_total{{result=\"hit\"}} {}", m.pool_hits);
+            let _ = writeln!(o, "cloude_pool_takes_total{{result=\"miss\"}} {}", m.pool_misses);
         });
+        let _ = writeln!(
+            o,
+            "# HELP cloude_pool_ready Booted VMs waiting in the warm pool."
+        );
+        let _ = writeln!(o, "# TYPE cloude_pool_ready gauge");
+        let _ = writeln!(o, "cloude_pool_ready {}", g.pool_ready);
         let _ = writeln!(o, "# HELP cloude_vms_running VMs running now.");
         let _ = writeln!(o, "# TYPE cloude_vms_running gauge");
         let _ = writeln!(o, "cloude_vms_running {}", g.vms_running);
@@ -171,6 +196,7 @@ mod tests {
         m.observe("total", Duration::from_millis(300));
         let t = m.render(&Gauges {
             vms_running: 2,
+            pool_ready: 0,
             queue_length: 1,
             max_vms: 4,
         });

@@ -36,6 +36,7 @@ fn state_with(config: Config) -> Arc<AppState> {
             boot_timeout: Duration::from_secs(1),
             output_limit_bytes: 1024,
         },
+        pool: cloude_server::pool::Pool::off(),
     });
     Arc::new(AppState {
         config,

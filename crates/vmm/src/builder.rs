@@ -195,6 +195,7 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         EntryPoint::Linux64(_) => boot::write_zero_page(&vm.mem, &info, kernel.setup_header)?,
     }
     mptable::setup(&vm.mem, cfg.vcpus)?;
+    vm.advise_huge_pages();
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
     for i in 0..cfg.vcpus {

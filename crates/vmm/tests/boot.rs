@@ -418,6 +418,15 @@ fn virtio_net_tcp_both_ways_in_a_netns() {
             ],
         );
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Wait (quietly) for the VMM to create the tap before configuring it.
+        // (/proc/thread-self: this thread's network namespace, which it unshared.)
+        while !std::fs::read_to_string("/proc/thread-self/net/dev")
+            .unwrap_or_default()
+            .contains("tap0:")
+        {
+            assert!(Instant::now() < deadline, "tap0 never appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         while !ip(&["addr", "add", "10.77.0.1/30", "dev", "tap0"]) {
             assert!(Instant::now() < deadline, "tap0 never appeared");
             std::thread::sleep(Duration::from_millis(50));

@@ -49,6 +49,7 @@ impl AppState {
     fn gauges(&self) -> Gauges {
         Gauges {
             vms_running: self.executor.runtime.live_vms(),
+            pool_ready: self.executor.pool.ready(),
             queue_length: self.executor.limiter.queued(),
             max_vms: self.config.limits.max_concurrent_vms,
         }
@@ -81,6 +82,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
         "hypervisor": state.hypervisor,
         "hypervisor_reason": state.hypervisor_reason,
         "vms_running": g.vms_running,
+        "pool_ready": g.pool_ready,
         "queue_length": g.queue_length,
         "max_concurrent_vms": g.max_vms,
     }))

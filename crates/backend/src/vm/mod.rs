@@ -116,6 +116,11 @@ impl Vm {
         self.slot.cid
     }
 
+    /// Whether the hypervisor process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
     /// Whether the hypervisor process has exited, and how.
     /// Waits up to `within` for the hypervisor to exit (it may close the agent channel a moment
     /// before its exit is visible); returns how it ended, or `None` if it is still running.

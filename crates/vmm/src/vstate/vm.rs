@@ -64,12 +64,10 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Maps `len` bytes of anonymous guest RAM for guest-physical `gpa` at a host address congruent
-/// to `gpa` modulo 2 MiB, and asks for transparent huge pages. KVM maps guest memory with 2 MiB
-/// pages only where host and guest addresses agree modulo 2 MiB (and the host page is huge), so
-/// this cuts the nested/EPT page faults of a boot — the kernel and the unpacked initramfs touch
-/// tens of thousands of 4 KiB pages — by up to 512 times. Without THP on the host it is a plain
-/// mapping. The mapping is not owned by the returned region: it lasts until the process exits
-/// (one VM per process; devices hold clones of the guest memory until then).
+/// to `gpa` modulo 2 MiB, so that [`Vm::advise_huge_pages`] can work: KVM maps guest memory with
+/// 2 MiB pages only where host and guest addresses agree modulo 2 MiB (and the host page is
+/// huge). The mapping is not owned by the returned region: it lasts until the process exits (one
+/// VM per process; devices hold clones of the guest memory until then).
 fn map_ram(gpa: u64, len: usize) -> std::io::Result<MmapRegion> {
     let reserve = len
         .checked_add(HUGE_PAGE)
@@ -94,8 +92,6 @@ fn map_ram(gpa: u64, len: usize) -> std::io::Result<MmapRegion> {
         if base + reserve > end {
             libc::munmap(end as *mut libc::c_void, base + reserve - end);
         }
-        // Advice only: fails harmlessly (EINVAL) where THP is not built in.
-        libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
     // SAFETY: [start, start + len) is a valid read/write mapping of this process (made above)
     // that is never unmapped while the process runs.
@@ -110,6 +106,27 @@ fn map_ram(gpa: u64, len: usize) -> std::io::Result<MmapRegion> {
 }
 
 impl Vm {
+    /// Asks for transparent huge pages on all guest RAM. Called once the kernel and initrd are
+    /// loaded: the guest's own first touches (booting, unpacking the initramfs — tens of
+    /// thousands of 4 KiB pages) then fault in 2 MiB at a time, cutting EPT/nested page faults by
+    /// up to 512 times, while the VMM's start-up does not pay for huge-page allocation (with
+    /// `defrag=madvise`, a synchronous compaction) before the first KVM_RUN. Advice only: it fails
+    /// harmlessly where THP is not built in.
+    pub fn advise_huge_pages(&self) {
+        for region in self.mem.iter() {
+            if let Ok(host) = self.mem.get_host_address(region.start_addr()) {
+                // SAFETY: madvise only changes paging policy of our own mapping of this region.
+                unsafe {
+                    libc::madvise(
+                        host.cast::<libc::c_void>(),
+                        region.len() as usize,
+                        libc::MADV_HUGEPAGE,
+                    )
+                };
+            }
+        }
+    }
+
     /// Creates the VM with `mem_size` bytes of RAM, an irqchip and a PIT.
     pub fn new(mem_size: u64) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
@@ -174,7 +191,11 @@ mod tests {
         for (gpa, len) in [(0u64, 8 << 20), (1 << 20, 3 << 20), (0x1_0000_0000, 4096)] {
             let r = map_ram(gpa, len).expect("map");
             let host = r.as_ptr() as u64;
-            assert_eq!(host % HUGE_PAGE as u64, gpa % HUGE_PAGE as u64, "gpa {gpa:#x}");
+            assert_eq!(
+                host % HUGE_PAGE as u64,
+                gpa % HUGE_PAGE as u64,
+                "gpa {gpa:#x}"
+            );
             assert_eq!(r.size(), len);
             // Writable end to end.
             // SAFETY: the mapping is `len` bytes, readable and writable, and ours.
