@@ -85,6 +85,9 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     let mut kernel_file = open("kernel", &cfg.kernel)?;
     let mut initrd_file = open("initrd", &cfg.initrd)?;
     let vm = Vm::new(cfg.mem_size)?;
+    if cfg.huge_pages {
+        vm.advise_huge_pages();
+    }
     let kernel = boot::load_kernel(&vm.mem, &mut kernel_file)?;
     let low_end = cfg.mem_size.min(MMIO_GAP_START);
     let initrd = boot::load_initrd(&vm.mem, &mut initrd_file, &kernel, low_end)?;
@@ -195,7 +198,6 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         EntryPoint::Linux64(_) => boot::write_zero_page(&vm.mem, &info, kernel.setup_header)?,
     }
     mptable::setup(&vm.mem, cfg.vcpus)?;
-    vm.advise_huge_pages();
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
     for i in 0..cfg.vcpus {

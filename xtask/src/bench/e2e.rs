@@ -43,13 +43,22 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Starts the server from `bin` with the given max VMs and waits for /healthz.
 pub fn start_server(bin: &std::path::Path, max_vms: usize) -> anyhow::Result<Server> {
+    start_server_with(bin, max_vms, "")
+}
+
+/// Like [`start_server`], with `extra` appended to its configuration.
+pub fn start_server_with(
+    bin: &std::path::Path,
+    max_vms: usize,
+    extra: &str,
+) -> anyhow::Result<Server> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let dir = std::env::temp_dir().join(format!("cloude-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("server.toml");
     std::fs::write(
         &config,
-        format!("[limits]\nmax_concurrent_vms = {max_vms}\nmax_queue = 256\n"),
+        format!("[limits]\nmax_concurrent_vms = {max_vms}\nmax_queue = 256\n{extra}"),
     )?;
     let log = std::fs::File::create(dir.join("server.log"))?;
     let child = Command::new(bin)
@@ -135,6 +144,31 @@ pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
         "p50": p(&samples, 50.0), "p90": p(&samples, 90.0), "p99": p(&samples, 99.0),
         "host_python_p50": p(&host, 50.0), "requests": n,
     }))
+}
+
+/// Sequential latency with a warm pool: before each (timed) request, waits (untimed) until the
+/// pool holds a booted python VM again — the latency a client sees when requests arrive no faster
+/// than the pool refills.
+pub fn pooled_latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        loop {
+            let r = http::request(server.addr, "GET", "/healthz", None, Duration::from_secs(5))?;
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+            if v["pool_ready"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("the warm pool did not refill within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ms = hello(server.addr).map_err(|e| anyhow::anyhow!("pooled request {i}: {e}"))?;
+        samples.push(ms);
+    }
+    let p = |q| percentile(&samples, q).map(r1);
+    Ok(json!({ "p50": p(50.0), "p90": p(90.0), "p99": p(99.0), "requests": n }))
 }
 
 /// Closed-loop load at each concurrency for `secs` seconds.

@@ -86,6 +86,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         results["hypervisor"] = json!(server.hypervisor);
         results["e2e_hello_python_ms"] = e2e::latency(&server, requests)?;
         results["throughput"] = json!(e2e::throughput(&server, levels, window));
+        drop(server);
+        let pooled = e2e::start_server_with(
+            &bin.join("cloude-server"),
+            4,
+            "[pool]\nsize = 1\nlanguages = [\"python\"]\n",
+        )?;
+        results["e2e_hello_python_pooled_ms"] = e2e::pooled_latency(&pooled, requests)?;
     }
 
     if let Some(dir) = path.parent() {
@@ -214,6 +221,18 @@ fn table(r: &Value) -> String {
         f(&e["p99"]),
         f(&e["host_python_p50"]),
         match (e["p50"].as_f64(), e["host_python_p50"].as_f64()) {
+            (Some(a), Some(h)) if h > 0.0 => format!("{:.1}×", a / h),
+            _ => "—".into(),
+        }
+    ));
+    let w = &r["e2e_hello_python_pooled_ms"];
+    s.push_str(&format!(
+        "| hello.py with a warm pool (VM booted ahead), p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | {} |\n",
+        f(&w["p50"]),
+        f(&w["p90"]),
+        f(&w["p99"]),
+        f(&e["host_python_p50"]),
+        match (w["p50"].as_f64(), e["host_python_p50"].as_f64()) {
             (Some(a), Some(h)) if h > 0.0 => format!("{:.1}×", a / h),
             _ => "—".into(),
         }
