@@ -3,8 +3,8 @@
 //! Lifecycle: [`Runtime::slot`] reserves a CID and a private directory, [`Driver::boot`] spawns the
 //! hypervisor and waits for the agent's ready line, returning a [`Vm`] with an open channel to the
 //! agent. Dropping the [`Vm`] kills the hypervisor process and removes the directory (every exit
-//! path: success, timeout, client disconnect, error). A warm pool or a snapshot restore slots in as
-//! another producer of ready [`Vm`]s (see `executor::VmSource`).
+//! path: success, timeout, client disconnect, error). The warm pool (`crate::pool`) is another
+//! producer of ready [`Vm`]s (see `Executor::acquire_vm`); a snapshot restore would be one more.
 
 pub mod net;
 pub mod probe;
