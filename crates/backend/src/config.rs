@@ -211,7 +211,10 @@ mod tests {
         assert!(Config::parse("[network]\nsubnet = \"10.0.0.1/16\"\n").is_err());
         assert!(Config::parse("[pool]\nsize = 17\n").is_err());
         assert_eq!(
-            Config::parse("[pool]\nsize = 2\n").expect("pool").pool.languages,
+            Config::parse("[pool]\nsize = 2\n")
+                .expect("pool")
+                .pool
+                .languages,
             vec!["python".to_string()]
         );
         assert!(Config::parse("[vm]\nhypervisor = \"qemu\"\n").is_ok());
