@@ -29,6 +29,8 @@ pub enum AgentError {
     Reported(String),
     #[error("the agent's stream ended without a result")]
     NoResult,
+    #[error("the VM exited before the agent answered")]
+    VmExited,
 }
 
 /// One HTTP/1.1 connection to an agent.

@@ -234,7 +234,19 @@ impl Executor {
                         None => client.run(&req).await,
                     }
                 };
-                match tokio::time::timeout(deadline, talk).await {
+                let talk = tokio::time::timeout(deadline, talk);
+                tokio::pin!(talk);
+                // Watch the hypervisor too: over TCP a VM that dies (killed, guest panic) sends
+                // no FIN, so the channel alone would wait out the whole deadline. An answer
+                // already sent may still be in our buffers: it gets a moment to be read.
+                let answer = tokio::select! {
+                    r = &mut talk => r,
+                    () = vm.exited() => match tokio::time::timeout(VM_EXIT_GRACE, &mut talk).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(Err(crate::agent::AgentError::VmExited)),
+                    },
+                };
+                match answer {
                     Ok(Ok(r)) => Ok(r),
                     Ok(Err(e)) => Err(self.explain(&mut vm, e.to_string()).await),
                     Err(_) => Err(format!(

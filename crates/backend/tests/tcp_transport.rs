@@ -324,6 +324,58 @@ done; wait; echo scanned"#;
         &json!({"scanner": a, "idle": b}),
     );
 
+    // Fault paths with taps: a timeout, and `kill -9` of the hypervisor mid-run.
+    let (st, v) = exec(
+        &server,
+        json!({"language": "bash", "code": "echo started; sleep 60", "timeout_ms": 2000}),
+    );
+    check(
+        "timeout over tcp",
+        st == 200 && v["status"] == "timeout" && stdout(&v) == "started\n",
+        &v,
+    );
+    let addr = server.addr;
+    let victim = thread::spawn(move || {
+        let body = json!({"language": "bash", "code": "sleep 60", "timeout_ms": 30000});
+        let r = support::http(
+            addr,
+            "POST",
+            "/v1/executions",
+            Some(serde_json::to_vec(&body).expect("json")),
+        );
+        serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null)
+    });
+    let t = std::time::Instant::now();
+    let mut killed = false;
+    let mut kill_at = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(60) && !killed {
+        // Wait until the VM runs the program (its tap exists and the request is in flight).
+        if let (Some(pid), false) = (server.children().first().copied(), ns.taps().is_empty()) {
+            thread::sleep(Duration::from_millis(2500));
+            killed = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            kill_at = std::time::Instant::now();
+        } else {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let v = victim.join().expect("victim request");
+    let answered = kill_at.elapsed();
+    // A dead VM sends no FIN over TCP: the server must notice the hypervisor's exit itself.
+    check(
+        "kill -9 of the hypervisor over tcp -> internal_error within seconds",
+        killed
+            && v["status"] == "internal_error"
+            && v["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("stopped unexpectedly")
+            && answered < Duration::from_secs(10),
+        &json!({"answer": v, "answered_after_ms": answered.as_millis()}),
+    );
+
     // Nothing left: no taps, no hypervisors, no VM directories.
     thread::sleep(Duration::from_millis(500));
     let taps = ns.taps();

@@ -116,6 +116,16 @@ impl Vm {
         self.slot.cid
     }
 
+    /// Resolves when the hypervisor process exits (never, once it has been taken).
+    pub async fn exited(&mut self) {
+        match self.child.as_mut() {
+            Some(c) => {
+                let _ = c.wait().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     /// Whether the hypervisor process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
