@@ -280,11 +280,11 @@ fn tcp_transport_in_a_netns() {
         "netns",
         "exec",
         &ns.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv4/ip_forward",
     ])
-    .expect("enable forwarding in the test namespace");
+    .expect("enable forwarding in the test namespace (/proc/sys/net is per namespace)");
     let addr = server.addr;
     let b = thread::spawn(move || {
         let body =
