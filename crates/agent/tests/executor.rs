@@ -84,30 +84,22 @@ async fn offline_programs_see_only_loopback() {
         return;
     }
     let script = r#"tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\n' ' '; echo; (exec 3<>/dev/tcp/127.0.0.1/1) 2>&1 | grep -o refused"#;
-    let bash = |network: bool| {
+    let run = |network: bool| {
         let mut r = request(&["bash", "-c", script]);
         r.network = network;
-        r
+        let ex = &ex;
+        async move {
+            let run = ex.run(&r, None).await.expect("run").run.expect("run stage");
+            String::from_utf8_lossy(&run.stdout.0).into_owned()
+        }
     };
-    let offline = ex
-        .run(&bash(false), None)
-        .await
-        .expect("run")
-        .run
-        .expect("run");
-    let out = String::from_utf8_lossy(&offline.stdout.0).into_owned();
+    let out = run(false).await;
     assert!(out.starts_with("lo \n"), "offline: {out:?}");
     assert!(
         out.contains("refused"),
         "loopback is up (connection refused, not unreachable): {out:?}"
     );
-    let online = ex
-        .run(&bash(true), None)
-        .await
-        .expect("run")
-        .run
-        .expect("run");
-    let out = String::from_utf8_lossy(&online.stdout.0).into_owned();
+    let out = run(true).await;
     let first = out.lines().next().unwrap_or("");
     assert!(
         first.split(' ').filter(|n| !n.is_empty()).count() > 1,

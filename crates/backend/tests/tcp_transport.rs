@@ -143,6 +143,16 @@ fn exec(s: &Server, body: Value) -> (u16, Value) {
     (r.status, v)
 }
 
+/// `POST /v1/executions` from a thread; joins to the answer (Null if it is not JSON).
+fn exec_in_background(s: &Server, body: Value) -> thread::JoinHandle<Value> {
+    let addr = s.addr;
+    thread::spawn(move || {
+        let body = serde_json::to_vec(&body).expect("json");
+        let r = support::http(addr, "POST", "/v1/executions", Some(body));
+        serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null)
+    })
+}
+
 fn stdout(v: &Value) -> &str {
     v["stdout"].as_str().unwrap_or("")
 }
@@ -285,18 +295,10 @@ fn tcp_transport_in_a_netns() {
         "echo 1 > /proc/sys/net/ipv4/ip_forward",
     ])
     .expect("enable forwarding in the test namespace (/proc/sys/net is per namespace)");
-    let addr = server.addr;
-    let b = thread::spawn(move || {
-        let body =
-            json!({"language": "bash", "code": "sleep 12; echo b-done", "timeout_ms": 30000});
-        let r = support::http(
-            addr,
-            "POST",
-            "/v1/executions",
-            Some(serde_json::to_vec(&body).expect("json")),
-        );
-        serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null)
-    });
+    let b = exec_in_background(
+        &server,
+        json!({"language": "bash", "code": "sleep 12; echo b-done", "timeout_ms": 30000}),
+    );
     thread::sleep(Duration::from_millis(1500));
     // Blocks are handed out round robin, so B holds one of the eight blocks below A's. Each probe
     // is bounded: SYNs to addresses nobody holds get rate-limited ICMP errors at best.
@@ -334,17 +336,10 @@ done; wait; echo scanned"#;
         st == 200 && v["status"] == "timeout" && stdout(&v) == "started\n",
         &v,
     );
-    let addr = server.addr;
-    let victim = thread::spawn(move || {
-        let body = json!({"language": "bash", "code": "sleep 60", "timeout_ms": 30000});
-        let r = support::http(
-            addr,
-            "POST",
-            "/v1/executions",
-            Some(serde_json::to_vec(&body).expect("json")),
-        );
-        serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null)
-    });
+    let victim = exec_in_background(
+        &server,
+        json!({"language": "bash", "code": "sleep 60", "timeout_ms": 30000}),
+    );
     let t = std::time::Instant::now();
     let mut killed = false;
     let mut kill_at = std::time::Instant::now();

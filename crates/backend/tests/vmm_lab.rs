@@ -19,8 +19,9 @@ fn env_path(name: &str) -> PathBuf {
     PathBuf::from(std::env::var_os(name).unwrap_or_else(|| panic!("{name} must be set")))
 }
 
-/// Boots `initrd` with `cloude-vmm` (kernel and VMM from the environment) in a fresh runtime.
-async fn boot(initrd: PathBuf, boot_timeout: Duration) -> (Runtime, cloude_server::vm::Vm) {
+/// The `cloude-vmm` driver and a 256 MiB, 1-vCPU spec for `initrd` (kernel and VMM from the
+/// environment).
+fn driver_and_spec(initrd: PathBuf, boot_timeout: Duration) -> (Driver, VmSpec) {
     let driver = Driver {
         kind: Kind::CloudeVmm,
         binary: env_path("CLOUDE_VMM_BIN"),
@@ -33,6 +34,12 @@ async fn boot(initrd: PathBuf, boot_timeout: Duration) -> (Runtime, cloude_serve
         vcpus: 1,
         boot_timeout,
     };
+    (driver, spec)
+}
+
+/// Boots `initrd` with `cloude-vmm` in a fresh runtime.
+async fn boot(initrd: PathBuf, boot_timeout: Duration) -> (Runtime, cloude_server::vm::Vm) {
+    let (driver, spec) = driver_and_spec(initrd, boot_timeout);
     let rt = Runtime::new().expect("runtime dir");
     let vm = driver
         .boot(&spec, rt.slot().expect("slot"))
@@ -197,18 +204,7 @@ async fn cloude_vmm_driver_over_tcp_in_a_netns() {
             .filter(|n| n.starts_with("cld"))
             .collect()
     };
-    let driver = Driver {
-        kind: Kind::CloudeVmm,
-        binary: env_path("CLOUDE_VMM_BIN"),
-        qemu_kvm: false,
-    };
-    let spec = VmSpec {
-        kernel: env_path("CLOUDE_KERNEL"),
-        initrd: env_path("CLOUDE_INITRD"),
-        memory_mib: 256,
-        vcpus: 1,
-        boot_timeout: Duration::from_secs(60),
-    };
+    let (driver, spec) = driver_and_spec(env_path("CLOUDE_INITRD"), Duration::from_secs(60));
     let plan = NetPlan::parse("10.201.0.0/16").expect("plan");
     let rt = Runtime::with_network(Some(plan)).expect("runtime");
     let slot = rt.slot().expect("slot with a tap");
