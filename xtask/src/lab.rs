@@ -289,6 +289,7 @@ fn lab_env() -> Vec<(String, String)> {
                 && k != "CLOUDE_LAB"
                 && k != "CLOUDE_LAB_KERNEL"
                 && k != "CLOUDE_LAB_TSC_KHZ"
+                && k != "CLOUDE_LAB_APPEND"
                 && script::valid_env_name(k)
         })
         .collect();

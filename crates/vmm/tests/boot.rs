@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Per-boot limit (nested TCG in the lab is slow).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable";
 
@@ -461,8 +461,19 @@ fn virtio_net_tcp_both_ways_in_a_netns() {
         let mut b = [0u8; 21];
         s.read_exact(&mut b).expect("echo");
         assert_eq!(&b, b"ping over virtio-net\n");
+        // The guest opens 8081 only after its own client above has exited: retry until then.
         let done = "10.77.0.2:8081".parse().expect("addr");
-        drop(TcpStream::connect_timeout(&done, Duration::from_secs(30)).expect("connect 8081"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match TcpStream::connect_timeout(&done, Duration::from_secs(30)) {
+                Ok(s) => break drop(s),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    assert!(Instant::now() < deadline, "guest never listened on 8081");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("connect 8081: {e}"),
+            }
+        }
         vm.wait_for("CLOUDE-TEST-DONE");
         vm.expect_clean_exit();
     })

@@ -238,12 +238,13 @@ fn table(r: &Value) -> String {
         }
     ));
     s.push_str(&format!(
-        "| VMM RSS overhead (1 vCPU, 128 MiB), MiB | {} | Firecracker bound 5 | |\n",
+        "| VMM RSS overhead (1 vCPU, 128 MiB), MiB, p50 | {} | Firecracker bound 5 | |\n",
         f(&r["vmm_overhead_rss_mib"])
     ));
     s.push_str(&format!(
-        "| VMM CPU from start to first KVM_RUN, ms | {} | Firecracker bound 8 | |\n",
-        f(&r["vmm_start_to_first_run_cpu_ms"])
+        "| VMM CPU from start to first KVM_RUN, ms, p50 (without huge pages) | {} ({}) | Firecracker bound 8 | |\n",
+        f(&r["vmm_start_to_first_run_cpu_ms"]),
+        f(&r["vmm_overhead"]["no_huge_pages"]["first_run_cpu_ms_p50"])
     ));
     if let Some(t) = r["throughput"].as_array() {
         s.push_str("\n| concurrency | req/s | p99 ms | errors |\n|---|---|---|---|\n");

@@ -113,10 +113,19 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<String> {
     a.push("-initrd".into());
     a.push(cfg.initrd.display().to_string());
     a.push("-append".into());
-    a.push(match cfg.tsc_khz {
+    let mut append = match cfg.tsc_khz {
         Some(khz) => format!("{KERNEL_CMDLINE} tsc_early_khz={khz}"),
         None => KERNEL_CMDLINE.to_string(),
-    });
+    };
+    // Extra kernel parameters for experiments with the lab machine itself.
+    if let Some(extra) = std::env::var("CLOUDE_LAB_APPEND")
+        .ok()
+        .filter(|e| !e.is_empty())
+    {
+        append.push(' ');
+        append.push_str(&extra);
+    }
+    a.push(append);
     a.push("-chardev".into());
     a.push(format!(
         "file,id=console,path={},append=on",
