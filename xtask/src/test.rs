@@ -150,7 +150,7 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
     let echo = bin.join("vsock-echo").display().to_string();
     // `--nocapture` for both: the guests' consoles stream out as they boot, so a failure or a
     // stall shows where the guest was. (Measured on the AMD host: with the boot tests' output
-    // captured, 5 of 9 lab sessions stalled in some boot for minutes; with it streaming, 0 of 6.)
+    // captured, 5 of 9 lab sessions stalled in some boot for minutes; with it streaming, 0 of 10.)
     let script = format!(
         "set -e; echo '== VMM boot tests'; {boot} --test-threads=1 --nocapture; \
          echo '== cloude-vmm driver test'; {driver} --test-threads=1 --nocapture"
