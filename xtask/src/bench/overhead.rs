@@ -43,6 +43,9 @@ const RUNS: usize = 11;
 
 /// Medians over [`RUNS`] start-ups, with huge-page advice (the default) and without.
 pub fn measure(vmm: &Path, kernel: &Path) -> anyhow::Result<Value> {
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is missing");
+    }
     let mut out = json!({ "guest_mib": GUEST_MIB, "runs": RUNS });
     for (key, extra) in [
         ("huge_pages", None),
@@ -52,20 +55,15 @@ pub fn measure(vmm: &Path, kernel: &Path) -> anyhow::Result<Value> {
         for _ in 0..RUNS {
             samples.push(measure_once(vmm, kernel, extra)?);
         }
-        let med = |k: &str| {
-            let v: Vec<f64> = samples.iter().filter_map(|s| s[k].as_f64()).collect();
-            percentile(&v, 50.0).map(r2)
-        };
-        let cpu: Vec<f64> = samples
-            .iter()
-            .filter_map(|s| s["first_run_cpu_ms"].as_f64())
-            .collect();
+        let values =
+            |k: &str| -> Vec<f64> { samples.iter().filter_map(|s| s[k].as_f64()).collect() };
+        let med = |k: &str| percentile(&values(k), 50.0).map(r2);
         out[key] = json!({
             "first_run_cpu_ms_p50": med("first_run_cpu_ms"),
             "first_run_wall_ms_p50": med("first_run_wall_ms"),
             "rss_overhead_mib_p50": med("rss_overhead_mib"),
             "guest_touched_mib_p50": med("guest_touched_mib"),
-            "first_run_cpu_ms_samples": cpu,
+            "first_run_cpu_ms_samples": values("first_run_cpu_ms"),
         });
     }
     out["rss_overhead_mib"] = out["huge_pages"]["rss_overhead_mib_p50"].clone();
@@ -79,9 +77,6 @@ fn r2(x: f64) -> f64 {
 
 /// One start-up: RSS split after the guest has run a little, and the VMM's own first-run report.
 fn measure_once(vmm: &Path, kernel: &Path, extra: Option<&str>) -> anyhow::Result<Value> {
-    if !Path::new("/dev/kvm").exists() {
-        bail!("/dev/kvm is missing");
-    }
     let dir = tempfile_dir()?;
     let initrd = dir.join("empty.cpio");
     // A valid, empty newc archive (just the trailer): the kernel only has to find it.
