@@ -146,6 +146,7 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
     let initrd = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "bash"]))?;
     let python = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "python"]))?;
     let vmm = bin.join("cloude-vmm").display().to_string();
+    let jail = bin.join("cloude-jail").display().to_string();
     // The boot tests put this guest helper (built with them) into their test initramfs.
     let echo = bin.join("vsock-echo").display().to_string();
     // `--nocapture` for both: the guests' consoles stream out as they boot, so a failure or a
@@ -162,13 +163,14 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
             .args(["xtask", "lab", "--no-build", "--timeout", "360"])
             .args(["--copy", &boot, "--copy", &driver, "--copy", "/bin/busybox"])
             .args(["--copy", kernel, "--copy", &initrd, "--copy", &python])
-            .args(["--copy", &vmm, "--copy", &echo])
+            .args(["--copy", &vmm, "--copy", &echo, "--copy", &jail])
             .arg("--")
             .args(["env", "CLOUDE_BOOT_TESTS=1", "CLOUDE_VMM_LAB_TESTS=1"])
             .arg(format!("CLOUDE_KERNEL={kernel}"))
             .arg(format!("CLOUDE_INITRD={initrd}"))
             .arg(format!("CLOUDE_PYTHON_INITRD={python}"))
             .arg(format!("CLOUDE_VMM_BIN={vmm}"))
+            .arg(format!("CLOUDE_JAIL_BIN={jail}"))
             .arg(format!("CLOUDE_VSOCK_ECHO={echo}"))
             .args(["sh", "-c", &script]),
     )

@@ -43,17 +43,29 @@ impl Artifacts {
         self.kernel
             .get_or_try_init(|| async move {
                 if !build {
-                    return cloude_image::kernel::cached_kernel(Flavor::Guest)
+                    let k = cloude_image::kernel::cached_kernel(Flavor::Guest)
                         .map_err(|e| ArtifactError::Kernel(e.to_string()))?
                         .ok_or_else(|| {
                             ArtifactError::Kernel(
                                 "it is not built yet and building is disabled".into(),
                             )
-                        });
+                        })?;
+                    let k2 = k.clone();
+                    tokio::task::spawn_blocking(move || {
+                        verify(&k2.bzimage)?;
+                        verify(&k2.vmlinux)
+                    })
+                    .await
+                    .map_err(|e| ArtifactError::Kernel(e.to_string()))?
+                    .map_err(ArtifactError::Kernel)?;
+                    return Ok(k);
                 }
                 tokio::task::spawn_blocking(move || {
-                    cloude_image::kernel::ensure_kernel(Flavor::Guest, &progress)
-                        .map_err(|e| e.to_string())
+                    let k = cloude_image::kernel::ensure_kernel(Flavor::Guest, &progress)
+                        .map_err(|e| e.to_string())?;
+                    verify(&k.bzimage)?;
+                    verify(&k.vmlinux)?;
+                    Ok::<_, String>(k)
                 })
                 .await
                 .map_err(|e| ArtifactError::Kernel(e.to_string()))?
@@ -81,8 +93,10 @@ impl Artifacts {
             }
             let name = l.name.clone();
             tokio::task::spawn_blocking(move || {
-                cloude_image::image::ensure_image(&l, &BuildOptions::default(), &progress)
-                    .map_err(|e| e.to_string())
+                let p = cloude_image::image::ensure_image(&l, &BuildOptions::default(), &progress)
+                    .map_err(|e| e.to_string())?;
+                verify(&p)?;
+                Ok::<_, String>(p)
             })
             .await
             .map_err(|e| ArtifactError::Image(name.clone(), e.to_string()))?
@@ -91,4 +105,10 @@ impl Artifacts {
         .await
         .cloned()
     }
+}
+
+/// Re-checks a cached artifact's recorded digest (once per server and artifact: the results
+/// are kept in the cells above).
+fn verify(path: &std::path::Path) -> Result<(), String> {
+    cloude_image::integrity::verify(path).map_err(|e| e.to_string())
 }

@@ -126,11 +126,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         choice.reason
     );
     let runtime = Runtime::with_network(net_plan).context("cannot create the runtime directory")?;
+    let jailer = if config.jail.enabled {
+        let j = vm::jail::Jailer::start(&config.jail, runtime.dir())?;
+        tracing::info!("jail: on ({})", j.describe());
+        Some(j)
+    } else {
+        tracing::warn!(
+            "jail: OFF ([jail] enabled = false): hypervisors run with the server's privileges, \
+             unconfined; never do this with untrusted code"
+        );
+        None
+    };
+    let mut driver = choice.driver.clone();
+    driver.jail = jailer.clone();
     let metrics = Arc::new(Metrics::default());
     let artifacts = Arc::new(Artifacts::new(Progress::new(false), !args.no_build));
     let l = &config.limits;
     let executor = Arc::new(Executor {
-        driver: choice.driver.clone(),
+        driver,
         runtime: runtime.clone(),
         artifacts: artifacts.clone(),
         limiter: Limiter::new(
@@ -222,6 +235,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let killed = runtime.kill_all();
     if killed > 0 {
         tracing::warn!("killed {killed} VM(s) at shutdown");
+    }
+    if let Some(j) = &jailer {
+        j.shutdown();
     }
     let _ = std::fs::remove_dir_all(runtime.dir());
     tracing::info!("stopped");

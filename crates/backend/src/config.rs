@@ -16,6 +16,19 @@ pub struct Config {
     pub network: Network,
     pub vm: VmConfig,
     pub pool: PoolConfig,
+    pub jail: JailConfig,
+}
+
+/// The jail around every hypervisor process (`vm::jail`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {
+    /// Off only for debugging: the server then warns at start and `/healthz` says `"jail": false`.
+    pub enabled: bool,
+    /// First and last uid (also used as gid) handed to jailed hypervisors, one per running VM.
+    pub uid_range: [u32; 2],
+    /// Largest console log one VM may write, bytes (the jail's RLIMIT_FSIZE).
+    pub console_limit_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -170,6 +183,19 @@ impl Config {
         if let Err(e) = self.network.plan() {
             return Err(ConfigError::Invalid(e));
         }
+        let [first, last] = self.jail.uid_range;
+        if first == 0 || last < first {
+            return bad("jail.uid_range must be [first, last] with 0 < first <= last");
+        }
+        // Every running and pooled VM needs a uid, and a dying VM keeps its own a little longer.
+        if u64::from(last - first) + 1
+            < 2 * (l.max_concurrent_vms as u64 + 16 * self.pool.size as u64)
+        {
+            return bad("jail.uid_range is too small for limits.max_concurrent_vms and the pool");
+        }
+        if self.jail.console_limit_bytes < 64 * 1024 {
+            return bad("jail.console_limit_bytes must be at least 64 KiB");
+        }
         Ok(())
     }
 }
@@ -219,5 +245,15 @@ mod tests {
         );
         assert!(Config::parse("[vm]\nhypervisor = \"qemu\"\n").is_ok());
         assert!(Config::parse("[vm]\nhypervisor = \"xen\"\n").is_err());
+        assert!(c_default_jail_on());
+        assert!(Config::parse("[jail]\nuid_range = [0, 100000]\n").is_err());
+        assert!(Config::parse("[jail]\nuid_range = [5000, 4000]\n").is_err());
+        assert!(Config::parse("[jail]\nuid_range = [5000, 5003]\n").is_err());
+        assert!(Config::parse("[jail]\nenabled = false\n").is_ok());
+    }
+
+    fn c_default_jail_on() -> bool {
+        let c = Config::embedded();
+        c.jail.enabled && c.jail.uid_range[0] > 0
     }
 }

@@ -26,6 +26,7 @@ fn state_with(config: Config) -> Arc<AppState> {
             kind: Kind::Qemu,
             binary: "/nonexistent/qemu".into(),
             qemu_kvm: false,
+            jail: None,
         },
         runtime: Runtime::new().expect("runtime dir"),
         artifacts: Arc::new(Artifacts::new(Progress::new(true), false)),

@@ -8,11 +8,14 @@
 //! ```
 //! Elsewhere it prints `SKIPPED` (it cannot run on this host's kvm_pvm).
 
+mod support;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use cloude_protocol::{FileSpec, RunRequest, StageStatus, PROTOCOL_VERSION};
 use cloude_server::agent::AgentClient;
+use cloude_server::vm::jail::Jailer;
 use cloude_server::vm::{Driver, Kind, Runtime, VmSpec};
 
 fn env_path(name: &str) -> PathBuf {
@@ -26,6 +29,7 @@ fn driver_and_spec(initrd: PathBuf, boot_timeout: Duration) -> (Driver, VmSpec) 
         kind: Kind::CloudeVmm,
         binary: env_path("CLOUDE_VMM_BIN"),
         qemu_kvm: false,
+        jail: None,
     };
     let spec = VmSpec {
         kernel: env_path("CLOUDE_KERNEL"),
@@ -240,5 +244,200 @@ async fn cloude_vmm_driver_over_tcp_in_a_netns() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(taps().is_empty(), "tap left behind: {:?}", taps());
+    drop(rt);
+}
+
+/// A jailer for this runtime (the lab mounts cgroup v2; `CLOUDE_JAIL_BIN` points at the binary).
+fn jailer(rt: &Runtime) -> std::sync::Arc<Jailer> {
+    Jailer::start(&cloude_server::config::Config::embedded().jail, rt.dir())
+        .expect("the lab can jail")
+}
+
+/// The process whose parent is `pid` (the hypervisor under its jailer).
+fn child_of(pid: u32) -> u32 {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(k) = support::children_of(pid).first() {
+            return *k;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no hypervisor under jailer {pid}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts everything the jail promises about the hypervisor `pid`; returns its uid.
+fn assert_jailed(pid: u32, cgroup_dirs: &[PathBuf]) -> u32 {
+    let f = support::jail_facts(pid);
+    assert_eq!(f.problems(false), None, "{f:?}");
+    assert_eq!(
+        f.root,
+        ["dev", "initrd", "kernel", "vm"],
+        "only what the VMM needs"
+    );
+    let dev: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root/dev"))
+        .expect("dev")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dev, ["kvm"]);
+    let dir = cgroup_dirs.first().expect("a cgroup");
+    assert!(
+        f.cgroup
+            .contains(&*dir.file_name().expect("name").to_string_lossy()),
+        "{} vs {dir:?}",
+        f.cgroup
+    );
+    let max = std::fs::read_to_string(dir.join("memory.max")).expect("memory.max");
+    assert!(
+        max.trim().parse::<u64>().is_ok(),
+        "finite memory limit, got {max}"
+    );
+    let cpu = std::fs::read_to_string(dir.join("cpu.max")).expect("cpu.max");
+    assert!(!cpu.starts_with("max"), "finite CPU limit, got {cpu}");
+    f.uids[0]
+}
+
+/// Runs busybox `args` as `uid` on the host; returns (success, stderr).
+fn as_uid(uid: u32, args: &[&str]) -> (bool, String) {
+    let mut cmd = vec!["/bin/busybox"];
+    cmd.extend_from_slice(args);
+    support::as_uid(uid, &cmd)
+}
+
+/// Two jailed cloude-vmm VMs at once: each runs unprivileged, filtered, namespaced, in a root of
+/// its own and a cgroup v2 of its own; neither uid can reach the other VM's files, the image or
+/// the server's runtime directory; a program still runs; everything is removed afterwards.
+#[tokio::test]
+async fn cloude_vmm_jailed_twice_unprivileged_and_apart() {
+    if std::env::var_os("CLOUDE_VMM_LAB_TESTS").is_none() {
+        eprintln!("SKIPPED: the jailed cloude-vmm test needs a Linux-capable KVM (run it in the KVM lab with CLOUDE_VMM_LAB_TESTS=1)");
+        return;
+    }
+    let rt = Runtime::new().expect("runtime dir");
+    let j = jailer(&rt);
+    assert_eq!(j.cgroup_version(), 2, "the lab mounts cgroup v2");
+    let (mut driver, spec) = driver_and_spec(env_path("CLOUDE_INITRD"), Duration::from_secs(90));
+    driver.jail = Some(j.clone());
+    let mut a = driver
+        .boot(&spec, rt.slot().expect("slot"))
+        .await
+        .expect("jailed boot");
+    let b = driver
+        .boot(&spec, rt.slot().expect("slot"))
+        .await
+        .expect("second jailed boot");
+    eprintln!(
+        "jailed VMs ready in {} and {} ms",
+        a.boot.as_millis(),
+        b.boot.as_millis()
+    );
+    let (ua, cga) = a.jail().expect("jailed");
+    let (ub, cgb) = b.jail().expect("jailed");
+    let ha = child_of(a.pid().expect("pid"));
+    let hb = child_of(b.pid().expect("pid"));
+    assert_eq!(assert_jailed(ha, &cga), ua);
+    assert_eq!(assert_jailed(hb, &cgb), ub);
+    assert_ne!(ua, ub, "a uid per running VM");
+    // A's uid against B's files, the image and the server's runtime directory (host paths).
+    let b_dir = rt.dir().join(format!("vm-{}", b.cid()));
+    let b_sock = b_dir.join("vsock.sock");
+    assert!(b_sock.exists(), "B's socket exists");
+    let ua_s = ua;
+    let (ok, err) = as_uid(
+        ua_s,
+        &["cat", &b_dir.join("console.log").display().to_string()],
+    );
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, err) = as_uid(ua_s, &["ls", &rt.dir().display().to_string()]);
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let img = spec.initrd.display().to_string();
+    let (ok, err) = as_uid(ua_s, &["sh", "-c", &format!("echo x >> {img}")]);
+    assert!(!ok, "the image is writable by a jailed uid: {err}");
+    // And inside A's root, none of those paths exist at all.
+    for p in [&b_dir, rt.dir(), spec.initrd.parent().expect("cache dir")] {
+        let inside =
+            PathBuf::from(format!("/proc/{ha}/root")).join(p.strip_prefix("/").expect("abs"));
+        assert!(!inside.exists(), "{} visible in the jail", p.display());
+    }
+    let mut client = AgentClient::handshake(a.take_io().expect("agent channel"))
+        .await
+        .expect("handshake");
+    let mut req = python("", 10_000);
+    req.files[0] = FileSpec {
+        name: "main.sh".into(),
+        content: "echo jailed-ok".into(),
+        encoding: Default::default(),
+    };
+    req.run = vec!["bash".into(), "main.sh".into()];
+    req.poweroff_after = true;
+    let run = client.run(&req).await.expect("run").run.expect("run stage");
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout.0),
+        "jailed-ok\n",
+        "{run:?}"
+    );
+    a.shutdown(Duration::from_secs(5)).await;
+    drop(b);
+    let t = std::time::Instant::now();
+    while (cga.iter().chain(&cgb).any(|d| d.exists())) && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !cga.iter().chain(&cgb).any(|d| d.exists()),
+        "VM cgroups removed"
+    );
+    j.shutdown();
+    drop(rt);
+}
+
+/// The seccomp kill end to end: the test hook makes the jailed cloude-vmm call socket(AF_INET)
+/// from its main thread; the process dies by SIGSYS and the server's description of the exit
+/// (what a request's internal_error quotes) names the seccomp filter and the system call.
+#[tokio::test]
+async fn cloude_vmm_seccomp_violation_kills_by_sigsys() {
+    if std::env::var_os("CLOUDE_VMM_LAB_TESTS").is_none() {
+        eprintln!("SKIPPED: the seccomp kill test needs a Linux-capable KVM (run it in the KVM lab with CLOUDE_VMM_LAB_TESTS=1)");
+        return;
+    }
+    let rt = Runtime::new().expect("runtime dir");
+    let j = jailer(&rt);
+    let (mut driver, spec) = driver_and_spec(env_path("CLOUDE_INITRD"), Duration::from_secs(90));
+    driver.jail = Some(j.clone());
+    // Read when the VM's arguments are built; this test binary runs its tests one at a time.
+    std::env::set_var("CLOUDE_TEST_SECCOMP_VIOLATION_MS", "8000");
+    let booted = driver.boot(&spec, rt.slot().expect("slot")).await;
+    std::env::remove_var("CLOUDE_TEST_SECCOMP_VIOLATION_MS");
+    let described = match booted {
+        // Slow boot: the violation came first.
+        Err(e) => e.to_string(),
+        Ok(mut vm) => {
+            let mut client = AgentClient::handshake(vm.take_io().expect("agent channel"))
+                .await
+                .expect("handshake");
+            let mut req = python("", 60_000);
+            req.files[0] = FileSpec {
+                name: "main.sh".into(),
+                content: "sleep 60".into(),
+                encoding: Default::default(),
+            };
+            req.run = vec!["bash".into(), "main.sh".into()];
+            let r = client.run(&req).await;
+            assert!(
+                r.is_err(),
+                "the agent channel breaks when the VMM dies: {r:?}"
+            );
+            vm.exit_status_within(Duration::from_secs(10))
+                .await
+                .expect("the VMM exited")
+        }
+    };
+    eprintln!("seccomp kill described as: {described}");
+    assert!(
+        described.contains("seccomp") && described.contains("SIGSYS") && described.contains(" 41"),
+        "{described}"
+    );
+    j.shutdown();
     drop(rt);
 }

@@ -366,6 +366,11 @@ fn build(flavor: Flavor, out: &Path, progress: &Progress) -> Result<(), KernelEr
         let f = obj.join(from);
         fs::copy(&f, tmp.join(to)).map_err(io_err(&f))?;
     }
+    for f in ["bzImage", "vmlinux"] {
+        let p = tmp.join(f);
+        crate::integrity::seal(&p)
+            .map_err(|e| KernelError::Io(p.clone(), std::io::Error::other(e.to_string())))?;
+    }
     let _ = fs::remove_dir_all(out);
     fs::rename(&tmp, out).map_err(io_err(out))?;
     Ok(())

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod image;
+pub mod integrity;
 pub mod kernel;
 pub mod lock;
 pub mod paths;

@@ -28,6 +28,9 @@ pub const READY_VSOCK_PORT: u32 = 1025;
 pub const AGENT_TCP_PORT: u16 = 8080;
 /// Name of the virtio-serial port used as the agent channel when there is no vsock.
 pub const SERIAL_PORT_NAME: &str = "cloude.agent";
+/// What `cloude-vmm` writes to its console (stderr) when its seccomp filter stops a system call,
+/// followed by the call's number; the server quotes the number in its error.
+pub const SECCOMP_KILL_MARK: &str = "cloude-vmm: seccomp: forbidden system call ";
 /// Prefix of the line the agent writes once it is ready to serve.
 pub const READY_PREFIX: &str = "CLOUDE-READY";
 

@@ -25,6 +25,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::Bus;
+use crate::seccomp::{self, ThreadKind};
 use crate::stats;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{Vm, VmError};
@@ -61,6 +62,8 @@ pub enum BuildError {
     Bus(#[from] crate::devices::bus::BusError),
     #[error("could not start the {0} thread")]
     Thread(&'static str),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -223,15 +226,59 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             v.before_first_run = Some(Box::new(move || stats::report_first_run(started, &starts)));
         }
     }
+    if cfg.seccomp {
+        seccomp::install_reporter()?;
+    } else {
+        eprintln!("cloude-vmm: WARNING: seccomp filters are off (--no-seccomp); debugging only");
+    }
+    let filtered = cfg.seccomp;
+    // The device loop installs its filter before it handles any guest event; the vCPUs start
+    // only after that.
+    let (dev_ready_tx, dev_ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
     std::thread::Builder::new()
         .name("cloude-devices".into())
-        .spawn(move || loop {
-            if let Err(e) = event_manager.run() {
-                eprintln!("cloude-vmm: device event loop error: {e:?}");
+        .spawn(move || {
+            if filtered {
+                let r = seccomp::install(ThreadKind::Devices).map_err(|e| e.to_string());
+                let failed = r.is_err();
+                let _ = dev_ready_tx.send(r);
+                if failed {
+                    return;
+                }
+            } else {
+                let _ = dev_ready_tx.send(Ok(()));
+            }
+            loop {
+                if let Err(e) = event_manager.run() {
+                    eprintln!("cloude-vmm: device event loop error: {e:?}");
+                }
             }
         })
         .map_err(|_| BuildError::Thread("device event loop"))?;
-    for (i, v) in vcpus.into_iter().enumerate() {
+    match dev_ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(BuildError::Seccomp(seccomp::SeccompError::Install(
+                ThreadKind::Devices,
+                e,
+            )))
+        }
+        Err(_) => return Err(BuildError::Thread("device event loop")),
+    }
+    for (i, mut v) in vcpus.into_iter().enumerate() {
+        let stats_hook = v.before_first_run.take();
+        v.before_first_run = Some(Box::new(move || {
+            if let Some(f) = stats_hook {
+                f();
+            }
+            if filtered {
+                if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
+                    // Never run guest code unfiltered.
+                    eprintln!("cloude-vmm: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }));
         std::thread::Builder::new()
             .name(format!("cloude-vcpu{i}"))
             .spawn(move || v.run())
@@ -244,6 +291,14 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         signal_hook::flag::register(sig, terminate.clone())
             .map_err(|_| BuildError::Thread("signal handler"))?;
     }
+    // Every other thread runs now: the main thread's own filter comes last (threads inherit
+    // their creator's filter, and the others need calls the main thread does not).
+    if filtered {
+        seccomp::install(ThreadKind::Main)?;
+    }
+    let violation_at = cfg
+        .test_seccomp_violation_after_ms
+        .map(|ms| Instant::now() + std::time::Duration::from_millis(ms));
     let outcome = loop {
         match exit_rx.recv_timeout(std::time::Duration::from_millis(50)) {
             Ok(exit) => break exit,
@@ -253,6 +308,11 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if terminate.load(std::sync::atomic::Ordering::Relaxed) {
                     break VmExit::Stopped("terminated by a signal");
+                }
+                if violation_at.is_some_and(|t| Instant::now() >= t) {
+                    // Test hook: what a compromised VMM trying to reach the network would do.
+                    // SAFETY: a plain system call with constant arguments.
+                    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
                 }
             }
         }

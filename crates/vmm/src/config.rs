@@ -61,6 +61,13 @@ pub struct Cli {
     /// compacts memory synchronously, slower guest boot).
     #[arg(long)]
     pub no_huge_pages: bool,
+    /// Run without seccomp filters. For debugging only: the server never passes it.
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Test hook: issue a forbidden system call from the main thread this many ms after the
+    /// filters are installed (the seccomp kill test; never passed outside tests).
+    #[arg(long, hide = true)]
+    pub test_seccomp_violation_after_ms: Option<u64>,
 }
 
 /// Validation errors (one sentence each).
@@ -120,6 +127,10 @@ pub struct VmConfig {
     pub net: Option<NetConfig>,
     /// Transparent huge pages for guest RAM.
     pub huge_pages: bool,
+    /// Per-thread seccomp filters (on unless `--no-seccomp`).
+    pub seccomp: bool,
+    /// See [`Cli::test_seccomp_violation_after_ms`].
+    pub test_seccomp_violation_after_ms: Option<u64>,
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -216,6 +227,8 @@ impl Cli {
             vsock,
             net,
             huge_pages: !self.no_huge_pages,
+            seccomp: !self.no_seccomp,
+            test_seccomp_violation_after_ms: self.test_seccomp_violation_after_ms,
         })
     }
 }

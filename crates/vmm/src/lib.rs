@@ -6,6 +6,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod seccomp;
 pub mod stats;
 pub mod vstate;
 

@@ -85,6 +85,8 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
         "pool_ready": g.pool_ready,
         "queue_length": g.queue_length,
         "max_concurrent_vms": g.max_vms,
+        "jail": state.executor.driver.jail.is_some(),
+        "jail_detail": state.executor.driver.jail.as_ref().map(|j| j.describe()),
     }))
 }
 

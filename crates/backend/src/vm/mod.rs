@@ -6,6 +6,7 @@
 //! path: success, timeout, client disconnect, error). The warm pool (`crate::pool`) is another
 //! producer of ready [`Vm`]s (see `Executor::acquire_vm`); a snapshot restore would be one more.
 
+pub mod jail;
 pub mod net;
 pub mod probe;
 mod qemu;
@@ -13,6 +14,7 @@ mod runtime;
 mod vmm;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -47,6 +49,41 @@ pub struct Driver {
     pub binary: PathBuf,
     /// QEMU only: use `-accel kvm` instead of TCG.
     pub qemu_kvm: bool,
+    /// The jail around every hypervisor process (`None`: unjailed, `[jail] enabled = false`).
+    pub jail: Option<Arc<jail::Jailer>>,
+}
+
+/// Where the hypervisor finds its files: host paths, or the jail's view of them.
+pub(crate) struct Paths {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The VM's directory (sockets, console).
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// Inside the jail: the kernel, the image and the VM's directory.
+const JAIL_KERNEL: &str = "/kernel";
+const JAIL_INITRD: &str = "/initrd";
+const JAIL_DIR: &str = "/vm";
+
+/// What a driver's hypervisor costs on top of the guest's memory and vCPUs (its cgroup's limits
+/// and its jail's contents).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct JailProfile {
+    /// Memory of the hypervisor itself (measured, plus headroom), MiB.
+    pub overhead_mib: u64,
+    /// Threads beside the vCPUs (measured, plus headroom).
+    pub extra_pids: u64,
+    /// CPU share of the device/IO threads beside the vCPUs, thousandths of a CPU.
+    pub device_cpu_millis: u64,
+    /// Open files.
+    pub max_files: u64,
 }
 
 /// What to boot.
@@ -87,6 +124,8 @@ pub enum VmError {
     BadReady(String),
     #[error("the vsock handshake failed: {0}")]
     Handshake(String),
+    #[error("cannot jail the hypervisor: {0}")]
+    Jail(jail::JailError),
 }
 
 /// A running VM with its agent channel. Dropping it kills the VM and frees its slot.
@@ -97,7 +136,8 @@ pub struct Vm {
     pub(crate) io: Option<Box<dyn AgentIo>>,
     /// tcp transport: the channel the ready line came on, held open for the VM's life.
     pub(crate) _control: Option<Box<dyn AgentIo>>,
-    pub started: Instant,
+    /// The VM's uid and cgroup (jailed VMs).
+    pub(crate) lease: Option<jail::Lease>,
     pub boot: Duration,
 }
 
@@ -107,9 +147,14 @@ impl Vm {
         self.io.take()
     }
 
-    /// Process id of the hypervisor (for logs and fault injection).
+    /// Process id of the hypervisor, or of its jailer (for logs and fault injection).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
+    }
+
+    /// The VM's uid and cgroup directories, when it is jailed.
+    pub fn jail(&self) -> Option<(u32, Vec<PathBuf>)> {
+        self.lease.as_ref().map(|l| (l.uid, l.cgroup_dirs()))
     }
 
     pub fn cid(&self) -> u32 {
@@ -137,7 +182,7 @@ impl Vm {
     pub async fn exit_status_within(&mut self, within: Duration) -> Option<String> {
         let child = self.child.as_mut()?;
         match tokio::time::timeout(within, child.wait()).await {
-            Ok(Ok(s)) => Some(s.to_string()),
+            Ok(Ok(s)) => Some(describe_exit(s, &self.slot.console_tail())),
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => None,
         }
@@ -154,8 +199,64 @@ impl Vm {
             return;
         };
         if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            reap(Some(child), self.lease.take()).await;
+        } else if let Some(l) = self.lease.take() {
+            l.release();
+        }
+    }
+}
+
+/// How long a jailer may take to end after its hypervisor was killed, before it is killed too.
+const JAILER_EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Ends a hypervisor for good: kills it (jailed: the hypervisor first, so that its jailer reaps
+/// it and exits by itself, leaving no orphan), reaps the child and frees the VM's uid and cgroup.
+async fn reap(child: Option<Child>, lease: Option<jail::Lease>) {
+    let Some(mut child) = child else {
+        if let Some(l) = lease {
+            l.release();
+        }
+        return;
+    };
+    match &lease {
+        Some(l) => {
+            l.kill_except(child.id());
+            if tokio::time::timeout(JAILER_EXIT_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        }
+        None => {
             let _ = child.start_kill();
             let _ = child.wait().await;
+        }
+    }
+    if let Some(l) = lease {
+        l.release();
+    }
+}
+
+/// [`reap`] in the background (from `Drop`); the kill itself happens at once.
+fn reap_later(mut child: Option<Child>, lease: Option<jail::Lease>) {
+    match (&mut child, &lease) {
+        (Some(c), Some(l)) => l.kill_except(c.id()),
+        (Some(c), None) => {
+            let _ = c.start_kill();
+        }
+        _ => {}
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn(reap(child, lease));
+        }
+        Err(_) => {
+            if let Some(mut c) = child {
+                let _ = c.start_kill();
+            }
+            drop(lease);
         }
     }
 }
@@ -164,18 +265,7 @@ impl Drop for Vm {
     fn drop(&mut self) {
         // Kill now, and reap in the background so that no zombie is left (tokio only reaps
         // dropped children lazily).
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = child.start_kill();
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = child.wait().await;
-            });
-        }
+        reap_later(self.child.take(), self.lease.take());
     }
 }
 
@@ -230,18 +320,99 @@ fn inherit_tap(cmd: &mut tokio::process::Command, slot: &Slot) {
     }
 }
 
-/// Spawns the hypervisor for `slot` (with its tap inherited, if any) and registers its pid.
+/// A spawned hypervisor (or its jailer) and, jailed, its uid and cgroup. Dropping it kills both.
+pub(crate) struct Process {
+    child: Option<Child>,
+    lease: Option<jail::Lease>,
+}
+
+impl Process {
+    pub fn child(&mut self) -> &mut Child {
+        self.child
+            .as_mut()
+            .expect("a process holds its child until it is taken")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        reap_later(self.child.take(), self.lease.take());
+    }
+}
+
+impl Driver {
+    /// The paths the hypervisor sees for `spec` and `slot`.
+    pub(crate) fn paths(&self, spec: &VmSpec, slot: &Slot) -> Paths {
+        if self.jail.is_some() {
+            Paths {
+                kernel: JAIL_KERNEL.into(),
+                initrd: JAIL_INITRD.into(),
+                dir: JAIL_DIR.into(),
+            }
+        } else {
+            Paths {
+                kernel: spec.kernel.clone(),
+                initrd: spec.initrd.clone(),
+                dir: slot.dir.clone(),
+            }
+        }
+    }
+
+    fn profile(&self) -> JailProfile {
+        match self.kind {
+            Kind::Qemu => qemu::JAIL_PROFILE,
+            Kind::CloudeVmm => vmm::JAIL_PROFILE,
+        }
+    }
+}
+
+/// Spawns the hypervisor for `slot` (with its tap inherited, if any), jailed unless the jail is
+/// off, and registers its pid.
 pub(crate) fn spawn(
     driver: &Driver,
+    spec: &VmSpec,
     slot: &Slot,
     args: Vec<String>,
     stdout: std::process::Stdio,
     stderr: std::process::Stdio,
-) -> Result<Child, VmError> {
-    let mut cmd = tokio::process::Command::new(&driver.binary);
+) -> Result<Process, VmError> {
+    let (mut cmd, lease) = match &driver.jail {
+        None => {
+            let mut cmd = tokio::process::Command::new(&driver.binary);
+            cmd.args(args);
+            (cmd, None)
+        }
+        Some(jailer) => {
+            let p = driver.profile();
+            let limits = cloude_jail::cgroup::Limits {
+                memory_bytes: (spec.memory_mib + p.overhead_mib) << 20,
+                pids: u64::from(spec.vcpus) + p.extra_pids,
+                cpu_millis: u64::from(spec.vcpus) * 1000 + p.device_cpu_millis,
+            };
+            let lease = jailer.lease(limits).map_err(VmError::Jail)?;
+            let root = jail::prepare_dir(&slot.dir, lease.uid).map_err(VmError::Jail)?;
+            let mut j = cloude_jail::Spec::new(lease.uid, lease.uid, root);
+            j.cgroup_procs = lease.procs_files();
+            j.max_files = p.max_files;
+            j.max_file_bytes = jailer.console_limit_bytes();
+            j.max_procs = limits.pids;
+            j.keep_netns = slot.tap.is_some();
+            j.bind_ro(&spec.kernel, JAIL_KERNEL)
+                .bind_ro(&spec.initrd, JAIL_INITRD)
+                .bind_rw(&slot.dir, JAIL_DIR);
+            match driver.kind {
+                Kind::Qemu => qemu::jail(driver, &mut j),
+                Kind::CloudeVmm => vmm::jail(&mut j),
+            }
+            j.exec = Some(driver.binary.clone());
+            j.args = args;
+            let mut cmd = tokio::process::Command::new(jailer.binary());
+            cmd.args(j.to_args());
+            (cmd, Some(lease))
+        }
+    };
     inherit_tap(&mut cmd, slot);
     let child = cmd
-        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -249,7 +420,28 @@ pub(crate) fn spawn(
         .spawn()
         .map_err(|e| VmError::Spawn(driver.binary.display().to_string(), e))?;
     slot.register_pid(child.id());
-    Ok(child)
+    Ok(Process {
+        child: Some(child),
+        lease,
+    })
+}
+
+/// How a hypervisor process ended, in words; a seccomp kill is named as such, with the system
+/// call the VMM reported on its console (`cloude-vmm: seccomp: forbidden system call N`).
+pub fn describe_exit(status: std::process::ExitStatus, console: &str) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() == Some(libc::SIGSYS) {
+        let nr = console
+            .lines()
+            .rev()
+            .find_map(|l| l.split(cloude_protocol::SECCOMP_KILL_MARK).nth(1))
+            .map(|n| n.trim().to_string());
+        return match nr {
+            Some(n) => format!("killed by its seccomp filter: SIGSYS on forbidden system call {n}"),
+            None => "killed by its seccomp filter (SIGSYS)".to_string(),
+        };
+    }
+    status.to_string()
 }
 
 /// The agent channel of a booted VM and, for the tcp transport, the ready channel held open.
@@ -285,13 +477,13 @@ where
 
 impl Vm {
     /// A VM whose agent is ready on `ch`.
-    pub(crate) fn ready(child: Child, slot: Slot, ch: Channels, started: Instant) -> Vm {
+    pub(crate) fn ready(mut p: Process, slot: Slot, ch: Channels, started: Instant) -> Vm {
         Vm {
-            child: Some(child),
+            child: p.child.take(),
             slot,
             io: Some(ch.io),
             _control: ch.control,
-            started,
+            lease: p.lease.take(),
             boot: started.elapsed(),
         }
     }
@@ -361,7 +553,7 @@ pub(crate) async fn during_boot<T>(
             Err(_) => Err(VmError::BootTimeout(spec.boot_timeout.as_millis(), slot.console_tail())),
         },
         s = child.wait() => Err(VmError::ExitedDuringBoot {
-            status: s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            status: s.map(|s| describe_exit(s, &slot.console_tail())).unwrap_or_else(|e| e.to_string()),
             console: slot.console_tail(),
         }),
     }

@@ -85,6 +85,7 @@ pub fn choose(want: HypervisorChoice, facts: &HostFacts) -> Result<Choice, Probe
                 kind: Kind::Qemu,
                 binary,
                 qemu_kvm: kvm.is_some(),
+                jail: None,
             },
             reason: format!("{reason}; QEMU microvm with {accel}"),
         })
@@ -96,6 +97,7 @@ pub fn choose(want: HypervisorChoice, facts: &HostFacts) -> Result<Choice, Probe
                 kind: Kind::CloudeVmm,
                 binary,
                 qemu_kvm: false,
+                jail: None,
             },
             reason,
         })

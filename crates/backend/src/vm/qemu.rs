@@ -8,14 +8,52 @@ use tokio::net::UnixListener;
 
 use super::net::CHILD_TAP_FD;
 use super::{
-    channels, cmdline, during_boot, spawn, wait_ready, AgentIo, Driver, Slot, Vm, VmError, VmSpec,
+    channels, cmdline, during_boot, spawn, wait_ready, AgentIo, Driver, JailProfile, Paths, Slot,
+    Vm, VmError, VmSpec,
 };
 
+/// QEMU's cgroup and rlimits on top of the guest. Measured under TCG (README, Jail): RSS beyond
+/// guest memory up to ~100 MiB (the translation cache grows with the code the guest runs), ~8
+/// threads plus a worker pool QEMU grows on demand.
+pub(crate) const JAIL_PROFILE: JailProfile = JailProfile {
+    overhead_mib: 256,
+    extra_pids: 48,
+    device_cpu_millis: 500,
+    max_files: 256,
+};
+
+/// The seccomp sandbox QEMU applies to itself (on top of the jail).
+pub(crate) const SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// What QEMU needs in its jail besides the kernel, the image and its directory: its own binary's
+/// libraries and firmware (the host's `/usr`, read-only) and, with KVM, `/dev/kvm`.
+pub(crate) fn jail(driver: &Driver, j: &mut cloude_jail::Spec) {
+    j.bind_ro("/usr", "/usr");
+    // Debian's merged /usr: /lib, /lib64 and /bin are links into it (bound as directories where
+    // a host has them apart).
+    for d in ["lib", "lib64", "bin"] {
+        let host = std::path::Path::new("/").join(d);
+        match std::fs::read_link(&host) {
+            Ok(target) => {
+                j.symlink(target, &host);
+            }
+            Err(_) if host.is_dir() => {
+                j.bind_ro(&host, &host);
+            }
+            Err(_) => {}
+        }
+    }
+    if driver.qemu_kvm {
+        j.bind_dev("/dev/kvm", "/dev/kvm");
+    }
+}
+
 /// The QEMU command line for one VM (pure; unit-tested).
-pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot) -> Vec<String> {
+pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot, paths: &Paths) -> Vec<String> {
     let accel = if driver.qemu_kvm { "kvm" } else { "tcg" };
-    let sock = slot.path("agent.sock");
-    let console = slot.console_path();
+    let sock = paths.file("agent.sock");
+    let console = paths.file("console.log");
     let mut a: Vec<String> = vec![
         "-M".into(),
         // No ACPI in the guest kernel: QEMU then adds virtio_mmio.device= to the command line.
@@ -37,9 +75,9 @@ pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot) -> Vec<String> {
         "-nographic".into(),
         "-no-reboot".into(),
         "-kernel".into(),
-        spec.kernel.display().to_string(),
+        paths.kernel.display().to_string(),
         "-initrd".into(),
-        spec.initrd.display().to_string(),
+        paths.initrd.display().to_string(),
         "-append".into(),
         cmdline(slot, ""),
         "-serial".into(),
@@ -56,6 +94,9 @@ pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot) -> Vec<String> {
         "-device".into(),
         "virtio-rng-device".into(),
     ];
+    if driver.jail.is_some() {
+        a.extend(["-sandbox".into(), SANDBOX.into()]);
+    }
     match &slot.tap {
         // tcp transport: virtio-net on the tap we created and pass as an inherited fd.
         Some(tap) => a.extend([
@@ -75,14 +116,16 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<V
     let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
     let stderr = std::fs::File::create(slot.path("qemu.stderr")).map_err(VmError::RuntimeDir)?;
+    let paths = driver.paths(spec, &slot);
     let mut child = spawn(
         driver,
+        spec,
         &slot,
-        args(driver, spec, &slot),
+        args(driver, spec, &slot, &paths),
         Stdio::null(),
         stderr.into(),
     )?;
-    let io = during_boot(&mut child, &slot, spec, started, async {
+    let io = during_boot(child.child(), &slot, spec, started, async {
         let (mut stream, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut stream).await?;
         channels(&slot, stream, |s| async move {
@@ -122,6 +165,7 @@ mod tests {
             kind: Kind::Qemu,
             binary: "qemu-system-x86_64".into(),
             qemu_kvm: false,
+            jail: None,
         };
         let spec = VmSpec {
             kernel: "/k".into(),
@@ -130,7 +174,7 @@ mod tests {
             vcpus: 1,
             boot_timeout: std::time::Duration::from_secs(1),
         };
-        let a = args(&d, &spec, &slot).join(" ");
+        let a = args(&d, &spec, &slot, &d.paths(&spec, &slot)).join(" ");
         assert!(a.contains("-nic none"), "{a}");
         assert!(a.contains("-accel tcg"), "{a}");
         assert!(a.contains("name=cloude.agent"), "{a}");

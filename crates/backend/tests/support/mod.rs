@@ -272,3 +272,145 @@ pub fn sibling_bin(name: &str) -> Result<PathBuf, String> {
         ))
     }
 }
+
+/// What `/proc` says about a (jailed) hypervisor process, compared with this test process.
+#[derive(Debug)]
+pub struct JailFacts {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    pub groups: String,
+    /// CapInh, CapPrm, CapEff, CapBnd, CapAmb.
+    pub caps: Vec<(String, String)>,
+    pub no_new_privs: String,
+    pub seccomp: String,
+    /// Namespaces (mnt, pid, ipc, uts, net) shared with this process.
+    pub shared_ns: Vec<&'static str>,
+    /// Top-level entries of its root directory.
+    pub root: Vec<String>,
+    /// Its `/proc/PID/cgroup`, and whether that differs from ours.
+    pub cgroup: String,
+    pub own_cgroup: bool,
+}
+
+fn status_field(status: &str, field: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+pub fn jail_facts(pid: u32) -> JailFacts {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let nums = |f: &str| -> Vec<u32> {
+        status_field(&st, f)
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    root.sort();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let ours = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    JailFacts {
+        uids: nums("Uid"),
+        gids: nums("Gid"),
+        groups: status_field(&st, "Groups"),
+        caps: ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]
+            .iter()
+            .map(|c| (c.to_string(), status_field(&st, c)))
+            .collect(),
+        no_new_privs: status_field(&st, "NoNewPrivs"),
+        seccomp: status_field(&st, "Seccomp"),
+        shared_ns: ["mnt", "pid", "ipc", "uts", "net"]
+            .into_iter()
+            .filter(|ns| {
+                std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok()
+                    == std::fs::read_link(format!("/proc/self/ns/{ns}")).ok()
+            })
+            .collect(),
+        root,
+        own_cgroup: !cgroup.is_empty() && cgroup != ours,
+        cgroup,
+    }
+}
+
+impl JailFacts {
+    /// Everything every jailed hypervisor must show; `None` when it does, else what is wrong.
+    pub fn problems(&self, may_share_net: bool) -> Option<String> {
+        let mut p = Vec::new();
+        let uid = self.uids.first().copied().unwrap_or(0);
+        if uid == 0 || self.uids.iter().any(|&u| u != uid) {
+            p.push(format!("uids {:?}", self.uids));
+        }
+        if self.gids.iter().any(|&g| g == 0) || self.gids.is_empty() {
+            p.push(format!("gids {:?}", self.gids));
+        }
+        if !self.groups.is_empty() {
+            p.push(format!("groups {}", self.groups));
+        }
+        for (c, v) in &self.caps {
+            if v != "0000000000000000" {
+                p.push(format!("{c} {v}"));
+            }
+        }
+        if self.no_new_privs != "1" {
+            p.push(format!("NoNewPrivs {}", self.no_new_privs));
+        }
+        if self.seccomp != "2" {
+            p.push(format!("Seccomp {}", self.seccomp));
+        }
+        let shared: Vec<_> = self
+            .shared_ns
+            .iter()
+            .filter(|n| !(may_share_net && **n == "net"))
+            .collect();
+        if !shared.is_empty() {
+            p.push(format!("shares namespaces {shared:?}"));
+        }
+        for host in [
+            "etc", "home", "root", "var", "tmp", "proc", "sys", "run", "boot",
+        ] {
+            if self.root.iter().any(|r| r == host) {
+                p.push(format!("host /{host} visible in its root {:?}", self.root));
+            }
+        }
+        if !self.own_cgroup {
+            p.push(format!("cgroup not its own: {}", self.cgroup));
+        }
+        (!p.is_empty()).then(|| p.join("; "))
+    }
+}
+
+/// Runs `cmd` as `uid`/`gid` on the host; returns (success, stderr).
+pub fn as_uid(uid: u32, cmd: &[&str]) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("spawn as uid");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The command line of `pid`, split at NULs.
+pub fn cmdline_args(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

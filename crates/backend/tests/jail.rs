@@ -1,0 +1,283 @@
+//! The jail around every hypervisor, on the QEMU fallback here (cloude-vmm's side runs in the
+//! KVM lab: `vmm_lab.rs`). Real server, real requests, real VMs; the facts come from `/proc`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{as_uid, children_of, cmdline_args, jail_facts, Server};
+
+/// Kernel build plus the bash image when nothing is cached yet.
+const FIRST_START: Duration = Duration::from_secs(3600);
+
+/// `--flag VALUE` from a command line.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+/// The cgroup v1 memory limit of the process whose `/proc/PID/cgroup` is `cg`.
+fn v1_memory_limit(cg: &str) -> Option<u64> {
+    let path = cg
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))?;
+    std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn cloude_cgroups(server_rt: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in ["memory", "pids", "cpu", ""] {
+        let d = std::path::Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join("cloude")
+            .join(server_rt);
+        if d.exists() {
+            out.push(d.display().to_string());
+        }
+    }
+    out
+}
+
+/// Two requests at once on the QEMU fallback: each hypervisor runs under its own uid, with no
+/// capabilities, no_new_privs, QEMU's seccomp sandbox, its own mount/pid/ipc/uts/net
+/// namespaces, a root without the host's files and a cgroup of its own with a finite memory
+/// limit; neither uid can read the other VM's files, write the image or list the server's
+/// runtime directory; both programs still give their output; nothing is left afterwards.
+#[test]
+fn jailed_qemu_hypervisors_are_unprivileged_and_apart() {
+    let config = "[limits]\nmax_concurrent_vms = 4\n[vm]\nprebuild = [\"bash\"]\n";
+    let server = Server::start(&["--hypervisor", "qemu"], Some(config), FIRST_START)
+        .unwrap_or_else(|e| panic!("jail: {e}"));
+    let h = server.get("/healthz").json();
+    assert_eq!(h["jail"], true, "{h}");
+    assert!(
+        h["jail_detail"].as_str().unwrap_or("").contains("cgroup v"),
+        "{h}"
+    );
+    let addr = server.addr;
+    let reqs: Vec<_> = (0..2)
+        .map(|i| {
+            std::thread::spawn(move || {
+                support::http(
+                    addr,
+                    "POST",
+                    "/v1/executions",
+                    Some(
+                        serde_json::to_vec(&json!({
+                            "language": "bash",
+                            "code": format!("echo started-{i}; sleep 25"),
+                            "timeout_ms": 60000
+                        }))
+                        .expect("json"),
+                    ),
+                )
+            })
+        })
+        .collect();
+    // Both jailers and their hypervisors.
+    let t = Instant::now();
+    let pairs: Vec<(u32, u32)> = loop {
+        let pairs: Vec<(u32, u32)> = server
+            .children()
+            .into_iter()
+            .filter_map(|j| children_of(j).first().map(|&h| (j, h)))
+            .collect();
+        if pairs.len() == 2 {
+            break pairs;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "two jailed hypervisors did not appear: {pairs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Let both boot far enough to have opened everything (QEMU's sandbox is on from the start).
+    std::thread::sleep(Duration::from_secs(3));
+    let mut uids = Vec::new();
+    let mut dirs = Vec::new();
+    let mut images = Vec::new();
+    for &(jailer, hv) in &pairs {
+        let f = jail_facts(hv);
+        assert_eq!(f.problems(false), None, "hypervisor {hv}: {f:?}");
+        assert!(
+            f.root.iter().all(
+                |e| ["bin", "dev", "initrd", "kernel", "lib", "lib64", "usr", "vm"]
+                    .contains(&e.as_str())
+            ),
+            "only QEMU's needs in its root: {:?}",
+            f.root
+        );
+        let limit = v1_memory_limit(&f.cgroup)
+            .or_else(|| {
+                // cgroup v2 hosts.
+                let p = f.cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+                std::fs::read_to_string(format!("/sys/fs/cgroup{p}/memory.max"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(u64::MAX);
+        assert!(
+            limit < 16 << 30,
+            "finite memory limit, got {limit}: {}",
+            f.cgroup
+        );
+        let args = cmdline_args(jailer);
+        let root = flag(&args, "--root").expect("--root").to_string();
+        dirs.push(root.trim_end_matches("/root").to_string());
+        let ro: Vec<&String> = args
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| *i > 0 && args[i - 1] == "--bind-ro" && a.contains("images"))
+            .map(|(_, a)| a)
+            .collect();
+        images.extend(ro.into_iter().cloned());
+        uids.push(f.uids[0]);
+    }
+    assert_ne!(uids[0], uids[1], "a uid of its own per running VM");
+    // Across the boundary: A's uid against B's directory, the image cache and the runtime dir.
+    let b_console = format!("{}/console.log", dirs[1]);
+    assert!(std::path::Path::new(&b_console).exists(), "{b_console}");
+    let (ok, err) = as_uid(uids[0], &["cat", &b_console]);
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "read B's console: {err}"
+    );
+    let image = images.first().expect("the image is bound read-only");
+    let (ok, err) = as_uid(uids[0], &["sh", "-c", &format!("echo x >> {image}")]);
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "write the image: {err}"
+    );
+    let server_dir = std::path::Path::new(&dirs[0])
+        .parent()
+        .expect("server runtime dir")
+        .display()
+        .to_string();
+    let (ok, err) = as_uid(uids[0], &["ls", &server_dir]);
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "list the runtime dir: {err}"
+    );
+    for &(_, hv) in &pairs {
+        for host in [&server_dir, image, &dirs[1]] {
+            let inside = format!("/proc/{hv}/root{host}");
+            assert!(
+                !std::path::Path::new(&inside).exists(),
+                "{host} visible inside the jail of {hv}"
+            );
+        }
+    }
+    let mut outs: Vec<String> = reqs
+        .into_iter()
+        .map(|r| {
+            let r = r.join().expect("thread");
+            let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            assert_eq!(v["status"], "ok", "{v}");
+            v["stdout"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    outs.sort();
+    assert_eq!(outs, ["started-0\n", "started-1\n"]);
+    let rt_name = std::path::Path::new(&server_dir)
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    // The VMs' cgroups go with them; the server's own with the server.
+    let t = Instant::now();
+    let vm_groups = || -> usize {
+        cloude_cgroups(&rt_name)
+            .iter()
+            .map(|d| {
+                std::fs::read_dir(d)
+                    .map(|r| r.flatten().filter(|e| e.path().is_dir()).count())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    while vm_groups() > 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        vm_groups(),
+        0,
+        "VM cgroups left: {:?}",
+        cloude_cgroups(&rt_name)
+    );
+    let status = server.stop(Duration::from_secs(30)).expect("stop");
+    assert!(status.success(), "{status}");
+    assert!(
+        cloude_cgroups(&rt_name).is_empty(),
+        "server cgroups left: {:?}",
+        cloude_cgroups(&rt_name)
+    );
+}
+
+/// `[jail] enabled = false` is loud: `/healthz` says so.
+#[test]
+fn jail_off_shows_in_healthz() {
+    let server = Server::start(
+        &["--hypervisor", "qemu", "--lazy"],
+        Some("[jail]\nenabled = false\n"),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("jail: {e}"));
+    let h = server.get("/healthz").json();
+    assert_eq!(h["jail"], false, "{h}");
+    assert_eq!(h["jail_detail"], Value::Null, "{h}");
+}
+
+/// A server that cannot jail (here: not root, so no cgroups, namespaces or uid changes) refuses
+/// to start with one sentence saying what is missing and how to fix it.
+#[test]
+fn a_host_that_cannot_jail_refuses_to_start() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root to run the server as another, unprivileged user");
+        return;
+    }
+    let rt = tempfile::tempdir().expect("tmp");
+    std::fs::set_permissions(
+        rt.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloude-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--hypervisor",
+            "qemu",
+            "--no-build",
+        ])
+        .env("CLOUDE_RUNTIME_DIR", rt.path())
+        .env("CLOUDE_HOME", rt.path())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("spawn");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started unjailed: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("root") && last.contains("[jail] enabled = false"),
+        "one clear sentence: {last}"
+    );
+    // Nothing left behind: no cgroup directories of this attempt (it made none), no runtime
+    // entries.
+    let left: Vec<_> = std::fs::read_dir(rt.path())
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

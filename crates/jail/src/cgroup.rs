@@ -1,0 +1,361 @@
+//! A cgroup per hypervisor, on cgroup v1 (one directory per controller: memory, pids, cpu) or
+//! cgroup v2 (one directory), detected at start. Layout: `<controller root>/cloude/<server>/<vm>`,
+//! so that several servers on one host never share a directory; the server removes its own
+//! directories (and `cloude/` once it is empty) when it stops.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where cgroup hierarchies are mounted.
+pub const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+/// The top directory of Cloude's cgroups under each hierarchy.
+pub const TOP: &str = "cloude";
+/// The CPU bandwidth period (µs) the CPU limit is expressed in.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no usable cgroup hierarchy under {0}: neither cgroup v2 (cgroup.controllers) nor the v1 memory, pids and cpu controllers are mounted there")]
+    NotMounted(String),
+    #[error("cgroup v2 at {0} lacks the {1} controller (enable it in the parent's cgroup.subtree_control)")]
+    MissingController(String, &'static str),
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the processes of {0} did not exit within {1} ms")]
+    Busy(PathBuf, u128),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError {
+    let path = path.to_path_buf();
+    move |source| CgroupError::Io { what, path, source }
+}
+
+/// Which cgroup version, and where its controllers are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hierarchy {
+    V1 {
+        memory: PathBuf,
+        pids: PathBuf,
+        cpu: PathBuf,
+    },
+    V2 {
+        root: PathBuf,
+    },
+}
+
+impl Hierarchy {
+    /// Detects the hierarchy under `mount` (normally [`CGROUP_MOUNT`]). A pure v2 mount wins; a
+    /// hybrid host (v1 controllers plus an empty unified mount) uses v1.
+    pub fn detect(mount: &Path) -> Result<Hierarchy, CgroupError> {
+        if mount.join("cgroup.controllers").is_file() {
+            let have = std::fs::read_to_string(mount.join("cgroup.controllers"))
+                .map_err(io("read", &mount.join("cgroup.controllers")))?;
+            for c in ["memory", "pids", "cpu"] {
+                if !have.split_whitespace().any(|h| h == c) {
+                    return Err(CgroupError::MissingController(
+                        mount.display().to_string(),
+                        c,
+                    ));
+                }
+            }
+            return Ok(Hierarchy::V2 {
+                root: mount.to_path_buf(),
+            });
+        }
+        let memory = mount.join("memory");
+        let pids = mount.join("pids");
+        let cpu = mount.join("cpu");
+        if memory.join("memory.limit_in_bytes").is_file()
+            && pids.join("pids.max").is_file()
+            && cpu.join("cpu.cfs_quota_us").is_file()
+        {
+            return Ok(Hierarchy::V1 { memory, pids, cpu });
+        }
+        Err(CgroupError::NotMounted(mount.display().to_string()))
+    }
+
+    /// `1` or `2`.
+    pub fn version(&self) -> u8 {
+        match self {
+            Hierarchy::V1 { .. } => 1,
+            Hierarchy::V2 { .. } => 2,
+        }
+    }
+
+    fn roots(&self) -> Vec<&Path> {
+        match self {
+            Hierarchy::V1 { memory, pids, cpu } => vec![memory, pids, cpu],
+            Hierarchy::V2 { root } => vec![root],
+        }
+    }
+}
+
+/// Limits of one VM's cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory (guest RAM plus the hypervisor's own), bytes; swap is not allowed on top.
+    pub memory_bytes: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// CPU bandwidth in thousandths of a CPU (1500 = one and a half CPUs).
+    pub cpu_millis: u64,
+}
+
+/// One server's cgroups: `<root>/cloude/<name>` under every controller root.
+#[derive(Debug)]
+pub struct Cgroups {
+    hierarchy: Hierarchy,
+    name: String,
+}
+
+impl Cgroups {
+    /// Creates this server's directories (enabling the v2 controllers on the way down).
+    pub fn new(hierarchy: Hierarchy, name: &str) -> Result<Cgroups, CgroupError> {
+        let me = Cgroups {
+            hierarchy,
+            name: name.to_string(),
+        };
+        for root in me.hierarchy.roots() {
+            let top = root.join(TOP);
+            let server = top.join(name);
+            if let Hierarchy::V2 { .. } = me.hierarchy {
+                enable_controllers(root)?;
+                mkdir(&top)?;
+                enable_controllers(&top)?;
+                mkdir(&server)?;
+                enable_controllers(&server)?;
+            } else {
+                mkdir(&top)?;
+                mkdir(&server)?;
+            }
+        }
+        Ok(me)
+    }
+
+    pub fn hierarchy(&self) -> &Hierarchy {
+        &self.hierarchy
+    }
+
+    /// Creates the cgroup `vm` with `limits`.
+    pub fn create(&self, vm: &str, limits: Limits) -> Result<Group, CgroupError> {
+        let mut group = Group {
+            dirs: Vec::new(),
+            v2: matches!(self.hierarchy, Hierarchy::V2 { .. }),
+        };
+        for root in self.hierarchy.roots() {
+            let d = root.join(TOP).join(&self.name).join(vm);
+            mkdir(&d)?;
+            group.dirs.push(d);
+        }
+        // On error `group` is dropped... by the caller's remove; set limits now.
+        if let Err(e) = group.set_limits(&self.hierarchy, limits) {
+            let _ = group.remove(Duration::from_millis(100));
+            return Err(e);
+        }
+        Ok(group)
+    }
+
+    /// Removes this server's directories (and `cloude/` where no other server uses it).
+    pub fn remove(&self) {
+        for root in self.hierarchy.roots() {
+            let top = root.join(TOP);
+            if let Ok(entries) = std::fs::read_dir(top.join(&self.name)) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(top.join(&self.name));
+            let _ = std::fs::remove_dir(&top);
+        }
+    }
+}
+
+fn mkdir(d: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io("create", d)(e)),
+    }
+}
+
+fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
+    let f = dir.join("cgroup.subtree_control");
+    let on = std::fs::read_to_string(&f).map_err(io("read", &f))?;
+    for c in ["memory", "pids", "cpu"] {
+        if !on.split_whitespace().any(|h| h == c) {
+            std::fs::write(&f, format!("+{c}")).map_err(io("enable a controller in", &f))?;
+        }
+    }
+    Ok(())
+}
+
+/// One VM's cgroup (one directory per v1 controller, or one v2 directory).
+#[derive(Debug)]
+pub struct Group {
+    dirs: Vec<PathBuf>,
+    v2: bool,
+}
+
+impl Group {
+    fn write(&self, file: &str, value: &str) -> Result<(), CgroupError> {
+        for d in &self.dirs {
+            let p = d.join(file);
+            if p.exists() {
+                return std::fs::write(&p, value).map_err(io("write", &p));
+            }
+        }
+        Err(CgroupError::Io {
+            what: "find",
+            path: self.dirs.first().cloned().unwrap_or_default().join(file),
+            source: std::io::Error::from(ErrorKind::NotFound),
+        })
+    }
+
+    fn set_limits(&self, h: &Hierarchy, l: Limits) -> Result<(), CgroupError> {
+        let quota = l.cpu_millis.max(10) * CPU_PERIOD_US / 1000;
+        match h {
+            Hierarchy::V2 { .. } => {
+                self.write("memory.max", &l.memory_bytes.to_string())?;
+                if self.dirs.iter().any(|d| d.join("memory.swap.max").exists()) {
+                    self.write("memory.swap.max", "0")?;
+                }
+                self.write("pids.max", &l.pids.to_string())?;
+                self.write("cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+            }
+            Hierarchy::V1 { .. } => {
+                self.write("memory.limit_in_bytes", &l.memory_bytes.to_string())?;
+                if self
+                    .dirs
+                    .iter()
+                    .any(|d| d.join("memory.memsw.limit_in_bytes").exists())
+                {
+                    self.write("memory.memsw.limit_in_bytes", &l.memory_bytes.to_string())?;
+                }
+                self.write("pids.max", &l.pids.to_string())?;
+                self.write("cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                self.write("cpu.cfs_quota_us", &quota.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a process writes its pid to (the jailer's `--cgroup-procs`).
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// The directories (one per v1 controller, or the v2 one).
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// The processes in the group.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut all: Vec<i32> = self
+            .procs_files()
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// SIGKILLs every process in the group (`cgroup.kill` on v2 where the kernel has it).
+    pub fn kill(&self) {
+        if self.v2 {
+            if let Some(d) = self.dirs.first() {
+                if std::fs::write(d.join("cgroup.kill"), "1").is_ok() {
+                    return;
+                }
+            }
+        }
+        for pid in self.pids() {
+            if pid > 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// SIGKILLs every process in the group but `spare` (the jailer, which then reaps the
+    /// hypervisor and exits by itself, leaving no orphan behind).
+    pub fn kill_except(&self, spare: Option<i32>) {
+        for pid in self.pids() {
+            if pid > 0 && Some(pid) != spare {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// Kills what is left in the group, waits up to `within` for it to be empty, and removes its
+    /// directories. Blocking (short sleeps): call it off the async workers.
+    pub fn remove(&mut self, within: Duration) -> Result<(), CgroupError> {
+        let deadline = Instant::now() + within;
+        loop {
+            self.kill();
+            self.dirs.retain(|d| match std::fs::remove_dir(d) {
+                Ok(()) => false,
+                Err(e) => e.kind() != ErrorKind::NotFound,
+            });
+            if self.dirs.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(CgroupError::Busy(self.dirs[0].clone(), within.as_millis()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_v1_and_v2_layouts() {
+        let d = tempfile::tempdir().expect("tmp");
+        assert!(matches!(
+            Hierarchy::detect(d.path()),
+            Err(CgroupError::NotMounted(_))
+        ));
+        for (c, f) in [
+            ("memory", "memory.limit_in_bytes"),
+            ("pids", "pids.max"),
+            ("cpu", "cpu.cfs_quota_us"),
+        ] {
+            std::fs::create_dir(d.path().join(c)).expect("dir");
+            std::fs::write(d.path().join(c).join(f), "").expect("file");
+        }
+        assert_eq!(Hierarchy::detect(d.path()).expect("v1").version(), 1);
+        std::fs::write(d.path().join("cgroup.controllers"), "cpu pids").expect("v2");
+        assert!(matches!(
+            Hierarchy::detect(d.path()),
+            Err(CgroupError::MissingController(_, "memory"))
+        ));
+        std::fs::write(
+            d.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids",
+        )
+        .expect("v2");
+        assert_eq!(Hierarchy::detect(d.path()).expect("v2").version(), 2);
+    }
+}

@@ -1,0 +1,245 @@
+//! Seccomp filters, one allowlist per thread kind (as Firecracker does): the device event loop
+//! installs its own before it handles any guest event, every vCPU thread its own right before its
+//! first `KVM_RUN`, and the main thread its own once every other thread is running (threads
+//! inherit the filter of the thread that creates them, so the main thread's comes last).
+//!
+//! Anything outside the allowlist traps: the `SIGSYS` handler writes
+//! [`cloude_protocol::SECCOMP_KILL_MARK`] and the call's number to stderr (the console) and the
+//! process then dies by `SIGSYS`. `--no-seccomp` turns the filters off for debugging only.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Which filter a thread gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Waits for the VM to end, then cleans up and exits.
+    Main,
+    /// Runs `KVM_RUN` and emulates port and MMIO accesses (serial, i8042, virtio-mmio registers).
+    Vcpu,
+    /// The device event loop: virtio queues, vsock sockets, the tap.
+    Devices,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the {0:?} seccomp filter: {1}")]
+    Build(ThreadKind, String),
+    #[error("cannot install the {0:?} seccomp filter: {1}")]
+    Install(ThreadKind, String),
+}
+
+/// `KVM_RUN` (`_IO(KVMIO, 0x80)`): the only KVM ioctl a vCPU thread makes once running.
+const KVM_RUN: u64 = 0xae80;
+/// `FIONBIO`: how the standard library makes accepted and connected sockets non-blocking.
+const FIONBIO: u64 = 0x5421;
+
+/// System calls every thread makes (memory, locks, signals, its own exit, the console).
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_getrandom,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_restart_syscall,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
+    let mut m: BTreeMap<i64, Vec<SeccompRule>> =
+        COMMON.iter().map(|&nr| (nr, Vec::new())).collect();
+    let arg_eq = |idx: u8, v: u64| -> Result<SeccompRule, String> {
+        let c = SeccompCondition::new(idx, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
+            .map_err(|e| e.to_string())?;
+        SeccompRule::new(vec![c]).map_err(|e| e.to_string())
+    };
+    match kind {
+        ThreadKind::Main => {
+            // Removing the vsock socket files at exit.
+            m.insert(libc::SYS_unlink, Vec::new());
+            m.insert(libc::SYS_unlinkat, Vec::new());
+        }
+        ThreadKind::Vcpu => {
+            m.insert(libc::SYS_ioctl, vec![arg_eq(1, KVM_RUN)?]);
+        }
+        ThreadKind::Devices => {
+            for nr in [
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_epoll_ctl,
+                libc::SYS_readv,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_recvmsg,
+                libc::SYS_sendmsg,
+                libc::SYS_accept4,
+                libc::SYS_connect,
+                libc::SYS_shutdown,
+                libc::SYS_getsockopt,
+                libc::SYS_fcntl,
+            ] {
+                m.insert(nr, Vec::new());
+            }
+            // Unix sockets only (guest-initiated vsock connections to `<uds>_<port>`).
+            m.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
+            m.insert(libc::SYS_ioctl, vec![arg_eq(1, FIONBIO)?]);
+        }
+    }
+    Ok(m)
+}
+
+/// The compiled filter for `kind`.
+pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let build = |e: String| SeccompError::Build(kind, e);
+    let f = SeccompFilter::new(
+        rules(kind).map_err(build)?,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| build(e.to_string()))?;
+    BpfProgram::try_from(f).map_err(|e| build(e.to_string()))
+}
+
+/// Installs the filter for `kind` on the calling thread.
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    let prog = filter(kind)?;
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))
+}
+
+/// Offset of `si_syscall` in x86_64's `siginfo_t` (after `si_signo`, `si_errno`, `si_code`,
+/// padding and `si_call_addr`).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SIGSYS; `si_syscall` is an int at this
+    // offset of the x86_64 layout.
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
+    // Format without allocating (signal context).
+    let mark = cloude_protocol::SECCOMP_KILL_MARK.as_bytes();
+    let mut buf = [0u8; 96];
+    let mut len = 0;
+    for &b in mark.iter().take(buf.len() - 16) {
+        buf[len] = b;
+        len += 1;
+    }
+    let mut digits = [0u8; 12];
+    let mut n = i64::from(nr).unsigned_abs();
+    let mut d = 0;
+    loop {
+        digits[d] = b'0' + (n % 10) as u8;
+        d += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if nr < 0 {
+        buf[len] = b'-';
+        len += 1;
+    }
+    while d > 0 {
+        d -= 1;
+        buf[len] = digits[d];
+        len += 1;
+    }
+    buf[len] = b'\n';
+    len += 1;
+    // SAFETY: write(2) and syscall(2) are async-signal-safe; `buf` is ours. SIGSYS is blocked
+    // while this handler runs, so the forbidden call below makes the kernel kill the process
+    // with SIGSYS (a blocked SIGSYS from seccomp is forced to its default action).
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::syscall(libc::SYS_kexec_load, 0, 0, 0, 0);
+        // Not reached unless kexec_load was allowed: end the process anyway.
+        libc::_exit(128 + libc::SIGSYS);
+    }
+}
+
+/// Installs the `SIGSYS` reporter (process-wide; before any filter).
+pub fn install_reporter() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is a valid starting point; we set a handler with the
+    // SA_SIGINFO signature and an empty mask.
+    let r = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(SeccompError::Install(
+            ThreadKind::Main,
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles() {
+        for k in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Devices] {
+            assert!(!filter(k).expect("compiles").is_empty());
+        }
+    }
+
+    #[test]
+    fn a_forbidden_call_kills_the_thread_group_by_sigsys() {
+        // In a child process: install the reporter and the main filter, then make a call the
+        // filter forbids (a socket that is not AF_UNIX). The filter is built before the fork:
+        // the child of a multi-threaded test process must not allocate.
+        let prog = filter(ThreadKind::Main).expect("compiles");
+        // SAFETY: the test process forks; the child only makes raw calls and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let ok = install_reporter().is_ok() && seccompiler::apply_filter(&prog).is_ok();
+            if !ok {
+                // SAFETY: leaving the child.
+                unsafe { libc::_exit(3) };
+            }
+            // SAFETY: a plain system call; the filter stops it.
+            unsafe {
+                libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "status {status:#x}"
+        );
+    }
+}
