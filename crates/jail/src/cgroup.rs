@@ -70,8 +70,9 @@ impl Hierarchy {
         let memory = mount.join("memory");
         let pids = mount.join("pids");
         let cpu = mount.join("cpu");
+        // (The root of the pids hierarchy has no pids.max: only its children do.)
         if memory.join("memory.limit_in_bytes").is_file()
-            && pids.join("pids.max").is_file()
+            && pids.join("cgroup.procs").is_file()
             && cpu.join("cpu.cfs_quota_us").is_file()
         {
             return Ok(Hierarchy::V1 { memory, pids, cpu });
@@ -339,7 +340,7 @@ mod tests {
         ));
         for (c, f) in [
             ("memory", "memory.limit_in_bytes"),
-            ("pids", "pids.max"),
+            ("pids", "cgroup.procs"),
             ("cpu", "cpu.cfs_quota_us"),
         ] {
             std::fs::create_dir(d.path().join(c)).expect("dir");

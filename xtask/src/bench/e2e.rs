@@ -97,8 +97,8 @@ pub fn start_server_with(
     }
 }
 
-/// One hello-world request; its latency in ms, or an error description.
-fn hello(addr: SocketAddr) -> Result<f64, String> {
+/// One hello-world request; its latency and the server's boot time in ms, or an error.
+fn hello_timed(addr: SocketAddr) -> Result<(f64, Option<f64>), String> {
     let t = Instant::now();
     let r = http::request(addr, "POST", "/v1/executions", Some(HELLO), REQUEST_TIMEOUT)
         .map_err(|e| format!("{e:#}"))?;
@@ -110,15 +110,23 @@ fn hello(addr: SocketAddr) -> Result<f64, String> {
     if v["stdout"] != "hello\n" || v["status"] != "ok" {
         return Err(format!("unexpected answer: {}", r.body));
     }
-    Ok(ms)
+    Ok((ms, v["timings"]["boot_ms"].as_f64()))
+}
+
+/// One hello-world request; its latency in ms, or an error description.
+fn hello(addr: SocketAddr) -> Result<f64, String> {
+    hello_timed(addr).map(|(ms, _)| ms)
 }
 
 /// Sequential latency over `n` requests, beside host python3 over as many runs.
 pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
     let mut samples = Vec::with_capacity(n);
+    let mut boots = Vec::with_capacity(n);
     for i in 0..n {
-        let ms = hello(server.addr).map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
+        let (ms, boot) =
+            hello_timed(server.addr).map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
         samples.push(ms);
+        boots.extend(boot);
     }
     // The interpreter itself, not a version-manager shim in front of it.
     let exe = Command::new("python3")
@@ -143,6 +151,7 @@ pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
     Ok(json!({
         "p50": p(&samples, 50.0), "p90": p(&samples, 90.0), "p99": p(&samples, 99.0),
         "host_python_p50": p(&host, 50.0), "requests": n,
+        "boot_ms_p50": p(&boots, 50.0), "samples": samples,
     }))
 }
 

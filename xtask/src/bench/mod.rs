@@ -60,7 +60,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     results["quick"] = json!(args.quick);
 
     // 4. VMM overhead on this machine's own /dev/kvm.
-    match overhead::measure(&bin.join("cloude-vmm"), Path::new(&kernel)) {
+    match overhead::measure(
+        &bin.join("cloude-vmm"),
+        Path::new(&kernel),
+        &bin.join("cloude-jail"),
+    ) {
         Ok(v) => {
             results["vmm_overhead_rss_mib"] = v["rss_overhead_mib"].clone();
             results["vmm_start_to_first_run_cpu_ms"] = v["first_run_cpu_ms"].clone();
@@ -87,6 +91,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         results["e2e_hello_python_ms"] = e2e::latency(&server, requests)?;
         results["throughput"] = json!(e2e::throughput(&server, levels, window));
         drop(server);
+        // The jail's cost, side by side: the same requests with the jail turned off.
+        let unjailed =
+            e2e::start_server_with(&bin.join("cloude-server"), 4, "[jail]\nenabled = false\n")?;
+        results["e2e_hello_python_unjailed_ms"] = e2e::latency(&unjailed, requests)?;
+        drop(unjailed);
+        let j = &results["e2e_hello_python_ms"];
+        let u = &results["e2e_hello_python_unjailed_ms"];
+        if let (Some(a), Some(b)) = (j["p50"].as_f64(), u["p50"].as_f64()) {
+            results["jail_cost"] = json!({
+                "e2e_p50_jailed_ms": a, "e2e_p50_unjailed_ms": b,
+                "e2e_p50_ratio": (a / b * 1000.0).round() / 1000.0,
+                "boot_p50_jailed_ms": j["boot_ms_p50"], "boot_p50_unjailed_ms": u["boot_ms_p50"],
+            });
+        }
         let pooled = e2e::start_server_with(
             &bin.join("cloude-server"),
             4,
@@ -245,6 +263,27 @@ fn table(r: &Value) -> String {
         "| VMM CPU from start to first KVM_RUN, ms, p50 (without huge pages) | {} ({}) | Firecracker bound 8 | |\n",
         f(&r["vmm_start_to_first_run_cpu_ms"]),
         f(&r["vmm_overhead"]["no_huge_pages"]["first_run_cpu_ms_p50"])
+    ));
+    let o = &r["vmm_overhead"];
+    s.push_str(&format!(
+        "| jail: spawn to first KVM_RUN, ms, p50, jailed vs not | {} | unjailed {} | +{} ms |\n",
+        f(&o["jailed"]["spawn_to_first_run_ms_p50"]),
+        f(&o["huge_pages"]["spawn_to_first_run_ms_p50"]),
+        f(&o["jail_added_spawn_to_first_run_ms"])
+    ));
+    s.push_str(&format!(
+        "| jail: VMM CPU to first KVM_RUN (seccomp included), ms, p50 | {} | unjailed {} | |\n",
+        f(&o["jailed"]["first_run_cpu_ms_p50"]),
+        f(&o["huge_pages"]["first_run_cpu_ms_p50"])
+    ));
+    let j = &r["jail_cost"];
+    s.push_str(&format!(
+        "| jail: hello.py e2e p50 ms (boot p50), jailed vs not | {} ({}) | unjailed {} ({}) | {} |\n",
+        f(&j["e2e_p50_jailed_ms"]),
+        f(&j["boot_p50_jailed_ms"]),
+        f(&j["e2e_p50_unjailed_ms"]),
+        f(&j["boot_p50_unjailed_ms"]),
+        f(&j["e2e_p50_ratio"])
     ));
     if let Some(t) = r["throughput"].as_array() {
         s.push_str("\n| concurrency | req/s | p99 ms | errors |\n|---|---|---|---|\n");

@@ -20,7 +20,7 @@ pub enum JailError {
     #[error("the jail step binary cloude-jail was not found next to cloude-server (set CLOUDE_JAIL_BIN)")]
     NoBinary,
     #[error("cannot create the hypervisors' cgroups: {0}; run cloude-server as root, or set [jail] enabled = false to run them unjailed (not for untrusted code)")]
-    Cgroup(#[from] CgroupError),
+    Cgroup(CgroupError),
     #[error("this host cannot jail the hypervisors ({0}); run cloude-server as root (it needs CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID, CAP_SETPCAP, CAP_CHOWN and write access to {CGROUP_MOUNT}), or set [jail] enabled = false to run them unjailed (not for untrusted code)")]
     Probe(String),
     #[error("every uid of jail.uid_range is in use")]
@@ -58,13 +58,13 @@ impl Jailer {
     pub fn start(cfg: &JailConfig, runtime_dir: &Path) -> Result<Arc<Jailer>, JailError> {
         let binary = cloude_image::paths::sibling_binary("cloude-jail", "CLOUDE_JAIL_BIN")
             .ok_or(JailError::NoBinary)?;
-        let hierarchy = Hierarchy::detect(Path::new(CGROUP_MOUNT))?;
+        let hierarchy = Hierarchy::detect(Path::new(CGROUP_MOUNT)).map_err(JailError::Cgroup)?;
         let name = runtime_dir
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("cloude-server")
             .to_string();
-        let cgroups = Cgroups::new(hierarchy, &name)?;
+        let cgroups = Cgroups::new(hierarchy, &name).map_err(JailError::Cgroup)?;
         let [first, last] = cfg.uid_range;
         let jailer = Arc::new(Jailer {
             binary,
@@ -161,7 +161,11 @@ impl Jailer {
             jailer: self.clone(),
         };
         let name = format!("vm-{}", self.seq.fetch_add(1, Ordering::Relaxed));
-        lease.group = Some(self.cgroups.create(&name, limits)?);
+        lease.group = Some(
+            self.cgroups
+                .create(&name, limits)
+                .map_err(JailError::Cgroup)?,
+        );
         Ok(lease)
     }
 

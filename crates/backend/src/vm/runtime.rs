@@ -54,6 +54,12 @@ impl Runtime {
         let dir = tempfile::Builder::new()
             .prefix("cloude-")
             .tempdir_in(base)?;
+        // Only the server: jailed hypervisors (other uids) reach their own directory through a
+        // bind mount, never through this path.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         let state = State {
             next_cid: FIRST_CID,
             ..State::default()
