@@ -10,10 +10,53 @@ use cloude_protocol::{RunRequest, RunResponse, StreamEvent};
 
 use crate::vm::AgentIo;
 
-/// Largest agent response body we accept (two stages of base64 output at the agent's cap).
-const MAX_RESPONSE_BYTES: usize = 4 * (cloude_protocol::MAX_OUTPUT_LIMIT_BYTES as usize);
-/// Longest NDJSON line in a streamed answer.
-const MAX_STREAM_LINE_BYTES: usize = MAX_RESPONSE_BYTES;
+/// What an answer may hold beside the programs' output (JSON keys, statuses, messages,
+/// timings), bytes.
+const ANSWER_SLACK_BYTES: usize = 64 * 1024;
+/// Largest error body we read from the agent.
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// Bounds on one answer, derived from the request's output limit (the agent is not trusted to
+/// honour it: a hostile agent may send anything).
+#[derive(Clone, Copy, Debug)]
+struct AnswerLimits {
+    /// Output bytes of one stage (stdout + stderr), as the request set them.
+    output: usize,
+    /// The whole `/v1/run` body: two stages of base64 output, plus slack.
+    body: usize,
+    /// One NDJSON line of a stream: a result with two stages, or one output chunk.
+    line: usize,
+    /// Decoded output across every streamed event: two stages at the limit.
+    streamed: usize,
+}
+
+impl AnswerLimits {
+    fn for_request(req: &RunRequest) -> Self {
+        let output = usize::try_from(req.output_limit_bytes).unwrap_or(usize::MAX);
+        let b64 = output.saturating_add(2) / 3 * 4;
+        let body = b64.saturating_mul(2).saturating_add(ANSWER_SLACK_BYTES);
+        AnswerLimits {
+            output,
+            body,
+            line: body,
+            streamed: output.saturating_mul(2),
+        }
+    }
+
+    /// Re-checks a decoded answer: no stage may carry more output than the request allows.
+    fn check(&self, r: &RunResponse) -> Result<(), AgentError> {
+        for st in [&r.compile, &r.run].into_iter().flatten() {
+            let n = st.stdout.0.len() + st.stderr.0.len();
+            if n > self.output {
+                return Err(AgentError::Body(format!(
+                    "a stage carries {n} bytes of output, over the limit of {}",
+                    self.output
+                )));
+            }
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -70,7 +113,9 @@ impl AgentClient {
         let resp = self.sender.send_request(req).await?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
-            let body = collect(resp.into_body()).await.unwrap_or_default();
+            let body = collect(resp.into_body(), MAX_ERROR_BODY_BYTES)
+                .await
+                .unwrap_or_default();
             let msg = serde_json::from_slice::<cloude_protocol::ErrorBody>(&body)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
@@ -81,9 +126,12 @@ impl AgentClient {
 
     /// `POST /v1/run`.
     pub async fn run(&mut self, req: &RunRequest) -> Result<RunResponse, AgentError> {
+        let limits = AnswerLimits::for_request(req);
         let resp = self.post("/v1/run", serde_json::to_vec(req)?).await?;
-        let body = collect(resp.into_body()).await?;
-        Ok(serde_json::from_slice(&body)?)
+        let body = collect(resp.into_body(), limits.body).await?;
+        let r: RunResponse = serde_json::from_slice(&body)?;
+        limits.check(&r)?;
+        Ok(r)
     }
 
     /// `POST /v1/run/stream`: forwards output events to `tx` and returns the final result.
@@ -96,41 +144,177 @@ impl AgentClient {
         let resp = self
             .post("/v1/run/stream", serde_json::to_vec(req)?)
             .await?;
+        let limits = AnswerLimits::for_request(req);
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
+        // Bytes of `buf` already searched for a newline (a long line sent in small frames is
+        // scanned once, not once per frame).
+        let mut scanned = 0;
+        let mut streamed = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame?;
             let Some(data) = frame.data_ref() else {
                 continue;
             };
             buf.extend_from_slice(data);
-            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=nl).collect();
+            while let Some(off) = buf[scanned..].iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=scanned + off).collect();
+                scanned = 0;
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
                 match serde_json::from_slice::<StreamEvent>(&line)? {
-                    StreamEvent::Result { result } => return Ok(result),
+                    StreamEvent::Result { result } => {
+                        limits.check(&result)?;
+                        return Ok(result);
+                    }
                     StreamEvent::Error { message } => return Err(AgentError::Reported(message)),
                     ev @ StreamEvent::Output { .. } => {
+                        if let StreamEvent::Output { data, .. } = &ev {
+                            streamed += data.0.len();
+                        }
+                        if streamed > limits.streamed {
+                            return Err(AgentError::Body(format!(
+                                "the agent streamed {streamed} bytes of output, over the limit of {}",
+                                limits.streamed
+                            )));
+                        }
                         if tx.send(ev).await.is_err() {
                             return Err(AgentError::Body("the client went away".into()));
                         }
                     }
                 }
             }
-            if buf.len() > MAX_STREAM_LINE_BYTES {
-                return Err(AgentError::Body("a stream line is too long".into()));
+            scanned = buf.len();
+            if buf.len() > limits.line {
+                return Err(AgentError::Body(format!(
+                    "a stream line is longer than {} bytes",
+                    limits.line
+                )));
             }
         }
         Err(AgentError::NoResult)
     }
 }
 
-async fn collect(body: hyper::body::Incoming) -> Result<Bytes, AgentError> {
-    Limited::new(body, MAX_RESPONSE_BYTES)
+async fn collect(body: hyper::body::Incoming, max: usize) -> Result<Bytes, AgentError> {
+    Limited::new(body, max)
         .collect()
         .await
         .map(|c| c.to_bytes())
         .map_err(|e| AgentError::Body(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn request(output_limit_bytes: u64) -> RunRequest {
+        RunRequest {
+            protocol_version: cloude_protocol::PROTOCOL_VERSION,
+            files: vec![cloude_protocol::FileSpec {
+                name: "main.sh".into(),
+                content: "true".into(),
+                encoding: Default::default(),
+            }],
+            compile: None,
+            run: vec!["bash".into(), "main.sh".into()],
+            args: vec![],
+            stdin: Default::default(),
+            env: vec![],
+            compile_timeout_ms: 1000,
+            run_timeout_ms: 1000,
+            output_limit_bytes,
+            memory_limit_mib: None,
+            pids_limit: None,
+            poweroff_after: true,
+            network: false,
+            run_as_root: false,
+        }
+    }
+
+    /// A hostile agent: reads the request head, then answers with `head` and writes `chunk`
+    /// `times` times (in that many writes), as slowly as the reader takes it.
+    async fn hostile_agent(head: &'static str, chunk: Vec<u8>, times: usize) -> AgentClient {
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut req = vec![0u8; 4096];
+            let _ = theirs.read(&mut req).await;
+            if theirs.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for _ in 0..times {
+                if theirs.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        AgentClient::handshake(Box::new(ours))
+            .await
+            .expect("handshake")
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_cut_at_the_request_limit() {
+        // 64 MiB announced and sent for a 1 MiB output limit: refused after ~2.7 MiB.
+        let mut c = hostile_agent(
+            "HTTP/1.1 200 OK\r\ncontent-length: 67108864\r\n\r\n",
+            vec![b'x'; 1 << 20],
+            64,
+        )
+        .await;
+        let t = std::time::Instant::now();
+        let e = c.run(&request(1 << 20)).await.expect_err("refused");
+        assert!(matches!(e, AgentError::Body(_)), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_decoded_answer_over_the_output_limit_is_refused() {
+        let big =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, vec![b'a'; 5000]);
+        let body = format!(
+            r#"{{"compile":null,"run":{{"stdout":"{big}","stderr":"","exit_code":0,"signal":null,"status":"ok","wall_ms":1,"cpu_ms":1,"memory_kib":1}}}}"#
+        );
+        let head: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        );
+        let mut c = hostile_agent(head, Vec::new(), 0).await;
+        let e = c.run(&request(4096)).await.expect_err("refused");
+        assert!(e.to_string().contains("over the limit"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_endless_stream_line_is_cut() {
+        // One line that never ends, sent in 1 KiB frames: refused once it passes the line cap
+        // (~2.7 MiB for 1 MiB of output), after scanning each byte once.
+        let mut c = hostile_agent(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"400\r\n"
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(b'x', 1024))
+                .chain(*b"\r\n")
+                .collect(),
+            1 << 20,
+        )
+        .await;
+        let (tx, _rx) = mpsc::channel(16);
+        let t = std::time::Instant::now();
+        let e = c
+            .run_stream(&request(1 << 20), &tx)
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("stream line is longer"), "{e}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 }

@@ -92,6 +92,7 @@ pub fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
+    raise_fd_limit(config.limits.max_connections);
     if let Some(l) = args.listen {
         config.listen = l;
     }
@@ -214,7 +215,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!("stopped {pooled} pooled VM(s)");
         }
     });
-    let serve = crate::serve::serve(listener, router(state), stop_rx.clone());
+    let serve = crate::serve::serve(
+        listener,
+        router(state),
+        stop_rx.clone(),
+        config.limits.max_connections,
+    );
     tokio::pin!(serve);
     tokio::select! {
         () = &mut serve => {}
@@ -281,5 +287,24 @@ async fn prepare(artifacts: &Artifacts, catalog: &Catalog, which: &[String]) {
             Ok(p) => tracing::info!("image {} {}: {}", lang.name, lang.version, p.display()),
             Err(e) => tracing::error!("{e}; requests for it will retry the build"),
         }
+    }
+}
+
+/// Raises the soft open-files limit to the hard one (each connection costs two fds, each VM a
+/// few), and warns when even that is short of what `limits.max_connections` needs.
+fn raise_fd_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let have = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    let need = 2 * max_connections as u64 + 256;
+    if have < need {
+        tracing::warn!(
+            "open-files limit {have} is below the {need} that limits.max_connections = {max_connections} needs; raise it (ulimit -n) or lower the limit"
+        );
     }
 }

@@ -55,6 +55,7 @@ pub struct Limits {
     pub output_limit_bytes: u64,
     pub max_concurrent_vms: usize,
     pub max_queue: usize,
+    pub max_connections: usize,
     pub queue_timeout_ms: u64,
     pub boot_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
@@ -145,6 +146,9 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if l.max_concurrent_vms == 0 {
             return bad("limits.max_concurrent_vms must be at least 1");
+        }
+        if l.max_connections == 0 {
+            return bad("limits.max_connections must be at least 1");
         }
         if l.default_timeout_ms == 0 || l.default_timeout_ms > l.max_timeout_ms {
             return bad("limits.default_timeout_ms must be between 1 and limits.max_timeout_ms");

@@ -1,4 +1,5 @@
-//! Leak checks: VM processes, runtime-dir entries, open fds of the server, temp files.
+//! Leak checks: VM processes, runtime-dir entries, VM cgroups, open fds of the server, temp
+//! files.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -60,6 +61,28 @@ impl LeakProbe {
         out
     }
 
+    /// VM cgroups of this server still present (every controller hierarchy, v1 or v2).
+    pub fn vm_cgroups(&self) -> Vec<String> {
+        let Some(name) = self.server_rt.file_name() else {
+            return vec![];
+        };
+        ["memory", "pids", "cpu", ""]
+            .iter()
+            .map(|c| {
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join("cloude")
+                    .join(name)
+            })
+            .flat_map(|d| {
+                list(&d)
+                    .into_iter()
+                    .map(move |e| format!("{}/{e}", d.display()))
+            })
+            .filter(|p| Path::new(p).is_dir())
+            .collect()
+    }
+
     /// Entries left in the server's runtime directory.
     pub fn runtime_entries(&self) -> Vec<String> {
         list(&self.server_rt)
@@ -75,7 +98,8 @@ impl LeakProbe {
         let pid = server.pid();
         let t = Instant::now();
         let (procs, entries, fds, temps) = loop {
-            let procs = self.vm_processes(pid);
+            let mut procs = self.vm_processes(pid);
+            procs.extend(self.vm_cgroups().into_iter().map(|g| format!("cgroup {g}")));
             let entries = self.runtime_entries();
             let fds = fd_count(pid);
             let temps = self.temp_entries();
@@ -91,7 +115,7 @@ impl LeakProbe {
         let fd_leak = fds.saturating_sub(self.fd_baseline);
         c.leaks += procs.len() + entries.len() + fd_leak + temps.len();
         c.check(
-            &format!("{phase}: no VM process left"),
+            &format!("{phase}: no VM process or cgroup left"),
             procs.is_empty(),
             format!("{procs:?}"),
         );

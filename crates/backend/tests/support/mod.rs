@@ -349,7 +349,7 @@ impl JailFacts {
         if uid == 0 || self.uids.iter().any(|&u| u != uid) {
             p.push(format!("uids {:?}", self.uids));
         }
-        if self.gids.iter().any(|&g| g == 0) || self.gids.is_empty() {
+        if self.gids.contains(&0) || self.gids.is_empty() {
             p.push(format!("gids {:?}", self.gids));
         }
         if !self.groups.is_empty() {
