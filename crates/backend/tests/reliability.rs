@@ -64,10 +64,13 @@ fn reliability_real_vms() {
     let mut c = Checks::default();
 
     // Server A: hostile requests (no VMs), hostile programs, faults.
-    let config_a = "[limits]\nmax_concurrent_vms = 3\nmax_queue = 32\n";
+    let config_a = format!(
+        "[limits]\nmax_concurrent_vms = 3\nmax_queue = 32\n[jail]\nconsole_limit_bytes = {}\n",
+        faults::CONSOLE_CAP
+    );
     let a = Server::start(
         &["--hypervisor", "qemu", "--catalog", &catalog],
-        Some(config_a),
+        Some(&config_a),
         FIRST_START,
     )
     .unwrap_or_else(|e| panic!("reliability: {e}"));
@@ -97,6 +100,7 @@ fn reliability_real_vms() {
 
     faults::hypervisor_kill(&a, &mut c);
     faults::client_disconnect(&a, &mut c);
+    faults::console_flood(&a, &mut c);
     probe.check(&a, "after faults", &mut c);
     let health = a.get("/healthz");
     c.check(

@@ -42,9 +42,16 @@ fn driver_and_spec(initrd: PathBuf, boot_timeout: Duration) -> (Driver, VmSpec) 
 }
 
 /// Boots `initrd` with `cloude-vmm` in a fresh runtime.
-async fn boot(initrd: PathBuf, boot_timeout: Duration) -> (Runtime, cloude_server::vm::Vm) {
-    let (driver, spec) = driver_and_spec(initrd, boot_timeout);
+async fn boot(
+    initrd: PathBuf,
+    boot_timeout: Duration,
+    jailed: bool,
+) -> (Runtime, cloude_server::vm::Vm) {
+    let (mut driver, spec) = driver_and_spec(initrd, boot_timeout);
     let rt = Runtime::new().expect("runtime dir");
+    if jailed {
+        driver.jail = Some(jailer(&rt));
+    }
     let vm = driver
         .boot(&spec, rt.slot().expect("slot"))
         .await
@@ -59,7 +66,8 @@ async fn cloude_vmm_driver_runs_a_program() {
         return;
     }
     let started = std::time::Instant::now();
-    let (rt, mut vm) = boot(env_path("CLOUDE_INITRD"), Duration::from_secs(60)).await;
+    // Unjailed: the baseline the jailed tests below compare with.
+    let (rt, mut vm) = boot(env_path("CLOUDE_INITRD"), Duration::from_secs(60), false).await;
     eprintln!(
         "cloude-vmm VM ready in {} ms (cid {})",
         vm.boot.as_millis(),
@@ -125,7 +133,7 @@ fn python(code: &str, timeout_ms: u64) -> RunRequest {
     }
 }
 
-/// The python image on `cloude-vmm`: a program runs, then hostile ones (timeout with an escaped
+/// The python image on a jailed `cloude-vmm`: a program runs, then hostile ones (timeout with an escaped
 /// child, fork bomb, memory hog) each get their status and the agent stays reachable in the
 /// same VM.
 #[tokio::test]
@@ -134,7 +142,8 @@ async fn cloude_vmm_runs_python_and_survives_hostile_programs() {
         eprintln!("SKIPPED: needs CLOUDE_PYTHON_INITRD and a Linux-capable KVM (cargo xtask test runs it in the KVM lab)");
         return;
     };
-    let (rt, mut vm) = boot(PathBuf::from(initrd), Duration::from_secs(90)).await;
+    // Jailed, as the server runs it: the hostile programs meet the seccomp-filtered VMM too.
+    let (rt, mut vm) = boot(PathBuf::from(initrd), Duration::from_secs(90), true).await;
     eprintln!("python VM ready in {} ms", vm.boot.as_millis());
     let mut client = AgentClient::handshake(vm.take_io().expect("agent channel"))
         .await

@@ -6,7 +6,8 @@
 //!    unless the VM has an inherited tap),
 //! 3. forks: the child becomes PID 1 of the new pid namespace and
 //!    - builds a root of its own: a fresh tmpfs holding only the bind mounts it was given
-//!      (kernel and image read-only, the VM's own socket directory, `/dev/kvm`...), then
+//!      (kernel and image read-only, the VM's own socket directory) and private device nodes
+//!      (`/dev/kvm`, owned by the jail's uid, mode 0600), then
 //!      `pivot_root` into it (or `MS_MOVE` + `chroot` where the host root is an initramfs), the
 //!      old root detached and the new root remounted read-only;
 //!    - sets rlimits (open files, file size, no core dumps, processes), ignores `SIGXFSZ` (a
@@ -61,9 +62,10 @@ pub struct Spec {
     /// Bind-mount SRC read-write (no exec, no suid, no devices) at DST.
     #[arg(long = "bind-rw", num_args = 2, value_names = ["SRC", "DST"])]
     pub bind_rw: Vec<PathBuf>,
-    /// Bind-mount the device node SRC at DST (read-write, no exec).
-    #[arg(long = "bind-dev", num_args = 2, value_names = ["SRC", "DST"])]
-    pub bind_dev: Vec<PathBuf>,
+    /// Create at DST a device node of the same kind and number as the host's SRC, owned by the
+    /// jail's uid with mode 0600 (the host's node and its permissions stay as they are).
+    #[arg(long = "device", num_args = 2, value_names = ["SRC", "DST"])]
+    pub devices: Vec<PathBuf>,
     /// Create the symbolic link LINK -> TARGET inside the jail.
     #[arg(long, num_args = 2, value_names = ["TARGET", "LINK"])]
     pub symlink: Vec<PathBuf>,
@@ -130,7 +132,7 @@ impl Spec {
         for (flag, list) in [
             ("--bind-ro", &self.bind_ro),
             ("--bind-rw", &self.bind_rw),
-            ("--bind-dev", &self.bind_dev),
+            ("--device", &self.devices),
             ("--symlink", &self.symlink),
         ] {
             for pair in list.chunks(2) {
@@ -165,9 +167,9 @@ impl Spec {
         self
     }
 
-    /// Adds a device node bind mount of `src` at `dst`.
-    pub fn bind_dev(&mut self, src: impl Into<PathBuf>, dst: impl Into<PathBuf>) -> &mut Self {
-        self.bind_dev.extend([src.into(), dst.into()]);
+    /// Adds a private device node at `dst` like the host's `src`.
+    pub fn device(&mut self, src: impl Into<PathBuf>, dst: impl Into<PathBuf>) -> &mut Self {
+        self.devices.extend([src.into(), dst.into()]);
         self
     }
 
@@ -182,7 +184,7 @@ impl Spec {
         if self.uid == 0 || self.gid == 0 {
             return Err("the jail's uid and gid must not be 0".into());
         }
-        for list in [&self.bind_ro, &self.bind_rw, &self.bind_dev, &self.symlink] {
+        for list in [&self.bind_ro, &self.bind_rw, &self.devices, &self.symlink] {
             for pair in list.chunks(2) {
                 let dst = pair.get(1).ok_or("a mount or link needs two paths")?;
                 if !dst.is_absolute()
@@ -227,7 +229,7 @@ mod tests {
         s.cgroup_procs = vec!["/sys/fs/cgroup/cloude/x/vm-3/cgroup.procs".into()];
         s.bind_ro("/cache/vmlinux", "/kernel")
             .bind_rw("/run/vm-3/vm", "/vm")
-            .bind_dev("/dev/kvm", "/dev/kvm")
+            .device("/dev/kvm", "/dev/kvm")
             .symlink("usr/lib", "/lib");
         s.env = vec!["A=b".into()];
         s.exec = Some("/usr/bin/cloude-vmm".into());

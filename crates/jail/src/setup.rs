@@ -215,22 +215,23 @@ fn build(spec: &Spec) -> Result<(), StepError> {
             Some("tmpfs"),
             root,
             Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            // Not nodev: the jail's own device nodes live here (every bind is nodev itself).
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("size=1m,nr_inodes=256,mode=755"),
         ),
     )?;
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let rw = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let dev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-    for (list, flags) in [
-        (&spec.bind_ro, ro),
-        (&spec.bind_rw, rw),
-        (&spec.bind_dev, dev),
-    ] {
+    for (list, flags) in [(&spec.bind_ro, ro), (&spec.bind_rw, rw)] {
         for pair in list.chunks(2) {
             if let [src, dst] = pair {
                 bind(root, src, dst, flags)?;
             }
+        }
+    }
+    for pair in spec.devices.chunks(2) {
+        if let [src, dst] = pair {
+            device(root, src, dst, spec.uid, spec.gid)?;
         }
     }
     for pair in spec.symlink.chunks(2) {
@@ -251,7 +252,8 @@ fn build(spec: &Spec) -> Result<(), StepError> {
             None::<&str>,
             "/",
             None::<&str>,
-            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            // Still not nodev: /dev/kvm is a node of this tmpfs.
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             None::<&str>,
         ),
     )?;
@@ -324,6 +326,38 @@ fn bind(root: &Path, src: &Path, dst: &Path, flags: MsFlags) -> Result<(), StepE
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
             None::<&str>,
         ),
+    )
+}
+
+/// Creates at `dst` a character device node with the number of the host's `src`, owned by the
+/// jail's uid (mode 0600): the hypervisor can open it, nobody else in the jail exists, and the
+/// host's node keeps its own owner and mode.
+fn device(root: &Path, src: &Path, dst: &Path, uid: u32, gid: u32) -> Result<(), StepError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = step(
+        &format!("inspect {}", src.display()),
+        std::fs::metadata(src),
+    )?;
+    if !meta.file_type().is_char_device() {
+        return Err(StepError(format!(
+            "{} is not a character device",
+            src.display()
+        )));
+    }
+    let at = inside(root, dst);
+    mkdirs(at.parent())?;
+    step(
+        &format!("create the device node {}", dst.display()),
+        nix::sys::stat::mknod(
+            &at,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            meta.rdev(),
+        ),
+    )?;
+    step(
+        &format!("hand {} to the jail's uid", dst.display()),
+        std::os::unix::fs::chown(&at, Some(uid), Some(gid)),
     )
 }
 

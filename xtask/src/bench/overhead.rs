@@ -144,7 +144,7 @@ fn measure_once(
             s.cgroup_procs = g.procs_files();
             s.bind_ro(kernel, "/kernel")
                 .bind_ro(&initrd, "/initrd")
-                .bind_dev("/dev/kvm", "/dev/kvm");
+                .device("/dev/kvm", "/dev/kvm");
             s.env = vec!["CLOUDE_VMM_STATS=1".into()];
             s.exec = Some(vmm.to_path_buf());
             s.args = vm_args(Path::new("/kernel"), Path::new("/initrd"));

@@ -175,6 +175,13 @@ impl Jailer {
     }
 }
 
+impl Drop for Jailer {
+    fn drop(&mut self) {
+        // The last lease is gone too (each holds the jailer): nothing of this server is left.
+        self.cgroups.remove();
+    }
+}
+
 /// One VM's uid and cgroup; the cgroup is emptied and removed and the uid freed on drop
 /// (blocking for as long as the processes take to die: drop it through [`Lease::release`]).
 pub struct Lease {

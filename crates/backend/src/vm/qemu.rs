@@ -45,7 +45,7 @@ pub(crate) fn jail(driver: &Driver, j: &mut cloude_jail::Spec) {
         }
     }
     if driver.qemu_kvm {
-        j.bind_dev("/dev/kvm", "/dev/kvm");
+        j.device("/dev/kvm", "/dev/kvm");
     }
 }
 

@@ -23,7 +23,7 @@ pub(crate) const JAIL_PROFILE: JailProfile = JailProfile {
 
 /// What cloude-vmm needs in its jail besides the kernel, the image and its directory.
 pub(crate) fn jail(j: &mut cloude_jail::Spec) {
-    j.bind_dev("/dev/kvm", "/dev/kvm");
+    j.device("/dev/kvm", "/dev/kvm");
 }
 
 /// What `cloude-vmm` adds to the shared command line (its own defaults: no PCI, no i8042 probing).

@@ -297,3 +297,58 @@ pub fn sigterm_under_load(server: Server, probe: &LeakProbe, c: &mut Checks) {
     );
     after_exit(server, probe, "SIGTERM under load", c);
 }
+
+/// The console cap server A runs with (`[jail] console_limit_bytes`).
+pub const CONSOLE_CAP: u64 = 256 * 1024;
+
+/// Guest root floods the serial console (4 MiB, 16 × the cap): the VM's console log never
+/// grows past `[jail] console_limit_bytes` (the jail's RLIMIT_FSIZE), the request still gets an
+/// answer, and the hypervisor is not killed for it.
+pub fn console_flood(server: &Server, c: &mut Checks) {
+    c.faults += 1;
+    let addr = server.addr;
+    let req = std::thread::spawn(move || {
+        post_json(
+            addr,
+            "/v1/executions",
+            &json!({"language": "bash-root",
+                    "code": "head -c 4194304 /dev/zero | tr '\\0' x > /dev/ttyS0; echo flooded",
+                    "timeout_ms": 60000}),
+            Duration::from_secs(240),
+        )
+    });
+    let mut largest = 0u64;
+    while !req.is_finished() {
+        for rt in std::fs::read_dir(server.runtime_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for vm in std::fs::read_dir(rt.path()).into_iter().flatten().flatten() {
+                if let Ok(m) = std::fs::metadata(vm.path().join("console.log")) {
+                    largest = largest.max(m.len());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = req.join().expect("thread");
+    let v = r
+        .as_ref()
+        .ok()
+        .and_then(raw::RawResponse::json)
+        .unwrap_or(Value::Null);
+    c.check(
+        "console flood by guest root: the console log stays at or under its cap",
+        largest <= CONSOLE_CAP && largest >= CONSOLE_CAP / 2,
+        format!("largest console.log seen: {largest} bytes (cap {CONSOLE_CAP})"),
+    );
+    c.check(
+        "console flood: the request is answered and the VM was not killed for it",
+        v["status"] == "ok" && v["stdout"] == "flooded\n",
+        short(&v),
+    );
+    c.note(format!(
+        "console flood: 4 MiB written to ttyS0, console.log peaked at {largest} bytes (cap {CONSOLE_CAP})"
+    ));
+}

@@ -28,7 +28,9 @@ impl Server {
     }
 
     /// Like [`Server::start`], listening on `listen`, inside network namespace `netns` when given
-    /// (through `ip netns exec`, which execs the server: its pid is the server's).
+    /// (through `nsenter --net`, which execs the server: its pid is the server's; not
+    /// `ip netns exec`, which also remounts `/sys` without the cgroup hierarchies the jail
+    /// needs).
     pub fn start_in(
         netns: Option<&str>,
         listen: &str,
@@ -43,8 +45,8 @@ impl Server {
         let bin = env!("CARGO_BIN_EXE_cloude-server");
         let mut cmd = match netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, bin]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).args(["--", bin]);
                 c
             }
             None => Command::new(bin),

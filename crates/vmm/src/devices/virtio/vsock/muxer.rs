@@ -1,7 +1,7 @@
 //! Host side of the hybrid vsock: the Unix listener with its `CONNECT <port>` handshake, the
 //! guest-initiated connections to `<uds>_<port>`, and the packets queued for the guest.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -17,6 +17,10 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Most control packets waiting for guest RX buffers (beyond this, resets for unknown
 /// connections are dropped).
 pub const MAX_CONTROL_PACKETS: usize = 4 * MAX_CONNECTIONS;
+/// Hard cap on the control queue. Past [`MAX_CONTROL_PACKETS`] only packets for known
+/// connections are queued, and those are coalesced (at most one pending credit update each), so
+/// a guest that repeats CREDIT_REQUEST without posting RX buffers cannot grow the queue.
+pub const MAX_CONTROL_QUEUE: usize = MAX_CONTROL_PACKETS + 4 * MAX_CONNECTIONS;
 /// Longest `CONNECT <port>\n` line accepted from a host client.
 pub const MAX_HANDSHAKE_LINE: usize = 32;
 /// First local port handed to host-initiated connections.
@@ -38,6 +42,8 @@ pub struct Muxer {
     fds: HashMap<RawFd, Owner>,
     conns: HashMap<Key, Conn>,
     control: VecDeque<(Key, u16, u32)>,
+    /// Connections with a credit update already in `control` (coalescing).
+    pending_updates: HashSet<Key>,
     rx_queue: VecDeque<Key>,
     next_port: u32,
     added: Vec<RawFd>,
@@ -60,6 +66,7 @@ impl Muxer {
             fds: HashMap::new(),
             conns: HashMap::new(),
             control: VecDeque::new(),
+            pending_updates: HashSet::new(),
             rx_queue: VecDeque::new(),
             next_port: FIRST_HOST_PORT,
             added: Vec::new(),
@@ -93,11 +100,28 @@ impl Muxer {
     }
 
     fn push_control(&mut self, key: Key, op: u16, flags: u32) {
+        let known = op != OP_RST && self.conns.contains_key(&key);
+        if op == OP_CREDIT_UPDATE && self.pending_updates.contains(&key) {
+            // One pending update says it all: the header is filled in when it is sent.
+            return;
+        }
         if self.control.len() < MAX_CONTROL_PACKETS
-            || (op != OP_RST && self.conns.contains_key(&key))
+            || (known && self.control.len() < MAX_CONTROL_QUEUE)
         {
+            if op == OP_CREDIT_UPDATE {
+                self.pending_updates.insert(key);
+            }
             self.control.push_back((key, op, flags));
         }
+    }
+
+    /// The next queued control packet.
+    fn pop_control(&mut self) -> Option<(Key, u16, u32)> {
+        let next = self.control.pop_front();
+        if let Some((key, OP_CREDIT_UPDATE, _)) = next {
+            self.pending_updates.remove(&key);
+        }
+        next
     }
 
     fn want_rx(&mut self, key: Key) {
@@ -198,14 +222,15 @@ impl Muxer {
             return;
         }
         let path = format!("{}_{}", self.uds.display(), h.dst_port);
-        let stream =
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
-                Ok(s) => s,
-                Err(_) => {
-                    self.push_control(key, OP_RST, 0);
-                    return;
-                }
-            };
+        // Non-blocking from the start: a host listener with a full backlog refuses at once
+        // (EAGAIN) instead of blocking the device thread and every vCPU exit behind it.
+        let stream = match connect_nonblocking(std::path::Path::new(&path)) {
+            Ok(s) => s,
+            Err(_) => {
+                self.push_control(key, OP_RST, 0);
+                return;
+            }
+        };
         let mut c = Conn::new(stream, State::Established);
         c.update_peer_credit(h.buf_alloc, h.fwd_cnt);
         let fd = c.stream.as_raw_fd();
@@ -308,7 +333,7 @@ impl Muxer {
 
     /// The next packet for the guest, with up to `buf.len()` payload bytes read into `buf`.
     pub fn next_packet(&mut self, buf: &mut [u8]) -> Option<(Header, usize)> {
-        if let Some((key, op, flags)) = self.control.pop_front() {
+        if let Some((key, op, flags)) = self.pop_control() {
             return Some((self.header(key, op, flags, 0), 0));
         }
         while let Some(key) = self.rx_queue.pop_front() {
@@ -340,8 +365,7 @@ impl Muxer {
                 Err(_) => self.kill(key),
             }
         }
-        self.control
-            .pop_front()
+        self.pop_control()
             .map(|(key, op, flags)| (self.header(key, op, flags, 0), 0))
     }
 
@@ -358,8 +382,52 @@ impl Muxer {
             }
         }
         self.control.clear();
+        self.pending_updates.clear();
         self.rx_queue.clear();
     }
+}
+
+/// Connects to the Unix socket at `path` with a socket that is non-blocking before `connect`.
+#[allow(unsafe_code)]
+pub fn connect_nonblocking(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a plain socket(2) call; the fd is owned by the UnixStream below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un of at least `len` bytes.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Parses `CONNECT <port>` (without the newline).
@@ -517,6 +585,60 @@ mod tests {
             m.handle_guest_packet(&guest(OP_RW, i, 2), &[]);
         }
         assert!(m.control.len() <= MAX_CONTROL_PACKETS);
+    }
+
+    /// The attack from the review: on an established connection, the guest repeats
+    /// CREDIT_REQUEST and never posts RX buffers (nothing is drained). The queue stays at one
+    /// pending update, not one per request.
+    #[test]
+    fn repeated_credit_requests_are_coalesced() {
+        let dir = tempfile::tempdir().expect("dir");
+        let uds = dir.path().join("v.sock");
+        let mut m = Muxer::new(CID, &uds).expect("muxer");
+        let _l = UnixListener::bind(format!("{}_1025", uds.display())).expect("bind");
+        m.handle_guest_packet(&guest(OP_REQUEST, 5001, 1025), &[]);
+        assert_eq!(drain(&mut m)[0].0.op, OP_RESPONSE);
+        for _ in 0..200_000 {
+            m.handle_guest_packet(&guest(OP_CREDIT_REQUEST, 5001, 1025), &[]);
+        }
+        assert_eq!(m.control.len(), 1, "coalesced into one pending update");
+        let pkts = drain(&mut m);
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(pkts[0].0.op, OP_CREDIT_UPDATE);
+        // After it was sent, a new request gets a new update.
+        m.handle_guest_packet(&guest(OP_CREDIT_REQUEST, 5001, 1025), &[]);
+        assert_eq!(drain(&mut m).len(), 1);
+        // Other control packets of known connections are bounded too.
+        for _ in 0..(2 * MAX_CONTROL_QUEUE) {
+            m.push_control((1025, 5001), OP_RESPONSE, 0);
+        }
+        assert!(m.control.len() <= MAX_CONTROL_QUEUE);
+    }
+
+    /// A host listener whose backlog is full (nobody accepts) is refused at once, not waited on.
+    #[test]
+    #[allow(unsafe_code)]
+    fn connect_to_a_full_backlog_does_not_block() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().expect("dir");
+        let uds = dir.path().join("v.sock");
+        let mut m = Muxer::new(CID, &uds).expect("muxer");
+        let l = UnixListener::bind(format!("{}_1025", uds.display())).expect("bind");
+        // SAFETY: shrinking the backlog of our own listening socket.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let mut fill = Vec::new();
+        while let Ok(s) = connect_nonblocking(&PathBuf::from(format!("{}_1025", uds.display()))) {
+            fill.push(s);
+            assert!(fill.len() < 1000, "the backlog never filled");
+        }
+        let t = std::time::Instant::now();
+        m.handle_guest_packet(&guest(OP_REQUEST, 5001, 1025), &[]);
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(drain(&mut m)[0].0.op, OP_RST);
     }
 
     #[test]
