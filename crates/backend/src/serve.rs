@@ -68,9 +68,13 @@ fn refuse(stream: &tokio::net::TcpStream, max: usize) {
     tracing::warn!("refused a connection: {max} open (limits.max_connections)");
 }
 
-/// Reads and discards what the client still sends (bounded in time and bytes), then closes.
+/// Ends our side (FIN: a client reading to end-of-file sees the answer end), then reads and
+/// discards what the client still sends (bounded in time and bytes), then closes.
 async fn linger(mut io: tokio::net::TcpStream) {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if io.shutdown().await.is_err() {
+        return;
+    }
     let _ = tokio::time::timeout(LINGER_TIME, async {
         let mut buf = vec![0u8; 64 * 1024];
         let mut total = 0;

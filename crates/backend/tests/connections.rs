@@ -83,3 +83,18 @@ except Exception as e:
     let _ = s.read_to_string(&mut a);
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
 }
+
+/// A client that asks for `Connection: close` and reads to end-of-file gets its whole answer at
+/// once: the lingering close ends the server's side first.
+#[test]
+fn connection_close_answers_end_at_once() {
+    let server = lazy_server("");
+    let t = std::time::Instant::now();
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut a = String::new();
+    s.read_to_string(&mut a).expect("read to EOF");
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    assert!(t.elapsed() < Duration::from_secs(1), "EOF after {:?}", t.elapsed());
+}
