@@ -96,5 +96,9 @@ fn connection_close_answers_end_at_once() {
     let mut a = String::new();
     s.read_to_string(&mut a).expect("read to EOF");
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
-    assert!(t.elapsed() < Duration::from_secs(1), "EOF after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "EOF after {:?}",
+        t.elapsed()
+    );
 }
