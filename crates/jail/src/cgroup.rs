@@ -115,12 +115,41 @@ pub struct Cgroups {
 }
 
 impl Cgroups {
-    /// Creates this server's directories (enabling the v2 controllers on the way down).
+    /// Creates this server's directories (enabling the v2 controllers on the way down), after
+    /// removing what servers that ended without cleaning up (killed) left: every empty
+    /// directory under `cloude/` (a directory with a live process in it cannot be removed).
     pub fn new(hierarchy: Hierarchy, name: &str) -> Result<Cgroups, CgroupError> {
         let me = Cgroups {
             hierarchy,
             name: name.to_string(),
         };
+        me.sweep();
+        me.ensure()?;
+        Ok(me)
+    }
+
+    /// Removes empty server and VM directories of other servers (see [`Cgroups::new`]).
+    fn sweep(&self) {
+        for root in self.hierarchy.roots() {
+            let Ok(servers) = std::fs::read_dir(root.join(TOP)) else {
+                continue;
+            };
+            for server in servers.flatten().filter(|e| e.path().is_dir()) {
+                if let Ok(vms) = std::fs::read_dir(server.path()) {
+                    for vm in vms.flatten().filter(|e| e.path().is_dir()) {
+                        let _ = std::fs::remove_dir(vm.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(server.path());
+            }
+        }
+    }
+
+    /// Makes sure this server's directories exist (another server's sweep may have removed
+    /// them while they were empty).
+    fn ensure(&self) -> Result<(), CgroupError> {
+        let me = self;
+        let name = &self.name;
         for root in me.hierarchy.roots() {
             let top = root.join(TOP);
             let server = top.join(name);
@@ -135,7 +164,7 @@ impl Cgroups {
                 mkdir(&server)?;
             }
         }
-        Ok(me)
+        Ok(())
     }
 
     pub fn hierarchy(&self) -> &Hierarchy {
@@ -144,13 +173,18 @@ impl Cgroups {
 
     /// Creates the cgroup `vm` with `limits`.
     pub fn create(&self, vm: &str, limits: Limits) -> Result<Group, CgroupError> {
+        self.ensure()?;
         let mut group = Group {
             dirs: Vec::new(),
             v2: matches!(self.hierarchy, Hierarchy::V2 { .. }),
         };
         for root in self.hierarchy.roots() {
             let d = root.join(TOP).join(&self.name).join(vm);
-            mkdir(&d)?;
+            if let Err(e) = mkdir(&d) {
+                // Another server's start-up sweep may have just removed our empty directory.
+                self.ensure()?;
+                mkdir(&d).map_err(|_| e)?;
+            }
             group.dirs.push(d);
         }
         // On error `group` is dropped... by the caller's remove; set limits now.
