@@ -251,7 +251,17 @@ fn a_host_that_cannot_jail_refuses_to_start() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .expect("chmod");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloude-server"))
+    // A copy of the server where the unprivileged user can reach it (the checkout may sit in a
+    // directory only root can enter).
+    let bin_dir = tempfile::tempdir().expect("tmp");
+    std::fs::set_permissions(
+        bin_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let server = bin_dir.path().join("cloude-server");
+    std::fs::copy(env!("CARGO_BIN_EXE_cloude-server"), &server).expect("copy the server");
+    let out = std::process::Command::new(&server)
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -259,6 +269,7 @@ fn a_host_that_cannot_jail_refuses_to_start() {
             "qemu",
             "--no-build",
         ])
+        .env("CLOUDE_JAIL_BIN", bin_dir.path().join("cloude-jail"))
         .env("CLOUDE_RUNTIME_DIR", rt.path())
         .env("CLOUDE_HOME", rt.path())
         .uid(65534)

@@ -134,9 +134,9 @@ impl Cgroups {
             let Ok(servers) = std::fs::read_dir(root.join(TOP)) else {
                 continue;
             };
-            for server in servers.flatten().filter(|e| e.path().is_dir()) {
+            for server in servers.flatten().filter(|e| stale(&e.path())) {
                 if let Ok(vms) = std::fs::read_dir(server.path()) {
-                    for vm in vms.flatten().filter(|e| e.path().is_dir()) {
+                    for vm in vms.flatten().filter(|e| stale(&e.path())) {
                         let _ = std::fs::remove_dir(vm.path());
                     }
                 }
@@ -210,6 +210,20 @@ impl Cgroups {
             let _ = std::fs::remove_dir(&top);
         }
     }
+}
+
+/// How old an empty directory must be before a start-up sweep removes it: a server that is
+/// starting (or a VM being created) right now is never swept from under it.
+const SWEEP_AGE: Duration = Duration::from_secs(120);
+
+/// A directory created long enough ago to be swept if empty.
+fn stale(d: &Path) -> bool {
+    std::fs::metadata(d)
+        .ok()
+        .filter(|m| m.is_dir())
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > SWEEP_AGE)
 }
 
 fn mkdir(d: &Path) -> Result<(), CgroupError> {
