@@ -382,10 +382,8 @@ fn write_image(
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
     fs::set_permissions(tmp.path(), perm).map_err(io_err(out))?;
     // The digest first: a published image always has one (the server checks it before use).
-    let digest = crate::integrity::sha256_file(tmp.path())
+    crate::integrity::seal_as(tmp.path(), out)
         .map_err(|e| ImageError::Io(out.to_path_buf(), std::io::Error::other(e.to_string())))?;
-    let dp = crate::integrity::digest_path(out);
-    fs::write(&dp, format!("{digest}\n")).map_err(io_err(&dp))?;
     tmp.persist(out)
         .map_err(|e| ImageError::Io(out.to_path_buf(), e.error))?;
     Ok((stats, size))

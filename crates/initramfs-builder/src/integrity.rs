@@ -44,8 +44,14 @@ pub fn sha256_file(path: &Path) -> Result<String, IntegrityError> {
 
 /// Records the digest of `path` beside it.
 pub fn seal(path: &Path) -> Result<String, IntegrityError> {
-    let d = sha256_file(path)?;
-    let dp = digest_path(path);
+    seal_as(path, path)
+}
+
+/// Records the digest of `file` as the digest of `published` (the path `file` is about to be
+/// renamed to), so that a published file never lacks its digest.
+pub fn seal_as(file: &Path, published: &Path) -> Result<String, IntegrityError> {
+    let d = sha256_file(file)?;
+    let dp = digest_path(published);
     std::fs::write(&dp, format!("{d}\n")).map_err(|e| IntegrityError::Io(dp, e))?;
     Ok(d)
 }

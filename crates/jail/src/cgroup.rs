@@ -331,14 +331,7 @@ impl Group {
                 }
             }
         }
-        for pid in self.pids() {
-            if pid > 0 {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+        self.kill_except(None);
     }
 
     /// SIGKILLs every process in the group but `spare` (the jailer, which then reaps the

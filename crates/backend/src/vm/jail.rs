@@ -206,13 +206,6 @@ impl Lease {
             .unwrap_or_default()
     }
 
-    /// SIGKILLs every process of the VM (the jailer and the hypervisor).
-    pub fn kill(&self) {
-        if let Some(g) = &self.group {
-            g.kill();
-        }
-    }
-
     /// SIGKILLs the VM's processes but the jailer `spare` (see [`Group::kill_except`]).
     pub fn kill_except(&self, spare: Option<u32>) {
         if let Some(g) = &self.group {
