@@ -85,6 +85,8 @@ pub enum KernelError {
     },
     #[error("I/O error at {0}: {1}")]
     Io(PathBuf, std::io::Error),
+    #[error("the guest kernel config does not have {0} as kernel/guest.config asks (a Kconfig dependency or a missing CONFIG_EXPERT overrides it)")]
+    Surface(String),
 }
 
 fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
@@ -129,6 +131,45 @@ fn existing(dir: &Path) -> Option<Kernel> {
         vmlinux: dir.join("vmlinux"),
     };
     (k.bzimage.is_file() && k.vmlinux.is_file()).then_some(k)
+}
+
+/// Options the guest kernel must not have, whatever Kconfig dependencies say: system calls that
+/// untrusted code does not need and kernel exploits like (see `kernel/guest.config`).
+pub const SURFACE_OFF: &[&str] = &[
+    "CONFIG_IO_URING",
+    "CONFIG_BPF_SYSCALL",
+    "CONFIG_USERFAULTFD",
+    "CONFIG_X86_IOPL_IOPERM",
+    "CONFIG_DEVMEM",
+    "CONFIG_DEVPORT",
+    "CONFIG_MODIFY_LDT_SYSCALL",
+    "CONFIG_KEXEC",
+    "CONFIG_KEXEC_FILE",
+    "CONFIG_CHECKPOINT_RESTORE",
+    "CONFIG_KCMP",
+    "CONFIG_USER_NS",
+    "CONFIG_MODULES",
+];
+
+/// Hardening options the guest kernel must have on.
+pub const SURFACE_ON: &[&str] = &[
+    // x86 always selects PERF_EVENTS; this makes perf_event_open root-only (paranoid level 3).
+    "CONFIG_SECURITY_PERF_EVENTS_RESTRICT",
+];
+
+/// The [`SURFACE_OFF`] options that a final `.config` still has on, and the [`SURFACE_ON`] ones
+/// it does not have on.
+pub fn surface_left_on(config: &str) -> Vec<&'static str> {
+    let on = |opt: &str| {
+        config.lines().any(|l| {
+            l.strip_prefix(opt)
+                .and_then(|rest| rest.strip_prefix('='))
+                .is_some_and(|v| v == "y" || v == "m")
+        })
+    };
+    let mut bad: Vec<&'static str> = SURFACE_OFF.iter().copied().filter(|o| on(o)).collect();
+    bad.extend(SURFACE_ON.iter().copied().filter(|o| !on(o)));
+    bad
 }
 
 /// The cache key: hash of the fragments and the source version.
@@ -292,6 +333,12 @@ fn build(flavor: Flavor, out: &Path, progress: &Progress) -> Result<(), KernelEr
     for missing in unmet_options(&flavor.fragments().join("\n"), &config) {
         tracing::warn!(option = %missing, "kernel option requested by the fragment is not in the final config");
     }
+    if flavor == Flavor::Guest {
+        let on = surface_left_on(&config);
+        if !on.is_empty() {
+            return Err(KernelError::Surface(on.join(", ")));
+        }
+    }
 
     let jobs = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -420,6 +467,33 @@ mod tests {
         ] {
             assert!(GUEST_CONFIG.lines().any(|l| l == opt), "{opt}");
         }
+    }
+
+    #[test]
+    fn surface_options_are_requested_off_and_detected() {
+        for opt in SURFACE_OFF {
+            let off = format!("{opt}=n");
+            assert!(
+                GUEST_CONFIG.lines().any(|l| l == off),
+                "{off} in guest.config"
+            );
+        }
+        for opt in SURFACE_ON {
+            let on = format!("{opt}=y");
+            assert!(
+                GUEST_CONFIG.lines().any(|l| l == on),
+                "{on} in guest.config"
+            );
+        }
+        let cfg = "CONFIG_IO_URING=y\n# CONFIG_BPF_SYSCALL is not set\nCONFIG_KEXEC_FILE=y\nCONFIG_KEXEC_CORE=y\n";
+        assert_eq!(
+            surface_left_on(cfg),
+            vec![
+                "CONFIG_IO_URING",
+                "CONFIG_KEXEC_FILE",
+                "CONFIG_SECURITY_PERF_EVENTS_RESTRICT"
+            ]
+        );
     }
 
     #[test]

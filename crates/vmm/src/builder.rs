@@ -248,11 +248,7 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             } else {
                 let _ = dev_ready_tx.send(Ok(()));
             }
-            loop {
-                if let Err(e) = event_manager.run() {
-                    eprintln!("cloude-vmm: device event loop error: {e:?}");
-                }
-            }
+            crate::devices::pace::device_loop(&mut event_manager, -1, || true);
         })
         .map_err(|_| BuildError::Thread("device event loop"))?;
     match dev_ready_rx.recv() {

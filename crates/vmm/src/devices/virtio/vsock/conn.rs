@@ -117,6 +117,11 @@ impl Conn {
         Ok(empty)
     }
 
+    /// Guest bytes held for the host socket.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// True when the guest should hear about freed buffer space.
     pub fn wants_credit_update(&self) -> bool {
         self.fwd_cnt.wrapping_sub(self.fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD

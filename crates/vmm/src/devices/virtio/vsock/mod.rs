@@ -431,4 +431,80 @@ mod tests {
         publish(&r.mem, AVAIL, 0, 0);
         assert!(matches!(r.dev.process_rx(), Err(VsockError::SmallRxBuffer)));
     }
+
+    /// The device-thread spin from the review: a hostile guest keeps re-publishing the same TX
+    /// descriptors (a reset-provoking packet each) as fast as it can, so the device always has a
+    /// full batch. The device loop stays within its CPU share, and the budget is what holds it.
+    #[test]
+    fn a_guest_flooding_the_tx_ring_gets_at_most_the_device_share() {
+        use crate::devices::pace;
+        use event_manager::SubscriberOps;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Mutex;
+        use std::time::{Duration, Instant};
+        let r = rig();
+        let pkt = 0x200000;
+        r.mem
+            .write_slice(&from_guest(OP_RW, 7, 9).encode(), GuestAddress(pkt))
+            .expect("hdr");
+        for slot in 0..16 {
+            write_desc(&r.mem, DESC + 0x10000, slot, pkt, HDR_SIZE as u32, 0, 0);
+            r.mem
+                .write_obj(
+                    slot,
+                    GuestAddress(AVAIL + 0x10000 + 4 + 2 * u64::from(slot)),
+                )
+                .expect("ring");
+        }
+        let kick = r.dev.queue_evts[TXQ].try_clone().expect("eventfd");
+        let mem = r.mem.clone();
+        let dev: Arc<Mutex<dyn MutEventSubscriber + Send>> = Arc::new(Mutex::new(r.dev));
+        let mut events =
+            event_manager::EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+                .expect("event manager");
+        events.add_subscriber(dev);
+        let stop = Arc::new(AtomicBool::new(false));
+        let published = Arc::new(AtomicU64::new(0));
+        let guest = {
+            let (stop, published) = (stop.clone(), published.clone());
+            std::thread::spawn(move || {
+                let mut avail: u16 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let used: u16 = mem
+                        .read_obj(GuestAddress(USED + 0x10000 + 2))
+                        .expect("used idx");
+                    let next = used.wrapping_add(16);
+                    published.fetch_add(u64::from(next.wrapping_sub(avail)), Ordering::Relaxed);
+                    avail = next;
+                    mem.write_obj(avail, GuestAddress(AVAIL + 0x10000 + 2))
+                        .expect("avail idx");
+                    let _ = kick.write(1);
+                }
+            })
+        };
+        let window = Duration::from_millis(1500);
+        let started = Instant::now();
+        let cpu0 = pace::thread_cpu();
+        let pacer = pace::device_loop(&mut events, 10, || started.elapsed() < window);
+        let cpu = (pace::thread_cpu() - cpu0).as_secs_f64();
+        let wall = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        guest.join().expect("guest thread");
+        let chains = published.load(Ordering::Relaxed);
+        eprintln!(
+            "device thread: {:.0} % of a core over {wall:.2} s, {chains} chains, throttled {:?}",
+            100.0 * cpu / wall,
+            pacer.throttled
+        );
+        assert!(chains > 10_000, "the flood ran ({chains} chains)");
+        assert!(
+            pacer.throttled > Duration::ZERO,
+            "the budget held the device thread"
+        );
+        assert!(
+            cpu / wall <= pace::DEVICE_CPU_SHARE + 0.1,
+            "device thread used {:.2} of a core",
+            cpu / wall
+        );
+    }
 }

@@ -21,6 +21,11 @@ pub const MAX_CONTROL_PACKETS: usize = 4 * MAX_CONNECTIONS;
 /// connections are queued, and those are coalesced (at most one pending credit update each), so
 /// a guest that repeats CREDIT_REQUEST without posting RX buffers cannot grow the queue.
 pub const MAX_CONTROL_QUEUE: usize = MAX_CONTROL_PACKETS + 4 * MAX_CONNECTIONS;
+/// Most guest data held, over all connections together, for host sockets that do not take it.
+/// Each connection may hold [`CONN_BUF_SIZE`], but a guest that opens [`MAX_CONNECTIONS`] to a
+/// host listener that does not read would otherwise pin 256 MiB of VMM memory; past this budget
+/// the connection whose data does not fit is reset (a legitimate agent uses one or two).
+pub const MAX_PENDING_TOTAL: usize = 16 << 20;
 /// Longest `CONNECT <port>\n` line accepted from a host client.
 pub const MAX_HANDSHAKE_LINE: usize = 32;
 /// First local port handed to host-initiated connections.
@@ -45,6 +50,8 @@ pub struct Muxer {
     /// Connections with a credit update already in `control` (coalescing).
     pending_updates: HashSet<Key>,
     rx_queue: VecDeque<Key>,
+    /// Sum of every connection's held guest data (bounded by [`MAX_PENDING_TOTAL`]).
+    pending_total: usize,
     next_port: u32,
     added: Vec<RawFd>,
     dead: Vec<UnixStream>,
@@ -68,6 +75,7 @@ impl Muxer {
             control: VecDeque::new(),
             pending_updates: HashSet::new(),
             rx_queue: VecDeque::new(),
+            pending_total: 0,
             next_port: FIRST_HOST_PORT,
             added: Vec::new(),
             dead: Vec::new(),
@@ -82,6 +90,11 @@ impl Muxer {
     /// Number of open connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Guest data held for host sockets, over all connections.
+    pub fn pending_total(&self) -> usize {
+        self.pending_total
     }
 
     /// Fds to start watching (each with IN|OUT|RDHUP, edge-triggered).
@@ -132,6 +145,7 @@ impl Muxer {
 
     fn remove(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
+            self.pending_total -= c.pending_len();
             self.fds.remove(&c.stream.as_raw_fd());
             self.dead.push(c.stream);
         }
@@ -196,16 +210,27 @@ impl Muxer {
                     _ => self.kill(key),
                 }
             }
-            OP_RW if c.state == State::Established => match c.send_to_host(payload) {
-                Ok(()) if c.wants_credit_update() => self.push_control(key, OP_CREDIT_UPDATE, 0),
-                Ok(()) => {}
-                Err(_) => self.kill(key),
-            },
+            OP_RW if c.state == State::Established => {
+                let before = c.pending_len();
+                let sent = c.send_to_host(payload);
+                self.pending_total = self.pending_total - before + c.pending_len();
+                match sent {
+                    Ok(()) if self.pending_total > MAX_PENDING_TOTAL => self.kill(key),
+                    Ok(()) if c.wants_credit_update() => {
+                        self.push_control(key, OP_CREDIT_UPDATE, 0)
+                    }
+                    Ok(()) => {}
+                    Err(_) => self.kill(key),
+                }
+            }
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => self.push_control(key, OP_CREDIT_UPDATE, 0),
             OP_SHUTDOWN => {
                 c.peer_shutdown |= h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
-                match c.flush() {
+                let before = c.pending_len();
+                let flushed = c.flush();
+                self.pending_total = self.pending_total - before + c.pending_len();
+                match flushed {
                     Ok(_) if c.finished() => self.kill(key),
                     Ok(_) => {}
                     Err(_) => self.kill(key),
@@ -273,7 +298,10 @@ impl Muxer {
                     return;
                 }
                 if ev.intersects(EventSet::OUT) {
-                    match c.flush() {
+                    let before = c.pending_len();
+                    let flushed = c.flush();
+                    self.pending_total = self.pending_total - before + c.pending_len();
+                    match flushed {
                         Err(_) => return self.kill(key),
                         Ok(_) if c.finished() => return self.kill(key),
                         Ok(_) if c.wants_credit_update() => {
@@ -384,6 +412,8 @@ impl Muxer {
         self.control.clear();
         self.pending_updates.clear();
         self.rx_queue.clear();
+        debug_assert_eq!(self.pending_total, 0);
+        self.pending_total = 0;
     }
 }
 
@@ -613,6 +643,51 @@ mod tests {
             m.push_control((1025, 5001), OP_RESPONSE, 0);
         }
         assert!(m.control.len() <= MAX_CONTROL_QUEUE);
+    }
+
+    /// The attack from the review: the guest opens many connections to a host listener that
+    /// never reads and fills each one's buffer. The total held stays within the budget; the
+    /// connections past it are reset, and closing them frees their share.
+    #[test]
+    fn held_guest_data_is_bounded_over_all_connections() {
+        let dir = tempfile::tempdir().expect("dir");
+        let uds = dir.path().join("v.sock");
+        let mut m = Muxer::new(CID, &uds).expect("muxer");
+        let l = UnixListener::bind(format!("{}_1025", uds.display())).expect("bind");
+        // SAFETY: a large backlog on our own listening socket so that every connect succeeds.
+        assert_eq!(
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 4096) },
+            0
+        );
+        let conns = 200u32;
+        let chunk = vec![0x5au8; MAX_PKT_PAYLOAD as usize];
+        let mut peak = 0;
+        for port in 0..conns {
+            m.handle_guest_packet(&guest(OP_REQUEST, 5000 + port, 1025), &[]);
+        }
+        drain(&mut m);
+        assert_eq!(m.connections(), conns as usize);
+        // Up to each connection's whole advertised buffer (what its credit allows).
+        for _ in 0..(CONN_BUF_SIZE / MAX_PKT_PAYLOAD) + 4 {
+            for port in 0..conns {
+                let h = Header {
+                    len: MAX_PKT_PAYLOAD,
+                    ..guest(OP_RW, 5000 + port, 1025)
+                };
+                m.handle_guest_packet(&h, &chunk);
+                peak = peak.max(m.pending_total());
+            }
+        }
+        assert!(peak <= MAX_PENDING_TOTAL, "held {peak} bytes");
+        assert!(
+            peak > MAX_PENDING_TOTAL / 2,
+            "the attack did fill buffers ({peak})"
+        );
+        let resets = drain(&mut m).iter().filter(|(h, _)| h.op == OP_RST).count();
+        assert!(resets > 0, "connections past the budget are reset");
+        assert!(m.connections() < conns as usize);
+        m.reset();
+        assert_eq!(m.pending_total(), 0);
     }
 
     /// A host listener whose backlog is full (nobody accepts) is refused at once, not waited on.
