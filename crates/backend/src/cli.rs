@@ -140,6 +140,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut driver = choice.driver.clone();
     driver.jail = jailer.clone();
+    driver.console_bytes = config.vm.console_bytes;
     let metrics = Arc::new(Metrics::default());
     let artifacts = Arc::new(Artifacts::new(Progress::new(false), !args.no_build));
     let l = &config.limits;

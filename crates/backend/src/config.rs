@@ -27,8 +27,6 @@ pub struct JailConfig {
     pub enabled: bool,
     /// First and last uid (also used as gid) handed to jailed hypervisors, one per running VM.
     pub uid_range: [u32; 2],
-    /// Largest console log one VM may write, bytes (the jail's RLIMIT_FSIZE).
-    pub console_limit_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -97,6 +95,8 @@ pub struct VmConfig {
     pub transport: Transport,
     pub vcpus: u32,
     pub prebuild: Vec<String>,
+    /// Guest console kept per VM, bytes: `console.log` holds the newest output (`vm::console`).
+    pub console_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,8 +197,8 @@ impl Config {
         {
             return bad("jail.uid_range is too small for limits.max_concurrent_vms and the pool");
         }
-        if self.jail.console_limit_bytes < 64 * 1024 {
-            return bad("jail.console_limit_bytes must be at least 64 KiB");
+        if self.vm.console_bytes < crate::vm::console::MIN_CONSOLE_BYTES {
+            return bad("vm.console_bytes must be at least 64 KiB");
         }
         Ok(())
     }

@@ -65,7 +65,7 @@ fn reliability_real_vms() {
 
     // Server A: hostile requests (no VMs), hostile programs, faults.
     let config_a = format!(
-        "[limits]\nmax_concurrent_vms = 3\nmax_queue = 32\n[jail]\nconsole_limit_bytes = {}\n",
+        "[limits]\nmax_concurrent_vms = 3\nmax_queue = 32\n[vm]\nconsole_bytes = {}\n",
         faults::CONSOLE_CAP
     );
     let a = Server::start(

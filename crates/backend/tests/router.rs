@@ -27,6 +27,7 @@ fn state_with(config: Config) -> Arc<AppState> {
             binary: "/nonexistent/qemu".into(),
             qemu_kvm: false,
             jail: None,
+            console_bytes: cloude_server::vm::console::DEFAULT_CONSOLE_BYTES,
         },
         runtime: Runtime::new().expect("runtime dir"),
         artifacts: Arc::new(Artifacts::new(Progress::new(true), false)),

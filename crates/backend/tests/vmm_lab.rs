@@ -30,6 +30,7 @@ fn driver_and_spec(initrd: PathBuf, boot_timeout: Duration) -> (Driver, VmSpec) 
         binary: env_path("CLOUDE_VMM_BIN"),
         qemu_kvm: false,
         jail: None,
+        console_bytes: cloude_server::vm::console::DEFAULT_CONSOLE_BYTES,
     };
     let spec = VmSpec {
         kernel: env_path("CLOUDE_KERNEL"),

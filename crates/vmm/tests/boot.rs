@@ -40,6 +40,8 @@ case "$cloude_test" in
     /bin/vsock-echo listen 1024 &
     sleep 0.2
     /bin/vsock-echo connect 2 1025 READY ;;
+  vsock-flood)
+    /bin/vsock-echo flood 2 1030 256 12 ;;
   net)
     ip link set lo up
     nc -ll -p 8080 -e /bin/cat &
@@ -378,6 +380,82 @@ fn vsock_both_ways_many_connections_and_16_mib() {
     vm.wait_for("CLOUDE-TEST-DONE");
     vm.expect_clean_exit();
     assert!(!uds.exists(), "vsock socket left behind");
+}
+
+/// Resident memory of process `pid` outside its guest RAM mapping (the one mapping of at least
+/// `guest_kib`), in KiB.
+fn rss_outside_guest_kib(pid: u32, guest_kib: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut total, mut size) = (0u64, 0u64);
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        match (f.next(), f.next()) {
+            (Some("Size:"), Some(v)) => size = v.parse().unwrap_or(0),
+            (Some("Rss:"), Some(v)) if size < guest_kib => total += v.parse::<u64>().unwrap_or(0),
+            _ => {}
+        }
+    }
+    total
+}
+
+/// A hostile guest opens 256 connections to a host port whose listener accepts them and never
+/// reads, and keeps writing on each for 12 s (reconnecting when reset). Without a total budget
+/// the VMM would hold 256 × 256 KiB = 64 MiB of guest data; with it, its memory outside guest RAM
+/// stays under [`FLOOD_RSS_CAP_KIB`] for the whole window, and the VM still powers off cleanly.
+#[test]
+fn vsock_flood_of_unread_connections_is_bounded() {
+    /// 16 MiB budget (`muxer::MAX_PENDING_TOTAL`) + the VMM's own few MiB + slack.
+    const FLOOD_RSS_CAP_KIB: u64 = 28 << 10;
+    let Some(kernel) = enabled() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let uds = dir.path().join("vsock.sock");
+    let sink = UnixListener::bind(format!("{}_1030", uds.display())).expect("bind _1030");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in sink.incoming() {
+            match s {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+    });
+    let uds_s = uds.to_str().expect("utf8");
+    let mut vm = Vm::start(
+        &kernel,
+        "vsock-flood",
+        &[
+            "--vsock-cid",
+            "9",
+            "--vsock-uds",
+            uds_s,
+            "--memory-mib",
+            "256",
+        ],
+    );
+    let pid = vm.child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut peak = 0u64;
+        let mut samples = 0u32;
+        while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+            let r = rss_outside_guest_kib(pid, 256 << 10);
+            peak = peak.max(r);
+            samples += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = tx.send((peak, samples));
+    });
+    let done = vm.wait_for("FLOOD-DONE");
+    vm.wait_for("CLOUDE-TEST-DONE");
+    vm.expect_clean_exit();
+    let (peak, samples) = rx.recv_timeout(Duration::from_secs(10)).expect("sampler");
+    println!("vsock flood: {done}; VMM RSS outside guest RAM peaked at {peak} KiB over {samples} samples (cap {FLOOD_RSS_CAP_KIB} KiB)");
+    assert!(
+        number_after(&done, "sent=") > 16 << 20,
+        "the flood ran: {done}"
+    );
+    assert!(samples > 20, "sampled through the window");
+    assert!(peak < FLOOD_RSS_CAP_KIB, "VMM held {peak} KiB");
 }
 
 fn ip(args: &[&str]) -> bool {

@@ -41,7 +41,6 @@ pub struct Jailer {
     binary: PathBuf,
     cgroups: Cgroups,
     uids: Mutex<Uids>,
-    console_limit_bytes: u64,
     seq: AtomicU64,
 }
 
@@ -75,7 +74,6 @@ impl Jailer {
                 next: 0,
                 used: HashSet::new(),
             }),
-            console_limit_bytes: cfg.console_limit_bytes,
             seq: AtomicU64::new(0),
         });
         if let Err(e) = jailer.probe(runtime_dir) {
@@ -120,11 +118,10 @@ impl Jailer {
     pub fn describe(&self) -> String {
         let u = self.uids.lock().expect("uid lock is never poisoned");
         format!(
-            "cgroup v{}, uids {}-{}, console cap {} KiB",
+            "cgroup v{}, uids {}-{}",
             self.cgroups.hierarchy().version(),
             u.first,
             u.first + (u.count - 1),
-            self.console_limit_bytes / 1024
         )
     }
 
@@ -134,10 +131,6 @@ impl Jailer {
 
     pub fn binary(&self) -> &Path {
         &self.binary
-    }
-
-    pub fn console_limit_bytes(&self) -> u64 {
-        self.console_limit_bytes
     }
 
     /// A uid of its own and a cgroup with `limits` for one VM.

@@ -6,6 +6,7 @@
 //! path: success, timeout, client disconnect, error). The warm pool (`crate::pool`) is another
 //! producer of ready [`Vm`]s (see `Executor::acquire_vm`); a snapshot restore would be one more.
 
+pub mod console;
 pub mod jail;
 pub mod net;
 pub mod probe;
@@ -51,6 +52,9 @@ pub struct Driver {
     pub qemu_kvm: bool,
     /// The jail around every hypervisor process (`None`: unjailed, `[jail] enabled = false`).
     pub jail: Option<Arc<jail::Jailer>>,
+    /// Guest console kept per VM, bytes (`[vm] console_bytes`; `console.rs`); also the largest
+    /// file a jailed hypervisor may write.
+    pub console_bytes: u64,
 }
 
 /// Where the hypervisor finds its files: host paths, or the jail's view of them.
@@ -182,7 +186,10 @@ impl Vm {
     pub async fn exit_status_within(&mut self, within: Duration) -> Option<String> {
         let child = self.child.as_mut()?;
         match tokio::time::timeout(within, child.wait()).await {
-            Ok(Ok(s)) => Some(describe_exit(s, &self.slot.console_tail())),
+            Ok(Ok(s)) => {
+                self.slot.settle_console().await;
+                Some(describe_exit(s, &self.slot.console_tail()))
+            }
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => None,
         }
@@ -394,7 +401,7 @@ pub(crate) fn spawn(
             let mut j = cloude_jail::Spec::new(lease.uid, lease.uid, root);
             j.cgroup_procs = lease.procs_files();
             j.max_files = p.max_files;
-            j.max_file_bytes = jailer.console_limit_bytes();
+            j.max_file_bytes = driver.console_bytes;
             j.max_procs = limits.pids;
             j.keep_netns = slot.tap.is_some();
             j.bind_ro(&spec.kernel, JAIL_KERNEL)
@@ -552,10 +559,13 @@ pub(crate) async fn during_boot<T>(
             Ok(r) => r,
             Err(_) => Err(VmError::BootTimeout(spec.boot_timeout.as_millis(), slot.console_tail())),
         },
-        s = child.wait() => Err(VmError::ExitedDuringBoot {
-            status: s.map(|s| describe_exit(s, &slot.console_tail())).unwrap_or_else(|e| e.to_string()),
-            console: slot.console_tail(),
-        }),
+        s = child.wait() => {
+            slot.settle_console().await;
+            Err(VmError::ExitedDuringBoot {
+                status: s.map(|s| describe_exit(s, &slot.console_tail())).unwrap_or_else(|e| e.to_string()),
+                console: slot.console_tail(),
+            })
+        }
     }
 }
 

@@ -86,6 +86,7 @@ pub fn choose(want: HypervisorChoice, facts: &HostFacts) -> Result<Choice, Probe
                 binary,
                 qemu_kvm: kvm.is_some(),
                 jail: None,
+                console_bytes: crate::vm::console::DEFAULT_CONSOLE_BYTES,
             },
             reason: format!("{reason}; QEMU microvm with {accel}"),
         })
@@ -98,6 +99,7 @@ pub fn choose(want: HypervisorChoice, facts: &HostFacts) -> Result<Choice, Probe
                 binary,
                 qemu_kvm: false,
                 jail: None,
+                console_bytes: crate::vm::console::DEFAULT_CONSOLE_BYTES,
             },
             reason,
         })

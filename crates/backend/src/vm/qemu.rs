@@ -1,7 +1,6 @@
 //! QEMU `-M microvm` driver: agent over virtio-serial and no network device (vsock transport), or
 //! virtio-net on the slot's tap with the agent over TCP (tcp transport).
 
-use std::process::Stdio;
 use std::time::Instant;
 
 use tokio::net::UnixListener;
@@ -53,7 +52,6 @@ pub(crate) fn jail(driver: &Driver, j: &mut cloude_jail::Spec) {
 pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot, paths: &Paths) -> Vec<String> {
     let accel = if driver.qemu_kvm { "kvm" } else { "tcg" };
     let sock = paths.file("agent.sock");
-    let console = paths.file("console.log");
     let mut a: Vec<String> = vec![
         "-M".into(),
         // No ACPI in the guest kernel: QEMU then adds virtio_mmio.device= to the command line.
@@ -80,8 +78,9 @@ pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot, paths: &Paths) -
         paths.initrd.display().to_string(),
         "-append".into(),
         cmdline(slot, ""),
+        // The console goes to stdout, a pipe into the bounded console.log (`console.rs`).
         "-serial".into(),
-        format!("file:{}", console.display()),
+        "stdio".into(),
         "-device".into(),
         "virtio-serial-device".into(),
         "-chardev".into(),
@@ -111,18 +110,21 @@ pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot, paths: &Paths) -
     a
 }
 
-pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<Vm, VmError> {
+pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, mut slot: Slot) -> Result<Vm, VmError> {
     let sock = slot.path("agent.sock");
     let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
     let stderr = std::fs::File::create(slot.path("qemu.stderr")).map_err(VmError::RuntimeDir)?;
+    let console = slot
+        .start_console(driver.console_bytes)
+        .map_err(VmError::RuntimeDir)?;
     let paths = driver.paths(spec, &slot);
     let mut child = spawn(
         driver,
         spec,
         &slot,
         args(driver, spec, &slot, &paths),
-        Stdio::null(),
+        console.into(),
         stderr.into(),
     )?;
     let io = during_boot(child.child(), &slot, spec, started, async {
@@ -166,6 +168,7 @@ mod tests {
             binary: "qemu-system-x86_64".into(),
             qemu_kvm: false,
             jail: None,
+            console_bytes: crate::vm::console::DEFAULT_CONSOLE_BYTES,
         };
         let spec = VmSpec {
             kernel: "/k".into(),

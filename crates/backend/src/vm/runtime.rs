@@ -107,6 +107,7 @@ impl Runtime {
             runtime: self.clone(),
             block: None,
             tap: None,
+            console: None,
         };
         std::fs::create_dir(&slot.dir)?;
         if let Some(plan) = self.inner.net {
@@ -172,6 +173,8 @@ pub struct Slot {
     block: Option<u32>,
     /// The VM's tap (tcp transport): the hypervisor inherits its fd.
     pub tap: Option<Tap>,
+    /// Copies the hypervisor's output into `console.log` (bounded).
+    console: Option<super::console::Pump>,
 }
 
 impl Slot {
@@ -181,6 +184,21 @@ impl Slot {
 
     pub fn console_path(&self) -> PathBuf {
         self.path("console.log")
+    }
+
+    /// Starts the VM's bounded console (`console.log`, at most `limit` bytes); returns the pipe
+    /// the hypervisor writes it through.
+    pub fn start_console(&mut self, limit: u64) -> std::io::Result<std::io::PipeWriter> {
+        let (pump, writer) = super::console::Pump::start(&self.console_path(), limit)?;
+        self.console = Some(pump);
+        Ok(writer)
+    }
+
+    /// After the hypervisor exited: lets the console catch up with its last output.
+    pub async fn settle_console(&self) {
+        if let Some(p) = &self.console {
+            p.settle(std::time::Duration::from_millis(300)).await;
+        }
     }
 
     /// Records the hypervisor's pid so that shutdown can kill it.

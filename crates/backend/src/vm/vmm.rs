@@ -61,12 +61,14 @@ pub(crate) fn args(spec: &VmSpec, slot: &Slot, paths: &Paths) -> Vec<String> {
     a
 }
 
-pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, slot: Slot) -> Result<Vm, VmError> {
+pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, mut slot: Slot) -> Result<Vm, VmError> {
     let uds = slot.path("vsock.sock");
     let ready_path = format!("{}_{}", uds.display(), cloude_protocol::READY_VSOCK_PORT);
     let listener = UnixListener::bind(&ready_path).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
-    let console = std::fs::File::create(slot.console_path()).map_err(VmError::RuntimeDir)?;
+    let console = slot
+        .start_console(driver.console_bytes)
+        .map_err(VmError::RuntimeDir)?;
     let paths = driver.paths(spec, &slot);
     let mut child = spawn(
         driver,

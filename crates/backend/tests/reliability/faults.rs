@@ -298,12 +298,13 @@ pub fn sigterm_under_load(server: Server, probe: &LeakProbe, c: &mut Checks) {
     after_exit(server, probe, "SIGTERM under load", c);
 }
 
-/// The console cap server A runs with (`[jail] console_limit_bytes`).
+/// The console ring server A runs with (`[vm] console_bytes`).
 pub const CONSOLE_CAP: u64 = 256 * 1024;
 
-/// Guest root floods the serial console (4 MiB, 16 × the cap): the VM's console log never
-/// grows past `[jail] console_limit_bytes` (the jail's RLIMIT_FSIZE), the request still gets an
-/// answer, and the hypervisor is not killed for it.
+/// Guest root floods the serial console (4 MiB, 16 × the ring), then writes a last line: the
+/// VM's console log never grows past `[vm] console_bytes`, it ends with the newest output (the
+/// last line, after the "older output dropped" mark), the request still gets an answer, and the
+/// hypervisor is not killed for it.
 pub fn console_flood(server: &Server, c: &mut Checks) {
     c.faults += 1;
     let addr = server.addr;
@@ -312,12 +313,14 @@ pub fn console_flood(server: &Server, c: &mut Checks) {
             addr,
             "/v1/executions",
             &json!({"language": "bash-root",
-                    "code": "head -c 4194304 /dev/zero | tr '\\0' x > /dev/ttyS0; echo flooded",
+                    "code": "head -c 4194304 /dev/zero | tr '\\0' x > /dev/ttyS0; \
+                             echo CONSOLE-LAST-WORDS > /dev/ttyS0; echo flooded",
                     "timeout_ms": 60000}),
             Duration::from_secs(240),
         )
     });
     let mut largest = 0u64;
+    let mut newest_kept = false;
     while !req.is_finished() {
         for rt in std::fs::read_dir(server.runtime_dir())
             .into_iter()
@@ -325,8 +328,14 @@ pub fn console_flood(server: &Server, c: &mut Checks) {
             .flatten()
         {
             for vm in std::fs::read_dir(rt.path()).into_iter().flatten().flatten() {
-                if let Ok(m) = std::fs::metadata(vm.path().join("console.log")) {
+                let log = vm.path().join("console.log");
+                if let Ok(m) = std::fs::metadata(&log) {
                     largest = largest.max(m.len());
+                }
+                if !newest_kept {
+                    let text = std::fs::read(&log).unwrap_or_default();
+                    newest_kept = text.starts_with(b"[cloude: older console output dropped]")
+                        && text.windows(18).any(|w| w == b"CONSOLE-LAST-WORDS");
                 }
             }
         }
@@ -344,11 +353,16 @@ pub fn console_flood(server: &Server, c: &mut Checks) {
         format!("largest console.log seen: {largest} bytes (cap {CONSOLE_CAP})"),
     );
     c.check(
+        "console flood: console.log keeps the newest output (the last line after the flood)",
+        newest_kept,
+        "never saw CONSOLE-LAST-WORDS after the dropped-output mark",
+    );
+    c.check(
         "console flood: the request is answered and the VM was not killed for it",
         v["status"] == "ok" && v["stdout"] == "flooded\n",
         short(&v),
     );
     c.note(format!(
-        "console flood: 4 MiB written to ttyS0, console.log peaked at {largest} bytes (cap {CONSOLE_CAP})"
+        "console flood: 4 MiB written to ttyS0, console.log peaked at {largest} bytes (ring {CONSOLE_CAP}), newest output kept: {newest_kept}"
     ));
 }

@@ -217,6 +217,32 @@ fn programs() -> Vec<Prog> {
                     .ok_or(format!("{out:?}"))
             },
         ),
+        prog(
+            "kernel interfaces the guest kernel leaves out (io_uring, bpf, userfaultfd, perf, ...)",
+            "python",
+            GUEST_SURFACE_PROBE,
+            20000,
+            |v| {
+                status_is(&["ok"])(v)?;
+                let out = v["stdout"].as_str().unwrap_or("");
+                let wrong: Vec<&str> = out
+                    .lines()
+                    .filter(|l| {
+                        let (name, errno) = l.split_once(' ').unwrap_or((l, ""));
+                        // ENOSYS: not in the kernel; EACCES: perf events are root-only.
+                        let want: &[&str] = if name == "perf_event_open" {
+                            &["13", "38"]
+                        } else {
+                            &["38"]
+                        };
+                        !want.contains(&errno)
+                    })
+                    .collect();
+                (out.lines().count() == 8 && wrong.is_empty())
+                    .then_some(())
+                    .ok_or(format!("not refused as expected: {wrong:?} in {out:?}"))
+            },
+        ),
     ];
     let mut mem = prog(
         "allocating far beyond memory_mib = 64",
@@ -256,6 +282,29 @@ fn programs() -> Vec<Prog> {
     ));
     v
 }
+
+/// Calls each system call the guest kernel is built without (`kernel/guest.config`, attack
+/// surface) and prints `name errno` (0 if the call worked).
+const GUEST_SURFACE_PROBE: &str = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(512)
+def errno(nr, *args):
+    ctypes.set_errno(0)
+    return 0 if libc.syscall(nr, *args) >= 0 else ctypes.get_errno()
+pid = os.getpid()
+for name, nr, args in [
+    ("io_uring_setup", 425, (1, buf)),
+    ("bpf", 321, (0, buf, 64)),
+    ("userfaultfd", 323, (0,)),
+    ("perf_event_open", 298, (buf, 0, -1, -1, 0)),
+    ("modify_ldt", 154, (0, buf, 16)),
+    ("kcmp", 312, (pid, pid, 0, 0, 0)),
+    ("ioperm", 173, (0x3f8, 8, 1)),
+    ("kexec_load", 246, (0, 0, 0, 0)),
+]:
+    print(name, errno(nr, *args))
+"#;
 
 /// Appended to the default catalogue for the reliability server: a root-run bash image.
 pub const TEST_CATALOG_EXTRA: &str = r#"

@@ -1,6 +1,9 @@
 //! Test helper that runs inside the guest of the boot tests (static binary):
 //! `vsock-echo listen PORT` echoes every connection on AF_VSOCK PORT until EOF;
-//! `vsock-echo connect CID PORT MSG` sends MSG and a newline, then prints all it receives.
+//! `vsock-echo connect CID PORT MSG` sends MSG and a newline, then prints all it receives;
+//! `vsock-echo flood CID PORT CONNS SECONDS` (a hostile guest) keeps CONNS connections to PORT
+//! busy writing as much as the host lets it, reconnecting whenever one is reset, for SECONDS,
+//! then prints `FLOOD-DONE sent=BYTES resets=N`.
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -87,6 +90,71 @@ fn listen(port: u32) -> std::io::Result<()> {
     }
 }
 
+fn open(cid: u32, port: u32) -> std::io::Result<UnixStream> {
+    let fd = vsock_socket()?;
+    let addr = sockaddr(cid, port);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    use std::os::fd::AsRawFd;
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            len,
+        )
+    })?;
+    Ok(stream(fd))
+}
+
+fn flood(cid: u32, port: u32, conns: u32, seconds: u32) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let until = Instant::now() + Duration::from_secs(u64::from(seconds));
+    let sent = Arc::new(AtomicU64::new(0));
+    let resets = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..conns)
+        .map(|_| {
+            let (sent, resets) = (sent.clone(), resets.clone());
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    let chunk = vec![0x5au8; 64 << 10];
+                    while Instant::now() < until {
+                        let Ok(mut s) = open(cid, port) else {
+                            resets.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        };
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+                        while Instant::now() < until {
+                            match s.write(&chunk) {
+                                Ok(n) => {
+                                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => {
+                                    resets.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                })
+                .expect("thread")
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    println!(
+        "FLOOD-DONE sent={} resets={}",
+        sent.load(Ordering::Relaxed),
+        resets.load(Ordering::Relaxed)
+    );
+}
+
 fn connect(cid: u32, port: u32, msg: &str) -> std::io::Result<()> {
     let fd = vsock_socket()?;
     let addr = sockaddr(cid, port);
@@ -116,8 +184,12 @@ fn main() {
         (Some("connect"), Some(cid), Some(port)) => {
             connect(cid, port, args.get(4).map_or("", String::as_str))
         }
+        (Some("flood"), Some(cid), Some(port)) => {
+            flood(cid, port, num(4).unwrap_or(64), num(5).unwrap_or(10));
+            Ok(())
+        }
         _ => {
-            eprintln!("usage: vsock-echo listen PORT | connect CID PORT MSG");
+            eprintln!("usage: vsock-echo listen PORT | connect CID PORT MSG | flood CID PORT CONNS SECONDS");
             std::process::exit(2);
         }
     };

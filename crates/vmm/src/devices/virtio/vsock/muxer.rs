@@ -649,16 +649,16 @@ mod tests {
     /// never reads and fills each one's buffer. The total held stays within the budget; the
     /// connections past it are reset, and closing them frees their share.
     #[test]
+    #[allow(unsafe_code)]
     fn held_guest_data_is_bounded_over_all_connections() {
         let dir = tempfile::tempdir().expect("dir");
         let uds = dir.path().join("v.sock");
         let mut m = Muxer::new(CID, &uds).expect("muxer");
         let l = UnixListener::bind(format!("{}_1025", uds.display())).expect("bind");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
         // SAFETY: a large backlog on our own listening socket so that every connect succeeds.
-        assert_eq!(
-            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 4096) },
-            0
-        );
+        let r = unsafe { libc::listen(fd, 4096) };
+        assert_eq!(r, 0);
         let conns = 200u32;
         let chunk = vec![0x5au8; MAX_PKT_PAYLOAD as usize];
         let mut peak = 0;
