@@ -125,7 +125,19 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 /// Installs the filter for `kind` on the calling thread.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let prog = filter(kind)?;
+    warm_allocator();
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))
+}
+
+/// Makes the allocator set up this thread's arena before the filter is in place: glibc does it
+/// on a thread's first allocation and, the first time in a process, reads
+/// `/sys/devices/system/cpu/online` (`openat`, which no thread's allowlist has). Found by the
+/// lab's vsock flood test, where the device thread made the process's first such allocation.
+fn warm_allocator() {
+    for size in [64usize, 64 << 10, 4 << 20] {
+        let v: Vec<u8> = Vec::with_capacity(size);
+        std::hint::black_box(&v);
+    }
 }
 
 /// Offset of `si_syscall` in x86_64's `siginfo_t` (after `si_signo`, `si_errno`, `si_code`,
