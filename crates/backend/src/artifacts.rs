@@ -86,10 +86,21 @@ impl Artifacts {
         let build = self.build;
         cell.get_or_try_init(|| async move {
             if !build {
-                return Err(ArtifactError::Image(
-                    l.name.clone(),
-                    "building is disabled".into(),
-                ));
+                // Serve what is cached: the newest image built for the language.
+                let Some(p) = cloude_image::image::cached_image(&l.name) else {
+                    return Err(ArtifactError::Image(
+                        l.name.clone(),
+                        format!(
+                            "no image is cached and building is disabled (build it with `cloude-image build {}`)",
+                            l.name
+                        ),
+                    ));
+                };
+                let name = l.name.clone();
+                return tokio::task::spawn_blocking(move || verify(&p).map(|()| p))
+                    .await
+                    .map_err(|e| ArtifactError::Image(name.clone(), e.to_string()))?
+                    .map_err(|e| ArtifactError::Image(name, e));
             }
             let name = l.name.clone();
             tokio::task::spawn_blocking(move || {

@@ -37,14 +37,8 @@ pub struct Job {
     pub network: bool,
 }
 
-/// Where each phase's time went.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct Timings {
-    pub queue_ms: u64,
-    pub boot_ms: u64,
-    pub run_ms: u64,
-    pub total_ms: u64,
-}
+/// Where each phase's time went (an API type).
+pub use cloude_api::Timings;
 
 /// What happened to a job that was admitted.
 #[derive(Debug)]
@@ -52,6 +46,8 @@ pub struct Outcome {
     /// The agent's answer, or why there is none (an internal error: VM crash, boot failure...).
     pub result: Result<RunResponse, String>,
     pub timings: Timings,
+    /// The limits the job ran under.
+    pub limits: cloude_api::AppliedLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +197,12 @@ impl Executor {
             queue_ms: ms(queue),
             ..Timings::default()
         };
+        let limits = cloude_api::AppliedLimits {
+            timeout_ms: job.run_timeout_ms,
+            compile_timeout_ms: job.compile_timeout_ms,
+            memory_mib: job.memory_mib.unwrap_or(job.language.memory_mib),
+            output_limit_bytes: self.settings.output_limit_bytes,
+        };
         let (mut vm, pooled) = match self.acquire_vm(&job).await {
             Ok(v) => v,
             Err(ExecError2::Exec(e)) => return Err(e),
@@ -210,6 +212,7 @@ impl Executor {
                 return Ok(Outcome {
                     result: Err(format!("the VM failed to start: {e}")),
                     timings,
+                    limits,
                 });
             }
         };
@@ -267,7 +270,11 @@ impl Executor {
         }
         vm.shutdown(Duration::ZERO).await;
         timings.total_ms = timings.queue_ms + ms(start.elapsed());
-        Ok(Outcome { result, timings })
+        Ok(Outcome {
+            result,
+            timings,
+            limits,
+        })
     }
 
     async fn explain(&self, vm: &mut Vm, err: String) -> String {

@@ -246,6 +246,7 @@ fn e2e_real_vms() {
     fault_checks(&server, &mut c);
     cli_checks(&server, &mut c);
     piston_client_check(&server, &mut c);
+    no_build_serves_the_cache(&mut c);
 
     // Nothing left behind while idle, then a clean SIGTERM.
     let m = server.get("/metrics").text();
@@ -387,6 +388,31 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// `--no-build` serves the kernel and images already in the cache (the main server built
+/// them), with no network and no apt.
+fn no_build_serves_the_cache(c: &mut Checks) {
+    let server = match Server::start(
+        &["--hypervisor", "qemu", "--no-build"],
+        None,
+        Duration::from_secs(60),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            c.check("--no-build server starts", false, e);
+            return;
+        }
+    };
+    let (st, v, _) = exec(
+        &server,
+        json!({"language": "python", "code": "print('from the cache')"}),
+    );
+    c.check(
+        "--no-build serves the cached python image",
+        st == 200 && v["stdout"] == "from the cache\n",
+        format!("HTTP {st}: {}", short(&v)),
+    );
+}
+
 /// The `cloude` CLI against the real server: file + args, stdin passthrough, exit codes.
 fn cli_checks(server: &Server, c: &mut Checks) {
     let cli = match sibling_bin("cloude") {
@@ -438,8 +464,28 @@ fn cli_checks(server: &Server, c: &mut Checks) {
         .output()
         .expect("cloude");
     c.check(
-        "cloude exit 124 on timeout",
-        out.status.code() == Some(124),
+        "cloude exit 124 on timeout, with one stderr line naming the limit",
+        out.status.code() == Some(124)
+            && String::from_utf8_lossy(&out.stderr) == "cloude: timed out after 1 s\n",
+        format!("{out:?}"),
+    );
+    // A signal outside the common few: 128 + N for every N (SIGUSR1 = 10).
+    let out = Command::new(&cli)
+        .args([
+            "--server",
+            &server.url,
+            "run",
+            "-l",
+            "python",
+            "-c",
+            "import os, signal\nprint('before', flush=True)\nos.kill(os.getpid(), signal.SIGUSR1)\n",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cloude");
+    c.check(
+        "cloude exit 138 for a program killed by SIGUSR1",
+        out.status.code() == Some(138) && String::from_utf8_lossy(&out.stdout) == "before\n",
         format!("{out:?}"),
     );
 }

@@ -1,7 +1,6 @@
 //! `cloude`: a thin client for cloude-server.
 #![forbid(unsafe_code)]
 
-mod client;
 mod run;
 
 use std::process::ExitCode;
@@ -35,7 +34,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = client::Client::new(&cli.server);
+    let client = cloude_api::client::Client::new(&cli.server);
     let result = match cli.command {
         Command::Run(args) => run::run(&client, args, cli.json),
         Command::Languages => run::languages(&client, cli.json),

@@ -4,9 +4,8 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use serde_json::{json, Value};
-
-use crate::client::{Client, ClientError};
+use cloude_api::client::{Client, ClientError};
+use cloude_api::{ExecutionRequest, ExecutionResponse, StageStatus, Status};
 
 /// Exit code on a timeout, as `timeout(1)`.
 pub const EXIT_TIMEOUT: u8 = 124;
@@ -51,18 +50,12 @@ fn language_for(args: &RunArgs, client: &Client) -> anyhow::Result<String> {
         .and_then(|e| e.to_str())
         .with_context(|| format!("{} has no extension; pass -l LANGUAGE", file.display()))?;
     // The server's catalogue decides (it may differ from the default one).
-    let v = client.get("/v1/languages")?;
-    let found = v["languages"].as_array().and_then(|ls| {
-        ls.iter().find(|l| {
-            l["extensions"].as_array().is_some_and(|es| {
-                es.iter()
-                    .any(|e| e.as_str().is_some_and(|e| e.eq_ignore_ascii_case(ext)))
-            })
-        })
-    });
-    found
-        .and_then(|l| l["name"].as_str())
-        .map(str::to_string)
+    let langs = client.languages()?;
+    langs
+        .languages
+        .iter()
+        .find(|l| l.extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)))
+        .map(|l| l.name.clone())
         .with_context(|| {
             format!("no language on the server uses the extension .{ext}; pass -l LANGUAGE")
         })
@@ -70,28 +63,26 @@ fn language_for(args: &RunArgs, client: &Client) -> anyhow::Result<String> {
 
 pub fn run(client: &Client, args: RunArgs, raw_json: bool) -> anyhow::Result<u8> {
     let language = language_for(&args, client)?;
-    let mut body = json!({ "language": language, "args": args.args });
+    let mut req = ExecutionRequest {
+        language,
+        args: args.args.clone(),
+        version: args.version.clone(),
+        timeout_ms: args.timeout_ms,
+        memory_mib: args.memory_mib,
+        ..Default::default()
+    };
     match (&args.code, &args.file) {
-        (Some(code), _) => body["code"] = json!(code),
+        (Some(code), _) => req.code = Some(code.clone()),
         (None, Some(file)) => {
             let code =
                 std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("main");
             match String::from_utf8(code) {
-                Ok(text) => body["code"] = json!(text),
+                Ok(text) => req.code = Some(text),
                 Err(_) => anyhow::bail!("{name} is not UTF-8 text"),
             }
         }
         (None, None) => anyhow::bail!("give a FILE to run, or -c CODE with -l LANGUAGE"),
-    }
-    if let Some(v) = &args.version {
-        body["version"] = json!(v);
-    }
-    if let Some(t) = args.timeout_ms {
-        body["timeout_ms"] = json!(t);
-    }
-    if let Some(m) = args.memory_mib {
-        body["memory_mib"] = json!(m);
     }
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
@@ -100,9 +91,9 @@ pub fn run(client: &Client, args: RunArgs, raw_json: bool) -> anyhow::Result<u8>
             .lock()
             .read_to_string(&mut input)
             .context("cannot read standard input")?;
-        body["stdin"] = json!(input);
+        req.stdin = Some(input);
     }
-    let resp = match client.post("/v1/executions", &body) {
+    let resp = match client.execute(&req) {
         Ok(v) => v,
         Err(ClientError::Api { body, .. }) if raw_json => {
             println!("{body}");
@@ -111,95 +102,117 @@ pub fn run(client: &Client, args: RunArgs, raw_json: bool) -> anyhow::Result<u8>
         Err(e) => return Err(e.into()),
     };
     if raw_json {
-        println!("{resp}");
-    } else {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&output(&resp, "stdout"));
-        let _ = out.flush();
-        let mut err = std::io::stderr().lock();
-        let _ = err.write_all(&output(&resp, "stderr"));
+        println!("{}", serde_json::to_string(&resp)?);
+        return Ok(exit_code(&resp));
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(&output(resp.stdout_base64.as_deref(), &resp.stdout));
+    let _ = out.flush();
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(&output(resp.stderr_base64.as_deref(), &resp.stderr));
+    // After the program's own output: why it stopped, when the program did not decide.
+    if let Some(line) = status_line(&resp) {
+        let _ = writeln!(err, "cloude: {line}");
     }
     Ok(exit_code(&resp))
 }
 
-/// The exact bytes of `stdout`/`stderr` (`*_base64` when the output is not UTF-8).
-fn output(resp: &Value, key: &str) -> Vec<u8> {
+/// The exact bytes of an output (`*_base64` when the output is not UTF-8).
+fn output(base64: Option<&str>, text: &str) -> Vec<u8> {
     use base64::Engine as _;
-    resp[format!("{key}_base64")]
-        .as_str()
+    base64
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .unwrap_or_else(|| resp[key].as_str().unwrap_or_default().as_bytes().to_vec())
+        .unwrap_or_else(|| text.as_bytes().to_vec())
+}
+
+/// `10 s`, `1.5 s`, `250 ms`.
+fn duration(ms: u64) -> String {
+    match ms {
+        ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+        ms if ms >= 1000 => format!("{:.1} s", ms as f64 / 1000.0),
+        ms => format!("{ms} ms"),
+    }
+}
+
+/// `1 MiB`, `64 KiB`, `100 bytes`.
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// The one stderr line for a status the program did not choose, naming the limit.
+pub fn status_line(resp: &ExecutionResponse) -> Option<String> {
+    let l = &resp.limits;
+    match resp.status {
+        Status::Ok | Status::CompileError => None,
+        Status::Timeout => Some(
+            if resp
+                .compile
+                .as_ref()
+                .is_some_and(|c| c.status == StageStatus::Timeout)
+            {
+                format!(
+                    "compilation timed out after {}",
+                    duration(l.compile_timeout_ms)
+                )
+            } else {
+                format!("timed out after {}", duration(l.timeout_ms))
+            },
+        ),
+        Status::OutputLimit => Some(format!(
+            "output limit reached ({}); the rest was dropped",
+            size(l.output_limit_bytes)
+        )),
+        Status::MemoryLimit => Some(format!("memory limit reached ({} MiB)", l.memory_mib)),
+        Status::InternalError => Some(format!(
+            "internal error: the server could not run the program: {}",
+            resp.message.as_deref().unwrap_or("no details")
+        )),
+    }
 }
 
 /// The CLI's exit code for a response.
-pub fn exit_code(resp: &Value) -> u8 {
-    match resp["status"].as_str().unwrap_or("internal_error") {
-        "timeout" => EXIT_TIMEOUT,
-        "compile_error" => resp["exit_code"]
-            .as_i64()
+pub fn exit_code(resp: &ExecutionResponse) -> u8 {
+    match resp.status {
+        Status::Timeout => EXIT_TIMEOUT,
+        Status::CompileError => resp
+            .exit_code
             .and_then(|c| u8::try_from(c).ok())
             .filter(|c| *c != 0)
             .unwrap_or(EXIT_COMPILE_ERROR),
-        "internal_error" => {
-            let msg = resp["message"].as_str().unwrap_or("no details");
-            eprintln!("cloude: the server could not run the program: {msg}");
-            EXIT_CLIENT_ERROR
-        }
-        _ => {
-            if let Some(sig) = resp["signal"].as_str() {
-                let n = signal_number(sig);
-                return 128u8.saturating_add(n);
+        Status::InternalError => EXIT_CLIENT_ERROR,
+        Status::Ok | Status::OutputLimit | Status::MemoryLimit => {
+            let signal = resp
+                .signal_number
+                .or_else(|| resp.signal.as_deref().and_then(cloude_api::signal_number));
+            if let Some(n) = signal {
+                return 128u8.saturating_add(u8::try_from(n).unwrap_or(u8::MAX));
             }
-            resp["exit_code"]
-                .as_i64()
+            resp.exit_code
                 .map(|c| (c & 0xff) as u8)
                 .unwrap_or(EXIT_CLIENT_ERROR)
         }
     }
 }
 
-fn signal_number(name: &str) -> u8 {
-    match name {
-        "SIGHUP" => 1,
-        "SIGINT" => 2,
-        "SIGQUIT" => 3,
-        "SIGILL" => 4,
-        "SIGABRT" => 6,
-        "SIGFPE" => 8,
-        "SIGKILL" => 9,
-        "SIGSEGV" => 11,
-        "SIGPIPE" => 13,
-        "SIGALRM" => 14,
-        "SIGTERM" => 15,
-        other => other.parse().unwrap_or(0),
-    }
-}
-
 pub fn languages(client: &Client, raw_json: bool) -> anyhow::Result<u8> {
-    let v = client.get("/v1/languages")?;
+    let v = client.languages()?;
     if raw_json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(&v)?);
         return Ok(0);
     }
     let mut out = std::io::stdout().lock();
-    for l in v["languages"].as_array().into_iter().flatten() {
-        let list = |k: &str| {
-            l[k].as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default()
-        };
+    for l in &v.languages {
         let _ = writeln!(
             out,
             "{:<12} {:<10} aliases: {:<24} extensions: {}",
-            l["name"].as_str().unwrap_or("?"),
-            l["version"].as_str().unwrap_or("?"),
-            list("aliases"),
-            list("extensions"),
+            l.name,
+            l.version,
+            l.aliases.join(", "),
+            l.extensions.join(", "),
         );
     }
     Ok(0)
@@ -209,29 +222,87 @@ pub fn languages(client: &Client, raw_json: bool) -> anyhow::Result<u8> {
 mod tests {
     use super::*;
 
+    fn resp(v: serde_json::Value) -> ExecutionResponse {
+        let mut base = serde_json::json!({
+            "request_id": "r", "language": "python", "version": "3", "stdout": "", "stderr": "",
+            "exit_code": null, "signal": null, "status": "ok",
+            "timings": {"queue_ms": 0, "boot_ms": 0, "run_ms": 0, "total_ms": 0},
+            "limits": {"timeout_ms": 10000, "compile_timeout_ms": 30000, "memory_mib": 256,
+                       "output_limit_bytes": 1048576}
+        });
+        for (k, x) in v.as_object().expect("object") {
+            base[k] = x.clone();
+        }
+        serde_json::from_value(base).expect("response")
+    }
+
     #[test]
     fn binary_output_is_exact() {
-        let v = json!({"stdout": "\u{fffd}", "stdout_base64": "/w==", "stderr": "x"});
-        assert_eq!(output(&v, "stdout"), vec![0xff]);
-        assert_eq!(output(&v, "stderr"), b"x");
+        assert_eq!(output(Some("/w=="), "\u{fffd}"), vec![0xff]);
+        assert_eq!(output(None, "x"), b"x");
     }
 
     #[test]
     fn exit_codes() {
-        assert_eq!(exit_code(&json!({"status": "ok", "exit_code": 3})), 3);
-        assert_eq!(exit_code(&json!({"status": "ok", "exit_code": 0})), 0);
+        assert_eq!(exit_code(&resp(serde_json::json!({"exit_code": 3}))), 3);
+        assert_eq!(exit_code(&resp(serde_json::json!({"exit_code": 0}))), 0);
         assert_eq!(
-            exit_code(&json!({"status": "timeout", "exit_code": null, "signal": "SIGKILL"})),
+            exit_code(&resp(
+                serde_json::json!({"status": "timeout", "signal": "SIGKILL"})
+            )),
             124
         );
+        // Every signal N gives 128 + N, by number or by name.
+        for (name, n) in [
+            ("SIGSEGV", 11),
+            ("SIGUSR1", 10),
+            ("SIGBUS", 7),
+            ("SIGXFSZ", 25),
+        ] {
+            assert_eq!(
+                exit_code(&resp(serde_json::json!({"signal": name}))),
+                128 + n
+            );
+            assert_eq!(
+                exit_code(&resp(
+                    serde_json::json!({"signal": name, "signal_number": n})
+                )),
+                128 + n
+            );
+        }
         assert_eq!(
-            exit_code(&json!({"status": "ok", "exit_code": null, "signal": "SIGSEGV"})),
-            139
-        );
-        assert_eq!(
-            exit_code(&json!({"status": "compile_error", "exit_code": 1})),
+            exit_code(&resp(
+                serde_json::json!({"status": "compile_error", "exit_code": 1})
+            )),
             1
         );
-        assert_eq!(exit_code(&json!({"status": "internal_error"})), 125);
+        assert_eq!(
+            exit_code(&resp(serde_json::json!({"status": "internal_error"}))),
+            125
+        );
+    }
+
+    #[test]
+    fn status_lines_name_the_limit() {
+        let line = |v| status_line(&resp(v));
+        assert_eq!(line(serde_json::json!({})), None);
+        assert_eq!(
+            line(serde_json::json!({"status": "timeout"})).as_deref(),
+            Some("timed out after 10 s")
+        );
+        assert_eq!(
+            line(serde_json::json!({"status": "output_limit"})).as_deref(),
+            Some("output limit reached (1 MiB); the rest was dropped")
+        );
+        assert_eq!(
+            line(serde_json::json!({"status": "memory_limit"})).as_deref(),
+            Some("memory limit reached (256 MiB)")
+        );
+        assert!(
+            line(serde_json::json!({"status": "internal_error", "message": "boom"}))
+                .is_some_and(|l| l.contains("boom"))
+        );
+        assert_eq!(duration(1500), "1.5 s");
+        assert_eq!(duration(250), "250 ms");
     }
 }

@@ -34,6 +34,8 @@ fn start_server() -> Server {
     let mut child = Command::new(server_bin())
         .args(["--listen", "127.0.0.1:0", "--no-build"])
         .env("CLOUDE_RUNTIME_DIR", rt.path())
+        // An empty cache: `--no-build` then has nothing to serve.
+        .env("CLOUDE_HOME", rt.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -122,7 +124,7 @@ fn server_errors_are_one_clear_sentence() {
         text(&out.stderr)
     );
 
-    // Without images (--no-build), a valid run is refused with 503 and a reason, not a crash.
+    // With nothing cached and --no-build, a valid run is refused with 503 and a reason, not a crash.
     let out = cloude(&s.url, &["run", "-l", "python", "-c", "print(1)"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("503"), "{}", text(&out.stderr));

@@ -258,7 +258,37 @@ pub fn ensure_image_with(
     if let Some(o) = &opts.output {
         copy_atomic(&out, o)?;
     }
+    record_latest(&dir, &lang.name, &out)?;
     Ok(out)
+}
+
+fn latest_pointer(dir: &Path, language: &str) -> PathBuf {
+    dir.join(format!(".{}.latest", file_name_safe(language)))
+}
+
+/// Remembers `image` as the newest image of `language` (for [`cached_image`]).
+fn record_latest(dir: &Path, language: &str, image: &Path) -> Result<(), ImageError> {
+    let Some(name) = image.file_name().and_then(|n| n.to_str()) else {
+        return Ok(());
+    };
+    let ptr = latest_pointer(dir, language);
+    let tmp = ptr.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, name).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &ptr).map_err(io_err(&ptr))
+}
+
+/// The newest image built for `language`, without resolving its sources (no network, no apt):
+/// what a server that must not build serves.
+pub fn cached_image(language: &str) -> Option<PathBuf> {
+    let dir = crate::paths::images_dir();
+    let name = fs::read_to_string(latest_pointer(&dir, language)).ok()?;
+    let name = name.trim();
+    // Only a plain file name in the cache directory.
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return None;
+    }
+    let p = dir.join(name);
+    p.is_file().then_some(p)
 }
 
 /// The hex cache key of an image: [`BUILDER_VERSION`], the resolved source's description, the

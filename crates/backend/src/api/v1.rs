@@ -142,23 +142,14 @@ impl Utf8Joiner {
     }
 }
 
-fn stage_status(s: StageStatus) -> &'static str {
-    match s {
-        StageStatus::Ok => "ok",
-        StageStatus::Timeout => "timeout",
-        StageStatus::OutputLimit => "output_limit",
-        StageStatus::MemoryLimit => "memory_limit",
-        StageStatus::Error => "error",
-    }
-}
-
 fn stage_out(s: &StageResult) -> StageOut {
     StageOut {
         stdout: lossy(&s.stdout),
         stderr: lossy(&s.stderr),
         exit_code: s.exit_code,
         signal: s.signal.map(signal_name),
-        status: stage_status(s.status).into(),
+        signal_number: s.signal,
+        status: s.status,
         wall_ms: s.wall_ms,
         cpu_ms: s.cpu_ms,
         memory_kib: s.memory_kib,
@@ -201,10 +192,12 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
         stderr_base64: None,
         exit_code: None,
         signal: None,
+        signal_number: None,
         status: Status::InternalError,
         message: None,
         compile: None,
         timings: outcome.timings,
+        limits: outcome.limits,
     };
     match outcome.result {
         Err(msg) => resp.message = Some(msg),
@@ -220,6 +213,7 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
                 resp.stderr_base64 = exact(&last.stderr);
                 resp.exit_code = last.exit_code;
                 resp.signal = last.signal.map(signal_name);
+                resp.signal_number = last.signal;
             }
         }
     }
@@ -299,14 +293,8 @@ pub async fn execute_stream(
                             continue;
                         }
                         let line = StreamLine::Output {
-                            stage: match stage {
-                                cloude_protocol::Stage::Compile => "compile",
-                                cloude_protocol::Stage::Run => "run",
-                            },
-                            stream: match stream {
-                                cloude_protocol::StreamKind::Stdout => "stdout",
-                                cloude_protocol::StreamKind::Stderr => "stderr",
-                            },
+                            stage,
+                            stream,
                             data: text,
                         };
                         if forward_tx.send(Ok(ndjson(&line))).await.is_err() {
@@ -339,7 +327,7 @@ pub async fn execute_stream(
                 Err(e) => {
                     let e = exec_error(e);
                     StreamLine::Error {
-                        error: e.code,
+                        error: e.code.into(),
                         message: e.message,
                     }
                 }

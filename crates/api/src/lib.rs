@@ -1,0 +1,273 @@
+//! The native API of `cloude-server` (`/v1`), written once: the request, response, stream and
+//! language types (both `Serialize` and `Deserialize`, so the server, the CLI, the tests and the
+//! bench read and write the same types), and [`client::Client`], a small typed blocking client.
+//!
+//! Stage and stream names come from the agent protocol (`cloude_protocol`); the overall
+//! [`Status`] and the signal names are defined here.
+
+pub mod client;
+
+use serde::{Deserialize, Serialize};
+
+pub use cloude_protocol::{Stage, StageStatus, StreamKind};
+
+/// `POST /v1/executions` (and `/v1/executions/stream`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionRequest {
+    /// Name or alias.
+    pub language: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<FileIn>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compile_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
+}
+
+/// One file of a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIn {
+    pub name: String,
+    pub content: String,
+    /// `utf8` (default) or `base64`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+}
+
+/// Outcome of an execution as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The program ran to its own exit, whatever its exit code (or a signal it caused).
+    Ok,
+    Timeout,
+    OutputLimit,
+    MemoryLimit,
+    CompileError,
+    InternalError,
+}
+
+impl Status {
+    /// Every status, for tests and documentation.
+    pub const ALL: [Status; 6] = [
+        Status::Ok,
+        Status::Timeout,
+        Status::OutputLimit,
+        Status::MemoryLimit,
+        Status::CompileError,
+        Status::InternalError,
+    ];
+
+    /// The wire name (as serde writes it; a unit test keeps the two equal).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Timeout => "timeout",
+            Status::OutputLimit => "output_limit",
+            Status::MemoryLimit => "memory_limit",
+            Status::CompileError => "compile_error",
+            Status::InternalError => "internal_error",
+        }
+    }
+}
+
+/// One stage (the compile stage, in `compile`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageOut {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: Option<i32>,
+    /// Name of the signal that ended the stage (`SIGKILL`), if any.
+    pub signal: Option<String>,
+    /// Its number (9), beside the name.
+    #[serde(default)]
+    pub signal_number: Option<i32>,
+    pub status: StageStatus,
+    pub wall_ms: u64,
+    pub cpu_ms: u64,
+    pub memory_kib: u64,
+}
+
+/// Where a request's time went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    pub queue_ms: u64,
+    pub boot_ms: u64,
+    pub run_ms: u64,
+    pub total_ms: u64,
+}
+
+/// The limits a request ran under (its own or the server's defaults), so that a client can say
+/// which one was hit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedLimits {
+    pub timeout_ms: u64,
+    pub compile_timeout_ms: u64,
+    /// The program's memory limit (the VM's memory when the request set none).
+    pub memory_mib: u64,
+    pub output_limit_bytes: u64,
+}
+
+/// Answer of `POST /v1/executions`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionResponse {
+    pub request_id: String,
+    pub language: String,
+    pub version: String,
+    /// Output of the last stage that ran (the compiler's on `compile_error`), as UTF-8 (invalid
+    /// sequences replaced by U+FFFD).
+    pub stdout: String,
+    pub stderr: String,
+    /// The exact bytes, base64, present only when the output is not valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_base64: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Name of the signal that ended the program (`SIGUSR1`), if any.
+    pub signal: Option<String>,
+    /// Its number (10), beside the name.
+    #[serde(default)]
+    pub signal_number: Option<i32>,
+    pub status: Status,
+    /// Set for `internal_error` (and other statuses when there is something to say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compile: Option<StageOut>,
+    pub timings: Timings,
+    #[serde(default)]
+    pub limits: AppliedLimits,
+}
+
+/// One line of `POST /v1/executions/stream`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamLine {
+    Output {
+        stage: Stage,
+        stream: StreamKind,
+        data: String,
+    },
+    Result {
+        result: Box<ExecutionResponse>,
+    },
+    Error {
+        error: String,
+        message: String,
+    },
+}
+
+/// One entry of `GET /v1/languages`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanguageInfo {
+    pub name: String,
+    pub version: String,
+    pub aliases: Vec<String>,
+    pub extensions: Vec<String>,
+    pub compiled: bool,
+    pub entry_file: String,
+}
+
+/// `GET /v1/languages`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Languages {
+    pub languages: Vec<LanguageInfo>,
+}
+
+/// The body of every error answer (4xx/5xx).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable code (`bad_request`, `queue_full`, ...).
+    pub error: String,
+    pub message: String,
+    /// The request field at fault, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Signal number to its name (`SIGKILL`), or the number as text.
+pub fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| sig.to_string())
+}
+
+/// Signal name (`SIGUSR1`, or a number as text) to its number.
+pub fn signal_number(name: &str) -> Option<i32> {
+    name.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
+        .or_else(|| name.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_are_serdes() {
+        for s in Status::ALL {
+            assert_eq!(
+                serde_json::to_value(s).expect("serialize"),
+                serde_json::Value::String(s.as_str().into())
+            );
+        }
+    }
+
+    #[test]
+    fn signals_both_ways() {
+        for n in 1..=31 {
+            let name = signal_name(n);
+            assert_eq!(signal_number(&name), Some(n), "{name}");
+        }
+        assert_eq!(signal_name(10), "SIGUSR1");
+        assert_eq!(signal_number("SIGXFSZ"), Some(25));
+        assert_eq!(signal_number("40"), Some(40));
+        assert_eq!(signal_number("bogus"), None);
+    }
+
+    #[test]
+    fn request_round_trips_and_omits_defaults() {
+        let r = ExecutionRequest {
+            language: "python".into(),
+            code: Some("print(1)".into()),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&r).expect("serialize");
+        assert_eq!(
+            v,
+            serde_json::json!({"language": "python", "code": "print(1)"})
+        );
+        let back: ExecutionRequest = serde_json::from_value(v).expect("parse");
+        assert_eq!(back, r);
+        assert!(serde_json::from_str::<ExecutionRequest>(r#"{"language":"x","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn stream_lines_keep_their_wire_shape() {
+        let l = StreamLine::Output {
+            stage: Stage::Run,
+            stream: StreamKind::Stderr,
+            data: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&l).expect("serialize"),
+            serde_json::json!({"type": "output", "stage": "run", "stream": "stderr", "data": "x"})
+        );
+    }
+}
