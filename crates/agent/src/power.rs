@@ -1,6 +1,6 @@
 //! Ending the VM after its one request: `sync`, a short grace so the last bytes leave the
-//! virtqueues, then `reboot(RB_AUTOBOOT)` (the kernel runs with `reboot=k`; the VMM and QEMU
-//! exit on reset). Only ever done as PID 1, whatever the flags say.
+//! virtqueues, then `reboot(RB_AUTOBOOT)` (the server boots the kernel with `reboot=t`, a triple
+//! fault; `cloude-vmm`'s own default is `reboot=k`; the VMM and QEMU exit on reset). Only ever done as PID 1, whatever the flags say.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! Wire types shared by the host (backend) and the guest agent.
 //!
-//! Transport contract (see `docs/protocol.md`):
+//! Transport contract (this list is its only statement; `docs/ARCHITECTURE.md` shows where each
+//! side implements it):
 //! - The agent serves HTTP/1.1 on vsock port [`AGENT_VSOCK_PORT`]; when the VM has an IPv4
 //!   address it also serves the same router on TCP port [`AGENT_TCP_PORT`].
 //! - When a virtio-serial port named [`SERIAL_PORT_NAME`] exists (the QEMU fallback, which has no
