@@ -18,7 +18,19 @@ use cloude_server::vm::{Driver, Kind, Runtime};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+/// An empty artifact cache for this test process: nothing here boots a VM, and a request must
+/// not find the machine's cached images (`--no-build` serves those).
+fn empty_cache() {
+    static HOME: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| {
+        let d = tempfile::tempdir().expect("temp cache");
+        std::env::set_var("CLOUDE_HOME", d.path());
+        d
+    });
+}
+
 fn state_with(config: Config) -> Arc<AppState> {
+    empty_cache();
     let metrics = Arc::new(Metrics::default());
     let l = &config.limits;
     let executor = Arc::new(Executor {
@@ -292,6 +304,20 @@ async fn piston_errors_use_pistons_messages() {
 #[tokio::test]
 async fn runtimes_and_languages() {
     let st = state();
+    // Every route also answers with a trailing slash (as Piston's and Judge0's servers do).
+    for path in [
+        "/api/v2/runtimes/",
+        "/v1/languages/",
+        "/healthz/",
+        "/metrics/",
+    ] {
+        let (s, _, _) = call(&st, "GET", path, None).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+    }
+    let (s, _, _) = call(&st, "GET", "/v1/executions/", None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    let (s, _, _) = call(&st, "GET", "/api/v2/runtimes//", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _, b) = call(&st, "GET", "/api/v2/runtimes", None).await;
     assert_eq!(s, StatusCode::OK);
     let v: Value = serde_json::from_slice(&b).expect("json");

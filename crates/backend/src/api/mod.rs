@@ -57,15 +57,24 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/executions", post(v1::execute))
-        .route("/v1/executions/stream", post(v1::execute_stream))
-        .route("/v1/languages", get(v1::languages))
-        .route("/api/v2/execute", post(piston::execute))
-        .route("/api/v2/runtimes", get(piston::runtimes))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() })
+    let routes: Vec<(&str, axum::routing::MethodRouter<Arc<AppState>>)> = vec![
+        ("/v1/executions", post(v1::execute)),
+        ("/v1/executions/stream", post(v1::execute_stream)),
+        ("/v1/languages", get(v1::languages)),
+        ("/api/v2/execute", post(piston::execute)),
+        ("/api/v2/runtimes", get(piston::runtimes)),
+        ("/healthz", get(healthz)),
+        ("/metrics", get(metrics)),
+    ];
+    let mut r = Router::new();
+    // Every route also answers with a trailing slash, as Piston's (Express) and Judge0's (Rails)
+    // servers do: published clients ask for `/api/v2/runtimes/`.
+    for (path, method) in routes {
+        r = r
+            .route(path, method.clone())
+            .route(&format!("{path}/"), method);
+    }
+    r.method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() })
         .fallback(|| async { error::ApiError::not_found() })
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(
