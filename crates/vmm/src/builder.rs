@@ -60,6 +60,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::BusError),
+    #[error(transparent)]
+    Slots(#[from] crate::devices::slots::SlotsExhausted),
     #[error("could not start the {0} thread")]
     Thread(&'static str),
     #[error(transparent)]
@@ -126,11 +128,11 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         source: std::io::Error::other(format!("{e:?}")),
     })?;
     let mut cmdline = cfg.cmdline.clone();
-    let mut slot: u64 = 0;
+    let mut slots = crate::devices::slots::SlotAllocator::default();
     let mut add_virtio =
         |make: MakeDevice, mmio: &mut Bus, cmdline: &mut String| -> Result<(), BuildError> {
-            let base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE;
-            let irq = VIRTIO_IRQ_BASE + slot as u32;
+            let slot = slots.allocate()?;
+            let (base, irq) = (slot.base, slot.irq);
             let irqfd = EventFd::new(EFD_NONBLOCK).map_err(dev_err("a virtio interrupt"))?;
             vm.fd
                 .register_irqfd(&irqfd, irq)
@@ -148,9 +150,9 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             }
             event_manager.add_subscriber(sub);
             let transport = MmioTransport::new(dev, interrupt, vm.mem.clone());
-            mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-            slot += 1;
+            mmio.insert(Arc::new(Mutex::new(transport)), base, slot.size)?;
+            cmdline.push(' ');
+            cmdline.push_str(&slot.cmdline_arg());
             Ok(())
         };
     add_virtio(

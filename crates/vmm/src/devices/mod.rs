@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod pace;
+pub mod slots;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

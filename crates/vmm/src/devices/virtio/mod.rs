@@ -15,6 +15,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bit: modern (virtio 1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Most chains a device handles per queue per event before yielding (it re-kicks itself for the
+/// rest; the device thread's CPU budget, `devices/pace.rs`, bounds the total).
+pub const MAX_CHAINS_PER_EVENT: usize = 256;
 /// Device ids.
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_RNG: u32 = 4;

@@ -14,15 +14,15 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::{self, ChainError};
-use super::{ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateError, Interrupt, VirtioDevice, MAX_CHAINS_PER_EVENT, TYPE_NET, VIRTIO_F_VERSION_1,
+};
 use crate::config::TapSource;
 
 /// virtio-net header size with VERSION_1 (includes `num_buffers`).
 pub const NET_HDR_SIZE: usize = 12;
 /// Largest Ethernet frame moved either way (no TSO/GSO is offered).
 pub const MAX_FRAME: usize = 65_550;
-/// Most chains handled per queue per event before yielding (the rest is rescheduled).
-pub const MAX_CHAINS_PER_EVENT: usize = 256;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 const RXQ: usize = 0;

@@ -18,7 +18,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::{self, ChainError};
-use super::{ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateError, Interrupt, VirtioDevice, MAX_CHAINS_PER_EVENT, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
 use muxer::Muxer;
 use packet::{check_structure, Header, PacketError, HDR_SIZE, MAX_PKT_PAYLOAD};
 
@@ -26,8 +28,6 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
-/// Most chains handled per queue per event before yielding (the rest is rescheduled).
-pub const MAX_CHAINS_PER_EVENT: usize = 256;
 
 const DATA_LISTENER: u32 = 3;
 const DATA_CONN: u32 = 4;
