@@ -182,6 +182,7 @@ fn build(from: &str, insecure: bool) -> Result<Vec<cpio::Entry>, String> {
         insecure,
         output: None,
         agent: Some(agent()),
+        limits: Default::default(),
     };
     let path = ensure_image(lang, &opts, &Progress::new(true)).map_err(|e| {
         let mut s = e.to_string();
