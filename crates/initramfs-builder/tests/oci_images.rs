@@ -530,8 +530,10 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 }
 
 /// Runs `cloude-image build bash --from REFERENCE --insecure` as a child (so that its peak RSS
-/// is its own), killing it after `timeout`.
+/// is its own) with a `CLOUDE_HOME` of its own (removed afterwards: its blobs and image can be
+/// hundreds of MiB), killing it after `timeout`.
 fn run_builder(reference: &str, extra: &[&str], timeout: Duration) -> Run {
+    let own_home = tempfile::tempdir().expect("CLOUDE_HOME");
     let mut stderr = tempfile::tempfile().expect("stderr file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_cloude-image"))
         .args([
@@ -545,7 +547,7 @@ fn run_builder(reference: &str, extra: &[&str], timeout: Duration) -> Run {
         .arg("--agent")
         .arg(agent())
         .args(extra)
-        .env("CLOUDE_HOME", home())
+        .env("CLOUDE_HOME", own_home.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr.try_clone().expect("dup"))
