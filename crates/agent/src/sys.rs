@@ -33,11 +33,13 @@ pub struct ChildSetup {
 }
 
 /// Makes `cmd`'s child join the cgroup, start its own session, drop every privilege and restore
-/// default signal dispositions before `exec`.
+/// default signal dispositions before `exec`. `PR_SET_NO_NEW_PRIVS` is set in every child, so
+/// neither the program nor anything it runs can gain privileges through `execve` (a set-id
+/// file, file capabilities), whatever the image holds.
 pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
     let hook = move || -> io::Result<()> {
-        // SAFETY: only async-signal-safe calls (signal, write, setsid, setrlimit, setgroups,
-        // setgid, setuid) on values copied into the closure; no allocation.
+        // SAFETY: only async-signal-safe calls (signal, write, setsid, setrlimit, prctl,
+        // setgroups, setgid, setuid) on values copied into the closure; no allocation.
         unsafe {
             for sig in IGNORED_SIGNALS.iter().chain(&[libc::SIGPIPE]) {
                 libc::signal(*sig, libc::SIG_DFL);
@@ -61,6 +63,9 @@ pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
                     return Err(io::Error::last_os_error());
                 }
                 loopback_up()?;
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
             }
             if libc::geteuid() == 0
                 && (libc::setgroups(0, std::ptr::null()) != 0
@@ -257,4 +262,31 @@ pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an `OwnedFd` is a valid open descriptor that it alone closes, and its
     // `as_raw_fd` always returns that same descriptor until the `AsyncFd` drops it.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_run_with_no_new_privs() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "grep NoNewPrivs /proc/self/status"]);
+        prepare_child(
+            &mut cmd,
+            ChildSetup {
+                cgroup_procs: None,
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+                new_netns: false,
+            },
+        );
+        let out = cmd.output().expect("run sh");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.split_whitespace().collect::<Vec<_>>(),
+            ["NoNewPrivs:", "1"]
+        );
+    }
 }

@@ -63,6 +63,14 @@ enum Cmd {
         /// gzip, lz4, zstd or none (default: $CLOUDE_IMAGE_COMPRESSION or lz4).
         #[arg(long)]
         compression: Option<Compression>,
+        /// Lower the cap on an OCI image's tar entries, whiteouts included (default and maximum
+        /// 4,000,000).
+        #[arg(long, value_name = "N")]
+        max_entries: Option<u64>,
+        /// Lower the cap on an OCI image's uncompressed layer bytes, all layers together
+        /// (default and maximum 8 GiB).
+        #[arg(long, value_name = "BYTES")]
+        max_uncompressed_bytes: Option<u64>,
     },
     /// List the catalogue's languages.
     List,
@@ -104,6 +112,8 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
             output,
             agent,
             compression,
+            max_entries,
+            max_uncompressed_bytes,
         } => {
             let cat = Catalog::load(catalog.as_deref())?;
             let langs: Vec<_> = match language {
@@ -114,11 +124,18 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
                 })?],
                 _ => cat.languages.iter().collect(),
             };
+            let defaults = image::tree::Limits::default();
+            let limits = defaults.lowered(image::tree::Limits {
+                max_entries: max_entries.unwrap_or(defaults.max_entries),
+                max_stream_bytes: max_uncompressed_bytes.unwrap_or(defaults.max_stream_bytes),
+                ..defaults
+            });
             let opts = BuildOptions {
                 from,
                 insecure,
                 output,
                 agent,
+                limits,
             };
             let compression = match compression {
                 Some(c) => c,

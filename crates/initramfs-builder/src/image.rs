@@ -30,7 +30,7 @@ use crate::catalog::Language;
 use crate::progress::Progress;
 
 /// Bumped whenever the builder's output for the same inputs changes (trimming, layout, ...).
-pub const BUILDER_VERSION: &str = "cloude-image-builder-4";
+pub const BUILDER_VERSION: &str = "cloude-image-builder-5";
 /// Environment variable overriding the default compression (`gzip`, `lz4`, `zstd`, `none`).
 pub const COMPRESSION_ENV: &str = "CLOUDE_IMAGE_COMPRESSION";
 
@@ -45,6 +45,9 @@ pub struct BuildOptions {
     pub output: Option<PathBuf>,
     /// The agent binary to inject (default: [`crate::paths::agent_binary`]).
     pub agent: Option<PathBuf>,
+    /// Caps on an OCI image's contents; they can be lowered, never raised above
+    /// [`tree::Limits::default`].
+    pub limits: tree::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +216,9 @@ pub fn ensure_image_with(
             let started = Instant::now();
             let mut tree = match &plan {
                 Plan::Debian(pkgs) => debian::build_tree(pkgs, progress).map_err(debian_err)?,
-                Plan::Oci(r, resolved) => resolved.build_tree(progress).map_err(oci_err(r))?,
+                Plan::Oci(r, resolved) => resolved
+                    .build_tree(opts.limits, progress)
+                    .map_err(oci_err(r))?,
             };
             tree =
                 post_build::run(tree, post_build, progress).map_err(|e| ImageError::PostBuild {
@@ -334,8 +339,25 @@ fn stripped(path: &Path) -> Option<Vec<u8>> {
     fs::read(tmp.path()).ok().filter(|d| !d.is_empty())
 }
 
-/// Adds the agent as `/init` and the directories and device nodes the guest needs at boot.
+/// Strips the image's device nodes and set-id bits ([`Tree::sanitize`], with a warning saying
+/// how many), then adds the agent as `/init` and the directories and device nodes the guest
+/// needs at boot.
 pub fn finalize(tree: &mut Tree, agent: Vec<u8>) -> Result<(), TreeError> {
+    let s = tree.sanitize();
+    if s.devices > 0 {
+        tracing::warn!(
+            removed = s.devices,
+            examples = %s.device_examples.join(", "),
+            "removed the image's device nodes (an image may not give user code a device)"
+        );
+    }
+    if s.setid > 0 {
+        tracing::warn!(
+            cleared = s.setid,
+            examples = %s.setid_examples.join(", "),
+            "cleared setuid/setgid bits of image files (user code may not gain privileges through an image file)"
+        );
+    }
     tree.insert_file("init", Meta::root(0o755), agent)?;
     let dir = |tree: &mut Tree, path: &str, mode: u32| -> Result<(), TreeError> {
         if tree.lookup(path).is_none() {

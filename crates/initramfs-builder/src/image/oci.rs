@@ -5,20 +5,26 @@ mod archive;
 mod registry;
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::fs::File;
+use std::io::{self, Read, Seek};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::tree::{ApplyOptions, Tree, TreeError};
+use super::tree::{ApplyOptions, Limits, Tree, TreeError};
 use crate::progress::Progress;
 
 pub use registry::parse_challenge;
 
-/// Largest manifest, index or config accepted.
+/// Largest manifest, index, image config or docker-archive `manifest.json` accepted; a bigger
+/// one is refused from its declared size, or once this many bytes have been read.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
-/// Largest compressed layer accepted.
+/// Largest compressed layer accepted (streamed to a file while hashed, never held in memory).
 pub const MAX_LAYER_BYTES: u64 = 4 << 30;
+/// Most bytes read from a layer after its tar end-of-archive marker (the second zero block and
+/// writers' record padding: GNU tar pads to 10 KiB). Whatever follows is never decompressed, so a
+/// compression bomb appended to a valid layer costs nothing.
+pub const MAX_TRAILING_BYTES: u64 = 1 << 20;
 /// Most layers an image may have.
 pub const MAX_LAYERS: usize = 256;
 /// How many index levels are followed (index → index → manifest).
@@ -62,8 +68,14 @@ pub enum OciError {
     },
     #[error("invalid digest {0:?} (only sha256:<64 hex> is supported)")]
     BadDigest(String),
-    #[error("{what} is larger than its limit ({limit} bytes)")]
-    TooLarge { what: String, limit: u64 },
+    #[error("{what} is larger than {cap} ({limit} bytes)")]
+    TooLarge {
+        what: String,
+        cap: &'static str,
+        limit: u64,
+    },
+    #[error("{layer} has more than MAX_TRAILING_BYTES ({limit} bytes) of data after its tar end-of-archive marker (the rest was not decompressed)")]
+    Trailing { layer: String, limit: u64 },
     #[error("layer {layer}: {source}")]
     Layer {
         layer: String,
@@ -347,13 +359,13 @@ pub fn resolve(
         } => {
             let reg = registry::Registry::new(host, repo, insecure)?;
             let (digest, manifest) = reg.resolve(reference)?;
-            let config = reg.blob(&manifest.config, "image config", MAX_MANIFEST_BYTES, None)?;
+            let config = reg.blob_bytes(&manifest.config, "image config")?;
             (Source::Registry(reg), digest, manifest, config)
         }
         Reference::Layout { dir, tag } => {
             let l = archive::Layout::open(dir)?;
             let (digest, manifest) = l.resolve(tag.as_deref())?;
-            let config = l.blob(&manifest.config.digest, "image config", MAX_MANIFEST_BYTES)?;
+            let config = l.small_blob(&manifest.config.digest, "image config")?;
             (Source::Layout(l), digest, manifest, config)
         }
         Reference::DockerArchive { file } => {
@@ -409,23 +421,36 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Decompresses a layer (detected by magic: gzip, zstd or plain tar).
-fn decoder<'a>(blob: &'a [u8]) -> io::Result<Box<dyn Read + 'a>> {
-    Ok(match blob {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(blob)),
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => Box::new(zstd::stream::read::Decoder::new(blob)?),
-        _ => Box::new(blob),
+fn decoder<'a, R: Read + 'a>(mut blob: R) -> io::Result<Box<dyn Read + 'a>> {
+    let mut magic = [0u8; 4];
+    let mut n = 0;
+    while n < magic.len() {
+        match blob.read(&mut magic[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let whole =
+        io::BufReader::with_capacity(1 << 16, io::Cursor::new(magic[..n].to_vec()).chain(blob));
+    Ok(match magic[..n] {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(whole)),
+        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::with_buffer(whole)?),
+        _ => Box::new(whole),
     })
 }
 
 /// Applies one verified layer blob, checking the uncompressed digest when `diff_id` is known.
-pub fn apply_layer(
+/// Reads the tar up to its end-of-archive marker and at most [`MAX_TRAILING_BYTES`] after it.
+pub fn apply_layer<R: Read>(
     tree: &mut Tree,
     name: &str,
-    blob: &[u8],
+    blob: R,
     diff_id: Option<&str>,
 ) -> Result<(), OciError> {
     let io_err = |e: io::Error| OciError::Archive {
-        what: format!("layer {name}"),
+        what: name.to_string(),
         detail: e.to_string(),
     };
     let mut r = HashingReader {
@@ -441,13 +466,20 @@ pub fn apply_layer(
             layer: name.to_string(),
             source,
         })?;
-    // Hash the tar's end padding too, as diff_ids cover the whole stream.
-    io::copy(&mut r, &mut io::sink()).map_err(io_err)?;
+    // Hash the tar's end padding too, as diff_ids cover the whole stream, but stop soon after.
+    let trailing =
+        io::copy(&mut (&mut r).take(MAX_TRAILING_BYTES + 1), &mut io::sink()).map_err(io_err)?;
+    if trailing > MAX_TRAILING_BYTES {
+        return Err(OciError::Trailing {
+            layer: name.to_string(),
+            limit: MAX_TRAILING_BYTES,
+        });
+    }
     if let Some(expected) = diff_id {
         let actual = format!("sha256:{}", hex::encode(r.hash.finalize()));
         if actual != expected {
             return Err(OciError::DigestMismatch {
-                what: format!("uncompressed layer {name} (config diff_id)"),
+                what: format!("uncompressed {name} (config diff_id)"),
                 expected: expected.to_string(),
                 actual,
             });
@@ -456,10 +488,30 @@ pub fn apply_layer(
     Ok(())
 }
 
+/// Streams `file` through SHA-256 (from its start) and rewinds it; fails on a mismatch.
+fn verify_file(what: &str, expected: &str, file: &mut File) -> Result<(), OciError> {
+    check_digest(expected)?;
+    let io_err = |e: io::Error| OciError::Io(what.to_string(), e);
+    file.rewind().map_err(io_err)?;
+    let mut hash = Sha256::new();
+    io::copy(file, &mut hash).map_err(io_err)?;
+    file.rewind().map_err(io_err)?;
+    let actual = format!("sha256:{}", hex::encode(hash.finalize()));
+    if actual != expected {
+        return Err(OciError::DigestMismatch {
+            what: what.to_string(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
 impl Resolved {
-    /// Fetches (verifying) and applies every layer in order.
-    pub fn build_tree(&self, progress: &Progress) -> Result<Tree, OciError> {
-        let mut tree = Tree::new();
+    /// Fetches (verifying) and applies every layer in order, under `limits` (never looser than
+    /// the production [`Limits`]).
+    pub fn build_tree(&self, limits: Limits, progress: &Progress) -> Result<Tree, OciError> {
+        let mut tree = Tree::with_limits(limits);
         let n = self.manifest.layers.len();
         for (i, layer) in self.manifest.layers.iter().enumerate() {
             let what = format!("layer {}/{n} {}", i + 1, layer.digest);
@@ -470,18 +522,14 @@ impl Resolved {
                     detail: format!("non-distributable layer type {}", layer.media_type),
                 });
             }
-            let blob = match &self.source {
-                Source::Registry(r) => r.blob(layer, &what, MAX_LAYER_BYTES, Some(progress))?,
-                Source::Layout(l) => l.blob(&layer.digest, &what, MAX_LAYER_BYTES)?,
-                Source::DockerArchive(a) => a.layer(i, &layer.digest)?,
+            let diff_id = self.config.rootfs.diff_ids.get(i).map(String::as_str);
+            let blob: Box<dyn Read> = match &self.source {
+                Source::Registry(r) => Box::new(r.blob_file(layer, &what, Some(progress))?),
+                Source::Layout(l) => Box::new(l.layer(&layer.digest, &what)?),
+                Source::DockerArchive(a) => Box::new(a.layer(i)?),
             };
             let bar = progress.spinner(format!("applying {what}"));
-            apply_layer(
-                &mut tree,
-                &what,
-                &blob,
-                self.config.rootfs.diff_ids.get(i).map(String::as_str),
-            )?;
+            apply_layer(&mut tree, &what, blob, diff_id)?;
             bar.finish_with_message(format!("applied {what}"));
         }
         Ok(tree)

@@ -147,7 +147,7 @@ pub fn read_dir(root: &Path) -> Result<Tree, StagingError> {
             let ft = m.file_type();
             let node = if ft.is_dir() {
                 stack.push(c.clone());
-                tree.count(0)?;
+                tree.count(0, &name)?;
                 Node::Dir {
                     meta,
                     children: Default::default(),
@@ -158,7 +158,7 @@ pub fn read_dir(root: &Path) -> Result<Tree, StagingError> {
                     Some(inode) if m.nlink() > 1 => Node::File(Arc::clone(inode)),
                     _ => {
                         let data = fs::read(&p).map_err(io(&p))?;
-                        let node = tree.file_node(meta, data)?;
+                        let node = tree.file_node(meta, data, &name)?;
                         if let Node::File(inode) = &node {
                             inodes.insert(key, Arc::clone(inode));
                         }
@@ -166,14 +166,14 @@ pub fn read_dir(root: &Path) -> Result<Tree, StagingError> {
                     }
                 }
             } else if ft.is_symlink() {
-                tree.count(0)?;
+                tree.count(0, &name)?;
                 let target = fs::read_link(&p).map_err(io(&p))?;
                 Node::Symlink {
                     meta,
                     target: target.as_os_str().as_bytes().to_vec(),
                 }
             } else if ft.is_char_device() || ft.is_block_device() {
-                tree.count(0)?;
+                tree.count(0, &name)?;
                 let rdev = m.rdev();
                 Node::Device {
                     meta,
@@ -186,7 +186,7 @@ pub fn read_dir(root: &Path) -> Result<Tree, StagingError> {
                     minor: u32::try_from(nix::sys::stat::minor(rdev)).unwrap_or(u32::MAX),
                 }
             } else if ft.is_fifo() {
-                tree.count(0)?;
+                tree.count(0, &name)?;
                 Node::Fifo { meta }
             } else {
                 return Err(StagingError::Unsupported(p));

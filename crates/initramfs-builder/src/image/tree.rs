@@ -7,15 +7,63 @@
 //! writes through a symbolic link — is rejected with an error naming the entry.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Longest entry path accepted (the kernel's `PATH_MAX`).
 pub const MAX_PATH_LEN: usize = 4096;
-/// Most bytes of file data an image may hold (all layers together).
+/// Most bytes of file data an image may hold (all layers together, every version of a file
+/// counted).
 pub const MAX_TOTAL_BYTES: u64 = 8 << 30;
-/// Most entries an image may hold (all layers together).
+/// Most entries an image may hold (all layers together): every tar entry read counts, whiteouts,
+/// opaque markers and ignored entries included, so a layer of millions of deletions is bounded
+/// too.
 pub const MAX_ENTRIES: u64 = 4_000_000;
+/// Most bytes of entry paths and link targets an image's layers may carry together (each entry's
+/// path is kept until its layer is applied, so this bounds that memory).
+pub const MAX_PATH_BYTES: u64 = 256 << 20;
+/// Most bytes of uncompressed tar stream (headers, data, padding) an image's layers may have
+/// together. An initramfs is unpacked into guest RAM, so no bootable image comes near this; a
+/// decompression bomb stops here, in bounded time.
+pub const MAX_STREAM_BYTES: u64 = 8 << 30;
+
+/// The caps a build enforces. [`Limits::default`] is the production set (the constants above);
+/// [`Limits::lowered`] lets a caller (a test, a stricter deployment) only ever tighten them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// See [`MAX_ENTRIES`].
+    pub max_entries: u64,
+    /// See [`MAX_TOTAL_BYTES`].
+    pub max_file_bytes: u64,
+    /// See [`MAX_PATH_BYTES`].
+    pub max_path_bytes: u64,
+    /// See [`MAX_STREAM_BYTES`].
+    pub max_stream_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entries: MAX_ENTRIES,
+            max_file_bytes: MAX_TOTAL_BYTES,
+            max_path_bytes: MAX_PATH_BYTES,
+            max_stream_bytes: MAX_STREAM_BYTES,
+        }
+    }
+}
+
+impl Limits {
+    /// The tighter of `self` and `other`, cap by cap (a cap can be lowered, never raised).
+    pub fn lowered(self, other: Limits) -> Limits {
+        Limits {
+            max_entries: self.max_entries.min(other.max_entries),
+            max_file_bytes: self.max_file_bytes.min(other.max_file_bytes),
+            max_path_bytes: self.max_path_bytes.min(other.max_path_bytes),
+            max_stream_bytes: self.max_stream_bytes.min(other.max_stream_bytes),
+        }
+    }
+}
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
@@ -105,8 +153,13 @@ pub enum TreeError {
     BadHardLink { entry: String, target: String },
     #[error("entry {entry:?} has an unsupported tar type ({kind})")]
     Unsupported { entry: String, kind: String },
-    #[error("the image is too large: more than {0}")]
-    TooLarge(&'static str),
+    #[error("the image exceeds {cap} ({limit} {unit}) at entry {entry:?}")]
+    TooLarge {
+        cap: &'static str,
+        limit: u64,
+        unit: &'static str,
+        entry: String,
+    },
     #[error("malformed tar archive: {0}")]
     Tar(#[source] std::io::Error),
 }
@@ -118,6 +171,10 @@ pub struct Tree {
     next_inode: u64,
     total_bytes: u64,
     total_entries: u64,
+    path_bytes: u64,
+    /// Uncompressed tar bytes read so far (shared with the reader of the layer being applied).
+    stream_bytes: Arc<AtomicU64>,
+    limits: Limits,
 }
 
 impl Default for Tree {
@@ -202,8 +259,13 @@ enum PendingKind {
 }
 
 impl Tree {
-    /// An empty root directory (mode 0755, owned by root).
+    /// An empty root directory (mode 0755, owned by root) under the production [`Limits`].
     pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    /// An empty root directory under `limits` (never looser than the production ones).
+    pub fn with_limits(limits: Limits) -> Self {
         Tree {
             root: Node::Dir {
                 meta: Meta::root(0o755),
@@ -212,7 +274,15 @@ impl Tree {
             next_inode: 1,
             total_bytes: 0,
             total_entries: 0,
+            path_bytes: 0,
+            stream_bytes: Arc::new(AtomicU64::new(0)),
+            limits: Limits::default().lowered(limits),
         }
+    }
+
+    /// The caps this tree enforces.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn root_children(&mut self) -> &mut BTreeMap<Vec<u8>, Node> {
@@ -280,17 +350,69 @@ impl Tree {
         self.get(&components(path.as_bytes()).ok()?)
     }
 
-    /// Counts one entry of `bytes` bytes against [`MAX_ENTRIES`] and [`MAX_TOTAL_BYTES`].
-    pub fn count(&mut self, bytes: u64) -> Result<(), TreeError> {
+    /// Counts one entry of `bytes` bytes of file data against [`MAX_ENTRIES`] and
+    /// [`MAX_TOTAL_BYTES`] (or the tree's lower [`Limits`]).
+    pub fn count(&mut self, bytes: u64, entry: &str) -> Result<(), TreeError> {
+        self.count_entry(0, entry)?;
+        self.count_data(bytes, entry)
+    }
+
+    /// Counts one entry with `path_len` bytes of path and link target.
+    fn count_entry(&mut self, path_len: u64, entry: &str) -> Result<(), TreeError> {
         self.total_entries += 1;
-        self.total_bytes += bytes;
-        if self.total_entries > MAX_ENTRIES {
-            return Err(TreeError::TooLarge("MAX_ENTRIES entries"));
+        self.path_bytes = self.path_bytes.saturating_add(path_len);
+        if self.total_entries > self.limits.max_entries {
+            return Err(self.too_large("MAX_ENTRIES", self.limits.max_entries, "entries", entry));
         }
-        if self.total_bytes > MAX_TOTAL_BYTES {
-            return Err(TreeError::TooLarge("MAX_TOTAL_BYTES bytes of file data"));
+        if self.path_bytes > self.limits.max_path_bytes {
+            let limit = self.limits.max_path_bytes;
+            return Err(self.too_large("MAX_PATH_BYTES", limit, "bytes of paths", entry));
         }
         Ok(())
+    }
+
+    /// Counts `bytes` of file data; also refuses at once a file that could not fit in what is
+    /// left of the stream budget (its data would have to be decompressed first).
+    fn count_data(&mut self, bytes: u64, entry: &str) -> Result<(), TreeError> {
+        self.total_bytes = self.total_bytes.saturating_add(bytes);
+        if self.total_bytes > self.limits.max_file_bytes {
+            let limit = self.limits.max_file_bytes;
+            return Err(self.too_large("MAX_TOTAL_BYTES", limit, "bytes of file data", entry));
+        }
+        if self
+            .stream_bytes
+            .load(Ordering::Relaxed)
+            .saturating_add(bytes)
+            > self.limits.max_stream_bytes
+        {
+            return Err(self.stream_too_large(entry));
+        }
+        Ok(())
+    }
+
+    fn too_large(
+        &self,
+        cap: &'static str,
+        limit: u64,
+        unit: &'static str,
+        entry: &str,
+    ) -> TreeError {
+        TreeError::TooLarge {
+            cap,
+            limit,
+            unit,
+            entry: entry.to_string(),
+        }
+    }
+
+    fn stream_too_large(&self, entry: &str) -> TreeError {
+        let limit = self.limits.max_stream_bytes;
+        self.too_large(
+            "MAX_STREAM_BYTES",
+            limit,
+            "bytes of uncompressed layers",
+            entry,
+        )
     }
 
     /// Puts `node` at `comps` (creating parents, replacing what was there; a directory placed
@@ -317,15 +439,15 @@ impl Tree {
     /// Adds a regular file with a fresh inode.
     pub fn insert_file(&mut self, path: &str, meta: Meta, data: Vec<u8>) -> Result<(), TreeError> {
         let comps = components(path.as_bytes())?;
-        self.count(data.len() as u64)?;
+        self.count(data.len() as u64, path)?;
         let node = self.new_file(meta, data);
         self.insert(&comps, node, path)
     }
 
     /// A regular file node with a fresh inode, counted against the limits (not yet inserted;
     /// hard links share it through [`Arc::clone`] of the inode).
-    pub fn file_node(&mut self, meta: Meta, data: Vec<u8>) -> Result<Node, TreeError> {
-        self.count(data.len() as u64)?;
+    pub fn file_node(&mut self, meta: Meta, data: Vec<u8>, entry: &str) -> Result<Node, TreeError> {
+        self.count(data.len() as u64, entry)?;
         Ok(self.new_file(meta, data))
     }
 
@@ -397,8 +519,30 @@ impl Tree {
         go(&self.root, &mut Vec::new(), f)
     }
 
-    /// Applies one tar layer.
+    /// Applies one tar layer, reading it only up to its end-of-archive marker. Every byte read
+    /// counts against [`MAX_STREAM_BYTES`], every entry against [`MAX_ENTRIES`] and
+    /// [`MAX_PATH_BYTES`] (or the tree's lower [`Limits`]).
     pub fn apply_tar<R: Read>(&mut self, reader: R, opts: ApplyOptions) -> Result<(), TreeError> {
+        let counted = CountingReader {
+            inner: reader,
+            count: Arc::clone(&self.stream_bytes),
+            limit: self.limits.max_stream_bytes,
+        };
+        let mut last = String::new();
+        let result = self.apply_counted(counted, opts, &mut last);
+        if self.stream_bytes.load(Ordering::Relaxed) > self.limits.max_stream_bytes {
+            // Whatever error the tar reader made of the refused read, the cause is the cap.
+            return Err(self.stream_too_large(&last));
+        }
+        result
+    }
+
+    fn apply_counted<R: Read>(
+        &mut self,
+        reader: R,
+        opts: ApplyOptions,
+        last: &mut String,
+    ) -> Result<(), TreeError> {
         let mut archive = tar::Archive::new(reader);
         let mut opaque = Vec::new();
         let mut whiteouts = Vec::new();
@@ -407,6 +551,9 @@ impl Tree {
             let mut e = entry.map_err(TreeError::Tar)?;
             let raw = e.path_bytes().into_owned();
             let entry_name = show(&raw);
+            last.clone_from(&entry_name);
+            let link_len = e.link_name_bytes().map_or(0, |l| l.len());
+            self.count_entry((raw.len() + link_len) as u64, &entry_name)?;
             let mut comps = components(&raw)?;
             if opts.whiteouts {
                 if let Some(name) = comps.last() {
@@ -449,7 +596,7 @@ impl Tree {
                 T::Directory => PendingKind::Dir(meta),
                 T::Regular | T::Continuous => {
                     let size = e.size();
-                    self.count(size)?;
+                    self.count_data(size, &entry_name)?;
                     let mut data = Vec::with_capacity(size.min(64 << 20) as usize);
                     e.read_to_end(&mut data).map_err(TreeError::Tar)?;
                     PendingKind::File(meta, data)
@@ -497,9 +644,6 @@ impl Tree {
                     })
                 }
             };
-            if !matches!(what, PendingKind::File(..)) {
-                self.count(0)?;
-            }
             pending.push(Pending {
                 comps,
                 entry: entry_name,
@@ -558,6 +702,79 @@ impl Tree {
         Ok(())
     }
 
+    /// Makes the tree safe to boot as user code's root: removes every character and block device
+    /// node and clears the setuid and setgid bits of every non-directory. User code must never
+    /// gain privileges or reach hardware through an image file: a set-id binary would run with
+    /// its owner's (often root's) rights, a device node would open a disk or memory of the guest
+    /// to whoever may open the node. (Set-gid on a directory only picks the group of new files,
+    /// and is kept.) FIFOs are kept: a named pipe carries data between processes that could pipe
+    /// to each other anyway, and grants nothing. Run before the builder adds its own
+    /// `/dev/console` and `/dev/null`.
+    pub fn sanitize(&mut self) -> Sanitized {
+        fn go(
+            node: &mut Node,
+            path: &mut Vec<u8>,
+            out: &mut Sanitized,
+            done: &mut HashMap<u64, Arc<Inode>>,
+        ) {
+            let Node::Dir { children, .. } = node else {
+                return;
+            };
+            children.retain(|name, child| {
+                if !matches!(child, Node::Device { .. }) {
+                    return true;
+                }
+                let mut p = path.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(name);
+                out.devices += 1;
+                if out.device_examples.len() < Sanitized::EXAMPLES {
+                    out.device_examples.push(show(&p));
+                }
+                false
+            });
+            for (name, child) in children.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(name);
+                match child {
+                    Node::File(inode) if inode.meta.mode & SET_ID_BITS != 0 => {
+                        let fresh = done.entry(inode.id).or_insert_with(|| {
+                            out.setid += 1;
+                            if out.setid_examples.len() < Sanitized::EXAMPLES {
+                                out.setid_examples.push(show(path));
+                            }
+                            let mut meta = inode.meta;
+                            meta.mode &= !SET_ID_BITS;
+                            Arc::new(Inode {
+                                id: inode.id,
+                                meta,
+                                data: inode.data.clone(),
+                            })
+                        });
+                        *child = Node::File(Arc::clone(fresh));
+                    }
+                    Node::Symlink { meta, .. } | Node::Fifo { meta } => meta.mode &= !SET_ID_BITS,
+                    Node::Dir { .. } => go(child, path, out, done),
+                    _ => {}
+                }
+                path.truncate(len);
+            }
+        }
+        let mut out = Sanitized::default();
+        go(
+            &mut self.root,
+            &mut Vec::new(),
+            &mut out,
+            &mut HashMap::new(),
+        );
+        out
+    }
+
     /// Per-inode link counts of regular files (for the cpio writer).
     pub fn link_counts(&self) -> HashMap<u64, u32> {
         let mut counts = HashMap::new();
@@ -568,6 +785,53 @@ impl Tree {
             Ok(())
         });
         counts
+    }
+}
+
+/// The setuid and setgid permission bits.
+const SET_ID_BITS: u32 = 0o6000;
+
+/// What [`Tree::sanitize`] removed or changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sanitized {
+    /// Device nodes removed.
+    pub devices: u64,
+    /// The first few of them.
+    pub device_examples: Vec<String>,
+    /// Files (inodes) whose setuid/setgid bits were cleared.
+    pub setid: u64,
+    /// The first few of them.
+    pub setid_examples: Vec<String>,
+}
+
+impl Sanitized {
+    /// How many paths of each kind a warning quotes.
+    pub const EXAMPLES: usize = 5;
+}
+
+/// Counts the bytes read through it into a shared counter and refuses to read past `limit` (the
+/// caller turns the refusal into an error naming the cap).
+struct CountingReader<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+    limit: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let used = self.count.load(Ordering::Relaxed);
+        if used > self.limit {
+            return Err(io::Error::other("MAX_STREAM_BYTES exceeded"));
+        }
+        // One byte past the limit is allowed through, so that reaching it exactly is no error.
+        let room = usize::try_from(self.limit - used + 1).unwrap_or(usize::MAX);
+        let n = buf.len().min(room);
+        let got = self.inner.read(&mut buf[..n])?;
+        self.count.store(used + got as u64, Ordering::Relaxed);
+        if used + got as u64 > self.limit {
+            return Err(io::Error::other("MAX_STREAM_BYTES exceeded"));
+        }
+        Ok(got)
     }
 }
 
@@ -766,5 +1030,150 @@ pub(crate) mod tests {
         t.apply_tar(&l[..], OCI).expect("apply");
         assert_eq!(t.prune(&|p| p == "usr/share/doc"), 1);
         assert_eq!(paths(&t), ["usr", "usr/bin", "usr/bin/x", "usr/share"]);
+    }
+
+    #[test]
+    fn whiteouts_and_markers_count_against_the_entry_cap() {
+        let limits = Limits {
+            max_entries: 10,
+            ..Limits::default()
+        };
+        let names: Vec<String> = (0..11).map(|i| format!(".wh.gone{i}")).collect();
+        let entries: Vec<(&str, char, &str)> =
+            names.iter().map(|n| (n.as_str(), 'f', "")).collect();
+        let mut t = Tree::with_limits(limits);
+        let err = t
+            .apply_tar(&layer(&entries)[..], OCI)
+            .expect_err("over the cap");
+        assert!(
+            err.to_string().contains("MAX_ENTRIES (10 entries)"),
+            "{err}"
+        );
+        assert!(err.to_string().contains(".wh.gone10"), "{err}");
+        let markers = vec![("a/.wh..wh..opq", 'f', ""); 11];
+        let mut t = Tree::with_limits(limits);
+        let err = t.apply_tar(&layer(&markers)[..], OCI).expect_err("markers");
+        assert!(err.to_string().contains("MAX_ENTRIES"), "{err}");
+    }
+
+    #[test]
+    fn path_bytes_and_stream_bytes_are_capped() {
+        let mut t = Tree::with_limits(Limits {
+            max_path_bytes: 20,
+            ..Limits::default()
+        });
+        let l = layer(&[("aaaaaaaaaa", 'f', ""), ("bbbbbbbbbb", 'l', "c")]);
+        let err = t.apply_tar(&l[..], OCI).expect_err("paths");
+        assert!(
+            err.to_string()
+                .contains("MAX_PATH_BYTES (20 bytes of paths)"),
+            "{err}"
+        );
+
+        // A file bigger than the stream budget is refused from its header, unread.
+        let big = "x".repeat(5000);
+        let mut t = Tree::with_limits(Limits {
+            max_stream_bytes: 4096,
+            ..Limits::default()
+        });
+        let err = t
+            .apply_tar(&layer(&[("big", 'f', &big)])[..], OCI)
+            .expect_err("big");
+        assert!(err.to_string().contains("MAX_STREAM_BYTES (4096"), "{err}");
+        assert!(err.to_string().contains("\"big\""), "{err}");
+        // Many small entries reach it through the stream count, across layers.
+        let mut t = Tree::with_limits(Limits {
+            max_stream_bytes: 8192,
+            ..Limits::default()
+        });
+        t.apply_tar(&layer(&[("a", 'f', "1")])[..], OCI)
+            .expect("first");
+        let err = t
+            .apply_tar(&layer(&[("b", 'f', "2"); 20])[..], OCI)
+            .expect_err("many");
+        assert!(err.to_string().contains("MAX_STREAM_BYTES"), "{err}");
+        // Limits can only be lowered.
+        let t = Tree::with_limits(Limits {
+            max_entries: u64::MAX,
+            ..Limits::default()
+        });
+        assert_eq!(t.limits(), Limits::default());
+    }
+
+    #[test]
+    fn sanitize_drops_devices_and_set_id_bits() {
+        let mut t = Tree::new();
+        let l = layer(&[
+            ("bin/su", 'f', "su"),
+            ("bin/su2", 'h', "bin/su"),
+            ("d/", 'd', ""),
+        ]);
+        t.apply_tar(&l[..], OCI).expect("layer");
+        let set_mode = |t: &mut Tree, path: &str, mode: u32| {
+            let comps = components(path.as_bytes()).expect("path");
+            let node = match t.get(&comps) {
+                Some(Node::File(i)) => Node::File(Arc::new(Inode {
+                    id: i.id,
+                    meta: Meta { mode, ..i.meta },
+                    data: i.data.clone(),
+                })),
+                Some(Node::Dir { .. }) => Node::Dir {
+                    meta: Meta::root(mode),
+                    children: BTreeMap::new(),
+                },
+                other => panic!("{other:?}"),
+            };
+            t.insert(&comps, node, path).expect("insert");
+        };
+        set_mode(&mut t, "bin/su", 0o4755);
+        set_mode(&mut t, "d", 0o2775);
+        let hl = match t.lookup("bin/su") {
+            Some(Node::File(i)) => Arc::clone(i),
+            _ => unreachable!(),
+        };
+        t.insert(
+            &components(b"bin/su2").expect("p"),
+            Node::File(hl),
+            "bin/su2",
+        )
+        .expect("link");
+        for (p, kind) in [("dev/sda", DevKind::Block), ("dev/mem", DevKind::Char)] {
+            let node = Node::Device {
+                meta: Meta::root(0o666),
+                kind,
+                major: 8,
+                minor: 0,
+            };
+            t.insert(&components(p.as_bytes()).expect("p"), node, p)
+                .expect("dev");
+        }
+        t.insert(
+            &[b"fifo".to_vec()],
+            Node::Fifo {
+                meta: Meta::root(0o2644),
+            },
+            "fifo",
+        )
+        .expect("fifo");
+        let s = t.sanitize();
+        assert_eq!((s.devices, s.setid), (2, 1), "{s:?}");
+        assert_eq!(s.device_examples, ["dev/mem", "dev/sda"]);
+        assert!(t.lookup("dev/sda").is_none() && t.lookup("dev/mem").is_none());
+        let (a, b) = match (t.lookup("bin/su"), t.lookup("bin/su2")) {
+            (Some(Node::File(a)), Some(Node::File(b))) => (Arc::clone(a), Arc::clone(b)),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (a.meta.mode, a.id),
+            (0o755, b.id),
+            "hard link kept, bits cleared"
+        );
+        assert!(Arc::ptr_eq(&a, &b));
+        match (t.lookup("d"), t.lookup("fifo")) {
+            (Some(Node::Dir { meta: d, .. }), Some(Node::Fifo { meta: f })) => {
+                assert_eq!((d.mode, f.mode), (0o2775, 0o644));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,17 +1,17 @@
 //! Local image sources: an OCI image layout directory (`oci:DIR[:TAG]`) and a `docker save`
 //! archive (`docker-archive:FILE`).
 
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::Read;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::{
-    check_digest, digest_of, parse_doc, pick_platform, verify, Descriptor, Doc, Manifest, OciError,
-    MAX_INDEX_DEPTH, MAX_LAYER_BYTES, MAX_MANIFEST_BYTES,
+    check_digest, digest_of, parse_doc, pick_platform, verify, verify_file, Descriptor, Doc,
+    Manifest, OciError, MAX_INDEX_DEPTH, MAX_LAYER_BYTES, MAX_MANIFEST_BYTES,
 };
 
 /// The annotation naming an image in an OCI layout's index.
@@ -21,15 +21,35 @@ fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> OciError + '_ {
     move |e| OciError::Io(p.display().to_string(), e)
 }
 
-fn read_limited(p: &Path, what: &str, limit: u64) -> Result<Vec<u8>, OciError> {
-    let len = fs::metadata(p).map_err(io_err(p))?.len();
-    if len > limit {
-        return Err(OciError::TooLarge {
+/// Opens a regular file of at most `limit` bytes (a device or FIFO posing as a blob is refused:
+/// it could be endless).
+fn open_limited(p: &Path, what: &str, cap: &'static str, limit: u64) -> Result<File, OciError> {
+    let f = File::open(p).map_err(io_err(p))?;
+    let m = f.metadata().map_err(io_err(p))?;
+    if !m.is_file() {
+        return Err(OciError::Archive {
             what: what.to_string(),
+            detail: format!("{} is not a regular file", p.display()),
+        });
+    }
+    if m.len() > limit {
+        return Err(OciError::TooLarge {
+            what: format!("{what} ({} bytes)", m.len()),
+            cap,
             limit,
         });
     }
-    fs::read(p).map_err(io_err(p))
+    Ok(f)
+}
+
+/// A manifest, index or config file: at most [`MAX_MANIFEST_BYTES`], checked before reading.
+fn read_small(p: &Path, what: &str) -> Result<Vec<u8>, OciError> {
+    let f = open_limited(p, what, "MAX_MANIFEST_BYTES", MAX_MANIFEST_BYTES)?;
+    let mut data = Vec::new();
+    f.take(MAX_MANIFEST_BYTES)
+        .read_to_end(&mut data)
+        .map_err(io_err(p))?;
+    Ok(data)
 }
 
 /// An OCI image layout directory.
@@ -49,20 +69,36 @@ impl Layout {
         Ok(Layout { dir })
     }
 
-    /// Reads and verifies a blob.
-    pub fn blob(&self, digest: &str, what: &str, limit: u64) -> Result<Vec<u8>, OciError> {
-        let hexd = check_digest(digest)?;
-        let p = self.dir.join("blobs").join("sha256").join(hexd);
-        let data = read_limited(&p, what, limit)?;
+    fn blob_path(&self, digest: &str) -> Result<PathBuf, OciError> {
+        Ok(self
+            .dir
+            .join("blobs")
+            .join("sha256")
+            .join(check_digest(digest)?))
+    }
+
+    /// Reads and verifies a manifest or config blob (at most [`MAX_MANIFEST_BYTES`]).
+    pub fn small_blob(&self, digest: &str, what: &str) -> Result<Vec<u8>, OciError> {
+        let p = self.blob_path(digest)?;
+        let data = read_small(&p, what)?;
         verify(&format!("{what} ({})", p.display()), digest, &data)?;
         Ok(data)
+    }
+
+    /// Opens and verifies (streaming) a layer blob (at most [`MAX_LAYER_BYTES`]), positioned at
+    /// its start.
+    pub fn layer(&self, digest: &str, what: &str) -> Result<File, OciError> {
+        let p = self.blob_path(digest)?;
+        let mut f = open_limited(&p, what, "MAX_LAYER_BYTES", MAX_LAYER_BYTES)?;
+        verify_file(&format!("{what} ({})", p.display()), digest, &mut f)?;
+        Ok(f)
     }
 
     /// Picks the image named `tag` (or the only one) and resolves it to a linux/amd64 manifest.
     pub fn resolve(&self, tag: Option<&str>) -> Result<(String, Manifest), OciError> {
         let index_path = self.dir.join("index.json");
         let what = format!("OCI layout index {}", index_path.display());
-        let bytes = read_limited(&index_path, &what, MAX_MANIFEST_BYTES)?;
+        let bytes = read_small(&index_path, &what)?;
         let Doc::Index(list) = parse_doc(&what, &bytes)? else {
             return Err(OciError::BadManifest {
                 what,
@@ -92,7 +128,7 @@ impl Layout {
         };
         for _ in 0..MAX_INDEX_DEPTH {
             let w = format!("manifest {}", desc.digest);
-            let bytes = self.blob(&desc.digest, &w, MAX_MANIFEST_BYTES)?;
+            let bytes = self.small_blob(&desc.digest, &w)?;
             match parse_doc(&w, &bytes)? {
                 Doc::Manifest(m) => return Ok((desc.digest, m)),
                 Doc::Index(list) => desc = pick_platform(&w, &list)?.clone(),
@@ -135,20 +171,31 @@ fn digest_in_name(name: &str) -> Option<String> {
     Some(d)
 }
 
-/// Archive members by normalised name.
-type Members = HashMap<String, Vec<u8>>;
+/// Where a member's data lies in the archive file.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    offset: u64,
+    size: u64,
+}
+
+/// Regular-file members by normalised name.
+type Members = HashMap<String, Span>;
 /// Symbolic links of the archive: name → normalised target.
 type Links = HashMap<String, String>;
 
-/// A `docker save` archive, loaded into memory.
+/// A `docker save` archive. Only `manifest.json` and the config are read into memory (each at
+/// most [`MAX_MANIFEST_BYTES`]); layers are read from the file where they lie.
 pub struct DockerArchive {
     file: PathBuf,
     entry: ArchiveEntry,
-    files: RefCell<HashMap<String, Vec<u8>>>,
+    members: Members,
+    config: Vec<u8>,
 }
 
 impl DockerArchive {
-    fn scan(file: &Path, want: &dyn Fn(&str) -> bool) -> Result<(Members, Links), OciError> {
+    /// Lists the archive's regular files (where their data lies) and symbolic links, reading no
+    /// member's data.
+    fn scan(file: &Path) -> Result<(Members, Links), OciError> {
         let what = format!("docker archive {}", file.display());
         let bad = |e: std::io::Error| OciError::Archive {
             what: what.clone(),
@@ -159,9 +206,10 @@ impl DockerArchive {
         let mut files = HashMap::new();
         let mut links = HashMap::new();
         for e in a.entries().map_err(bad)? {
-            let mut e = e.map_err(bad)?;
+            let e = e.map_err(bad)?;
             let name = norm(&String::from_utf8_lossy(&e.path_bytes()));
-            if e.header().entry_type().is_symlink() {
+            let ty = e.header().entry_type();
+            if ty.is_symlink() {
                 if let Some(t) = e.link_name_bytes() {
                     let dir = name.rsplit_once('/').map_or("", |(d, _)| d);
                     let target = norm(&format!("{dir}/{}", String::from_utf8_lossy(&t)));
@@ -169,31 +217,74 @@ impl DockerArchive {
                 }
                 continue;
             }
-            if e.header().entry_type().is_file() && want(&name) {
-                if e.size() > MAX_LAYER_BYTES {
-                    return Err(OciError::TooLarge {
-                        what: name,
-                        limit: MAX_LAYER_BYTES,
-                    });
-                }
-                let mut data = Vec::new();
-                e.read_to_end(&mut data).map_err(bad)?;
-                files.insert(name, data);
+            if ty.is_file() {
+                let span = Span {
+                    offset: e.raw_file_position(),
+                    size: e.size(),
+                };
+                files.insert(name, span);
             }
         }
         Ok((files, links))
     }
 
+    /// A member's data, refused past `limit` from its size in the archive.
+    fn member(
+        &self,
+        name: &str,
+        cap: &'static str,
+        limit: u64,
+    ) -> Result<io::Take<File>, OciError> {
+        Self::member_of(&self.file, &self.members, name, cap, limit)
+    }
+
+    fn member_of(
+        file: &Path,
+        members: &Members,
+        name: &str,
+        cap: &'static str,
+        limit: u64,
+    ) -> Result<io::Take<File>, OciError> {
+        let span = members.get(name).ok_or_else(|| OciError::Archive {
+            what: format!("docker archive {}", file.display()),
+            detail: format!("manifest.json names {name:?}, which the archive does not contain"),
+        })?;
+        if span.size > limit {
+            return Err(OciError::TooLarge {
+                what: format!("{name} in {} ({} bytes)", file.display(), span.size),
+                cap,
+                limit,
+            });
+        }
+        let mut f = File::open(file).map_err(io_err(file))?;
+        f.seek(SeekFrom::Start(span.offset)).map_err(io_err(file))?;
+        Ok(f.take(span.size))
+    }
+
     pub fn open(file: &str) -> Result<Self, OciError> {
         let file = PathBuf::from(file);
         let what = format!("docker archive {}", file.display());
-        let (mut first, links) = Self::scan(&file, &|n| n == "manifest.json")?;
-        let manifest = first
-            .remove("manifest.json")
-            .ok_or_else(|| OciError::Archive {
+        let (members, links) = Self::scan(&file)?;
+        if !members.contains_key("manifest.json") {
+            return Err(OciError::Archive {
                 what: what.clone(),
                 detail: "no manifest.json (not a `docker save` archive)".into(),
-            })?;
+            });
+        }
+        let read_small = |name: &str| -> Result<Vec<u8>, OciError> {
+            let mut data = Vec::new();
+            Self::member_of(
+                &file,
+                &members,
+                name,
+                "MAX_MANIFEST_BYTES",
+                MAX_MANIFEST_BYTES,
+            )?
+            .read_to_end(&mut data)
+            .map_err(io_err(&file))?;
+            Ok(data)
+        };
+        let manifest = read_small("manifest.json")?;
         let entries: Vec<ArchiveEntry> =
             serde_json::from_slice(&manifest).map_err(|e| OciError::BadManifest {
                 what: format!("{what}: manifest.json"),
@@ -212,12 +303,11 @@ impl DockerArchive {
         };
         entry.config = resolve(&entry.config);
         entry.layers = entry.layers.iter().map(|l| resolve(l)).collect();
-        let wanted: HashSet<String> = std::iter::once(entry.config.clone())
-            .chain(entry.layers.iter().cloned())
+        let wanted: HashSet<&String> = std::iter::once(&entry.config)
+            .chain(entry.layers.iter())
             .collect();
-        let (files, _) = Self::scan(&file, &|n| wanted.contains(n))?;
-        for w in &wanted {
-            if !files.contains_key(w) {
+        for w in wanted {
+            if !members.contains_key(w) {
                 return Err(OciError::Archive {
                     what: what.clone(),
                     detail: format!(
@@ -226,17 +316,20 @@ impl DockerArchive {
                 });
             }
         }
+        let config = read_small(&entry.config)?;
         Ok(DockerArchive {
             file,
             entry,
-            files: RefCell::new(files),
+            members,
+            config,
         })
     }
 
-    /// The config's digest (the archive's identity), a synthesized manifest, and the config.
+    /// The config's digest (the archive's identity), a synthesized manifest (every layer hashed
+    /// by streaming, and checked against the digest its member name encodes, if any), and the
+    /// config.
     pub fn resolve(&self) -> Result<(String, Manifest, Vec<u8>), OciError> {
-        let files = self.files.borrow();
-        let config = files.get(&self.entry.config).cloned().unwrap_or_default();
+        let config = self.config.clone();
         let digest = digest_of(&config);
         if let Some(expected) = digest_in_name(&self.entry.config) {
             verify(
@@ -245,48 +338,41 @@ impl DockerArchive {
                 &config,
             )?;
         }
-        let desc = |digest: String, size: usize| Descriptor {
+        let desc = |digest: String, size: u64| Descriptor {
             media_type: String::new(),
             digest,
-            size: size as u64,
+            size,
             platform: None,
             annotations: Default::default(),
         };
-        let layers = self
-            .entry
-            .layers
-            .iter()
-            .map(|l| {
-                let data = files.get(l).map(Vec::as_slice).unwrap_or_default();
-                desc(digest_of(data), data.len())
-            })
-            .collect();
+        let mut layers = Vec::new();
+        for l in &self.entry.layers {
+            let mut r = self.member(l, "MAX_LAYER_BYTES", MAX_LAYER_BYTES)?;
+            let mut hash = Sha256::new();
+            let size = io::copy(&mut r, &mut hash).map_err(io_err(&self.file))?;
+            let actual = format!("sha256:{}", hex::encode(hash.finalize()));
+            if let Some(expected) = digest_in_name(l) {
+                if expected != actual {
+                    return Err(OciError::DigestMismatch {
+                        what: format!("layer {l} in {}", self.file.display()),
+                        expected,
+                        actual,
+                    });
+                }
+            }
+            layers.push(desc(actual, size));
+        }
         let manifest = Manifest {
-            config: desc(digest.clone(), config.len()),
+            config: desc(digest.clone(), config.len() as u64),
             layers,
         };
         Ok((digest, manifest, config))
     }
 
-    /// Layer `i` (verified against the digest its member name encodes, if any; its uncompressed
+    /// Layer `i`, read from the archive file (verified by [`Self::resolve`]; its uncompressed
     /// digest is checked against the config's diff_ids when applied).
-    pub fn layer(&self, i: usize, _digest: &str) -> Result<Vec<u8>, OciError> {
+    pub fn layer(&self, i: usize) -> Result<io::Take<File>, OciError> {
         let name = self.entry.layers.get(i).cloned().unwrap_or_default();
-        let data = self
-            .files
-            .borrow_mut()
-            .remove(&name)
-            .ok_or_else(|| OciError::Archive {
-                what: format!("docker archive {}", self.file.display()),
-                detail: format!("layer {name:?} missing"),
-            })?;
-        if let Some(expected) = digest_in_name(&name) {
-            verify(
-                &format!("layer {name} in {}", self.file.display()),
-                &expected,
-                &data,
-            )?;
-        }
-        Ok(data)
+        self.member(&name, "MAX_LAYER_BYTES", MAX_LAYER_BYTES)
     }
 }

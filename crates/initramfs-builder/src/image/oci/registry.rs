@@ -3,17 +3,17 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::{Read, Write};
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use super::{
-    check_digest, digest_of, parse_doc, pick_platform, verify, Descriptor, Doc, Manifest, OciError,
-    MAX_INDEX_DEPTH, MAX_MANIFEST_BYTES, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX,
-    MT_OCI_MANIFEST,
+    check_digest, digest_of, parse_doc, pick_platform, verify, verify_file, Descriptor, Doc,
+    Manifest, OciError, MAX_INDEX_DEPTH, MAX_LAYER_BYTES, MAX_MANIFEST_BYTES, MT_DOCKER_LIST,
+    MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
 };
 use crate::progress::Progress;
 
@@ -211,12 +211,36 @@ impl Registry {
             .ok_or_else(|| auth("the token response has no token".into()))
     }
 
+    /// Refuses a response whose `Content-Length` already says it is over `limit`.
+    fn check_length(
+        resp: &ureq::Response,
+        what: &str,
+        cap: &'static str,
+        limit: u64,
+    ) -> Result<(), OciError> {
+        let declared = resp
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(OciError::TooLarge {
+                what: format!("{what} (Content-Length {})", declared.unwrap_or(0)),
+                cap,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads a body of at most `limit` bytes: refused from its `Content-Length`, or as soon as
+    /// byte `limit + 1` arrives (an endless body is never read whole).
     fn read_limited(
         resp: ureq::Response,
         url: &str,
         what: &str,
+        cap: &'static str,
         limit: u64,
     ) -> Result<Vec<u8>, OciError> {
+        Self::check_length(&resp, what, cap, limit)?;
         let mut body = Vec::new();
         resp.into_reader()
             .take(limit + 1)
@@ -228,6 +252,7 @@ impl Registry {
         if body.len() as u64 > limit {
             return Err(OciError::TooLarge {
                 what: what.to_string(),
+                cap,
                 limit,
             });
         }
@@ -249,7 +274,8 @@ impl Registry {
             let what = format!("manifest {}:{reference}", self.repo);
             let resp = self.get(&url, &accept, &what)?;
             let header_digest = resp.header("docker-content-digest").map(str::to_string);
-            let body = Self::read_limited(resp, &url, &what, MAX_MANIFEST_BYTES)?;
+            let body =
+                Self::read_limited(resp, &url, &what, "MAX_MANIFEST_BYTES", MAX_MANIFEST_BYTES)?;
             let digest = if reference.starts_with("sha256:") {
                 verify(&what, &reference, &body)?;
                 reference.clone()
@@ -281,54 +307,96 @@ impl Registry {
         })
     }
 
-    /// Fetches a blob (from the cache when present), verifying its digest.
-    pub fn blob(
+    /// An image config (at most [`MAX_MANIFEST_BYTES`]), verified, in memory.
+    pub fn blob_bytes(&self, desc: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
+        let file = self.fetch(desc, what, "MAX_MANIFEST_BYTES", MAX_MANIFEST_BYTES, None)?;
+        let mut data = Vec::new();
+        file.take(MAX_MANIFEST_BYTES)
+            .read_to_end(&mut data)
+            .map_err(|e| OciError::Io(what.to_string(), e))?;
+        Ok(data)
+    }
+
+    /// A layer blob (at most [`MAX_LAYER_BYTES`]), verified, as an open file of the blob cache,
+    /// positioned at its start.
+    pub fn blob_file(
         &self,
         desc: &Descriptor,
         what: &str,
+        progress: Option<&Progress>,
+    ) -> Result<File, OciError> {
+        self.fetch(desc, what, "MAX_LAYER_BYTES", MAX_LAYER_BYTES, progress)
+    }
+
+    /// Fetches a blob into the cache (`$CLOUDE_HOME/blobs/sha256/HEX`) unless it is there: the
+    /// body is streamed to a temporary file of the cache directory while hashed (never held in
+    /// memory), refused past `limit` or its descriptor's size, and published by rename only once
+    /// its digest matches (a failed download leaves no file).
+    fn fetch(
+        &self,
+        desc: &Descriptor,
+        what: &str,
+        cap: &'static str,
         limit: u64,
         progress: Option<&Progress>,
-    ) -> Result<Vec<u8>, OciError> {
+    ) -> Result<File, OciError> {
         let hexd = check_digest(&desc.digest)?;
         let dir = blobs_dir();
         let cached = dir.join(hexd);
-        if let Ok(data) = fs::read(&cached) {
+        let too_large = |what: String| OciError::TooLarge { what, cap, limit };
+        if let Ok(mut f) = File::open(&cached) {
             // Written only after verification; re-checked because it is cheap next to a pull.
-            if digest_of(&data) == desc.digest {
-                return Ok(data);
+            let len = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+            if len <= limit && verify_file(what, &desc.digest, &mut f).is_ok() {
+                return Ok(f);
             }
         }
         if desc.size > limit {
-            return Err(OciError::TooLarge {
-                what: what.to_string(),
-                limit,
-            });
+            return Err(too_large(format!("{what} (declared size {})", desc.size)));
         }
         let url = format!("{}/blobs/{}", self.base, desc.digest);
         let resp = self.get(&url, "", what)?;
+        Self::check_length(&resp, what, cap, limit)?;
+        let io_err = |e: std::io::Error| OciError::Io(dir.display().to_string(), e);
+        fs::create_dir_all(&dir).map_err(io_err)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err)?;
         let bar = progress.map(|p| p.bar(desc.size.max(1), format!("downloading {what}")));
-        let mut reader = resp.into_reader().take(limit + 1);
-        let mut data = Vec::with_capacity(desc.size.min(limit) as usize);
+        // A descriptor's size is part of the digested manifest: never read past it.
+        let most = if desc.size > 0 { desc.size } else { limit };
+        let mut reader = resp.into_reader().take(most + 1);
         let mut hash = Sha256::new();
+        let mut total = 0u64;
         let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = reader.read(&mut buf).map_err(|e| OciError::Network {
-                url: url.clone(),
-                detail: e.to_string(),
-            })?;
-            if n == 0 {
-                break;
+        {
+            let mut out = BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+            loop {
+                let n = reader.read(&mut buf).map_err(|e| OciError::Network {
+                    url: url.clone(),
+                    detail: e.to_string(),
+                })?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                if total > limit {
+                    return Err(too_large(what.to_string()));
+                }
+                hash.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io_err)?;
+                if let Some(b) = &bar {
+                    b.inc(n as u64);
+                }
             }
-            hash.update(&buf[..n]);
-            data.extend_from_slice(&buf[..n]);
-            if let Some(b) = &bar {
-                b.inc(n as u64);
-            }
+            out.flush().map_err(io_err)?;
         }
-        if data.len() as u64 > limit {
-            return Err(OciError::TooLarge {
-                what: what.to_string(),
-                limit,
+        if desc.size > 0 && total != desc.size {
+            return Err(OciError::BadManifest {
+                what: format!("{what} from {url}"),
+                detail: format!(
+                    "the blob has {}{total} bytes, its descriptor says {}",
+                    if total > desc.size { "more than " } else { "" },
+                    desc.size
+                ),
             });
         }
         let actual = format!("sha256:{}", hex::encode(hash.finalize()));
@@ -345,15 +413,12 @@ impl Registry {
         if let Some(b) = bar {
             b.finish_with_message(format!("downloaded {what}"));
         }
-        // Best effort: a cache write failure only costs a later re-download.
-        if fs::create_dir_all(&dir).is_ok() {
-            if let Ok(mut tmp) = tempfile::NamedTempFile::new_in(&dir) {
-                if tmp.write_all(&data).is_ok() {
-                    let _ = tmp.persist(&cached);
-                }
-            }
-        }
-        Ok(data)
+        let mut file = tmp
+            .persist(&cached)
+            .map_err(|e| OciError::Io(cached.display().to_string(), e.error))?;
+        std::io::Seek::rewind(&mut file)
+            .map_err(|e| OciError::Io(cached.display().to_string(), e))?;
+        Ok(file)
     }
 }
 
