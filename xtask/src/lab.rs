@@ -14,7 +14,6 @@ use cloude_image::kernel::{self, Flavor};
 use cloude_image::paths;
 use cloude_image::progress::Progress;
 
-mod cpio;
 mod rootfs;
 mod script;
 mod tree;

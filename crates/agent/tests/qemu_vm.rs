@@ -33,29 +33,11 @@ fn find(dir: &Path, pred: impl Fn(&str) -> bool) -> Option<PathBuf> {
     v.pop()
 }
 
-/// One newc cpio archive holding `/init`.
+/// One newc cpio archive holding `/init` (written by the project's one newc writer).
 fn init_cpio(agent: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut entry = |name: &str, mode: u32, data: &[u8]| {
-        let name_z = format!("{name}\0");
-        let head =
-            format!(
-            "070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
-            1, mode, 0, 0, 1, 0, data.len(), 0, 0, 0, 0, name_z.len(), 0
-        );
-        out.extend_from_slice(head.as_bytes());
-        out.extend_from_slice(name_z.as_bytes());
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
-    };
-    entry("init", 0o100755, agent);
-    entry("TRAILER!!!", 0, &[]);
-    out
+    let mut w = cloude_image::image::cpio::Writer::new(Vec::new());
+    w.bytes("init", 0o755, agent).expect("init");
+    w.finish(4).expect("finish")
 }
 
 struct Vm {

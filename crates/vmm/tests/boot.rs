@@ -88,52 +88,21 @@ fn host_file(env: &str, default: &str) -> PathBuf {
         .unwrap_or_else(|| default.into())
 }
 
-/// Minimal cpio "newc" writer.
-fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-    let fields = [
-        0u32,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        data.len() as u32,
-        0,
-        0,
-        0,
-        0,
-        name.len() as u32 + 1,
-        0,
-    ];
-    out.extend_from_slice(b"070701");
-    for f in fields {
-        out.extend_from_slice(format!("{f:08x}").as_bytes());
-    }
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    while out.len() & 3 != 0 {
-        out.push(0);
-    }
-    out.extend_from_slice(data);
-    while out.len() & 3 != 0 {
-        out.push(0);
-    }
-}
-
 fn initramfs(dir: &Path) -> PathBuf {
     let busybox = host_file("CLOUDE_BUSYBOX", "/bin/busybox");
     let echo = host_file("CLOUDE_VSOCK_ECHO", env!("CARGO_BIN_EXE_vsock-echo"));
-    let mut c = Vec::new();
+    // The project's one newc writer (the image builder's).
+    let mut c = cloude_image::image::cpio::Writer::new(Vec::new());
     for d in ["bin", "proc", "sys", "dev", "tmp"] {
-        cpio_entry(&mut c, d, 0o040755, &[]);
+        c.dir(d, 0o755).expect("dir");
     }
-    cpio_entry(&mut c, "init", 0o100755, INIT.as_bytes());
-    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    cpio_entry(&mut c, "bin/busybox", 0o100755, &read(&busybox));
-    cpio_entry(&mut c, "bin/vsock-echo", 0o100755, &read(&echo));
-    cpio_entry(&mut c, "TRAILER!!!", 0, &[]);
+    c.bytes("init", 0o755, INIT.as_bytes()).expect("init");
+    c.file("bin/busybox", 0o755, &busybox, 0)
+        .unwrap_or_else(|e| panic!("{}: {e}", busybox.display()));
+    c.file("bin/vsock-echo", 0o755, &echo, 0)
+        .unwrap_or_else(|e| panic!("{}: {e}", echo.display()));
     let path = dir.join("initramfs.cpio");
-    std::fs::write(&path, c).expect("write initramfs");
+    std::fs::write(&path, c.finish(4).expect("finish")).expect("write initramfs");
     path
 }
 

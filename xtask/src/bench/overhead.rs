@@ -242,17 +242,9 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 
 /// A newc archive holding only the `TRAILER!!!` entry, padded to 512 bytes.
 fn newc_trailer() -> Vec<u8> {
-    let name = b"TRAILER!!!\0";
-    let mut h = format!("070701{}", "00000000".repeat(11));
-    h.push_str(&format!("{:08X}", name.len()));
-    h.push_str("00000000");
-    let mut v = h.into_bytes();
-    v.extend_from_slice(name);
-    while v.len() % 4 != 0 {
-        v.push(0);
-    }
-    v.resize(512, 0);
-    v
+    cloude_image::image::cpio::Writer::new(Vec::new())
+        .finish(512)
+        .expect("writing to memory cannot fail")
 }
 
 #[cfg(test)]

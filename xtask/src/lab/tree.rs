@@ -13,7 +13,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use super::cpio::{CpioError, CpioWriter};
+use cloude_image::image::cpio::Writer as CpioWriter;
 
 /// How many symbolic links one path may traverse before we call it a loop.
 const MAX_LINK_DEPTH: usize = 40;
@@ -31,7 +31,7 @@ pub enum TreeError {
     #[error("I/O error at {0}: {1}")]
     Io(PathBuf, std::io::Error),
     #[error("cannot write the archive entry {0}: {1}")]
-    Cpio(PathBuf, CpioError),
+    Cpio(PathBuf, std::io::Error),
 }
 
 fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> TreeError + '_ {
@@ -318,7 +318,7 @@ impl Tree {
 
     /// Writes the tree as one cpio archive.
     pub fn write_cpio<W: std::io::Write>(&self, out: W) -> Result<W, TreeError> {
-        let mut w = CpioWriter::new(out);
+        let mut w = CpioWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
         for (path, e) in &self.entries {
             let name = path.to_string_lossy();
             let r = match e {
@@ -329,16 +329,20 @@ impl Tree {
                     perm,
                     mtime_ns,
                     ..
-                } => {
-                    let secs = u32::try_from(mtime_ns / 1_000_000_000).unwrap_or(0);
-                    w.file(&name, *perm, src, secs)
-                }
+                } => w.file(
+                    &name,
+                    *perm,
+                    src,
+                    u64::try_from(mtime_ns / 1_000_000_000).unwrap_or(0),
+                ),
                 Entry::Bytes { perm, data } => w.bytes(&name, *perm, data),
                 Entry::CharDev { perm, major, minor } => w.chardev(&name, *perm, *major, *minor),
             };
             r.map_err(|e| TreeError::Cpio(path.clone(), e))?;
         }
-        w.finish()
+        // Padded to 512 bytes: several archives are concatenated into one initrd.
+        w.finish(512)
+            .and_then(|b| b.into_inner().map_err(|e| e.into_error()))
             .map_err(|e| TreeError::Cpio(PathBuf::from("TRAILER"), e))
     }
 }

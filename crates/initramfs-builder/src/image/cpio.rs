@@ -44,72 +44,208 @@ pub struct Stats {
     pub bytes: u64,
 }
 
-struct Writer<W: Write> {
+/// One entry's header fields (the name is given separately).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Header {
+    /// Inode number; `None`: the writer's next one.
+    pub ino: Option<u32>,
+    /// File type and permission bits (`S_IFREG | 0o755`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub mtime: u64,
+    /// Device major and minor (device nodes).
+    pub rdev: (u32, u32),
+}
+
+/// The one cpio newc writer of the project (images, the KVM lab's initramfs, the bench, the VMM
+/// tests): streams entries, each header and data padded to 4 bytes, then the trailer.
+pub struct Writer<W: Write> {
     w: W,
     pos: u64,
+    next_ino: u32,
+}
+
+fn too_large(name: &[u8]) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{} is larger than 4 GiB, which cpio newc cannot hold",
+            String::from_utf8_lossy(name)
+        ),
+    )
+}
+
+/// `/a/b` and `a/b` are stored as `a/b`; the root as `.`.
+fn stored_name(name: &str) -> &[u8] {
+    match name.trim_start_matches('/') {
+        "" => b".",
+        n => n.as_bytes(),
+    }
 }
 
 impl<W: Write> Writer<W> {
+    pub fn new(w: W) -> Self {
+        Writer {
+            w,
+            pos: 0,
+            next_ino: 1,
+        }
+    }
+
     fn put(&mut self, b: &[u8]) -> io::Result<()> {
         self.w.write_all(b)?;
         self.pos += b.len() as u64;
         Ok(())
     }
 
-    fn pad(&mut self) -> io::Result<()> {
-        let n = (4 - (self.pos % 4) as usize) % 4;
-        self.put(&[0u8; 3][..n])
+    fn pad_to(&mut self, to: u64) -> io::Result<()> {
+        let n = ((to - self.pos % to) % to) as usize;
+        self.put(&vec![0u8; n])
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn entry(
-        &mut self,
-        name: &[u8],
-        ino: u32,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        nlink: u32,
-        mtime: u64,
-        rdev: (u32, u32),
-        data: &[u8],
-    ) -> io::Result<()> {
-        let size = u32::try_from(data.len()).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} is larger than 4 GiB, which cpio newc cannot hold",
-                    String::from_utf8_lossy(name)
-                ),
-            )
-        })?;
-        let mtime = u32::try_from(mtime).unwrap_or(u32::MAX);
+    fn header(&mut self, name: &[u8], h: &Header, size: u64) -> io::Result<u32> {
+        let size = u32::try_from(size).map_err(|_| too_large(name))?;
+        let ino = h.ino.unwrap_or_else(|| {
+            let i = self.next_ino;
+            self.next_ino = self.next_ino.wrapping_add(1);
+            i
+        });
+        let mtime = u32::try_from(h.mtime).unwrap_or(u32::MAX);
         let fields = [
             ino,
-            mode,
-            uid,
-            gid,
-            nlink,
+            h.mode,
+            h.uid,
+            h.gid,
+            h.nlink,
             mtime,
             size,
             0,
             0,
-            rdev.0,
-            rdev.1,
+            h.rdev.0,
+            h.rdev.1,
             name.len() as u32 + 1,
             0,
         ];
-        let mut h = Vec::with_capacity(HEADER_LEN);
-        h.extend_from_slice(MAGIC);
+        let mut b = Vec::with_capacity(HEADER_LEN);
+        b.extend_from_slice(MAGIC);
         for f in fields {
-            h.extend_from_slice(format!("{f:08X}").as_bytes());
+            b.extend_from_slice(format!("{f:08X}").as_bytes());
         }
-        self.put(&h)?;
+        self.put(&b)?;
         self.put(name)?;
         self.put(&[0])?;
-        self.pad()?;
+        self.pad_to(4)?;
+        Ok(ino)
+    }
+
+    /// One entry with its data in memory; returns the inode number used.
+    pub fn entry(&mut self, name: &[u8], h: &Header, data: &[u8]) -> io::Result<u32> {
+        let ino = self.header(name, h, data.len() as u64)?;
         self.put(data)?;
-        self.pad()
+        self.pad_to(4)?;
+        Ok(ino)
+    }
+
+    /// One entry whose `size` data bytes are read from `data` (streamed, not held).
+    pub fn entry_from<R: io::Read>(
+        &mut self,
+        name: &[u8],
+        h: &Header,
+        data: R,
+        size: u64,
+    ) -> io::Result<u32> {
+        let ino = self.header(name, h, size)?;
+        let copied = io::copy(&mut data.take(size), &mut self.w)?;
+        self.pos += copied;
+        if copied != size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} changed size while it was being archived",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
+        }
+        self.pad_to(4)?;
+        Ok(ino)
+    }
+
+    /// A root-owned directory.
+    pub fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
+        let h = Header {
+            mode: S_IFDIR | (perm & 0o7777),
+            nlink: 2,
+            ..Header::default()
+        };
+        self.entry(stored_name(name), &h, &[]).map(drop)
+    }
+
+    /// A root-owned regular file with the given contents.
+    pub fn bytes(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
+        let h = Header {
+            mode: S_IFREG | (perm & 0o7777),
+            nlink: 1,
+            ..Header::default()
+        };
+        self.entry(stored_name(name), &h, data).map(drop)
+    }
+
+    /// A root-owned regular file copied (streamed) from `src` on the host.
+    pub fn file(
+        &mut self,
+        name: &str,
+        perm: u32,
+        src: &std::path::Path,
+        mtime: u64,
+    ) -> io::Result<()> {
+        let mut f = std::fs::File::open(src)?;
+        let size = f.metadata()?.len();
+        let h = Header {
+            mode: S_IFREG | (perm & 0o7777),
+            nlink: 1,
+            mtime,
+            ..Header::default()
+        };
+        self.entry_from(stored_name(name), &h, &mut f, size)
+            .map(drop)
+    }
+
+    /// A symbolic link.
+    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+        let h = Header {
+            mode: S_IFLNK | 0o777,
+            nlink: 1,
+            ..Header::default()
+        };
+        self.entry(stored_name(name), &h, target.as_bytes())
+            .map(drop)
+    }
+
+    /// A root-owned character device node.
+    pub fn chardev(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
+        let h = Header {
+            mode: S_IFCHR | (perm & 0o7777),
+            nlink: 1,
+            rdev: (major, minor),
+            ..Header::default()
+        };
+        self.entry(stored_name(name), &h, &[]).map(drop)
+    }
+
+    /// Writes the trailer, pads the archive to a multiple of `align` bytes (512 lets archives be
+    /// concatenated into one initrd; 4 is the format's own) and returns the inner writer.
+    pub fn finish(mut self, align: u64) -> io::Result<W> {
+        let h = Header {
+            ino: Some(0),
+            nlink: 1,
+            ..Header::default()
+        };
+        self.entry(TRAILER, &h, &[])?;
+        self.pad_to(align.max(4))?;
+        self.w.flush()?;
+        Ok(self.w)
     }
 }
 
@@ -117,62 +253,38 @@ impl<W: Write> Writer<W> {
 pub fn write_tree<W: Write>(tree: &Tree, w: W) -> io::Result<Stats> {
     let links = tree.link_counts();
     let mut seen: HashMap<u64, u32> = HashMap::new();
-    let mut out = Writer { w, pos: 0 };
-    let mut next_ino: u32 = 1;
+    let mut out = Writer::new(w);
     let mut stats = Stats::default();
     tree.walk::<io::Error>(&mut |path, node| {
-        let mut ino = next_ino;
-        next_ino = next_ino.wrapping_add(1);
         stats.entries += 1;
+        let h = |mode: u32, meta: &super::tree::Meta, nlink: u32| Header {
+            ino: None,
+            mode,
+            uid: meta.uid,
+            gid: meta.gid,
+            nlink,
+            mtime: meta.mtime,
+            rdev: (0, 0),
+        };
         match node {
-            Node::Dir { meta, .. } => out.entry(
-                path,
-                ino,
-                S_IFDIR | meta.mode,
-                meta.uid,
-                meta.gid,
-                2,
-                meta.mtime,
-                (0, 0),
-                &[],
-            ),
+            Node::Dir { meta, .. } => out.entry(path, &h(S_IFDIR | meta.mode, meta, 2), &[]),
             Node::File(i) => {
                 let nlink = links.get(&i.id).copied().unwrap_or(1);
+                let mut hdr = h(S_IFREG | i.meta.mode, &i.meta, nlink);
+                // Hard links: every name carries the inode; the first one carries the data.
                 let data: &[u8] = match seen.get(&i.id) {
                     Some(first) => {
-                        ino = *first;
+                        hdr.ino = Some(*first);
                         &[]
                     }
-                    None => {
-                        seen.insert(i.id, ino);
-                        &i.data
-                    }
+                    None => &i.data,
                 };
                 stats.bytes += data.len() as u64;
-                let m = i.meta;
-                out.entry(
-                    path,
-                    ino,
-                    S_IFREG | m.mode,
-                    m.uid,
-                    m.gid,
-                    nlink,
-                    m.mtime,
-                    (0, 0),
-                    data,
-                )
+                let ino = out.entry(path, &hdr, data)?;
+                seen.entry(i.id).or_insert(ino);
+                Ok(ino)
             }
-            Node::Symlink { meta, target } => out.entry(
-                path,
-                ino,
-                S_IFLNK | 0o777,
-                meta.uid,
-                meta.gid,
-                1,
-                meta.mtime,
-                (0, 0),
-                target,
-            ),
+            Node::Symlink { meta, target } => out.entry(path, &h(S_IFLNK | 0o777, meta, 1), target),
             Node::Device {
                 meta,
                 kind,
@@ -183,33 +295,15 @@ pub fn write_tree<W: Write>(tree: &Tree, w: W) -> io::Result<Stats> {
                     DevKind::Char => S_IFCHR,
                     DevKind::Block => S_IFBLK,
                 };
-                out.entry(
-                    path,
-                    ino,
-                    t | meta.mode,
-                    meta.uid,
-                    meta.gid,
-                    1,
-                    meta.mtime,
-                    (*major, *minor),
-                    &[],
-                )
+                let mut hdr = h(t | meta.mode, meta, 1);
+                hdr.rdev = (*major, *minor);
+                out.entry(path, &hdr, &[])
             }
-            Node::Fifo { meta } => out.entry(
-                path,
-                ino,
-                S_IFIFO | meta.mode,
-                meta.uid,
-                meta.gid,
-                1,
-                meta.mtime,
-                (0, 0),
-                &[],
-            ),
+            Node::Fifo { meta } => out.entry(path, &h(S_IFIFO | meta.mode, meta, 1), &[]),
         }
+        .map(drop)
     })?;
-    out.entry(TRAILER, 0, 0, 0, 0, 1, 0, (0, 0), &[])?;
-    out.w.flush()?;
+    out.finish(4)?;
     Ok(stats)
 }
 
@@ -305,6 +399,44 @@ pub fn parse(buf: &[u8]) -> Result<Vec<Entry>, CpioError> {
 mod tests {
     use super::super::tree::{Meta, Tree};
     use super::*;
+
+    #[test]
+    fn streamed_entries_are_aligned_and_terminated() {
+        let mut w = Writer::new(Vec::new());
+        w.dir("/bin", 0o755).expect("dir");
+        w.bytes("/bin/hello", 0o755, b"hi\n").expect("file");
+        w.symlink("/sh", "bin/hello").expect("link");
+        let out = w.finish(512).expect("finish");
+        assert_eq!(out.len() % 512, 0);
+        let entries = parse(&out).expect("parse back");
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["bin", "bin/hello", "sh"]);
+        assert!(entries[1].is_file() && entries[1].mode & 0o7777 == 0o755);
+        assert_eq!(entries[1].data, b"hi\n");
+        assert!(entries[2].is_symlink());
+    }
+
+    #[test]
+    fn host_files_are_streamed_and_size_changes_caught() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"abcde").expect("write");
+        let mut w = Writer::new(Vec::new());
+        w.file("/f", 0o644, &p, 7).expect("file");
+        let out = w.finish(4).expect("finish");
+        let e = parse(&out).expect("parse");
+        assert_eq!(
+            (e[0].name.as_str(), e[0].data.as_slice()),
+            ("f", &b"abcde"[..])
+        );
+        let mut w = Writer::new(Vec::new());
+        let lying = Header {
+            mode: 0o100_644,
+            nlink: 1,
+            ..Header::default()
+        };
+        assert!(w.entry_from(b"g", &lying, &b"abc"[..], 10).is_err());
+    }
 
     #[test]
     fn round_trip() {
