@@ -156,19 +156,7 @@ fn flood(cid: u32, port: u32, conns: u32, seconds: u32) {
 }
 
 fn connect(cid: u32, port: u32, msg: &str) -> std::io::Result<()> {
-    let fd = vsock_socket()?;
-    let addr = sockaddr(cid, port);
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    use std::os::fd::AsRawFd;
-    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
-    check(unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            len,
-        )
-    })?;
-    let mut s = stream(fd);
+    let mut s = open(cid, port)?;
     s.write_all(format!("{msg}\n").as_bytes())?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
