@@ -220,6 +220,17 @@ impl Executor {
             timings.boot_ms = ms(vm.boot);
             self.metrics.observe("boot", vm.boot);
         }
+        if job.network {
+            if let Err(e) = vm.open_network() {
+                tracing::error!(cid = vm.cid(), "{e}");
+                vm.shutdown(Duration::ZERO).await;
+                timings.total_ms = timings.queue_ms + ms(start.elapsed());
+                return Ok(Outcome {
+                    result: Err(e.to_string()),
+                    timings,
+                });
+            }
+        }
         let req = self.run_request(&job);
         let deadline = Duration::from_millis(job.compile_timeout_ms + job.run_timeout_ms)
             + AGENT_DEADLINE_SLACK;

@@ -7,6 +7,7 @@
 //! producer of ready [`Vm`]s (see `Executor::acquire_vm`); a snapshot restore would be one more.
 
 pub mod console;
+pub mod fence;
 pub mod jail;
 pub mod net;
 pub mod probe;
@@ -163,6 +164,15 @@ impl Vm {
 
     pub fn cid(&self) -> u32 {
         self.slot.cid
+    }
+
+    /// Lets the guest open connections through its tap (a request with `network: true`), when
+    /// host-side rules guard it; a no-op without them.
+    pub fn open_network(&self) -> Result<(), fence::FenceError> {
+        match self.slot.tap.as_ref().and_then(net::Tap::rules) {
+            Some(r) => r.open_network(),
+            None => Ok(()),
+        }
     }
 
     /// Resolves when the hypervisor process exits (never, once it has been taken).
