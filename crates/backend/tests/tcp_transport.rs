@@ -270,5 +270,12 @@ done; wait; echo scanned"#;
     );
     let taps = ns.taps();
     check("no tap left after shutdown", taps.is_empty(), &json!(taps));
+    let tables =
+        sh(&["ip", "netns", "exec", &ns.name, "nft", "list", "tables"]).unwrap_or_default();
+    check(
+        "no nftables table left after shutdown",
+        !tables.contains("cloude_"),
+        &json!(tables),
+    );
     assert!(failures.is_empty(), "tcp_transport failures: {failures:?}");
 }

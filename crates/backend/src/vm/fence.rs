@@ -18,7 +18,7 @@
 //!   - `output`: to the tap, only tcp to the agent's port and packets of established
 //!     connections;
 //!   - `from_guest` (a regular chain) holds one `drop`: the VM is offline. A request with
-//!     `network: true` (allowed by `[network] allow`) flushes it ([`Rules::open_network`]): the
+//!     `network: true` (allowed by `[network] allow`) flushes it ([`Rules::opener`]): the
 //!     guest may then open connections to the host and through it, still with its own addresses
 //!     only, and still unreachable from other VMs.
 //!
@@ -148,14 +148,6 @@ impl Fence {
             table,
             tap: tap.to_string(),
         })
-    }
-
-    /// Number of VMs whose rules are installed.
-    pub fn live(&self) -> usize {
-        self.live
-            .lock()
-            .expect("fence lock is never poisoned")
-            .len()
     }
 
     /// The end of serving (the VMs were killed): waits, bounded, for their taps to go, then
@@ -298,16 +290,16 @@ impl std::fmt::Debug for Rules {
 
 impl Rules {
     /// Lets the guest open connections (a request with `network: true`): flushes the
-    /// `from_guest` chain's `drop`. The anti-spoofing guard and the closed way in stay.
-    pub fn open_network(&self) -> Result<(), FenceError> {
-        let flush = json!({"flush": {"chain": {"family": "inet", "table": self.table, "name": FROM_GUEST}}});
-        self.fence
-            .apply(&[flush])
-            .map_err(|e| FenceError::Open(self.tap.clone(), e))
-    }
-
-    pub fn table(&self) -> &str {
-        &self.table
+    /// `from_guest` chain's `drop`; the anti-spoofing guard and the closed way in stay. The
+    /// closure runs `nft` (tens of ms): run it off the async workers (`spawn_blocking`).
+    pub fn opener(&self) -> impl FnOnce() -> Result<(), FenceError> + Send + 'static {
+        let fence = self.fence.clone();
+        let (table, tap) = (self.table.clone(), self.tap.clone());
+        move || {
+            let flush =
+                json!({"flush": {"chain": {"family": "inet", "table": table, "name": FROM_GUEST}}});
+            fence.apply(&[flush]).map_err(|e| FenceError::Open(tap, e))
+        }
     }
 }
 

@@ -166,13 +166,17 @@ impl Vm {
         self.slot.cid
     }
 
-    /// Lets the guest open connections through its tap (a request with `network: true`), when
-    /// host-side rules guard it; a no-op without them.
-    pub fn open_network(&self) -> Result<(), fence::FenceError> {
-        match self.slot.tap.as_ref().and_then(net::Tap::rules) {
-            Some(r) => r.open_network(),
-            None => Ok(()),
-        }
+    /// What lets the guest open connections through its tap (a request with `network: true`),
+    /// when host-side rules guard it (`None` without them). It runs `nft`: call it off the async
+    /// workers.
+    pub fn network_opener(
+        &self,
+    ) -> Option<impl FnOnce() -> Result<(), fence::FenceError> + Send + 'static> {
+        self.slot
+            .tap
+            .as_ref()
+            .and_then(net::Tap::rules)
+            .map(fence::Rules::opener)
     }
 
     /// Resolves when the hypervisor process exits (never, once it has been taken).
