@@ -15,6 +15,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "iproute2",
+    // The tcp transport's host-side rules around every tap (`nft`).
+    "nftables",
     // Registry tests.
     "docker-registry",
     "skopeo",

@@ -126,7 +126,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         choice.driver.kind.name(),
         choice.reason
     );
-    let runtime = Runtime::with_network(net_plan).context("cannot create the runtime directory")?;
+    let fence = match (config.vm.transport, config.network.host_rules) {
+        (Transport::Tcp, true) => {
+            let f = vm::fence::Fence::start()?;
+            tracing::info!("host rules: on ({})", f.describe());
+            Some(f)
+        }
+        (Transport::Tcp, false) => {
+            tracing::warn!(
+                "host rules: OFF ([network] host_rules = false): root in a guest can spoof its \
+                 addresses and reach every host service and other VMs through its tap; never do \
+                 this with untrusted code"
+            );
+            None
+        }
+        (Transport::Vsock, _) => None,
+    };
+    let runtime = Runtime::with_rules(net_plan, fence.clone())
+        .context("cannot create the runtime directory")?;
     let jailer = if config.jail.enabled {
         let j = vm::jail::Jailer::start(&config.jail, runtime.dir())?;
         tracing::info!("jail: on ({})", j.describe());
@@ -245,6 +262,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(j) = &jailer {
         j.shutdown();
+    }
+    if let Some(f) = &fence {
+        f.shutdown();
     }
     let _ = std::fs::remove_dir_all(runtime.dir());
     tracing::info!("stopped");

@@ -65,6 +65,9 @@ pub struct Network {
     pub allow: bool,
     /// tcp transport: the subnet cut into one /30 per VM (host `.1`, guest `.2`).
     pub subnet: String,
+    /// tcp transport: host-side nftables rules around every tap (`vm::fence`). Off only for
+    /// debugging: the server then warns at start and `/healthz` says `"host_rules": false`.
+    pub host_rules: bool,
 }
 
 impl Network {
@@ -254,6 +257,8 @@ mod tests {
         assert!(Config::parse("[jail]\nuid_range = [5000, 4000]\n").is_err());
         assert!(Config::parse("[jail]\nuid_range = [5000, 5003]\n").is_err());
         assert!(Config::parse("[jail]\nenabled = false\n").is_ok());
+        assert!(Config::embedded().network.host_rules);
+        assert!(Config::parse("[network]\nhost_rules = false\n").is_ok());
     }
 
     fn c_default_jail_on() -> bool {

@@ -173,7 +173,12 @@ impl Executor {
             vcpus: self.settings.vcpus,
             boot_timeout: self.settings.boot_timeout,
         };
-        let slot = self.runtime.slot().map_err(VmError::RuntimeDir)?;
+        // Off the async workers: with the tcp transport a slot makes a tap and runs `nft`.
+        let rt = self.runtime.clone();
+        let slot = tokio::task::spawn_blocking(move || rt.slot())
+            .await
+            .map_err(|e| VmError::RuntimeDir(std::io::Error::other(e)))?
+            .map_err(VmError::RuntimeDir)?;
         let cid = slot.cid;
         let vm = self.driver.boot(&spec, slot).await.inspect_err(|e| {
             self.metrics.vm_failed();
@@ -222,6 +227,24 @@ impl Executor {
         } else {
             timings.boot_ms = ms(vm.boot);
             self.metrics.observe("boot", vm.boot);
+        }
+        if let Some(open) = vm.network_opener().filter(|_| job.network) {
+            let opened = tokio::task::spawn_blocking(open).await.unwrap_or_else(|e| {
+                Err(crate::vm::fence::FenceError::Open(
+                    vm.cid().to_string(),
+                    e.to_string(),
+                ))
+            });
+            if let Err(e) = opened {
+                tracing::error!(cid = vm.cid(), "{e}");
+                vm.shutdown(Duration::ZERO).await;
+                timings.total_ms = timings.queue_ms + ms(start.elapsed());
+                return Ok(Outcome {
+                    result: Err(e.to_string()),
+                    timings,
+                    limits,
+                });
+            }
         }
         let req = self.run_request(&job);
         let deadline = Duration::from_millis(job.compile_timeout_ms + job.run_timeout_ms)

@@ -86,6 +86,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let g = state.gauges();
+    let rt = &state.executor.runtime;
     Json(serde_json::json!({
         "status": "ok",
         "hypervisor": state.hypervisor,
@@ -96,6 +97,9 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
         "max_concurrent_vms": g.max_vms,
         "jail": state.executor.driver.jail.is_some(),
         "jail_detail": state.executor.driver.jail.as_ref().map(|j| j.describe()),
+        // tcp transport only (null with vsock: no VM has a network device).
+        "host_rules": rt.has_network().then(|| rt.fence().is_some()),
+        "host_rules_detail": rt.fence().map(|f| f.describe()),
     }))
 }
 

@@ -7,6 +7,7 @@
 //! producer of ready [`Vm`]s (see `Executor::acquire_vm`); a snapshot restore would be one more.
 
 pub mod console;
+pub mod fence;
 pub mod jail;
 pub mod net;
 pub mod probe;
@@ -163,6 +164,19 @@ impl Vm {
 
     pub fn cid(&self) -> u32 {
         self.slot.cid
+    }
+
+    /// What lets the guest open connections through its tap (a request with `network: true`),
+    /// when host-side rules guard it (`None` without them). It runs `nft`: call it off the async
+    /// workers.
+    pub fn network_opener(
+        &self,
+    ) -> Option<impl FnOnce() -> Result<(), fence::FenceError> + Send + 'static> {
+        self.slot
+            .tap
+            .as_ref()
+            .and_then(net::Tap::rules)
+            .map(fence::Rules::opener)
     }
 
     /// Resolves when the hypervisor process exits (never, once it has been taken).

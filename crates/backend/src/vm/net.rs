@@ -70,6 +70,9 @@ pub struct Tap {
     /// Guest MAC (locally administered, from the guest address).
     pub mac: [u8; 6],
     fd: OwnedFd,
+    /// The host-side rules around the tap (dropped after `fd`: they are removed once the tap is
+    /// gone, see `fence`).
+    rules: Option<super::fence::Rules>,
 }
 
 impl Tap {
@@ -84,7 +87,22 @@ impl Tap {
             guest,
             mac: [0x06, 0x00, g[0], g[1], g[2], g[3]],
             fd,
+            rules: None,
         })
+    }
+
+    /// Installs the host-side rules around this tap (offline until [`Tap::open_network`]).
+    pub fn fence(&mut self, fence: &std::sync::Arc<super::fence::Fence>) -> std::io::Result<()> {
+        let rules = fence
+            .install(&self.name, self.mac, self.guest)
+            .map_err(std::io::Error::other)?;
+        self.rules = Some(rules);
+        Ok(())
+    }
+
+    /// The host-side rules, when they are on.
+    pub fn rules(&self) -> Option<&super::fence::Rules> {
+        self.rules.as_ref()
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -93,11 +111,7 @@ impl Tap {
 
     /// `aa:bb:...` form of the guest MAC.
     pub fn mac_string(&self) -> String {
-        self.mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
+        super::fence::mac_string(self.mac)
     }
 
     /// The kernel `ip=` argument for the guest.

@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::fence::Fence;
 use super::net::{NetPlan, Tap};
 
 /// Lowest guest CID (0-2 are reserved by vsock).
@@ -18,6 +19,8 @@ struct Inner {
     state: Mutex<State>,
     /// Per-VM taps and addresses (tcp transport), or none (vsock).
     net: Option<NetPlan>,
+    /// Host-side rules around every tap (`None`: `[network] host_rules = false`, or vsock).
+    fence: Option<Arc<Fence>>,
 }
 
 #[derive(Default)]
@@ -46,6 +49,11 @@ impl Runtime {
 
     /// Like [`Runtime::new`]; with a plan, every slot also gets its own configured tap.
     pub fn with_network(net: Option<NetPlan>) -> std::io::Result<Self> {
+        Self::with_rules(net, None)
+    }
+
+    /// Like [`Runtime::with_network`]; every tap also gets `fence`'s host-side rules.
+    pub fn with_rules(net: Option<NetPlan>, fence: Option<Arc<Fence>>) -> std::io::Result<Self> {
         let base = std::env::var_os("CLOUDE_RUNTIME_DIR")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
@@ -69,6 +77,7 @@ impl Runtime {
                 dir,
                 state: Mutex::new(state),
                 net,
+                fence,
             }),
         })
     }
@@ -82,6 +91,16 @@ impl Runtime {
 
     pub fn dir(&self) -> &Path {
         self.inner.dir.path()
+    }
+
+    /// Whether VMs get taps (tcp transport).
+    pub fn has_network(&self) -> bool {
+        self.inner.net.is_some()
+    }
+
+    /// The host-side rules around the taps, when they are on.
+    pub fn fence(&self) -> Option<&Arc<Fence>> {
+        self.inner.fence.as_ref()
     }
 
     /// Reserves a unique CID and a private directory for one VM.
@@ -128,7 +147,11 @@ impl Runtime {
             };
             slot.block = Some(block);
             let (host, guest) = plan.addresses(block);
-            slot.tap = Some(Tap::create(&format!("cld{cid}"), host, guest)?);
+            let mut tap = Tap::create(&format!("cld{cid}"), host, guest)?;
+            if let Some(f) = &self.inner.fence {
+                tap.fence(f)?;
+            }
+            slot.tap = Some(tap);
         }
         Ok(slot)
     }

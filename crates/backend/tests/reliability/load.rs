@@ -37,28 +37,72 @@ pub fn warm_up(server: &Server, c: &mut Checks) {
 }
 
 #[derive(Default)]
-struct Tally {
-    own_output: usize,
-    saturated_429: usize,
-    saturated_503: usize,
-    wrong: Vec<String>,
+pub struct Tally {
+    pub own_output: usize,
+    pub saturated_429: usize,
+    pub saturated_503: usize,
+    pub wrong: Vec<String>,
 }
 
 pub fn run(server: &Server, probe: &LeakProbe, c: &mut Checks) {
     let pid = server.pid();
     let rss_before = rss_kib(pid);
     let fds_before = fd_count(pid);
+    let (t, took) = burst(server, REQUESTS, CLIENTS);
+    c.load_requests += REQUESTS;
+    c.check(
+        "load: every answer is its own output or an explicit 429/503 with Retry-After",
+        t.wrong.is_empty(),
+        t.wrong.join("; "),
+    );
+    c.check(
+        "load: some requests ran (own output)",
+        t.own_output >= 3,
+        format!("{} ran", t.own_output),
+    );
+    c.check(
+        "load: saturation was signalled (12 clients > 3 VMs + 4 queued)",
+        t.saturated_429 + t.saturated_503 >= 1,
+        "no 429/503 at all",
+    );
+    c.note(format!(
+        "load: {REQUESTS} requests, {CLIENTS} clients, 3 VMs + queue 4: {} own output, {} x 429, {} x 503, {} wrong, {:.0} s",
+        t.own_output,
+        t.saturated_429,
+        t.saturated_503,
+        t.wrong.len(),
+        took.as_secs_f64()
+    ));
+    probe.check(server, "after load", c);
+    let executed = t.own_output + memory_run(server, c);
+    c.memory_run_requests += MEMORY_RUN;
+    probe.check(server, "after memory run", c);
+    let rss_after = rss_kib(pid);
+    let fds_after = fd_count(pid);
+    c.note(format!(
+        "server RSS: {rss_before} KiB before, {rss_after} KiB after {} requests ({executed} executions ran); fds {fds_before} -> {fds_after}",
+        REQUESTS + MEMORY_RUN
+    ));
+    c.check(
+        "load: server memory stays flat",
+        rss_after <= rss_before + RSS_GROWTH_BOUND_KIB,
+        format!("{rss_before} KiB -> {rss_after} KiB"),
+    );
+}
+
+/// `requests` requests from `clients` polite clients (each honours Retry-After); what came back.
+pub fn burst(server: &Server, requests: usize, clients: usize) -> (Tally, Duration) {
     let next = Arc::new(AtomicUsize::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let nonce = std::process::id();
     let t = Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..CLIENTS {
+        for _ in 0..clients {
             let (next, tally) = (next.clone(), tally.clone());
             let addr = server.addr;
             s.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= REQUESTS {
+                if i >= requests {
                     return;
                 }
                 let code_tok = format!("code-{nonce}-{i}-{}", i * 7919 % 1000);
@@ -98,46 +142,8 @@ pub fn run(server: &Server, probe: &LeakProbe, c: &mut Checks) {
         }
     });
     let took = t.elapsed();
-    c.load_requests += REQUESTS;
     let t = std::mem::take(&mut *tally.lock().expect("lock"));
-    c.check(
-        "load: every answer is its own output or an explicit 429/503 with Retry-After",
-        t.wrong.is_empty(),
-        t.wrong.join("; "),
-    );
-    c.check(
-        "load: some requests ran (own output)",
-        t.own_output >= 3,
-        format!("{} ran", t.own_output),
-    );
-    c.check(
-        "load: saturation was signalled (12 clients > 3 VMs + 4 queued)",
-        t.saturated_429 + t.saturated_503 >= 1,
-        "no 429/503 at all",
-    );
-    c.note(format!(
-        "load: {REQUESTS} requests, {CLIENTS} clients, 3 VMs + queue 4: {} own output, {} x 429, {} x 503, {} wrong, {:.0} s",
-        t.own_output,
-        t.saturated_429,
-        t.saturated_503,
-        t.wrong.len(),
-        took.as_secs_f64()
-    ));
-    probe.check(server, "after load", c);
-    let executed = t.own_output + memory_run(server, c);
-    c.memory_run_requests += MEMORY_RUN;
-    probe.check(server, "after memory run", c);
-    let rss_after = rss_kib(pid);
-    let fds_after = fd_count(pid);
-    c.note(format!(
-        "server RSS: {rss_before} KiB before, {rss_after} KiB after {} requests ({executed} executions ran); fds {fds_before} -> {fds_after}",
-        REQUESTS + MEMORY_RUN
-    ));
-    c.check(
-        "load: server memory stays flat",
-        rss_after <= rss_before + RSS_GROWTH_BOUND_KIB,
-        format!("{rss_before} KiB -> {rss_after} KiB"),
-    );
+    (t, took)
 }
 
 /// Requests of the memory run: within the VM limit, so that every one executes.

@@ -345,7 +345,26 @@ fn run_one(server: &Server, p: &Prog) -> Result<String, String> {
 
 /// Every hostile program, `WORKERS` at a time, then the cross-VM data check.
 pub fn run(server: &Server, c: &mut Checks) {
-    let progs = Arc::new(programs());
+    run_these(server, c, programs());
+}
+
+/// The hostile programs named in `names` (a bounded subset), then the cross-VM data check.
+#[allow(dead_code)] // used by the tcp reliability test, not by the full suite
+pub fn run_named(server: &Server, c: &mut Checks, names: &[&str]) {
+    let chosen: Vec<Prog> = programs()
+        .into_iter()
+        .filter(|p| names.contains(&p.name))
+        .collect();
+    assert_eq!(
+        chosen.len(),
+        names.len(),
+        "every named hostile program exists"
+    );
+    run_these(server, c, chosen);
+}
+
+fn run_these(server: &Server, c: &mut Checks, progs: Vec<Prog>) {
+    let progs = Arc::new(progs);
     let next = Arc::new(Mutex::new(0usize));
     let results = Arc::new(Mutex::new(Vec::new()));
     std::thread::scope(|s| {

@@ -1,6 +1,8 @@
 //! Test support: a real `cloude-server` process and a tiny blocking HTTP/1.1 client.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
