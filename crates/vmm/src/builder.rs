@@ -87,6 +87,7 @@ fn dev_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
 
 /// Builds and runs the VM; returns how it ended.
 pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
+    seccomp::prepare_allocator();
     let mut kernel_file = open("kernel", &cfg.kernel)?;
     let mut initrd_file = open("initrd", &cfg.initrd)?;
     let vm = Vm::new(cfg.mem_size)?;

@@ -129,15 +129,22 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))
 }
 
-/// Makes the allocator set up this thread's arena before the filter is in place: glibc does it
-/// on a thread's first allocation and, the first time in a process, reads
-/// `/sys/devices/system/cpu/online` (`openat`, which no thread's allowlist has). Found by the
-/// lab's vsock flood test, where the device thread made the process's first such allocation.
+/// Keeps glibc's allocator from opening files once the filters are in: with more than one
+/// arena, shrinking a thread arena's heap after large frees reads
+/// `/proc/sys/vm/overcommit_memory` (`openat`, which no allowlist has; found by the lab's vsock
+/// flood test, where the device thread frees megabytes of reset connections' buffers). One arena
+/// (the main one, which trims with `brk`) never does; the VMM's threads barely allocate on their
+/// hot paths, so sharing it costs nothing measurable. Call before any thread is started.
+#[allow(unsafe_code)]
+pub fn prepare_allocator() {
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 fn warm_allocator() {
-    for size in [64usize, 64 << 10, 4 << 20] {
-        let v: Vec<u8> = Vec::with_capacity(size);
-        std::hint::black_box(&v);
-    }
+    // A thread's first allocation sets up its allocator state (tcache): done before its filter.
+    let v: Vec<u8> = Vec::with_capacity(64);
+    std::hint::black_box(&v);
 }
 
 /// Offset of `si_syscall` in x86_64's `siginfo_t` (after `si_signo`, `si_errno`, `si_code`,
