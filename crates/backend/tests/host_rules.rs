@@ -272,24 +272,7 @@ fn spoofed_packets_from_a_root_guest_reach_nothing() {
         eprintln!("host_rules: SKIPPED: no `nft` (the Debian package nftables)");
         return;
     }
-    let catalog_file = tempfile::Builder::new()
-        .prefix("cloude-test-catalog-")
-        .suffix(".toml")
-        .tempfile()
-        .expect("catalogue file");
-    std::fs::write(
-        catalog_file.path(),
-        format!(
-            "{}{TEST_CATALOG_EXTRA}",
-            include_str!("../../../catalog/default.toml")
-        ),
-    )
-    .expect("write the test catalogue");
-    let catalog = catalog_file
-        .path()
-        .to_str()
-        .expect("utf-8 path")
-        .to_string();
+    let (_catalog_file, catalog) = support::test_catalog(TEST_CATALOG_EXTRA);
     let ns = Netns::create().unwrap_or_else(|e| panic!("cannot create the test namespace: {e}"));
     // Forwarding on and no reverse-path filter, as on many real hosts: without the host rules,
     // spoofed sources are accepted and packets are routed between interfaces.

@@ -35,25 +35,7 @@ fn reliability_real_vms() {
     let started = Instant::now();
     // The default catalogue plus a root-run test image (for the guest kernel panic), written
     // outside the TMPDIR whose leftovers are checked.
-    let catalog_file = tempfile::Builder::new()
-        .prefix("cloude-test-catalog-")
-        .suffix(".toml")
-        .tempfile()
-        .expect("catalogue file");
-    std::fs::write(
-        catalog_file.path(),
-        format!(
-            "{}{}",
-            include_str!("../../../catalog/default.toml"),
-            programs::TEST_CATALOG_EXTRA
-        ),
-    )
-    .expect("write the test catalogue");
-    let catalog = catalog_file
-        .path()
-        .to_str()
-        .expect("utf-8 temp path")
-        .to_string();
+    let (_catalog_file, catalog) = support::test_catalog(programs::TEST_CATALOG_EXTRA);
     // A private temp dir for the test and everything it starts (the server and its QEMUs
     // inherit TMPDIR), so that stray temp files can be found.
     let tmp = tempfile::Builder::new()

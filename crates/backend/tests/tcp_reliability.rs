@@ -93,25 +93,7 @@ fn reliability_over_tcp() {
         return;
     }
     let started = Instant::now();
-    let catalog_file = tempfile::Builder::new()
-        .prefix("cloude-test-catalog-")
-        .suffix(".toml")
-        .tempfile()
-        .expect("catalogue file");
-    std::fs::write(
-        catalog_file.path(),
-        format!(
-            "{}{}",
-            include_str!("../../../catalog/default.toml"),
-            programs::TEST_CATALOG_EXTRA
-        ),
-    )
-    .expect("write the test catalogue");
-    let catalog = catalog_file
-        .path()
-        .to_str()
-        .expect("utf-8 path")
-        .to_string();
+    let (_catalog_file, catalog) = support::test_catalog(programs::TEST_CATALOG_EXTRA);
     let tmp = tempfile::Builder::new()
         .prefix("cloude-tcp-reliability-")
         .tempdir()

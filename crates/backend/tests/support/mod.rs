@@ -11,6 +11,26 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The default catalogue plus `extra` entries (test-only languages), in a temp file outside any
+/// TMPDIR whose leftovers a test checks; returns the file (keep it alive) and its path.
+pub fn test_catalog(extra: &str) -> (tempfile::NamedTempFile, String) {
+    let file = tempfile::Builder::new()
+        .prefix("cloude-test-catalog-")
+        .suffix(".toml")
+        .tempfile()
+        .expect("catalogue file");
+    std::fs::write(
+        file.path(),
+        format!(
+            "{}{extra}",
+            include_str!("../../../../catalog/default.toml")
+        ),
+    )
+    .expect("write the test catalogue");
+    let path = file.path().to_str().expect("utf-8 temp path").to_string();
+    (file, path)
+}
+
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
