@@ -205,7 +205,11 @@ pub fn digest_of(data: &[u8]) -> String {
 /// Checks `data` against `expected`.
 pub fn verify(what: &str, expected: &str, data: &[u8]) -> Result<(), OciError> {
     check_digest(expected)?;
-    let actual = digest_of(data);
+    same_digest(what, expected, digest_of(data))
+}
+
+/// `actual` must be `expected`.
+fn same_digest(what: &str, expected: &str, actual: String) -> Result<(), OciError> {
     if actual != expected {
         return Err(OciError::DigestMismatch {
             what: what.to_string(),
@@ -496,15 +500,11 @@ fn verify_file(what: &str, expected: &str, file: &mut File) -> Result<(), OciErr
     let mut hash = Sha256::new();
     io::copy(file, &mut hash).map_err(io_err)?;
     file.rewind().map_err(io_err)?;
-    let actual = format!("sha256:{}", hex::encode(hash.finalize()));
-    if actual != expected {
-        return Err(OciError::DigestMismatch {
-            what: what.to_string(),
-            expected: expected.to_string(),
-            actual,
-        });
-    }
-    Ok(())
+    same_digest(
+        what,
+        expected,
+        format!("sha256:{}", hex::encode(hash.finalize())),
+    )
 }
 
 impl Resolved {
