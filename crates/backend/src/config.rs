@@ -243,6 +243,11 @@ mod tests {
         assert_eq!(tcp.network.plan().expect("plan").blocks(), 16384);
         assert!(Config::parse("[network]\nsubnet = \"10.0.0.1/16\"\n").is_err());
         assert!(Config::parse("[pool]\nsize = 17\n").is_err());
+        let e = Config::parse("[vm]\nconsole_bytes = 1024\n").expect_err("ring too small");
+        assert!(e.to_string().contains("vm.console_bytes"), "{e}");
+        // The old key is refused by name.
+        let e = Config::parse("[jail]\nconsole_limit_bytes = 1048576\n").expect_err("old key");
+        assert!(e.to_string().contains("console_limit_bytes"), "{e}");
         assert_eq!(
             Config::parse("[pool]\nsize = 2\n")
                 .expect("pool")
