@@ -16,5 +16,6 @@ pub mod reaper;
 pub mod serve;
 pub mod server;
 pub mod transport;
+pub mod wake;
 
 pub mod sys;

@@ -15,7 +15,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use cloude_protocol::{
-    ErrorBody, Health, RunRequest, StreamEvent, MAX_REQUEST_BODY_BYTES, PROTOCOL_VERSION,
+    ErrorBody, Health, RunRequest, StreamEvent, WakeRequest, WakeResponse, MAX_REQUEST_BODY_BYTES,
+    PROTOCOL_VERSION,
 };
 use hyper::body::Frame;
 use tokio::sync::{mpsc, Mutex};
@@ -35,6 +36,9 @@ pub struct AgentState {
     started: Instant,
     /// Whether `poweroff_after` may reboot the machine (only ever true as PID 1).
     pub poweroff_enabled: bool,
+    /// Set by `/v1/snapshot/prepare`: this VM (and every clone restored from its snapshot)
+    /// refuses runs until `/v1/wake` has made it a new machine.
+    sealed: AtomicBool,
 }
 
 impl AgentState {
@@ -44,6 +48,7 @@ impl AgentState {
             busy: Arc::new(Mutex::new(())),
             started: Instant::now(),
             poweroff_enabled,
+            sealed: AtomicBool::new(false),
         })
     }
 }
@@ -63,6 +68,12 @@ pub enum ApiError {
     Body(String, StatusCode),
     #[error("another run is in progress")]
     Busy,
+    #[error(
+        "this VM was prepared for a snapshot: it runs nothing until it is woken (POST /v1/wake)"
+    )]
+    Sealed,
+    #[error("{0}")]
+    Wake(String),
     #[error("internal error")]
     Internal,
 }
@@ -72,7 +83,8 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Body(_, s) => *s,
-            ApiError::Busy => StatusCode::CONFLICT,
+            ApiError::Busy | ApiError::Sealed => StatusCode::CONFLICT,
+            ApiError::Wake(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let body = ErrorBody {
@@ -99,6 +111,8 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/run", post(run))
         .route("/v1/run/stream", post(run_stream))
+        .route("/v1/snapshot/prepare", post(prepare_snapshot))
+        .route("/v1/wake", post(wake))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(state)
 }
@@ -138,6 +152,47 @@ impl<S: Send + Sync> FromRequest<S> for RunBody {
     }
 }
 
+/// `POST /v1/snapshot/prepare`: seals the agent (runs refused until a wake). The connection stays
+/// open and idle: over virtio-serial that is the state every clone resumes in, so the clone's
+/// host sends its wake as the next request on it.
+async fn prepare_snapshot(State(state): State<Arc<AgentState>>) -> Result<StatusCode, ApiError> {
+    let _guard = state.busy.try_lock().map_err(|_| ApiError::Busy)?;
+    state.sealed.store(true, Ordering::SeqCst);
+    tracing::info!("sealed for a snapshot: runs wait for a wake");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/wake`: fresh entropy, clock and identity for a restored VM; unseals it.
+async fn wake(
+    State(state): State<Arc<AgentState>>,
+    body: RunBody,
+) -> Result<Json<WakeResponse>, ApiError> {
+    let RunBody(body) = body;
+    let req: WakeRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid wake request: {e}")))?;
+    req.validate()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let _guard = state.busy.try_lock().map_err(|_| ApiError::Busy)?;
+    let resp = tokio::task::spawn_blocking(move || crate::wake::apply(&req))
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| ApiError::Wake(e.to_string()))?;
+    state.sealed.store(false, Ordering::SeqCst);
+    tracing::info!(
+        skew_ms = resp.clock_skew_ms,
+        "woken: entropy mixed in, clock set"
+    );
+    Ok(Json(resp))
+}
+
+/// Refuses runs while the agent is sealed for a snapshot.
+fn check_unsealed(state: &AgentState) -> Result<(), ApiError> {
+    if state.sealed.load(Ordering::SeqCst) {
+        return Err(ApiError::Sealed);
+    }
+    Ok(())
+}
+
 fn parse(RunBody(body): RunBody) -> Result<RunRequest, ApiError> {
     let req: RunRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid run request: {e}")))?;
@@ -165,6 +220,7 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let req = parse(body)?;
     let _guard = state.busy.try_lock().map_err(|_| ApiError::Busy)?;
+    check_unsealed(&state)?;
     let result = state.executor.run(&req, None).await?;
     let mut resp = Json(result).into_response();
     if req.poweroff_after {
@@ -185,6 +241,7 @@ async fn run_stream(
         .clone()
         .try_lock_owned()
         .map_err(|_| ApiError::Busy)?;
+    check_unsealed(&state)?;
     let (tx, rx) = mpsc::channel(STREAM_QUEUE);
     let poweroff = req.poweroff_after;
     let task_state = state.clone();

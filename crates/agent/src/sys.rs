@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd as _, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -289,4 +289,43 @@ mod tests {
             ["NoNewPrivs:", "1"]
         );
     }
+}
+
+/// `struct rand_pool_info` of `<linux/random.h>` with room for [`MAX_WAKE_ENTROPY_BYTES`].
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: libc::c_int,
+    buf_size: libc::c_int,
+    buf: [u8; cloude_protocol::MAX_WAKE_ENTROPY_BYTES],
+}
+
+// RNDADDENTROPY is declared `_IOW('R', 0x03, int[2])`: the size in the number is the header's.
+nix::ioctl_write_ptr_bad!(
+    rnd_add_entropy,
+    nix::request_code_write!(b'R', 0x03, 2 * std::mem::size_of::<libc::c_int>()),
+    RandPoolInfo
+);
+nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
+
+/// Mixes `bytes` into the kernel's entropy pool, credited in full, and forces the CRNG to reseed
+/// at once (`RNDADDENTROPY` + `RNDRESEEDCRNG` on `/dev/urandom`; needs `CAP_SYS_ADMIN`).
+pub fn add_entropy_and_reseed(bytes: &[u8]) -> io::Result<()> {
+    let mut info = RandPoolInfo {
+        entropy_count: 0,
+        buf_size: 0,
+        buf: [0; cloude_protocol::MAX_WAKE_ENTROPY_BYTES],
+    };
+    let n = bytes.len().min(info.buf.len());
+    info.buf[..n].copy_from_slice(&bytes[..n]);
+    info.buf_size = libc::c_int::try_from(n).map_err(io::Error::other)?;
+    info.entropy_count = info.buf_size * 8;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: the fd is open for the call; `info` is a live, properly laid out rand_pool_info
+    // whose buf_size never exceeds its buffer.
+    unsafe { rnd_add_entropy(f.as_raw_fd(), &info) }.map_err(io::Error::from)?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    unsafe { rnd_reseed_crng(f.as_raw_fd()) }.map_err(io::Error::from)?;
+    Ok(())
 }

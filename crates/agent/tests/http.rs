@@ -372,3 +372,56 @@ async fn host_only_mode_refuses_connections_from_inside() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn a_sealed_agent_runs_nothing_until_woken() {
+    let Some((srv, _)) = start("http-seal").await else {
+        return;
+    };
+    let mut c = tcp_client(srv.addr).await;
+    let (st, headers, _) = call(&mut c, Method::POST, "/v1/snapshot/prepare", "").await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(
+        headers.get("connection"),
+        None,
+        "the connection stays open: a clone's host sends its wake on it"
+    );
+    for path in ["/v1/run", "/v1/run/stream"] {
+        let (st, _, body) = call(&mut c, Method::POST, path, json(&sh("echo no"))).await;
+        assert_eq!(st, StatusCode::CONFLICT, "{path}");
+        let e: ErrorBody = serde_json::from_slice(&body).expect("error json");
+        assert!(e.error.contains("wake"), "{}", e.error);
+    }
+    // A wake with too little entropy, a bad hostname or garbage is refused and leaves it sealed.
+    let wake = |entropy: usize, host: &str| {
+        serde_json::to_vec(&cloude_protocol::WakeRequest {
+            protocol_version: PROTOCOL_VERSION,
+            entropy: cloude_protocol::Bytes(vec![9; entropy]),
+            unix_time_ns: 1_700_000_000_000_000_000,
+            hostname: host.into(),
+        })
+        .expect("json")
+    };
+    for body in [wake(8, "cloude"), wake(32, "bad host"), b"{".to_vec()] {
+        let (st, _, _) = call(&mut c, Method::POST, "/v1/wake", body).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+    }
+    let (st, _, _) = call(&mut c, Method::POST, "/v1/run", json(&sh("echo no"))).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    // Outside PID 1 the wake touches neither the host's RNG nor its clock.
+    let (st, _, body) = call(&mut c, Method::POST, "/v1/wake", wake(32, "cloude")).await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let w: cloude_protocol::WakeResponse = serde_json::from_slice(&body).expect("wake json");
+    assert!(!w.reseeded);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    assert!(
+        now.as_secs() > 1_700_000_100,
+        "the host clock was not set back"
+    );
+    let (st, _, body) = call(&mut c, Method::POST, "/v1/run", json(&sh("echo yes"))).await;
+    assert_eq!(st, StatusCode::OK);
+    let r: RunResponse = serde_json::from_slice(&body).expect("run json");
+    assert_eq!(r.run.expect("run").stdout.0, b"yes\n");
+}

@@ -106,9 +106,26 @@ pub struct StageOut {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
     pub queue_ms: u64,
+    /// Getting a ready VM: a boot, a restore and wake, or only the wait to take a pooled one.
     pub boot_ms: u64,
     pub run_ms: u64,
     pub total_ms: u64,
+    /// Where the request's VM came from.
+    #[serde(default)]
+    pub vm_source: VmSource,
+}
+
+/// Where a request's VM came from (every VM serves one request whatever its source).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmSource {
+    /// Booted for the request.
+    #[default]
+    Cold,
+    /// Restored from a snapshot for the request (and woken as a new machine).
+    Snapshot,
+    /// Taken from the warm pool (booted or restored ahead of the request).
+    Pool,
 }
 
 /// The limits a request ran under (its own or the server's defaults), so that a client can say

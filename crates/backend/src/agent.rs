@@ -6,7 +6,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
-use cloude_protocol::{RunRequest, RunResponse, StreamEvent};
+use cloude_protocol::{RunRequest, RunResponse, StreamEvent, WakeRequest, WakeResponse};
 
 use crate::vm::AgentIo;
 
@@ -122,6 +122,37 @@ impl AgentClient {
             return Err(AgentError::Status(status, msg));
         }
         Ok(resp)
+    }
+
+    /// `POST /v1/snapshot/prepare`: the agent refuses runs until woken (a snapshot is next).
+    pub async fn prepare_snapshot(&mut self) -> Result<(), AgentError> {
+        let resp = self.post("/v1/snapshot/prepare", Vec::new()).await?;
+        let _ = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/wake`: makes a VM restored from a snapshot a new machine (fresh entropy from
+    /// this host's kernel, its clock, the hostname).
+    pub async fn wake(&mut self, hostname: &str) -> Result<WakeResponse, AgentError> {
+        let mut entropy = vec![0u8; cloude_protocol::MIN_WAKE_ENTROPY_BYTES * 2];
+        fill_random(&mut entropy).map_err(|e| AgentError::Body(format!("no entropy: {e}")))?;
+        let req = WakeRequest {
+            protocol_version: cloude_protocol::PROTOCOL_VERSION,
+            entropy: cloude_protocol::Bytes(entropy),
+            unix_time_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            hostname: hostname.to_string(),
+        };
+        let resp = self.post("/v1/wake", serde_json::to_vec(&req)?).await?;
+        let body = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
+        let w: WakeResponse = serde_json::from_slice(&body)?;
+        if !w.reseeded {
+            return Err(AgentError::Reported(
+                "the agent did not reseed its random number generator".into(),
+            ));
+        }
+        Ok(w)
     }
 
     /// `POST /v1/run`.
@@ -317,4 +348,24 @@ mod tests {
             t.elapsed()
         );
     }
+}
+
+/// Fills `buf` from the kernel's CSPRNG (`getrandom(2)`).
+#[allow(unsafe_code)]
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the pointer and length describe the live, writable slice `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += usize::try_from(n).unwrap_or(0);
+    }
+    Ok(())
 }

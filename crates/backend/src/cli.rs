@@ -18,6 +18,7 @@ use crate::executor::{ExecSettings, Executor};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::snapshots::Snapshots;
 use crate::vm::{self, probe::HostFacts, Runtime};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -177,9 +178,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
             output_limit_bytes: l.output_limit_bytes,
         },
         pool: Pool::new(config.pool.size, config.pool.languages.clone()),
+        snapshots: Snapshots::new(
+            config.snapshot.enabled,
+            (config.vm.transport == Transport::Tcp).then(|| {
+                "the tcp transport is on (a restored VM cannot take a new IP address yet)".into()
+            }),
+        ),
     });
+    match executor.snapshots.status() {
+        None => tracing::info!("snapshots: on (requests are served by restored clones)"),
+        Some(why) => tracing::info!("snapshots: off ({why}); every VM boots cold"),
+    }
     if !args.lazy && !args.no_build {
         prepare(&artifacts, &catalog, &config.vm.prebuild).await;
+        if executor.snapshots.active() {
+            for l in catalog.languages.iter().filter(|l| {
+                config
+                    .vm
+                    .prebuild
+                    .iter()
+                    .any(|p| p == "*" || p.eq_ignore_ascii_case(&l.name))
+            }) {
+                executor.prepare_snapshot(l).await;
+            }
+        }
     }
     if config.pool.size > 0 {
         let warm: Vec<_> = catalog

@@ -17,6 +17,7 @@ pub struct Config {
     pub vm: VmConfig,
     pub pool: PoolConfig,
     pub jail: JailConfig,
+    pub snapshot: SnapshotConfig,
 }
 
 /// The jail around every hypervisor process (`vm::jail`).
@@ -89,6 +90,13 @@ pub enum HypervisorChoice {
 pub enum Transport {
     Vsock,
     Tcp,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Serve requests from snapshot restores (`crate::snapshots`).
+    pub enabled: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -7,12 +7,12 @@ use cloude_image::catalog::Language;
 use cloude_protocol::{FileSpec, RunRequest, RunResponse, StreamEvent, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 
-use crate::agent::AgentClient;
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::limiter::{LimitError, Limiter, Permit};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::vm::{Driver, Kind, Runtime, Vm, VmError, VmSpec};
+use crate::snapshots::Snapshots;
+use crate::vm::{Driver, Kind, Runtime, Slot, Source, Vm, VmError, VmSpec};
 
 /// Memory the guest kernel and agent need on top of the program's limit.
 const VM_OVERHEAD_MIB: u64 = 128;
@@ -75,6 +75,8 @@ pub struct Executor {
     pub settings: ExecSettings,
     /// VMs booted ahead of requests (off unless configured).
     pub pool: Pool,
+    /// Snapshot restore (on by default where the driver supports it).
+    pub snapshots: Snapshots,
 }
 
 /// Milliseconds as u64 (saturating).
@@ -123,7 +125,7 @@ impl Executor {
     }
 
     /// A VM for `job`: a pooled one when the pool has one that fits (returned with `true`), else
-    /// a fresh boot. A snapshot restore would be one more producer here.
+    /// one restored from the language's snapshot when the job fits its shape, else a fresh boot.
     async fn acquire_vm(self: &Arc<Self>, job: &Job) -> Result<(Vm, bool), ExecError2> {
         let language = &job.language;
         let needed = job.memory_mib.map_or(0, |m| m + VM_OVERHEAD_MIB);
@@ -140,9 +142,24 @@ impl Executor {
             }
         }
         let vm = self
-            .boot_vm(language, language.memory_mib.max(needed))
+            .start_vm(language, language.memory_mib.max(needed))
             .await?;
         Ok((vm, false))
+    }
+
+    /// A VM with `memory_mib` for `language`: restored from its snapshot when that is the
+    /// language's default shape and a snapshot is ready, else booted.
+    async fn start_vm(
+        self: &Arc<Self>,
+        language: &Language,
+        memory_mib: u64,
+    ) -> Result<Vm, ExecError2> {
+        if memory_mib == language.memory_mib {
+            if let Some(vm) = self.restore_vm(language).await {
+                return Ok(vm);
+            }
+        }
+        self.boot_vm(language, memory_mib).await
     }
 
     /// Boots what the pool lacks for `language`, in the background.
@@ -151,7 +168,7 @@ impl Executor {
             let exec = self.clone();
             let language = language.clone();
             tokio::spawn(async move {
-                match exec.boot_vm(&language, language.memory_mib).await {
+                match exec.start_vm(&language, language.memory_mib).await {
                     Ok(vm) => exec.pool.put(&language.name, Some(vm)),
                     Err(_) => exec.pool.put(&language.name, None),
                 }
@@ -159,11 +176,15 @@ impl Executor {
         }
     }
 
-    /// Boots a fresh VM with `memory_mib` for `language`.
-    async fn boot_vm(&self, language: &Language, memory_mib: u64) -> Result<Vm, ExecError2> {
+    /// What a VM of `language` with `memory_mib` boots (builds or finds the artifacts).
+    pub(crate) async fn vm_spec(
+        &self,
+        language: &Language,
+        memory_mib: u64,
+    ) -> Result<VmSpec, ArtifactError> {
         let kernel = self.artifacts.kernel().await?;
         let initrd = self.artifacts.image(language).await?;
-        let spec = VmSpec {
+        Ok(VmSpec {
             kernel: match self.driver.kind {
                 Kind::Qemu => kernel.bzimage,
                 Kind::CloudeVmm => kernel.vmlinux,
@@ -172,13 +193,23 @@ impl Executor {
             memory_mib,
             vcpus: self.settings.vcpus,
             boot_timeout: self.settings.boot_timeout,
-        };
-        // Off the async workers: with the tcp transport a slot makes a tap and runs `nft`.
+        })
+    }
+
+    /// A new slot (off the async workers: with the tcp transport a slot makes a tap and runs
+    /// `nft`).
+    pub(crate) async fn new_slot(&self) -> Result<Slot, VmError> {
         let rt = self.runtime.clone();
-        let slot = tokio::task::spawn_blocking(move || rt.slot())
+        tokio::task::spawn_blocking(move || rt.slot())
             .await
             .map_err(|e| VmError::RuntimeDir(std::io::Error::other(e)))?
-            .map_err(VmError::RuntimeDir)?;
+            .map_err(VmError::RuntimeDir)
+    }
+
+    /// Boots a fresh VM with `memory_mib` for `language`.
+    async fn boot_vm(&self, language: &Language, memory_mib: u64) -> Result<Vm, ExecError2> {
+        let spec = self.vm_spec(language, memory_mib).await?;
+        let slot = self.new_slot().await?;
         let cid = slot.cid;
         let vm = self.driver.boot(&spec, slot).await.inspect_err(|e| {
             self.metrics.vm_failed();
@@ -221,12 +252,19 @@ impl Executor {
                 });
             }
         };
+        timings.vm_source = match (pooled, vm.source) {
+            (true, _) => cloude_api::VmSource::Pool,
+            (false, Source::Snapshot) => cloude_api::VmSource::Snapshot,
+            (false, Source::Cold) => cloude_api::VmSource::Cold,
+        };
         if pooled {
             // The boot happened before the request; it only waited to take the VM.
             timings.boot_ms = ms(start.elapsed());
         } else {
             timings.boot_ms = ms(vm.boot);
-            self.metrics.observe("boot", vm.boot);
+            if vm.source == Source::Cold {
+                self.metrics.observe("boot", vm.boot);
+            }
         }
         if let Some(open) = vm.network_opener().filter(|_| job.network) {
             let opened = tokio::task::spawn_blocking(open).await.unwrap_or_else(|e| {
@@ -250,11 +288,10 @@ impl Executor {
         let deadline = Duration::from_millis(job.compile_timeout_ms + job.run_timeout_ms)
             + AGENT_DEADLINE_SLACK;
         let run_start = Instant::now();
-        let result = match vm.take_io() {
-            None => Err("the VM has no agent channel".to_string()),
-            Some(io) => {
+        let result = match vm.agent().await {
+            Err(e) => Err(format!("cannot talk to the VM's agent: {e}")),
+            Ok(mut client) => {
                 let talk = async {
-                    let mut client = AgentClient::handshake(io).await?;
                     match events {
                         Some(tx) => client.run_stream(&req, &tx).await,
                         None => client.run(&req).await,

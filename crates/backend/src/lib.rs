@@ -1,6 +1,7 @@
 //! `cloude-server`: the HTTP API that runs each request in its own fresh micro-VM.
 // Unsafe code only where the tcp transport talks to the kernel directly (`vm::net`'s tap ioctls
-// and the hypervisor's fd inheritance in `vm::inherit_tap`), each block with its SAFETY note.
+// and the hypervisor's fd inheritance in `vm::inherit_fds`; `agent::fill_random`), each block with
+// its SAFETY note.
 #![deny(unsafe_code)]
 
 pub mod agent;
@@ -13,4 +14,5 @@ pub mod limiter;
 pub mod metrics;
 pub mod pool;
 pub mod serve;
+pub mod snapshots;
 pub mod vm;

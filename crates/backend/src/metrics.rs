@@ -44,6 +44,8 @@ struct Inner {
     vm_failures: u64,
     pool_hits: u64,
     pool_misses: u64,
+    /// Snapshot events by kind (`made`, `failed`, `restored`, `restore_failed`, `refused`).
+    snapshots: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Default)]
@@ -95,6 +97,35 @@ impl Metrics {
 
     pub fn pool_miss(&self) {
         self.with(|m| m.pool_misses += 1);
+    }
+
+    fn snapshot_event(&self, kind: &'static str) {
+        self.with(|m| *m.snapshots.entry(kind).or_default() += 1);
+    }
+
+    /// A snapshot was made and published.
+    pub fn snapshot_made(&self) {
+        self.snapshot_event("made");
+    }
+
+    /// Making a snapshot failed.
+    pub fn snapshot_failed(&self) {
+        self.snapshot_event("failed");
+    }
+
+    /// A cached snapshot was refused (corrupt, truncated, mismatched) and removed.
+    pub fn snapshot_refused(&self) {
+        self.snapshot_event("refused");
+    }
+
+    /// A VM was restored from a snapshot.
+    pub fn snapshot_restored(&self) {
+        self.snapshot_event("restored");
+    }
+
+    /// A restore failed (the request booted cold).
+    pub fn snapshot_restore_failed(&self) {
+        self.snapshot_event("restore_failed");
     }
 
     pub fn render(&self, g: &Gauges) -> String {
@@ -164,6 +195,15 @@ impl Metrics {
             let _ = writeln!(o, "# TYPE cloude_pool_takes_total counter");
             let _ = writeln!(o, "cloude_pool_takes_total{{result=\"hit\"}} {}", m.pool_hits);
             let _ = writeln!(o, "cloude_pool_takes_total{{result=\"miss\"}} {}", m.pool_misses);
+            let _ = writeln!(
+                o,
+                "# HELP cloude_snapshot_events_total Snapshots made, failed, refused; restores and failed restores."
+            );
+            let _ = writeln!(o, "# TYPE cloude_snapshot_events_total counter");
+            for kind in ["made", "failed", "refused", "restored", "restore_failed"] {
+                let n = m.snapshots.get(kind).copied().unwrap_or(0);
+                let _ = writeln!(o, "cloude_snapshot_events_total{{event=\"{kind}\"}} {n}");
+            }
         });
         let _ = writeln!(
             o,

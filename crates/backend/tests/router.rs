@@ -51,6 +51,7 @@ fn state_with(config: Config) -> Arc<AppState> {
             output_limit_bytes: 1024,
         },
         pool: cloude_server::pool::Pool::off(),
+        snapshots: cloude_server::snapshots::Snapshots::off(),
     });
     Arc::new(AppState {
         config,

@@ -42,6 +42,14 @@ pub fn sha256_file(path: &Path) -> Result<String, IntegrityError> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The digest recorded beside `path` (what [`verify`] checks against), if there is one.
+pub fn recorded(path: &Path) -> Option<String> {
+    std::fs::read_to_string(digest_path(path))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Records the digest of `path` beside it.
 pub fn seal(path: &Path) -> Result<String, IntegrityError> {
     seal_as(path, path)

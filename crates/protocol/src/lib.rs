@@ -11,6 +11,13 @@
 //!   [`READY_VSOCK_PORT`] and writes [`ready_line`]; over virtio-serial it writes the same line.
 //! - Routes: `GET /v1/health` -> [`Health`]; `POST /v1/run` with [`RunRequest`] -> [`RunResponse`];
 //!   `POST /v1/run/stream` -> NDJSON of [`StreamEvent`], the last one being `result`.
+//! - Snapshots: `POST /v1/snapshot/prepare` (empty body, answered `204`, the connection kept
+//!   open) tells the agent that the host is about to snapshot the VM; from then on every run is
+//!   refused (`409`) until `POST /v1/wake` with a [`WakeRequest`] -> [`WakeResponse`] has made
+//!   the (restored) VM a new machine: fresh entropy mixed in and the kernel's RNG reseeded, the
+//!   clock set, the identity re-applied. Over virtio-serial a clone resumes with that connection
+//!   idle, so its host sends the wake on it with no new ready line; over vsock the clone's
+//!   transport reset drops the connection, the listener survives, and the host connects again.
 #![forbid(unsafe_code)]
 
 use base64::Engine as _;
@@ -47,6 +54,56 @@ pub fn parse_ready_line(line: &str) -> Option<u32> {
         .strip_prefix(READY_PREFIX)?
         .strip_prefix(' ')?;
     rest.parse().ok()
+}
+
+/// Least fresh entropy a restored VM must receive before it runs a program, bytes.
+pub const MIN_WAKE_ENTROPY_BYTES: usize = 32;
+/// Most entropy one wake carries, bytes (the kernel takes at most this much per call anyway).
+pub const MAX_WAKE_ENTROPY_BYTES: usize = 64;
+/// Longest hostname a wake may set (the kernel's limit).
+pub const MAX_HOSTNAME_BYTES: usize = 64;
+
+/// `POST /v1/wake`: sent to a VM restored from a snapshot before anything else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeRequest {
+    pub protocol_version: u32,
+    /// Fresh random bytes from the host, mixed into the guest kernel's pool (then reseeded).
+    pub entropy: Bytes,
+    /// The host's clock (`CLOCK_REALTIME`) when the request was made, nanoseconds since 1970.
+    pub unix_time_ns: u64,
+    /// The VM's hostname.
+    pub hostname: String,
+}
+
+impl WakeRequest {
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        if self.protocol_version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version(self.protocol_version));
+        }
+        let n = self.entropy.0.len();
+        if !(MIN_WAKE_ENTROPY_BYTES..=MAX_WAKE_ENTROPY_BYTES).contains(&n) {
+            return Err(ProtocolError::Entropy(n));
+        }
+        if self.hostname.is_empty()
+            || self.hostname.len() > MAX_HOSTNAME_BYTES
+            || !self
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(ProtocolError::BadHostname);
+        }
+        Ok(())
+    }
+}
+
+/// Answer of `POST /v1/wake`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeResponse {
+    /// Entropy was added and the kernel's RNG reseeded.
+    pub reseeded: bool,
+    /// How far the guest clock was off before it was set, milliseconds (guest minus host).
+    pub clock_skew_ms: i64,
 }
 
 /// Bytes that travel inside JSON as base64 (binary-safe output and input).
@@ -272,6 +329,10 @@ pub enum ProtocolError {
     BadTimeout(&'static str, u64),
     #[error("{0} contains a NUL byte")]
     NulByte(&'static str),
+    #[error("a wake must carry {MIN_WAKE_ENTROPY_BYTES} to {MAX_WAKE_ENTROPY_BYTES} bytes of entropy, got {0}")]
+    Entropy(usize),
+    #[error("the hostname must be 1 to {MAX_HOSTNAME_BYTES} letters, digits, '-' or '.'")]
+    BadHostname,
 }
 
 /// Checks that a file name is a plain relative path that stays inside the work directory.
@@ -365,6 +426,39 @@ impl RunRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wake_requests_are_checked() {
+        let ok = WakeRequest {
+            protocol_version: PROTOCOL_VERSION,
+            entropy: Bytes(vec![7; MIN_WAKE_ENTROPY_BYTES]),
+            unix_time_ns: 1,
+            hostname: "cloude".into(),
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let short = WakeRequest {
+            entropy: Bytes(vec![7; MIN_WAKE_ENTROPY_BYTES - 1]),
+            ..ok.clone()
+        };
+        assert_eq!(short.validate(), Err(ProtocolError::Entropy(31)));
+        let long = WakeRequest {
+            entropy: Bytes(vec![7; MAX_WAKE_ENTROPY_BYTES + 1]),
+            ..ok.clone()
+        };
+        assert!(long.validate().is_err());
+        for bad in ["", "a b", "x/y", &"h".repeat(65)] {
+            let r = WakeRequest {
+                hostname: bad.into(),
+                ..ok.clone()
+            };
+            assert_eq!(r.validate(), Err(ProtocolError::BadHostname), "{bad:?}");
+        }
+        let v = WakeRequest {
+            protocol_version: 9,
+            ..ok
+        };
+        assert_eq!(v.validate(), Err(ProtocolError::Version(9)));
+    }
 
     fn req() -> RunRequest {
         RunRequest {

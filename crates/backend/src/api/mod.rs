@@ -100,6 +100,9 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
         // tcp transport only (null with vsock: no VM has a network device).
         "host_rules": rt.has_network().then(|| rt.fence().is_some()),
         "host_rules_detail": rt.fence().map(|f| f.describe()),
+        "snapshots": state.executor.snapshots.active(),
+        "snapshots_detail": state.executor.snapshots.status(),
+        "snapshots_ready": state.executor.snapshots.ready_count(),
     }))
 }
 

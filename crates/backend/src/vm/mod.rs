@@ -4,7 +4,8 @@
 //! hypervisor and waits for the agent's ready line, returning a [`Vm`] with an open channel to the
 //! agent. Dropping the [`Vm`] kills the hypervisor process and removes the directory (every exit
 //! path: success, timeout, client disconnect, error). The warm pool (`crate::pool`) is another
-//! producer of ready [`Vm`]s (see `Executor::acquire_vm`); a snapshot restore would be one more.
+//! producer of ready [`Vm`]s (see `Executor::acquire_vm`), and so is [`Driver::restore`]: a VM
+//! restored from a snapshot ([`snapshot`]) of a booted template, woken as a new machine.
 
 pub mod console;
 pub mod fence;
@@ -12,10 +13,13 @@ pub mod jail;
 pub mod net;
 pub mod probe;
 mod qemu;
+pub mod qmp;
 mod runtime;
+pub mod snapshot;
 mod vmm;
 
-use std::path::PathBuf;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,6 +135,19 @@ pub enum VmError {
     Handshake(String),
     #[error("cannot jail the hypervisor: {0}")]
     Jail(jail::JailError),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error("the restored VM's agent could not be woken: {0}")]
+    Wake(String),
+}
+
+/// Where a VM came from (`timings.vm_source` adds `pool` for either kind taken from the pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Booted from its kernel and image.
+    Cold,
+    /// Restored from a snapshot and woken.
+    Snapshot,
 }
 
 /// A running VM with its agent channel. Dropping it kills the VM and frees its slot.
@@ -143,13 +160,31 @@ pub struct Vm {
     pub(crate) _control: Option<Box<dyn AgentIo>>,
     /// The VM's uid and cgroup (jailed VMs).
     pub(crate) lease: Option<jail::Lease>,
+    /// From spawn to a ready agent (restored VMs: to the answered wake).
     pub boot: Duration,
+    pub source: Source,
+    /// Restored VMs: the agent connection the wake went over (runs continue on it).
+    pub(crate) client: Option<crate::agent::AgentClient>,
 }
 
 impl Vm {
     /// Takes the agent channel (once).
     pub fn take_io(&mut self) -> Option<Box<dyn AgentIo>> {
         self.io.take()
+    }
+
+    /// Takes the HTTP connection to the agent (once): the one a restored VM was woken over, or
+    /// a new one over the channel.
+    pub async fn agent(&mut self) -> Result<crate::agent::AgentClient, crate::agent::AgentError> {
+        if let Some(c) = self.client.take() {
+            return Ok(c);
+        }
+        match self.io.take() {
+            Some(io) => crate::agent::AgentClient::handshake(io).await,
+            None => Err(crate::agent::AgentError::Body(
+                "the VM has no agent channel".into(),
+            )),
+        }
     }
 
     /// Process id of the hypervisor, or of its jailer (for logs and fault injection).
@@ -294,16 +329,95 @@ impl Driver {
     /// Boots one fresh VM in `slot` and waits until its agent is ready.
     pub async fn boot(&self, spec: &VmSpec, slot: Slot) -> Result<Vm, VmError> {
         match self.kind {
-            Kind::Qemu => qemu::boot(self, spec, slot).await,
-            Kind::CloudeVmm => vmm::boot(self, spec, slot).await,
+            Kind::Qemu => qemu::boot(self, spec, slot, qemu::Mode::Boot).await,
+            Kind::CloudeVmm => vmm::boot(self, spec, slot, None).await,
         }
     }
+
+    /// Boots a template VM in `slot`, waits for its agent, seals it and writes its snapshot into
+    /// `out` (a staging directory). Returns the names of the files written and the template's
+    /// boot time. The template is destroyed afterwards.
+    pub async fn snapshot(
+        &self,
+        spec: &VmSpec,
+        slot: Slot,
+        tag: &str,
+        out: &Path,
+    ) -> Result<(Vec<&'static str>, Duration), VmError> {
+        if slot.tap.is_some() {
+            return Err(VmError::Snapshot(
+                "snapshots need the vsock transport (a restored VM cannot take a new IP address yet)"
+                    .into(),
+            ));
+        }
+        match self.kind {
+            Kind::Qemu => qemu::snapshot(self, spec, slot, out).await,
+            Kind::CloudeVmm => vmm::snapshot(self, spec, slot, tag, out).await,
+        }
+    }
+
+    /// Restores a VM from `snap` in `slot` and wakes its agent as a new machine (fresh entropy,
+    /// clock, hostname) before anything else can reach it.
+    pub async fn restore(
+        &self,
+        spec: &VmSpec,
+        snap: &snapshot::Snapshot,
+        slot: Slot,
+    ) -> Result<Vm, VmError> {
+        if slot.tap.is_some() {
+            return Err(VmError::Snapshot(
+                "snapshots need the vsock transport".into(),
+            ));
+        }
+        snap.still_intact()
+            .map_err(|e| VmError::Snapshot(e.to_string()))?;
+        match self.kind {
+            Kind::Qemu => qemu::restore(self, spec, snap, slot).await,
+            Kind::CloudeVmm => vmm::restore(self, spec, snap, slot).await,
+        }
+    }
+
+    /// The kernel command line templates boot with (part of a snapshot's identity).
+    /// `init_on_free=1`: pages the guest frees (the compressed initramfs, above all) are zeroed,
+    /// so the snapshot skips them (QEMU's migration stream shrank from 132 to 80 MB for Python).
+    pub fn snapshot_cmdline(&self) -> String {
+        let extra = match self.kind {
+            Kind::Qemu => SNAPSHOT_CMDLINE_EXTRA.to_string(),
+            Kind::CloudeVmm => format!("{} {SNAPSHOT_CMDLINE_EXTRA}", vmm::VMM_CMDLINE_EXTRA),
+        };
+        format!("{BASE_CMDLINE} {extra}")
+    }
+}
+
+/// What a template's kernel command line adds (see [`Driver::snapshot_cmdline`]).
+const SNAPSHOT_CMDLINE_EXTRA: &str = "init_on_free=1";
+
+/// The hostname every VM has (re-applied by a wake).
+pub const GUEST_HOSTNAME: &str = "cloude";
+
+/// Makes the HTTP connection to a restored VM's agent and wakes it: the wake's answer is the
+/// restored VM's "ready".
+pub(crate) async fn wake(io: Box<dyn AgentIo>) -> Result<crate::agent::AgentClient, VmError> {
+    let mut client = crate::agent::AgentClient::handshake(io)
+        .await
+        .map_err(|e| VmError::Wake(e.to_string()))?;
+    let w = client
+        .wake(GUEST_HOSTNAME)
+        .await
+        .map_err(|e| VmError::Wake(e.to_string()))?;
+    tracing::debug!(skew_ms = w.clock_skew_ms, "restored VM woken");
+    Ok(client)
 }
 
 /// The kernel command line for `slot`: the shared base, the driver's extras and, with a tap, the
 /// guest's static address.
 pub(crate) fn cmdline(slot: &Slot, extra: &str) -> String {
     let mut c = BASE_CMDLINE.to_string();
+    cmdline_tail(&mut c, slot, extra);
+    c
+}
+
+fn cmdline_tail(c: &mut String, slot: &Slot, extra: &str) {
     if !extra.is_empty() {
         c.push(' ');
         c.push_str(extra);
@@ -312,33 +426,72 @@ pub(crate) fn cmdline(slot: &Slot, extra: &str) -> String {
         c.push(' ');
         c.push_str(&tap.kernel_ip_arg());
     }
-    c
 }
 
-/// Hands the slot's tap (if any) to the hypervisor as fd [`net::CHILD_TAP_FD`].
+/// Most descriptors handed to one hypervisor.
+const MAX_INHERITED_FDS: usize = 4;
+/// Where inherited descriptors are parked in the child before they are moved to their numbers
+/// (above anything they could collide with).
+const FD_PARKING: RawFd = 512;
+
+/// Hands the slot's tap (if any) to the hypervisor as fd [`net::CHILD_TAP_FD`], and `extra`
+/// descriptors as `(open fd, number in the child)`.
 #[allow(unsafe_code)]
-fn inherit_tap(cmd: &mut tokio::process::Command, slot: &Slot) {
-    let Some(tap) = &slot.tap else { return };
-    let fd = tap.raw_fd();
+fn inherit_fds(
+    cmd: &mut tokio::process::Command,
+    slot: &Slot,
+    extra: &[(RawFd, RawFd)],
+) -> Result<(), VmError> {
+    let mut fds = [(-1, -1); MAX_INHERITED_FDS];
+    let mut n = 0;
+    let tap = slot.tap.as_ref().map(|t| (t.raw_fd(), net::CHILD_TAP_FD));
+    for (i, pair) in tap.iter().chain(extra).enumerate() {
+        if i >= MAX_INHERITED_FDS {
+            return Err(VmError::Spawn(
+                "hypervisor".into(),
+                std::io::Error::other("too many inherited descriptors"),
+            ));
+        }
+        fds[i] = *pair;
+        n = i + 1;
+    }
+    if n == 0 {
+        return Ok(());
+    }
     let hook = move || -> std::io::Result<()> {
-        let target = net::CHILD_TAP_FD;
-        // SAFETY: dup2 and fcntl on integer fds are async-signal-safe and touch no memory.
-        let r = unsafe {
-            if fd == target {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, target)
+        // Park every source first, so that moving one to its number cannot overwrite another.
+        let mut parked = [-1; MAX_INHERITED_FDS];
+        for i in 0..n {
+            // SAFETY: fcntl on an integer fd is async-signal-safe and touches no memory.
+            let p = unsafe { libc::fcntl(fds[i].0, libc::F_DUPFD_CLOEXEC, FD_PARKING) };
+            if p < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
+            parked[i] = p;
+        }
+        for i in 0..n {
+            // SAFETY: dup2 on integer fds is async-signal-safe; the target has no CLOEXEC.
+            if unsafe { libc::dup2(parked[i], fds[i].1) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
         Ok(())
     };
-    // SAFETY: the hook is async-signal-safe (no allocation, two syscalls), as `pre_exec` needs.
+    // SAFETY: the hook is async-signal-safe (no allocation, only fcntl/dup2), as `pre_exec` needs.
     unsafe {
         cmd.pre_exec(hook);
     }
+    Ok(())
+}
+
+/// What a hypervisor gets beside its usual files (snapshots): directories bound into its jail
+/// (unjailed, it uses the host paths) and inherited descriptors.
+#[derive(Default)]
+pub(crate) struct Extras {
+    /// `(host directory, path in the jail, writable)`.
+    pub binds: Vec<(PathBuf, &'static str, bool)>,
+    /// `(open fd, number in the child)`.
+    pub fds: Vec<(RawFd, RawFd)>,
 }
 
 /// A spawned hypervisor (or its jailer) and, jailed, its uid and cgroup. Dropping it kills both.
@@ -396,6 +549,7 @@ pub(crate) fn spawn(
     args: Vec<String>,
     stdout: std::process::Stdio,
     stderr: std::process::Stdio,
+    extras: &Extras,
 ) -> Result<Process, VmError> {
     let (mut cmd, lease) = match &driver.jail {
         None => {
@@ -421,6 +575,13 @@ pub(crate) fn spawn(
             j.bind_ro(&spec.kernel, JAIL_KERNEL)
                 .bind_ro(&spec.initrd, JAIL_INITRD)
                 .bind_rw(&slot.dir, JAIL_DIR);
+            for (host, inside, writable) in &extras.binds {
+                if *writable {
+                    j.bind_rw(host, inside);
+                } else {
+                    j.bind_ro(host, inside);
+                }
+            }
             match driver.kind {
                 Kind::Qemu => qemu::jail(driver, &mut j),
                 Kind::CloudeVmm => vmm::jail(&mut j),
@@ -432,7 +593,7 @@ pub(crate) fn spawn(
             (cmd, Some(lease))
         }
     };
-    inherit_tap(&mut cmd, slot);
+    inherit_fds(&mut cmd, slot, &extras.fds)?;
     let child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(stdout)
@@ -506,6 +667,27 @@ impl Vm {
             _control: ch.control,
             lease: p.lease.take(),
             boot: started.elapsed(),
+            source: Source::Cold,
+            client: None,
+        }
+    }
+
+    /// A VM restored from a snapshot whose agent was woken over `client`.
+    pub(crate) fn restored(
+        mut p: Process,
+        slot: Slot,
+        client: crate::agent::AgentClient,
+        started: Instant,
+    ) -> Vm {
+        Vm {
+            child: p.child.take(),
+            slot,
+            io: None,
+            _control: None,
+            lease: p.lease.take(),
+            boot: started.elapsed(),
+            source: Source::Snapshot,
+            client: Some(client),
         }
     }
 }

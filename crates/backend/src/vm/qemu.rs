@@ -1,15 +1,39 @@
 //! QEMU `-M microvm` driver: agent over virtio-serial and no network device (vsock transport), or
 //! virtio-net on the slot's tap with the agent over TCP (tcp transport).
 
-use std::time::Instant;
+use std::os::fd::AsRawFd as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
+use serde_json::json;
+use tokio::io::AsyncReadExt as _;
 use tokio::net::UnixListener;
 
 use super::net::CHILD_TAP_FD;
+use super::qmp::Qmp;
+use super::snapshot::Snapshot;
 use super::{
-    channels, cmdline, during_boot, spawn, wait_ready, AgentIo, Driver, JailProfile, Paths, Slot,
-    Vm, VmError, VmSpec,
+    channels, cmdline, during_boot, spawn, wait_ready, wake, AgentIo, Driver, Extras, JailProfile,
+    Paths, Slot, Vm, VmError, VmSpec,
 };
+
+/// How a QEMU process starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A cold boot.
+    Boot,
+    /// A cold boot of a snapshot template: with a QMP monitor to stop and migrate it.
+    Template,
+    /// A clone: the template's machine, its state read from fd [`INCOMING_FD`].
+    Clone,
+}
+
+/// The descriptor a clone reads its migration stream from.
+const INCOMING_FD: i32 = 4;
+/// How long writing a snapshot may take (the stream is the guest's RAM, written to disk).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bytes of migration stream beyond guest RAM accepted from QEMU (device state, headers).
+const STREAM_SLACK_BYTES: u64 = 64 << 20;
 
 /// QEMU's cgroup and rlimits on top of the guest. Measured under TCG (README, Jail): RSS beyond
 /// guest memory up to ~100 MiB (the translation cache grows with the code the guest runs), ~8
@@ -49,8 +73,18 @@ pub(crate) fn jail(driver: &Driver, j: &mut cloude_jail::Spec) {
 }
 
 /// The QEMU command line for one VM (pure; unit-tested).
-pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot, paths: &Paths) -> Vec<String> {
+pub(crate) fn args(
+    driver: &Driver,
+    spec: &VmSpec,
+    slot: &Slot,
+    paths: &Paths,
+    mode: Mode,
+) -> Vec<String> {
     let accel = if driver.qemu_kvm { "kvm" } else { "tcg" };
+    let append = match mode {
+        Mode::Boot => cmdline(slot, ""),
+        Mode::Template | Mode::Clone => driver.snapshot_cmdline(),
+    };
     let sock = paths.file("agent.sock");
     let mut a: Vec<String> = vec![
         "-M".into(),
@@ -77,7 +111,7 @@ pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot, paths: &Paths) -
         "-initrd".into(),
         paths.initrd.display().to_string(),
         "-append".into(),
-        cmdline(slot, ""),
+        append,
         // The console goes to stdout, a pipe into the bounded console.log (`console.rs`).
         "-serial".into(),
         "stdio".into(),
@@ -106,11 +140,47 @@ pub(crate) fn args(driver: &Driver, spec: &VmSpec, slot: &Slot, paths: &Paths) -
         ]),
         None => a.extend(["-nic".into(), "none".into()]),
     }
+    if mode != Mode::Boot {
+        // The template's run state is not recorded, so a clone runs as soon as it has loaded.
+        a.extend(["-global".into(), "migration.store-global-state=off".into()]);
+    }
+    match mode {
+        Mode::Boot => {}
+        Mode::Template => a.extend([
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                paths.file("qmp.sock").display()
+            ),
+        ]),
+        Mode::Clone => a.extend(["-incoming".into(), format!("fd:{INCOMING_FD}")]),
+    }
     a.shrink_to_fit();
     a
 }
 
-pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, mut slot: Slot) -> Result<Vm, VmError> {
+/// Adds QEMU's own stderr to an exit-during-boot error.
+fn with_stderr(slot: &Slot, e: VmError) -> VmError {
+    match e {
+        VmError::ExitedDuringBoot { status, console } => {
+            let err = std::fs::read_to_string(slot.path("qemu.stderr")).unwrap_or_default();
+            let console = if err.trim().is_empty() {
+                console
+            } else {
+                format!("{console}\nqemu: {}", err.trim())
+            };
+            VmError::ExitedDuringBoot { status, console }
+        }
+        e => e,
+    }
+}
+
+pub(crate) async fn boot(
+    driver: &Driver,
+    spec: &VmSpec,
+    mut slot: Slot,
+    mode: Mode,
+) -> Result<Vm, VmError> {
     let sock = slot.path("agent.sock");
     let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
@@ -123,9 +193,10 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, mut slot: Slot) -> Resu
         driver,
         spec,
         &slot,
-        args(driver, spec, &slot, &paths),
+        args(driver, spec, &slot, &paths, mode),
         console.into(),
         stderr.into(),
+        &Extras::default(),
     )?;
     let io = during_boot(child.child(), &slot, spec, started, async {
         let (mut stream, _) = listener.accept().await.map_err(VmError::Channel)?;
@@ -136,22 +207,142 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, mut slot: Slot) -> Resu
         .await
     })
     .await;
-    let io = match io {
-        Ok(io) => io,
-        Err(VmError::ExitedDuringBoot { status, console }) => {
-            let err = std::fs::read_to_string(slot.path("qemu.stderr")).unwrap_or_default();
-            let console = if err.trim().is_empty() {
-                console
-            } else {
-                format!("{console}\nqemu: {}", err.trim())
-            };
-            return Err(VmError::ExitedDuringBoot { status, console });
-        }
-        Err(e) => return Err(e),
-    };
+    let io = io.map_err(|e| with_stderr(&slot, e))?;
     drop(listener);
     let _ = std::fs::remove_file(&sock);
     Ok(Vm::ready(child, slot, io, started))
+}
+
+/// Boots a template, seals its agent, stops it and migrates it into `out/state` (QEMU's
+/// migration stream with the guest's RAM: QEMU 7.2 cannot map a read-only file copy-on-write,
+/// so QEMU clones load their RAM instead of sharing it).
+pub(crate) async fn snapshot(
+    driver: &Driver,
+    spec: &VmSpec,
+    slot: Slot,
+    out: &Path,
+) -> Result<(Vec<&'static str>, Duration), VmError> {
+    let paths = driver.paths(spec, &slot);
+    let qmp_path = slot.path("qmp.sock");
+    let mig_path = slot.path("migrate.sock");
+    let mig_uri = format!("unix:{}", paths.file("migrate.sock").display());
+    let mut vm = boot(driver, spec, slot, Mode::Template).await?;
+    let booted = vm.boot;
+    let snap_err =
+        |what: &str, e: &dyn std::fmt::Display| VmError::Snapshot(format!("{what}: {e}"));
+    let work = async {
+        // The agent answers and stays on this connection, idle between two requests: that is
+        // the state every clone starts from (the clone's host then sends the wake on it).
+        let mut agent = vm.agent().await.map_err(|e| snap_err("agent", &e))?;
+        agent
+            .prepare_snapshot()
+            .await
+            .map_err(|e| snap_err("sealing the agent", &e))?;
+        let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(5))
+            .await
+            .map_err(|e| snap_err("monitor", &e))?;
+        qmp.execute("stop", json!({}))
+            .await
+            .map_err(|e| snap_err("stop", &e))?;
+        let listener = UnixListener::bind(&mig_path).map_err(VmError::RuntimeDir)?;
+        // A jailed QEMU runs as the VM's uid: the socket is its to connect to.
+        if let Some((uid, _)) = vm.jail() {
+            std::os::unix::fs::chown(&mig_path, Some(uid), Some(uid))
+                .map_err(VmError::RuntimeDir)?;
+        }
+        let mut file = tokio::fs::File::create(out.join("state"))
+            .await
+            .map_err(VmError::RuntimeDir)?;
+        let cap = (spec.memory_mib << 20) + STREAM_SLACK_BYTES;
+        let copy = async {
+            let (s, _) = listener.accept().await.map_err(VmError::Channel)?;
+            let n = tokio::io::copy(&mut s.take(cap + 1), &mut file)
+                .await
+                .map_err(VmError::Channel)?;
+            if n > cap {
+                return Err(VmError::Snapshot(format!(
+                    "QEMU's migration stream exceeds {cap} bytes"
+                )));
+            }
+            file.sync_all().await.map_err(VmError::RuntimeDir)?;
+            Ok(n)
+        };
+        let migrate = async {
+            qmp.execute("migrate", json!({ "uri": mig_uri }))
+                .await
+                .map_err(|e| snap_err("migrate", &e))?;
+            loop {
+                let r = qmp
+                    .execute("query-migrate", json!({}))
+                    .await
+                    .map_err(|e| snap_err("query-migrate", &e))?;
+                match r.get("status").and_then(|s| s.as_str()) {
+                    Some("completed") => return Ok(()),
+                    Some(s @ ("failed" | "cancelled")) => {
+                        let why = r.get("error-desc").and_then(|d| d.as_str()).unwrap_or(s);
+                        return Err(VmError::Snapshot(format!("migration {s}: {why}")));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        };
+        let (bytes, ()) = tokio::try_join!(copy, migrate)?;
+        tracing::debug!(bytes, "QEMU migration stream written");
+        drop(agent);
+        Ok::<_, VmError>(())
+    };
+    let r = match tokio::time::timeout(SNAPSHOT_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(VmError::Snapshot(format!(
+            "not written within {} s",
+            SNAPSHOT_TIMEOUT.as_secs()
+        ))),
+    };
+    vm.shutdown(Duration::ZERO).await;
+    r.map(|()| (vec!["state"], booted))
+}
+
+/// Starts a clone of `snap` (its migration stream handed to QEMU as fd [`INCOMING_FD`]) and
+/// wakes its agent over the serial channel, which the template left idle between two requests.
+pub(crate) async fn restore(
+    driver: &Driver,
+    spec: &VmSpec,
+    snap: &Snapshot,
+    mut slot: Slot,
+) -> Result<Vm, VmError> {
+    let sock = slot.path("agent.sock");
+    let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
+    let started = Instant::now();
+    let stderr = std::fs::File::create(slot.path("qemu.stderr")).map_err(VmError::RuntimeDir)?;
+    let console = slot
+        .start_console(driver.console_bytes)
+        .map_err(VmError::RuntimeDir)?;
+    let state = std::fs::File::open(snap.file("state"))
+        .map_err(|e| VmError::Snapshot(format!("cannot open the snapshot: {e}")))?;
+    let paths = driver.paths(spec, &slot);
+    let extras = Extras {
+        binds: Vec::new(),
+        fds: vec![(state.as_raw_fd(), INCOMING_FD)],
+    };
+    let mut child = spawn(
+        driver,
+        spec,
+        &slot,
+        args(driver, spec, &slot, &paths, Mode::Clone),
+        console.into(),
+        stderr.into(),
+        &extras,
+    )?;
+    drop(state);
+    let client = during_boot(child.child(), &slot, spec, started, async {
+        let (stream, _) = listener.accept().await.map_err(VmError::Channel)?;
+        wake(Box::new(stream) as Box<dyn AgentIo>).await
+    })
+    .await
+    .map_err(|e| with_stderr(&slot, e))?;
+    drop(listener);
+    let _ = std::fs::remove_file(&sock);
+    Ok(Vm::restored(child, slot, client, started))
 }
 
 #[cfg(test)]
@@ -177,11 +368,23 @@ mod tests {
             vcpus: 1,
             boot_timeout: std::time::Duration::from_secs(1),
         };
-        let a = args(&d, &spec, &slot, &d.paths(&spec, &slot)).join(" ");
+        let a = args(&d, &spec, &slot, &d.paths(&spec, &slot), Mode::Boot).join(" ");
         assert!(a.contains("-nic none"), "{a}");
         assert!(a.contains("-accel tcg"), "{a}");
         assert!(a.contains("name=cloude.agent"), "{a}");
         assert!(a.contains("-no-reboot"), "{a}");
         assert!(!a.contains("server"), "QEMU connects to our socket: {a}");
+        assert!(!a.contains("-incoming") && !a.contains("-qmp"), "{a}");
+        let t = args(&d, &spec, &slot, &d.paths(&spec, &slot), Mode::Template).join(" ");
+        let c = args(&d, &spec, &slot, &d.paths(&spec, &slot), Mode::Clone).join(" ");
+        assert!(t.contains("-qmp unix:") && !t.contains("-incoming"), "{t}");
+        assert!(c.contains("-incoming fd:4") && !c.contains("-qmp"), "{c}");
+        // A clone is the template's machine: everything but the monitor and -incoming agrees.
+        let strip = |s: &str, from: &str| s.split(from).next().unwrap_or("").to_string();
+        assert_eq!(strip(&t, " -qmp"), strip(&c, " -incoming"));
+        assert!(
+            t.contains("init_on_free=1") && !a.contains("init_on_free"),
+            "{t}"
+        );
     }
 }

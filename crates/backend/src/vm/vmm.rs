@@ -1,15 +1,24 @@
 //! `cloude-vmm` driver: KVM, agent over hybrid vsock (Firecracker-style Unix socket).
 
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
 use super::net::CHILD_TAP_FD;
+use super::snapshot::Snapshot;
 use super::{
-    channels, cmdline, during_boot, read_line, spawn, wait_ready, AgentIo, Driver, JailProfile,
-    Paths, Slot, Vm, VmError, VmSpec,
+    channels, cmdline, during_boot, read_line, spawn, wait_ready, wake, AgentIo, Driver, Extras,
+    JailProfile, Paths, Slot, Vm, VmError, VmSpec,
 };
+
+/// The snapshot directory of a restore, inside the jail.
+const JAIL_SNAPSHOT: &str = "/snapshot";
+/// The directory a template writes its snapshot into, under its own directory.
+const SNAPSHOT_OUT: &str = "snapshot";
+/// How long writing a snapshot may take (guest RAM, written to disk).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// cloude-vmm's cgroup and rlimits on top of the guest. Measured (README, Jail): RSS excluding
 /// guest memory 1.9 MiB, threads = main + device loop + one per vCPU (+ the jailer); the memory
@@ -27,17 +36,59 @@ pub(crate) fn jail(j: &mut cloude_jail::Spec) {
 }
 
 /// What `cloude-vmm` adds to the shared command line (its own defaults: no PCI, no i8042 probing).
-const VMM_CMDLINE_EXTRA: &str =
+pub(crate) const VMM_CMDLINE_EXTRA: &str =
     "pci=off i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable random.trust_cpu=on";
 
-pub(crate) fn args(spec: &VmSpec, slot: &Slot, paths: &Paths) -> Vec<String> {
-    let mut a = vec![
-        "--kernel".into(),
-        paths.kernel.display().to_string(),
-        "--initrd".into(),
-        paths.initrd.display().to_string(),
-        "--cmdline".into(),
-        cmdline(slot, VMM_CMDLINE_EXTRA),
+/// How a cloude-vmm process starts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Mode<'a> {
+    Boot,
+    /// A snapshot template with its tag: listens on `snapshot.ctl` for the order.
+    Template(&'a str),
+    /// A clone of the snapshot (bound at [`JAIL_SNAPSHOT`]) with its tag.
+    Clone(&'a Path, &'a str),
+}
+
+pub(crate) fn args(
+    driver: &Driver,
+    spec: &VmSpec,
+    slot: &Slot,
+    paths: &Paths,
+    mode: Mode,
+) -> Vec<String> {
+    let mut a: Vec<String> = match mode {
+        Mode::Boot => vec![
+            "--kernel".into(),
+            paths.kernel.display().to_string(),
+            "--initrd".into(),
+            paths.initrd.display().to_string(),
+            "--cmdline".into(),
+            cmdline(slot, VMM_CMDLINE_EXTRA),
+        ],
+        Mode::Template(tag) => vec![
+            "--kernel".into(),
+            paths.kernel.display().to_string(),
+            "--initrd".into(),
+            paths.initrd.display().to_string(),
+            "--cmdline".into(),
+            driver.snapshot_cmdline(),
+            "--snapshot-control".into(),
+            paths.file("snapshot.ctl").display().to_string(),
+            "--snapshot-tag".into(),
+            tag.into(),
+        ],
+        Mode::Clone(dir, tag) => vec![
+            "--restore".into(),
+            if driver.jail.is_some() {
+                JAIL_SNAPSHOT.into()
+            } else {
+                dir.display().to_string()
+            },
+            "--snapshot-tag".into(),
+            tag.into(),
+        ],
+    };
+    a.extend([
         "--memory-mib".into(),
         spec.memory_mib.to_string(),
         "--vcpus".into(),
@@ -46,7 +97,7 @@ pub(crate) fn args(spec: &VmSpec, slot: &Slot, paths: &Paths) -> Vec<String> {
         slot.cid.to_string(),
         "--vsock-uds".into(),
         paths.file("vsock.sock").display().to_string(),
-    ];
+    ]);
     if let Some(ms) = test_seccomp_violation() {
         a.extend(["--test-seccomp-violation-after-ms".into(), ms]);
     }
@@ -61,7 +112,13 @@ pub(crate) fn args(spec: &VmSpec, slot: &Slot, paths: &Paths) -> Vec<String> {
     a
 }
 
-pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, mut slot: Slot) -> Result<Vm, VmError> {
+pub(crate) async fn boot(
+    driver: &Driver,
+    spec: &VmSpec,
+    mut slot: Slot,
+    template: Option<&str>,
+) -> Result<Vm, VmError> {
+    let mode = template.map_or(Mode::Boot, Mode::Template);
     let uds = slot.path("vsock.sock");
     let ready_path = format!("{}_{}", uds.display(), cloude_protocol::READY_VSOCK_PORT);
     let listener = UnixListener::bind(&ready_path).map_err(VmError::RuntimeDir)?;
@@ -74,22 +131,16 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, mut slot: Slot) -> Resu
         driver,
         spec,
         &slot,
-        args(spec, &slot, &paths),
+        args(driver, spec, &slot, &paths, mode),
         console.try_clone().map_err(VmError::RuntimeDir)?.into(),
         console.into(),
+        &Extras::default(),
     )?;
     let io = during_boot(child.child(), &slot, spec, started, async {
         let (mut ready, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut ready).await?;
         channels(&slot, ready, |_| async {
-            let mut s = UnixStream::connect(&uds).await.map_err(VmError::Channel)?;
-            s.write_all(format!("CONNECT {}\n", cloude_protocol::AGENT_VSOCK_PORT).as_bytes())
-                .await
-                .map_err(VmError::Channel)?;
-            let ok = read_line(&mut s, 64).await.map_err(VmError::Channel)?;
-            if !ok.starts_with("OK ") {
-                return Err(VmError::Handshake(ok));
-            }
+            let s = connect_agent(&uds).await?;
             Ok(Box::new(s) as Box<dyn AgentIo>)
         })
         .await
@@ -98,6 +149,132 @@ pub(crate) async fn boot(driver: &Driver, spec: &VmSpec, mut slot: Slot) -> Resu
     drop(listener);
     let _ = std::fs::remove_file(&ready_path);
     Ok(Vm::ready(child, slot, io, started))
+}
+
+/// The hybrid-vsock handshake: a connection to the guest's agent port through `uds`.
+async fn connect_agent(uds: &Path) -> Result<UnixStream, VmError> {
+    let mut s = UnixStream::connect(uds).await.map_err(VmError::Channel)?;
+    s.write_all(format!("CONNECT {}\n", cloude_protocol::AGENT_VSOCK_PORT).as_bytes())
+        .await
+        .map_err(VmError::Channel)?;
+    let ok = read_line(&mut s, 64).await.map_err(VmError::Channel)?;
+    if !ok.starts_with("OK ") {
+        return Err(VmError::Handshake(ok));
+    }
+    Ok(s)
+}
+
+/// Boots a template, seals its agent and has cloude-vmm write `state` and `memory` (into its
+/// own directory, then moved to `out`); cloude-vmm exits once they are written.
+pub(crate) async fn snapshot(
+    driver: &Driver,
+    spec: &VmSpec,
+    slot: Slot,
+    tag: &str,
+    out: &Path,
+) -> Result<(Vec<&'static str>, Duration), VmError> {
+    let paths = driver.paths(spec, &slot);
+    let ctl = slot.path("snapshot.ctl");
+    let host_out = slot.path(SNAPSHOT_OUT);
+    let vmm_out = paths.file(SNAPSHOT_OUT);
+    let mut vm = boot(driver, spec, slot, Some(tag)).await?;
+    let booted = vm.boot;
+    let snap_err =
+        |what: &str, e: &dyn std::fmt::Display| VmError::Snapshot(format!("{what}: {e}"));
+    let work = async {
+        let mut agent = vm.agent().await.map_err(|e| snap_err("agent", &e))?;
+        agent
+            .prepare_snapshot()
+            .await
+            .map_err(|e| snap_err("sealing the agent", &e))?;
+        drop(agent);
+        std::fs::create_dir(&host_out).map_err(VmError::RuntimeDir)?;
+        if let Some((uid, _)) = vm.jail() {
+            std::os::unix::fs::chown(&host_out, Some(uid), Some(uid))
+                .map_err(VmError::RuntimeDir)?;
+        }
+        let mut s = UnixStream::connect(&ctl)
+            .await
+            .map_err(|e| snap_err("control socket", &e))?;
+        s.write_all(format!("SNAPSHOT {}\n", vmm_out.display()).as_bytes())
+            .await
+            .map_err(VmError::Channel)?;
+        let answer = read_line(&mut s, 512).await.map_err(VmError::Channel)?;
+        if answer.trim_end() != "OK" {
+            return Err(VmError::Snapshot(format!("cloude-vmm: {answer}")));
+        }
+        for name in ["state", "memory"] {
+            move_file(&host_out.join(name), &out.join(name)).map_err(VmError::RuntimeDir)?;
+        }
+        Ok::<_, VmError>(())
+    };
+    let r = match tokio::time::timeout(SNAPSHOT_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(VmError::Snapshot(format!(
+            "not written within {} s",
+            SNAPSHOT_TIMEOUT.as_secs()
+        ))),
+    };
+    vm.shutdown(Duration::from_secs(2)).await;
+    r.map(|()| (vec!["state", "memory"], booted))
+}
+
+/// Renames `from` to `to`, copying across file systems (the runtime directory may be a tmpfs).
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts a clone of `snap` (bound read-only into the jail; cloude-vmm maps its memory file
+/// copy-on-write) and wakes its agent once the guest's vsock listener answers again.
+pub(crate) async fn restore(
+    driver: &Driver,
+    spec: &VmSpec,
+    snap: &Snapshot,
+    mut slot: Slot,
+) -> Result<Vm, VmError> {
+    let uds = slot.path("vsock.sock");
+    let started = Instant::now();
+    let console = slot
+        .start_console(driver.console_bytes)
+        .map_err(VmError::RuntimeDir)?;
+    let paths = driver.paths(spec, &slot);
+    let tag = snap.tag();
+    let extras = Extras {
+        binds: vec![(snap.dir.clone(), JAIL_SNAPSHOT, false)],
+        fds: Vec::new(),
+    };
+    let mut child = spawn(
+        driver,
+        spec,
+        &slot,
+        args(driver, spec, &slot, &paths, Mode::Clone(&snap.dir, &tag)),
+        console.try_clone().map_err(VmError::RuntimeDir)?.into(),
+        console.into(),
+        &extras,
+    )?;
+    let client = during_boot(child.child(), &slot, spec, started, async {
+        // The socket appears once cloude-vmm has restored the devices; the guest answers once
+        // it has handled the transport reset.
+        let s = loop {
+            match connect_agent(&uds).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::trace!("restored VM not reachable yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        wake(Box::new(s) as Box<dyn AgentIo>).await
+    })
+    .await?;
+    Ok(Vm::restored(child, slot, client, started))
 }
 
 /// Test hook (`CLOUDE_TEST_SECCOMP_VIOLATION_MS`, read from the server's own environment, which
