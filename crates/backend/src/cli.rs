@@ -180,6 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pool: Pool::new(config.pool.size, config.pool.languages.clone()),
         snapshots: Snapshots::new(
             config.snapshot.enabled,
+            (!config.snapshot.dir.is_empty()).then(|| PathBuf::from(&config.snapshot.dir)),
             (config.vm.transport == Transport::Tcp).then(|| {
                 "the tcp transport is on (a restored VM cannot take a new IP address yet)".into()
             }),

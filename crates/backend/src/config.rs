@@ -97,6 +97,8 @@ pub enum Transport {
 pub struct SnapshotConfig {
     /// Serve requests from snapshot restores (`crate::snapshots`).
     pub enabled: bool,
+    /// Where snapshots are kept (empty: `$CLOUDE_HOME/snapshots`).
+    pub dir: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

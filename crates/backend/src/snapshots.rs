@@ -42,9 +42,10 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// `enabled`: `[snapshot] enabled`; `off_reason`: why they cannot work here even so.
-    pub fn new(enabled: bool, off_reason: Option<String>) -> Self {
-        let root = snapshot::root();
+    /// `enabled`: `[snapshot] enabled`; `dir`: `[snapshot] dir` (`None`: under `$CLOUDE_HOME`);
+    /// `off_reason`: why they cannot work here even so.
+    pub fn new(enabled: bool, dir: Option<std::path::PathBuf>, off_reason: Option<String>) -> Self {
+        let root = dir.unwrap_or_else(snapshot::root);
         if enabled && off_reason.is_none() {
             snapshot::sweep_staging(&root);
         }
@@ -60,7 +61,7 @@ impl Snapshots {
 
     /// Snapshots off (tests, `[snapshot] enabled = false`).
     pub fn off() -> Self {
-        Self::new(false, None)
+        Self::new(false, None, None)
     }
 
     /// Whether requests are served from snapshots.
@@ -218,6 +219,24 @@ impl Executor {
         let key = identity.key();
         let started = Instant::now();
         let result = async {
+            // Servers sharing the cache make each snapshot once: the one holding the lock makes
+            // it, the others find it published when they get the lock.
+            let root = self.snapshots.root.clone();
+            let id = identity.clone();
+            let (lock, found) = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+                let lock = cloude_image::lock::FileLock::acquire(
+                    &root.join(format!(".{}.lock", id.dir_name())),
+                )
+                .map_err(|e| format!("cannot lock the snapshot: {e}"))?;
+                Ok::<_, String>((lock, snapshot::load(&root, &id).ok()))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            if let Some(s) = found {
+                return Ok(s);
+            }
+            let _lock = lock;
             let root = self.snapshots.root.clone();
             let staging = tokio::task::spawn_blocking(move || snapshot::staging(&root))
                 .await
@@ -297,7 +316,7 @@ impl Executor {
                     let was_ready =
                         matches!(map.get(&key), Some(Entry::Ready(s)) if Arc::ptr_eq(s, &snap));
                     if was_ready {
-                        map.insert(key, Entry::Failed(Instant::now()));
+                        map.insert(key.clone(), Entry::Failed(Instant::now()));
                     }
                     was_ready
                 };
@@ -308,8 +327,17 @@ impl Executor {
                         "restore from {} failed, booting cold instead: {e}",
                         snap.dir.display()
                     );
-                    if invalidates(&e) {
-                        snapshot::discard(&snap.dir);
+                    match verdict(&e) {
+                        // Verified again on next use (another server may have replaced it).
+                        Verdict::Reload => {
+                            self.snapshots.lock().remove(&key);
+                        }
+                        // Removed; the next use makes a new one.
+                        Verdict::Invalid => {
+                            snapshot::discard(&snap.dir);
+                            self.snapshots.lock().remove(&key);
+                        }
+                        Verdict::Transient => {}
                     }
                 }
                 None
@@ -318,11 +346,20 @@ impl Executor {
     }
 }
 
-/// Whether a restore failure says the snapshot itself is bad (so it is removed), rather than the
-/// host being busy or the VM being killed.
-fn invalidates(e: &VmError) -> bool {
-    matches!(
-        e,
-        VmError::Snapshot(_) | VmError::ExitedDuringBoot { .. } | VmError::Wake(_)
-    )
+/// What a failed restore says about its snapshot.
+enum Verdict {
+    /// The files changed since they were verified: verify them again before the next restore.
+    Reload,
+    /// The hypervisor or the agent could not resume it: remove it.
+    Invalid,
+    /// Something else (the host, a kill): keep it; retried after [`RETRY_AFTER`].
+    Transient,
+}
+
+fn verdict(e: &VmError) -> Verdict {
+    match e {
+        VmError::Snapshot(_) => Verdict::Reload,
+        VmError::ExitedDuringBoot { .. } | VmError::Wake(_) => Verdict::Invalid,
+        _ => Verdict::Transient,
+    }
 }
