@@ -97,8 +97,9 @@ pub fn start_server_with(
     }
 }
 
-/// One hello-world request; its latency and the server's boot time in ms, or an error.
-fn hello_timed(addr: SocketAddr) -> Result<(f64, Option<f64>), String> {
+/// One hello-world request; its latency, the server's boot time in ms and where its VM came
+/// from, or an error.
+fn hello_timed(addr: SocketAddr) -> Result<(f64, Option<f64>, String), String> {
     let t = Instant::now();
     let r = http::request(addr, "POST", "/v1/executions", Some(HELLO), REQUEST_TIMEOUT)
         .map_err(|e| format!("{e:#}"))?;
@@ -110,23 +111,39 @@ fn hello_timed(addr: SocketAddr) -> Result<(f64, Option<f64>), String> {
     if v["stdout"] != "hello\n" || v["status"] != "ok" {
         return Err(format!("unexpected answer: {}", r.body));
     }
-    Ok((ms, v["timings"]["boot_ms"].as_f64()))
+    let source = v["timings"]["vm_source"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    Ok((ms, v["timings"]["boot_ms"].as_f64(), source))
+}
+
+/// Where the server's VMs came from over `latency`'s requests (`timings.vm_source` counts).
+fn count_sources(sources: &[String]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for s in sources {
+        let n = m.get(s).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        m.insert(s.clone(), json!(n + 1));
+    }
+    serde_json::Value::Object(m)
 }
 
 /// One hello-world request; its latency in ms, or an error description.
 fn hello(addr: SocketAddr) -> Result<f64, String> {
-    hello_timed(addr).map(|(ms, _)| ms)
+    hello_timed(addr).map(|(ms, _, _)| ms)
 }
 
 /// Sequential latency over `n` requests, beside host python3 over as many runs.
 pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
     let mut samples = Vec::with_capacity(n);
     let mut boots = Vec::with_capacity(n);
+    let mut sources = Vec::with_capacity(n);
     for i in 0..n {
-        let (ms, boot) =
+        let (ms, boot, source) =
             hello_timed(server.addr).map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
         samples.push(ms);
         boots.extend(boot);
+        sources.push(source);
     }
     // The interpreter itself, not a version-manager shim in front of it.
     let exe = Command::new("python3")
@@ -151,7 +168,8 @@ pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
     Ok(json!({
         "p50": p(&samples, 50.0), "p90": p(&samples, 90.0), "p99": p(&samples, 99.0),
         "host_python_p50": p(&host, 50.0), "requests": n,
-        "boot_ms_p50": p(&boots, 50.0), "samples": samples,
+        "boot_ms_p50": p(&boots, 50.0), "boot_ms_p90": p(&boots, 90.0),
+        "vm_sources": count_sources(&sources), "samples": samples, "boot_samples": boots,
     }))
 }
 
@@ -160,6 +178,7 @@ pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
 /// than the pool refills.
 pub fn pooled_latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
     let mut samples = Vec::with_capacity(n);
+    let mut sources = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
         loop {
@@ -173,11 +192,16 @@ pub fn pooled_latency(server: &Server, n: usize) -> anyhow::Result<serde_json::V
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let ms = hello(server.addr).map_err(|e| anyhow::anyhow!("pooled request {i}: {e}"))?;
+        let (ms, _, source) =
+            hello_timed(server.addr).map_err(|e| anyhow::anyhow!("pooled request {i}: {e}"))?;
         samples.push(ms);
+        sources.push(source);
     }
     let p = |q| percentile(&samples, q).map(r1);
-    Ok(json!({ "p50": p(50.0), "p90": p(90.0), "p99": p(99.0), "requests": n }))
+    Ok(json!({
+        "p50": p(50.0), "p90": p(90.0), "p99": p(99.0), "requests": n,
+        "vm_sources": count_sources(&sources), "samples": samples,
+    }))
 }
 
 /// Closed-loop load at each concurrency for `secs` seconds.
@@ -224,6 +248,87 @@ pub fn throughput(server: &Server, levels: &[usize], secs: u64) -> Vec<serde_jso
                 "p99_ms": percentile(&lat, 99.0).map(r1),
                 "errors": errors.len(),
             })
+        })
+        .collect()
+}
+
+/// Memory of `n` VMs running at once: `n` concurrent requests that each sleep `secs` seconds;
+/// once every hypervisor process is up and has idled a moment, sums their PSS and RSS
+/// (`/proc/PID/smaps_rollup`; hypervisors are found by their process name).
+pub fn memory(server: &Server, n: usize, secs: u64) -> anyhow::Result<serde_json::Value> {
+    let code = format!("import time; print('up', flush=True); time.sleep({secs})");
+    let body =
+        json!({"language": "python", "code": code, "timeout_ms": (secs + 30) * 1000}).to_string();
+    let addr = server.addr;
+    let workers: Vec<_> = (0..n)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                http::request(addr, "POST", "/v1/executions", Some(&body), REQUEST_TIMEOUT)
+                    .map(|r| r.status)
+            })
+        })
+        .collect();
+    // Sample for the middle of the sleep; keep the largest sums seen with all n running.
+    let start = Instant::now();
+    let mut best: Option<(u64, u64, usize)> = None;
+    while start.elapsed() < Duration::from_secs(secs + 60) {
+        let procs = hypervisors();
+        if procs.len() >= n {
+            let (pss, rss) = procs
+                .iter()
+                .fold((0, 0), |(p, r), (_, pp, rr)| (p + pp, r + rr));
+            if best.is_none_or(|(bp, _, _)| pss > bp) {
+                best = Some((pss, rss, procs.len()));
+            }
+        }
+        if workers.iter().all(|w| w.is_finished()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for w in workers {
+        let status = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a memory request panicked"))??;
+        if status != 200 {
+            bail!("a memory request answered HTTP {status}");
+        }
+    }
+    let (pss, rss, seen) = best.context("never saw every VM running at once")?;
+    let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    Ok(json!({
+        "vms": n, "processes_seen": seen,
+        "pss_total_mib": mib(pss), "rss_total_mib": mib(rss),
+        "pss_per_vm_mib": mib(pss / n as u64), "rss_per_vm_mib": mib(rss / n as u64),
+    }))
+}
+
+/// Running hypervisor processes (QEMU or cloude-vmm): (pid, PSS KiB, RSS KiB).
+fn hypervisors() -> Vec<(u32, u64, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            let comm = comm.trim();
+            if !(comm.starts_with("qemu-system") || comm == "cloude-vmm") {
+                return None;
+            }
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            let field = |name: &str| {
+                rollup.lines().find_map(|l| {
+                    l.strip_prefix(name)?
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            Some((pid, field("Pss:")?, field("Rss:")?))
         })
         .collect()
 }

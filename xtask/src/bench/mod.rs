@@ -84,16 +84,42 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         }
     }
 
-    // 2 and 3. Through the server.
+    // 2 and 3. Through the server, side by side: VMs from snapshots (the default), cold boots,
+    // and the warm pool with and without snapshots.
     if !args.no_e2e {
-        let server = e2e::start_server(&bin.join("cloude-server"), 4)?;
+        const COLD: &str = "[snapshot]\nenabled = false\n";
+        let server_bin = bin.join("cloude-server");
+        let server = e2e::start_server(&server_bin, 4)?;
         results["hypervisor"] = json!(server.hypervisor);
         results["e2e_hello_python_ms"] = e2e::latency(&server, requests)?;
         results["throughput"] = json!(e2e::throughput(&server, levels, window));
+        results["memory_snapshot"] =
+            e2e::memory(&server, 4, 8).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
         drop(server);
+        let cold = e2e::start_server_with(&server_bin, 4, COLD)?;
+        results["e2e_hello_python_cold_ms"] = e2e::latency(&cold, requests)?;
+        results["memory_cold"] =
+            e2e::memory(&cold, 4, 8).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+        drop(cold);
+        let (s, c) = (
+            &results["e2e_hello_python_ms"],
+            &results["e2e_hello_python_cold_ms"],
+        );
+        let ratio = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64()) {
+            (Some(a), Some(b)) if b > 0.0 => json!((a / b * 1000.0).round() / 1000.0),
+            _ => Value::Null,
+        };
+        results["snapshot_cost"] = json!({
+            "restore_to_ready_p50_ms": s["boot_ms_p50"], "boot_to_ready_p50_ms": c["boot_ms_p50"],
+            "ready_ratio": ratio(&s["boot_ms_p50"], &c["boot_ms_p50"]),
+            "e2e_p50_snapshot_ms": s["p50"], "e2e_p50_cold_ms": c["p50"],
+            "e2e_ratio": ratio(&s["p50"], &c["p50"]),
+            "pss_per_vm_snapshot_mib": results["memory_snapshot"]["pss_per_vm_mib"],
+            "pss_per_vm_cold_mib": results["memory_cold"]["pss_per_vm_mib"],
+            "pss_ratio": ratio(&results["memory_snapshot"]["pss_per_vm_mib"], &results["memory_cold"]["pss_per_vm_mib"]),
+        });
         // The jail's cost, side by side: the same requests with the jail turned off.
-        let unjailed =
-            e2e::start_server_with(&bin.join("cloude-server"), 4, "[jail]\nenabled = false\n")?;
+        let unjailed = e2e::start_server_with(&server_bin, 4, "[jail]\nenabled = false\n")?;
         results["e2e_hello_python_unjailed_ms"] = e2e::latency(&unjailed, requests)?;
         drop(unjailed);
         let j = &results["e2e_hello_python_ms"];
@@ -105,12 +131,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 "boot_p50_jailed_ms": j["boot_ms_p50"], "boot_p50_unjailed_ms": u["boot_ms_p50"],
             });
         }
-        let pooled = e2e::start_server_with(
-            &bin.join("cloude-server"),
-            4,
-            "[pool]\nsize = 1\nlanguages = [\"python\"]\n",
-        )?;
+        const POOL: &str = "[pool]\nsize = 1\nlanguages = [\"python\"]\n";
+        let pooled = e2e::start_server_with(&server_bin, 4, POOL)?;
         results["e2e_hello_python_pooled_ms"] = e2e::pooled_latency(&pooled, requests)?;
+        drop(pooled);
+        let pooled_cold = e2e::start_server_with(&server_bin, 4, &format!("{POOL}{COLD}"))?;
+        results["e2e_hello_python_pooled_cold_ms"] = e2e::pooled_latency(&pooled_cold, requests)?;
+        drop(pooled_cold);
     }
 
     if let Some(dir) = path.parent() {
@@ -233,7 +260,7 @@ fn table(r: &Value) -> String {
         f(&b["ratio"])
     ));
     s.push_str(&format!(
-        "| hello.py end to end, p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | {} |\n",
+        "| hello.py end to end (VMs from snapshots), p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | {} |\n",
         f(&e["p50"]),
         f(&e["p90"]),
         f(&e["p99"]),
@@ -243,9 +270,49 @@ fn table(r: &Value) -> String {
             _ => "—".into(),
         }
     ));
+    let c = &r["e2e_hello_python_cold_ms"];
+    s.push_str(&format!(
+        "| hello.py end to end, every VM booted cold, p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | {} |\n",
+        f(&c["p50"]),
+        f(&c["p90"]),
+        f(&c["p99"]),
+        f(&e["host_python_p50"]),
+        match (c["p50"].as_f64(), e["host_python_p50"].as_f64()) {
+            (Some(a), Some(h)) if h > 0.0 => format!("{:.1}×", a / h),
+            _ => "—".into(),
+        }
+    ));
+    let sc = &r["snapshot_cost"];
+    s.push_str(&format!(
+        "| snapshots: restore to ready vs boot to ready, p50 ms ({}) | {} | cold boot {} | {} |\n",
+        f(&r["hypervisor"]),
+        f(&sc["restore_to_ready_p50_ms"]),
+        f(&sc["boot_to_ready_p50_ms"]),
+        f(&sc["ready_ratio"])
+    ));
+    s.push_str(&format!(
+        "| snapshots: hello.py e2e p50 ms, restored vs cold | {} | cold {} | {} |\n",
+        f(&sc["e2e_p50_snapshot_ms"]),
+        f(&sc["e2e_p50_cold_ms"]),
+        f(&sc["e2e_ratio"])
+    ));
+    s.push_str(&format!(
+        "| snapshots: PSS per VM, 4 VMs at once, MiB, restored vs cold | {} | cold {} | {} |\n",
+        f(&sc["pss_per_vm_snapshot_mib"]),
+        f(&sc["pss_per_vm_cold_mib"]),
+        f(&sc["pss_ratio"])
+    ));
+    let pc = &r["e2e_hello_python_pooled_cold_ms"];
+    s.push_str(&format!(
+        "| hello.py with a warm pool of cold-booted VMs, p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | |\n",
+        f(&pc["p50"]),
+        f(&pc["p90"]),
+        f(&pc["p99"]),
+        f(&e["host_python_p50"]),
+    ));
     let w = &r["e2e_hello_python_pooled_ms"];
     s.push_str(&format!(
-        "| hello.py with a warm pool (VM booted ahead), p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | {} |\n",
+        "| hello.py with a warm pool of restored VMs, p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | {} |\n",
         f(&w["p50"]),
         f(&w["p90"]),
         f(&w["p99"]),
