@@ -451,3 +451,93 @@ async fn cloude_vmm_seccomp_violation_kills_by_sigsys() {
     j.shutdown();
     drop(rt);
 }
+
+/// Prints what must differ between clones, and the guest's clock.
+const IDENTITY_PROGRAM: &str = "import os, uuid, random, time, json
+print(json.dumps({'urandom': os.urandom(16).hex(), 'uuid': str(uuid.uuid4()),
+  'random': random.getrandbits(64), 'time': time.time()}))";
+
+#[tokio::test]
+async fn cloude_vmm_snapshot_clones_are_distinct_machines() {
+    if std::env::var_os("CLOUDE_VMM_LAB_TESTS").is_none() {
+        eprintln!("SKIPPED: cloude-vmm snapshot test needs a Linux-capable KVM (run it in the KVM lab with CLOUDE_VMM_LAB_TESTS=1)");
+        return;
+    }
+    use cloude_server::vm::snapshot::{self, Identity};
+    let (mut driver, spec) =
+        driver_and_spec(env_path("CLOUDE_PYTHON_INITRD"), Duration::from_secs(120));
+    let rt = Runtime::new().expect("runtime dir");
+    driver.jail = Some(jailer(&rt));
+    let root = tempfile::tempdir().expect("snapshot root");
+    let identity = Identity {
+        driver: "cloude-vmm".into(),
+        hypervisor_sha256: "lab".into(),
+        accel: "kvm".into(),
+        kernel_sha256: "lab".into(),
+        image_sha256: "lab".into(),
+        language: "python".into(),
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        cmdline: driver.snapshot_cmdline(),
+        protocol_version: PROTOCOL_VERSION,
+    };
+    let staging = snapshot::staging(root.path()).expect("staging");
+    let t = std::time::Instant::now();
+    let (files, boot) = driver
+        .snapshot(
+            &spec,
+            rt.slot().expect("slot"),
+            &identity.key()[..16],
+            staging.path(),
+        )
+        .await
+        .expect("snapshot");
+    eprintln!(
+        "cloude-vmm template ready in {} ms, snapshot written after {} ms",
+        boot.as_millis(),
+        t.elapsed().as_millis()
+    );
+    let snap = snapshot::publish(root.path(), staging, &identity, &files, 0).expect("publish");
+    let sizes: Vec<_> = snap.meta.files.iter().map(|f| (&f.name, f.bytes)).collect();
+    eprintln!("snapshot files: {sizes:?}");
+
+    // Four jailed clones at once, each woken and running the identity program.
+    let clones = futures_util::future::join_all((0..4).map(|_| {
+        let (driver, spec, snap, slot) = (&driver, &spec, &snap, rt.slot().expect("slot"));
+        async move {
+            let mut vm = driver.restore(spec, snap, slot).await.expect("restore");
+            let restore_ms = vm.boot.as_millis();
+            let mut client = vm.agent().await.expect("agent");
+            let resp = client
+                .run(&python(IDENTITY_PROGRAM, 20_000))
+                .await
+                .expect("run");
+            let host = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs_f64();
+            vm.shutdown(Duration::from_secs(2)).await;
+            (restore_ms, resp, host)
+        }
+    }))
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    for (restore_ms, resp, host) in clones {
+        let run = resp.run.expect("run stage");
+        assert_eq!(run.status, StageStatus::Ok, "{run:?}");
+        let out: serde_json::Value = serde_json::from_slice(&run.stdout.0).expect("identity json");
+        eprintln!("cloude-vmm clone restored to woken in {restore_ms} ms: {out}");
+        for k in ["urandom", "uuid", "random"] {
+            assert!(
+                seen.insert(out[k].to_string()),
+                "two clones share {k}: {out}"
+            );
+        }
+        let guest = out["time"].as_f64().expect("time");
+        assert!(
+            (host - guest).abs() < 30.0 && guest <= host + 1.0,
+            "clone clock {guest} vs host {host}"
+        );
+    }
+    drop(rt);
+}
