@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::boot::{self, BootInfo, EntryPoint};
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::mptable;
-use crate::config::{ip_arg, VmConfig};
+use crate::config::{ip_arg, Boot, VmConfig};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
@@ -26,6 +26,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::Bus;
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::{self, Refusal};
 use crate::stats;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{Vm, VmError};
@@ -66,6 +67,10 @@ pub enum BuildError {
     Thread(&'static str),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("snapshot refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -85,18 +90,78 @@ fn dev_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Device { what, source }
 }
 
-/// Builds and runs the VM; returns how it ended.
+/// A snapshot to resume: its state and its memory file (open read-only).
+struct Restore {
+    state: crate::snapshot::VmState,
+    memory: File,
+}
+
+/// Reads and checks the snapshot in `dir` against the configuration (refusals only).
+fn load_snapshot(dir: &std::path::Path, cfg: &VmConfig) -> Result<Restore, Refusal> {
+    let state = snapshot::read_state(dir)?;
+    let path = dir.join("memory");
+    let memory =
+        File::open(&path).map_err(|e| Refusal::Read(path.display().to_string(), e.to_string()))?;
+    let len = memory
+        .metadata()
+        .map_err(|e| Refusal::Read(path.display().to_string(), e.to_string()))?
+        .len();
+    let mut devices = vec![crate::devices::virtio::TYPE_RNG];
+    if cfg.vsock.is_some() {
+        devices.push(crate::devices::virtio::TYPE_VSOCK);
+    }
+    if cfg.net.is_some() {
+        devices.push(crate::devices::virtio::TYPE_NET);
+    }
+    let expect = snapshot::Expect {
+        mem_size: cfg.mem_size,
+        vcpus: usize::from(cfg.vcpus),
+        devices,
+        tag: cfg.snapshot_tag.clone(),
+    };
+    snapshot::check_shape(&state, &expect, len)?;
+    Ok(Restore { state, memory })
+}
+
+/// Binds the snapshot control socket (replacing a stale socket file).
+fn bind_control(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, BuildError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(BuildError::Device {
+                what: "the snapshot control socket",
+                source: e,
+            })
+        }
+        _ => {}
+    }
+    std::os::unix::net::UnixListener::bind(path).map_err(dev_err("the snapshot control socket"))
+}
+
+/// Builds and runs the VM (a fresh boot or a restore); returns how it ended.
 pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     seccomp::prepare_allocator();
-    let mut kernel_file = open("kernel", &cfg.kernel)?;
-    let mut initrd_file = open("initrd", &cfg.initrd)?;
-    let vm = Vm::new(cfg.mem_size)?;
-    if cfg.huge_pages {
-        vm.advise_huge_pages();
-    }
-    let kernel = boot::load_kernel(&vm.mem, &mut kernel_file)?;
-    let low_end = cfg.mem_size.min(MMIO_GAP_START);
-    let initrd = boot::load_initrd(&vm.mem, &mut initrd_file, &kernel, low_end)?;
+    let restore = match &cfg.boot {
+        Boot::Restore(dir) => Some(load_snapshot(dir, cfg)?),
+        Boot::Kernel { .. } => None,
+    };
+    let vm = Arc::new(Vm::with_memory(
+        cfg.mem_size,
+        restore.as_ref().map(|r| &r.memory),
+    )?);
+    let loaded = match &cfg.boot {
+        Boot::Kernel { kernel, initrd } => {
+            let mut kernel_file = open("kernel", kernel)?;
+            let mut initrd_file = open("initrd", initrd)?;
+            if cfg.huge_pages {
+                vm.advise_huge_pages();
+            }
+            let kernel = boot::load_kernel(&vm.mem, &mut kernel_file)?;
+            let low_end = cfg.mem_size.min(MMIO_GAP_START);
+            let initrd = boot::load_initrd(&vm.mem, &mut initrd_file, &kernel, low_end)?;
+            Some((kernel, initrd))
+        }
+        Boot::Restore(_) => None,
+    };
 
     let (exit_tx, exit_rx) = mpsc::channel::<VmExit>();
     let powered_off = Arc::new(AtomicBool::new(false));
@@ -108,12 +173,22 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     vm.fd
         .register_irqfd(&com1_irq, COM1_IRQ)
         .map_err(kvm_err("route the serial interrupt"))?;
-    let serial = SerialDevice::new(
-        EventFdTrigger(com1_irq),
-        std::io::stdout(),
-        powered_off.clone(),
-    );
-    pio.insert(Arc::new(Mutex::new(serial)), u64::from(COM1_PORT), 8)?;
+    let serial = match &restore {
+        Some(r) => SerialDevice::restored(
+            &r.state.devices.serial,
+            EventFdTrigger(com1_irq),
+            std::io::stdout(),
+            powered_off.clone(),
+        )
+        .map_err(BuildError::Restore)?,
+        None => SerialDevice::new(
+            EventFdTrigger(com1_irq),
+            std::io::stdout(),
+            powered_off.clone(),
+        ),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
     let reset = ExitTrigger(
         exit_tx.clone(),
         VmExit::Stopped("the guest reset the CPU (i8042)"),
@@ -130,6 +205,7 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     })?;
     let mut cmdline = cfg.cmdline.clone();
     let mut slots = crate::devices::slots::SlotAllocator::default();
+    let mut transports: Vec<Arc<Mutex<MmioTransport>>> = Vec::new();
     let mut add_virtio =
         |make: MakeDevice, mmio: &mut Bus, cmdline: &mut String| -> Result<(), BuildError> {
             let slot = slots.allocate()?;
@@ -150,8 +226,13 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
                     .map_err(kvm_err("register a queue notification"))?;
             }
             event_manager.add_subscriber(sub);
-            let transport = MmioTransport::new(dev, interrupt, vm.mem.clone());
-            mmio.insert(Arc::new(Mutex::new(transport)), base, slot.size)?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                dev,
+                interrupt,
+                vm.mem.clone(),
+            )));
+            transports.push(transport.clone());
+            mmio.insert(transport, base, slot.size)?;
             cmdline.push(' ');
             cmdline.push_str(&slot.cmdline_arg());
             Ok(())
@@ -193,31 +274,84 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         }
     }
 
-    boot::write_cmdline(&vm.mem, &cmdline)?;
-    let info = BootInfo {
-        initrd,
-        cmdline_len: cmdline.len() + 1,
-        mem_size: cfg.mem_size,
-    };
-    match kernel.entry {
-        EntryPoint::Pvh(_) => boot::write_pvh_info(&vm.mem, &info)?,
-        EntryPoint::Linux64(_) => boot::write_zero_page(&vm.mem, &info, kernel.setup_header)?,
-    }
-    mptable::setup(&vm.mem, cfg.vcpus)?;
-
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
-    for i in 0..cfg.vcpus {
-        vcpus.push(Vcpu::new(
-            &vm,
-            i,
-            cfg.vcpus,
-            kernel.entry,
-            pio.clone(),
-            mmio.clone(),
-            exit_tx.clone(),
-            powered_off.clone(),
-        )?);
+    match (&loaded, &restore) {
+        (Some((kernel, initrd)), _) => {
+            boot::write_cmdline(&vm.mem, &cmdline)?;
+            let info = BootInfo {
+                initrd: *initrd,
+                cmdline_len: cmdline.len() + 1,
+                mem_size: cfg.mem_size,
+            };
+            match kernel.entry {
+                EntryPoint::Pvh(_) => boot::write_pvh_info(&vm.mem, &info)?,
+                EntryPoint::Linux64(_) => {
+                    boot::write_zero_page(&vm.mem, &info, kernel.setup_header)?
+                }
+            }
+            mptable::setup(&vm.mem, cfg.vcpus)?;
+            for i in 0..cfg.vcpus {
+                vcpus.push(Vcpu::new(
+                    &vm,
+                    i,
+                    cfg.vcpus,
+                    kernel.entry,
+                    pio.clone(),
+                    mmio.clone(),
+                    exit_tx.clone(),
+                    powered_off.clone(),
+                )?);
+            }
+        }
+        (None, Some(r)) => {
+            // KVM's order: the interrupt controllers (the local APICs need them), each vCPU
+            // (CPUID first), then the devices (which may raise interrupts), the clock last.
+            vm.restore_chips(&r.state.vm).map_err(BuildError::Restore)?;
+            for (i, st) in r.state.vcpus.iter().enumerate() {
+                let v = Vcpu::create(
+                    &vm,
+                    i as u8,
+                    pio.clone(),
+                    mmio.clone(),
+                    exit_tx.clone(),
+                    powered_off.clone(),
+                )?;
+                v.restore(&vm, st).map_err(BuildError::Restore)?;
+                vcpus.push(v);
+            }
+            for (t, st) in transports.iter().zip(&r.state.devices.virtio) {
+                crate::devices::bus::lock(t)
+                    .restore(st)
+                    .map_err(BuildError::Restore)?;
+            }
+            vm.restore_clock(&r.state.vm).map_err(BuildError::Restore)?;
+        }
+        (None, None) => unreachable!("a boot loads a kernel, a restore has a snapshot"),
     }
+    drop(restore);
+
+    // The snapshot control socket and the vCPUs' pause hooks.
+    let snapshot_parts = match &cfg.snapshot_control {
+        None => None,
+        Some(path) => {
+            let listener = bind_control(path)?;
+            crate::vstate::vcpu::install_kick_handler().map_err(dev_err("the vCPU kick signal"))?;
+            let msr_index = Arc::new(crate::vstate::vcpu::msr_index_list(&vm.kvm)?);
+            let pause = Arc::new(AtomicBool::new(false));
+            let (saved_tx, saved_rx) = mpsc::channel();
+            for v in &mut vcpus {
+                v.pause = Some(crate::vstate::vcpu::PauseHook {
+                    requested: pause.clone(),
+                    saved: saved_tx.clone(),
+                    msr_index: msr_index.clone(),
+                });
+            }
+            let xsave_problem = crate::vstate::vcpu::xsave_too_large(&vm).map(|size| {
+                format!("this host's KVM uses a {size}-byte XSAVE area; snapshots hold 4 KiB")
+            });
+            Some((listener, pause, saved_rx, xsave_problem))
+        }
+    };
     if stats::enabled() {
         let starts: Vec<u64> = vm
             .mem
@@ -264,6 +398,7 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         }
         Err(_) => return Err(BuildError::Thread("device event loop")),
     }
+    let mut vcpu_threads = Vec::with_capacity(vcpus.len());
     for (i, mut v) in vcpus.into_iter().enumerate() {
         let stats_hook = v.before_first_run.take();
         v.before_first_run = Some(Box::new(move || {
@@ -278,10 +413,53 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
                 }
             }
         }));
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("cloude-vcpu{i}"))
             .spawn(move || v.run())
             .map_err(|_| BuildError::Thread("vCPU"))?;
+        vcpu_threads.push(handle);
+    }
+    if let Some((listener, pause, saved, xsave_problem)) = snapshot_parts {
+        use std::os::unix::thread::JoinHandleExt;
+        let snapshotter = snapshot::control::Snapshotter {
+            listener,
+            vm: vm.clone(),
+            tag: cfg.snapshot_tag.clone(),
+            exit: exit_tx.clone(),
+            pause,
+            saved,
+            vcpu_threads: vcpu_threads.iter().map(|h| h.as_pthread_t()).collect(),
+            serial: serial.clone(),
+            transports: transports.clone(),
+            xsave_problem,
+        };
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+        std::thread::Builder::new()
+            .name("cloude-snapshot".into())
+            .spawn(move || {
+                if filtered {
+                    let r = seccomp::install(ThreadKind::Snapshot).map_err(|e| e.to_string());
+                    let failed = r.is_err();
+                    let _ = ready_tx.send(r);
+                    if failed {
+                        return;
+                    }
+                } else {
+                    let _ = ready_tx.send(Ok(()));
+                }
+                snapshotter.serve();
+            })
+            .map_err(|_| BuildError::Thread("snapshot control"))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(BuildError::Seccomp(seccomp::SeccompError::Install(
+                    ThreadKind::Snapshot,
+                    e,
+                )))
+            }
+            Err(_) => return Err(BuildError::Thread("snapshot control")),
+        }
     }
     drop(exit_tx);
     // SIGTERM (and SIGINT) end the VM cleanly: sockets removed, statistics printed.
@@ -323,7 +501,11 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         // The process exits without running destructors; do not leave the socket file behind.
         let _ = std::fs::remove_file(uds);
     }
-    // Guest memory and KVM objects are torn down by process exit.
+    if let Some(path) = &cfg.snapshot_control {
+        let _ = std::fs::remove_file(path);
+    }
+    // Guest memory, KVM objects and the (never joined) threads are torn down by process exit.
     std::mem::forget(vm);
+    std::mem::forget(vcpu_threads);
     Ok(outcome)
 }

@@ -15,20 +15,46 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 /// Largest guest memory we accept.
 pub const MAX_MEMORY_MIB: u64 = 256 * 1024;
 
+/// Help text after the options: the snapshot contract.
+const AFTER_HELP: &str = "\
+Snapshots:
+  --snapshot-control PATH: the VMM also listens on the Unix socket PATH. One line
+  `SNAPSHOT <absolute dir>` pauses every vCPU and the devices, writes <dir>/state and
+  <dir>/memory (guest RAM, zero pages as holes), fsyncs both, answers `OK`, and exits 0 without
+  resuming the guest; a failure answers `ERR <sentence>` and exits 1. Other input is answered
+  `ERR <sentence>` and the VM keeps running. --snapshot-tag TAG is recorded in the state.
+
+  --restore DIR (instead of --kernel/--initrd/--cmdline) resumes the snapshot in DIR with
+  --memory-mib and --vcpus as when it was taken and the same devices; vsock gets the new
+  --vsock-cid/--vsock-uds (the guest sees a transport reset: its connections are dropped, its
+  listeners stay), net the new tap. DIR/memory is mapped copy-on-write from a read-only fd.
+  A snapshot that does not fit (truncated, corrupt, foreign, other format or VMM version,
+  other shape, other --snapshot-tag) is refused with `cloude-vmm: snapshot refused: <reason>`
+  and exit status 3.";
+
 /// `cloude-vmm`: boots one Linux micro-VM on KVM.
 #[derive(Debug, Parser)]
-#[command(name = "cloude-vmm", version, about)]
+#[command(name = "cloude-vmm", version, about, after_help = AFTER_HELP)]
 #[command(group(clap::ArgGroup::new("net").args(["tap", "tap_fd"])))]
 pub struct Cli {
     /// Guest kernel: an ELF vmlinux (PVH entry preferred) or a bzImage.
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore", conflicts_with = "restore")]
+    pub kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed).
-    #[arg(long)]
-    pub initrd: PathBuf,
+    #[arg(long, required_unless_present = "restore", conflicts_with = "restore")]
+    pub initrd: Option<PathBuf>,
     /// Replaces the default base kernel command line.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "restore")]
     pub cmdline: Option<String>,
+    /// Resume the snapshot in this directory (its `state` and `memory`) instead of booting.
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
+    /// Listen on this Unix socket for `SNAPSHOT <dir>` (see below).
+    #[arg(long)]
+    pub snapshot_control: Option<PathBuf>,
+    /// Recorded in a snapshot taken by this VMM; a restore must give the same tag.
+    #[arg(long)]
+    pub snapshot_tag: Option<String>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory_mib: u64,
@@ -89,6 +115,11 @@ pub enum ConfigError {
     HostIp(String),
     #[error("--tap name {0:?} must be 1 to 15 characters without '/' or whitespace")]
     Tap(String),
+    #[error(
+        "--snapshot-tag must be 1 to {} printable ASCII characters",
+        crate::snapshot::MAX_TAG_LEN
+    )]
+    Tag,
     #[error("the {what} {path} does not exist or cannot be read: {reason}")]
     File {
         what: &'static str,
@@ -115,12 +146,25 @@ pub struct NetConfig {
     pub ip: Option<(Ipv4Addr, u8, Ipv4Addr)>,
 }
 
+/// How the guest starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// A fresh boot of a kernel and initramfs.
+    Kernel { kernel: PathBuf, initrd: PathBuf },
+    /// Resume the snapshot in this directory.
+    Restore(PathBuf),
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    pub boot: Boot,
+    /// Kernel command line (fresh boots only).
     pub cmdline: String,
+    /// The snapshot control socket.
+    pub snapshot_control: Option<PathBuf>,
+    /// Recorded in snapshots / required of restored ones.
+    pub snapshot_tag: Option<String>,
     pub mem_size: u64,
     pub vcpus: u8,
     pub vsock: Option<(u32, PathBuf)>,
@@ -166,12 +210,34 @@ impl Cli {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
         }
-        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
-            std::fs::File::open(path).map_err(|e| ConfigError::File {
-                what,
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let boot = match (self.restore, self.kernel, self.initrd) {
+            (Some(dir), _, _) => Boot::Restore(dir),
+            (None, Some(kernel), Some(initrd)) => {
+                for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
+                    std::fs::File::open(path).map_err(|e| ConfigError::File {
+                        what,
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                }
+                Boot::Kernel { kernel, initrd }
+            }
+            // clap requires both unless --restore is given.
+            (None, k, _) => {
+                return Err(ConfigError::File {
+                    what: if k.is_none() { "kernel" } else { "initrd" },
+                    path: PathBuf::new(),
+                    reason: "not given".into(),
+                })
+            }
+        };
+        if let Some(t) = &self.snapshot_tag {
+            if t.is_empty()
+                || t.len() > crate::snapshot::MAX_TAG_LEN
+                || !t.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(ConfigError::Tag);
+            }
         }
         let vsock = match (self.vsock_cid, self.vsock_uds) {
             (Some(cid), Some(uds)) if cid >= 3 && cid != u32::MAX => Some((cid, uds)),
@@ -219,8 +285,9 @@ impl Cli {
             }
         };
         Ok(VmConfig {
-            kernel: self.kernel,
-            initrd: self.initrd,
+            boot,
+            snapshot_control: self.snapshot_control,
+            snapshot_tag: self.snapshot_tag,
             cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             mem_size: self.memory_mib << 20,
             vcpus: self.vcpus,
@@ -352,6 +419,27 @@ mod tests {
             "3",
         ]);
         assert!(both.is_err(), "--tap and --tap-fd exclude each other");
+    }
+
+    #[test]
+    fn restore_needs_no_kernel_and_excludes_it() {
+        let c = Cli::try_parse_from(["cloude-vmm", "--restore", "/snap", "--snapshot-tag", "t1"])
+            .expect("parse")
+            .validate()
+            .expect("valid");
+        assert_eq!(c.boot, Boot::Restore("/snap".into()));
+        assert_eq!(c.snapshot_tag.as_deref(), Some("t1"));
+        assert!(Cli::try_parse_from(["cloude-vmm", "--restore", "/s", "--kernel", "/k"]).is_err());
+        assert!(Cli::try_parse_from(["cloude-vmm", "--memory-mib", "64"]).is_err());
+        assert!(matches!(
+            cli(&["--snapshot-tag", "a b"]),
+            Err(ConfigError::Tag)
+        ));
+        let long = "x".repeat(crate::snapshot::MAX_TAG_LEN + 1);
+        assert!(matches!(
+            cli(&["--snapshot-tag", &long]),
+            Err(ConfigError::Tag)
+        ));
     }
 
     #[test]

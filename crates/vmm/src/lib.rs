@@ -7,6 +7,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod seccomp;
+pub mod snapshot;
 pub mod stats;
 pub mod vstate;
 
@@ -32,6 +33,10 @@ pub fn main_with_args(started: Instant) -> i32 {
         Ok(vstate::VmExit::Failed(msg)) => {
             eprintln!("cloude-vmm: {msg}");
             1
+        }
+        Err(e @ builder::BuildError::Refused(_)) => {
+            eprintln!("cloude-vmm: {e}");
+            snapshot::REFUSED_EXIT
         }
         Err(e) => {
             eprintln!("cloude-vmm: {e}");

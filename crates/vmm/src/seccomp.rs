@@ -23,6 +23,9 @@ pub enum ThreadKind {
     Vcpu,
     /// The device event loop: virtio queues, vsock sockets, the tap.
     Devices,
+    /// The `--snapshot-control` socket: reads one command, pauses the vCPUs (signals), reads
+    /// the VM's KVM state and writes the state and memory files.
+    Snapshot,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,42 @@ pub enum SeccompError {
 const KVM_RUN: u64 = 0xae80;
 /// `FIONBIO`: how the standard library makes accepted and connected sockets non-blocking.
 const FIONBIO: u64 = 0x5421;
+
+/// Linux `_IOC(dir, KVMIO, nr, size)`.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+const fn kvm_ior<T>(nr: u64) -> u64 {
+    kvm_ioc(IOC_READ, nr, std::mem::size_of::<T>())
+}
+const fn kvm_iowr<T>(nr: u64) -> u64 {
+    kvm_ioc(IOC_READ | IOC_WRITE, nr, std::mem::size_of::<T>())
+}
+
+/// The vCPU ioctls that read state, made by a vCPU thread on itself when it pauses for a
+/// snapshot (`vstate::vcpu::save_state`).
+const VCPU_SAVE_IOCTLS: &[u64] = &[
+    kvm_ior::<kvm_bindings::kvm_regs>(0x81),  // KVM_GET_REGS
+    kvm_ior::<kvm_bindings::kvm_sregs>(0x83), // KVM_GET_SREGS
+    kvm_iowr::<kvm_bindings::kvm_msrs>(0x88), // KVM_GET_MSRS
+    kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e), // KVM_GET_LAPIC
+    kvm_iowr::<kvm_bindings::kvm_cpuid2>(0x91), // KVM_GET_CPUID2
+    kvm_ior::<kvm_bindings::kvm_mp_state>(0x98), // KVM_GET_MP_STATE
+    kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f), // KVM_GET_VCPU_EVENTS
+    kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1), // KVM_GET_DEBUGREGS
+    kvm_ioc(0, 0xa3, 0),                      // KVM_GET_TSC_KHZ
+    kvm_ior::<kvm_bindings::kvm_xsave>(0xa4), // KVM_GET_XSAVE
+    kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6),  // KVM_GET_XCRS
+];
+
+/// The VM ioctls the snapshot thread makes (`Vm::save_state`).
+const VM_SAVE_IOCTLS: &[u64] = &[
+    kvm_iowr::<kvm_bindings::kvm_irqchip>(0x62), // KVM_GET_IRQCHIP
+    kvm_ior::<kvm_bindings::kvm_clock_data>(0x7c), // KVM_GET_CLOCK
+    kvm_ior::<kvm_bindings::kvm_pit_state2>(0x9f), // KVM_GET_PIT2
+];
 
 /// System calls every thread makes (memory, locks, signals, its own exit, the console).
 const COMMON: &[i64] = &[
@@ -81,7 +120,32 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
             m.insert(libc::SYS_unlinkat, Vec::new());
         }
         ThreadKind::Vcpu => {
-            m.insert(libc::SYS_ioctl, vec![arg_eq(1, KVM_RUN)?]);
+            let mut ioctls = vec![arg_eq(1, KVM_RUN)?];
+            for nr in VCPU_SAVE_IOCTLS {
+                ioctls.push(arg_eq(1, *nr)?);
+            }
+            m.insert(libc::SYS_ioctl, ioctls);
+        }
+        ThreadKind::Snapshot => {
+            for nr in [
+                libc::SYS_accept4,
+                libc::SYS_accept,
+                libc::SYS_setsockopt,
+                libc::SYS_ftruncate,
+                libc::SYS_pwrite64,
+                libc::SYS_fsync,
+                libc::SYS_tgkill,
+            ] {
+                m.insert(nr, Vec::new());
+            }
+            // The state and memory files, created with exactly these flags.
+            let create = crate::snapshot::control::CREATE_FLAGS as u64;
+            m.insert(libc::SYS_openat, vec![arg_eq(2, create)?]);
+            let mut ioctls = Vec::new();
+            for nr in VM_SAVE_IOCTLS {
+                ioctls.push(arg_eq(1, *nr)?);
+            }
+            m.insert(libc::SYS_ioctl, ioctls);
         }
         ThreadKind::Devices => {
             for nr in [
@@ -226,8 +290,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(VCPU_SAVE_IOCTLS[0], 0x8090_ae81); // KVM_GET_REGS
+        assert_eq!(VCPU_SAVE_IOCTLS[1], 0x8138_ae83); // KVM_GET_SREGS
+        assert_eq!(VCPU_SAVE_IOCTLS[2], 0xc008_ae88); // KVM_GET_MSRS
+        assert_eq!(VCPU_SAVE_IOCTLS[8], 0xaea3); // KVM_GET_TSC_KHZ
+        assert_eq!(VCPU_SAVE_IOCTLS[9], 0x9000_aea4); // KVM_GET_XSAVE
+        assert_eq!(VM_SAVE_IOCTLS[0], 0xc208_ae62); // KVM_GET_IRQCHIP
+        assert_eq!(VM_SAVE_IOCTLS[1], 0x8030_ae7c); // KVM_GET_CLOCK
+    }
+
+    #[test]
     fn every_filter_compiles() {
-        for k in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Devices] {
+        for k in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Devices,
+            ThreadKind::Snapshot,
+        ] {
             assert!(!filter(k).expect("compiles").is_empty());
         }
     }

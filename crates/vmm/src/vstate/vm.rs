@@ -2,7 +2,10 @@
 
 use std::io::ErrorKind;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
@@ -11,6 +14,7 @@ use vm_memory::{
 };
 
 use crate::arch::x86_64::layout::{ram_regions, KVM_TSS_ADDRESS};
+use crate::snapshot::KvmVmState;
 
 /// Errors while creating the VM.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +134,12 @@ impl Vm {
 
     /// Creates the VM with `mem_size` bytes of RAM, an irqchip and a PIT.
     pub fn new(mem_size: u64) -> Result<Self, VmError> {
+        Self::with_memory(mem_size, None)
+    }
+
+    /// Like [`Vm::new`], with guest RAM mapped copy-on-write from `memory` (a snapshot's
+    /// memory file, regions in guest-physical order) instead of anonymous memory.
+    pub fn with_memory(mem_size: u64, memory: Option<&std::fs::File>) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
         let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_size)
@@ -140,10 +150,24 @@ impl Vm {
             mib: mem_size >> 20,
             reason,
         };
+        let mut file_offset = 0u64;
         let regions = ranges
             .iter()
             .map(|(gpa, len)| {
-                let map = map_ram(gpa.raw_value(), *len).map_err(|e| mem_err(e.to_string()))?;
+                let map = match memory {
+                    None => map_ram(gpa.raw_value(), *len),
+                    Some(f) => {
+                        let m = crate::snapshot::memory::map_private(
+                            f,
+                            file_offset,
+                            gpa.raw_value(),
+                            *len,
+                        );
+                        file_offset += *len as u64;
+                        m
+                    }
+                }
+                .map_err(|e| mem_err(e.to_string()))?;
                 GuestRegionMmap::new(map, *gpa).ok_or_else(|| mem_err("region overflows".into()))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -176,6 +200,68 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
         Ok(Self { kvm, fd, mem })
+    }
+}
+
+impl Vm {
+    /// The irqchip, PIT and clock (call with every vCPU paused).
+    pub fn save_state(&self) -> Result<KvmVmState, String> {
+        let e = |what: &'static str| {
+            move |err: kvm_ioctls::Error| format!("KVM could not save the {what}: {err}")
+        };
+        let chip = |id: u32| -> Result<kvm_irqchip, String> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(e("interrupt controllers"))?;
+            Ok(c)
+        };
+        Ok(KvmVmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(e("PIT"))?,
+            clock: self.fd.get_clock().map_err(e("KVM clock"))?,
+        })
+    }
+
+    /// Restores the PIC, IOAPIC and PIT (before the vCPUs' local APICs).
+    pub fn restore_chips(&self, st: &KvmVmState) -> Result<(), String> {
+        let e = |what: &'static str| {
+            move |err: kvm_ioctls::Error| format!("KVM refused the saved {what}: {err}")
+        };
+        for (chip, id) in [
+            (&st.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&st.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&st.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != id {
+                return Err(format!(
+                    "the saved interrupt controller {id} has id {}",
+                    chip.chip_id
+                ));
+            }
+            self.fd
+                .set_irqchip(chip)
+                .map_err(e("interrupt controllers"))?;
+        }
+        self.fd.set_pit2(&st.pit).map_err(e("PIT"))
+    }
+
+    /// Restores the KVM clock: the guest's kvm-clock continues from the saved value (the time
+    /// the snapshot spent on disk is not added). Last step of a restore.
+    pub fn restore_clock(&self, st: &KvmVmState) -> Result<(), String> {
+        let mut clock = st.clock;
+        // Only the clock value: no realtime catch-up, no host TSC pairing from the old host.
+        clock.flags = 0;
+        clock.realtime = 0;
+        clock.host_tsc = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(|err| format!("KVM refused the saved KVM clock: {err}"))
     }
 }
 

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Serial;
 
 use super::EventFdTrigger;
@@ -66,6 +67,70 @@ impl<W: Write + Send> SerialDevice<W> {
         Self {
             uart: Serial::new(irq, Console::new(out, powered_off)),
         }
+    }
+}
+
+/// The 8250 registers and receive FIFO, as saved in a snapshot.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// At most [`crate::snapshot::MAX_SERIAL_FIFO`] bytes.
+    pub in_buffer: Vec<u8>,
+}
+
+impl<W: Write + Send> SerialDevice<W> {
+    /// The registers, for a snapshot.
+    pub fn save(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART with saved registers (raising the interrupt they say is pending).
+    pub fn restored(
+        st: &SerialState,
+        irq: EventFdTrigger,
+        out: W,
+        powered_off: Arc<AtomicBool>,
+    ) -> Result<Self, String> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: st.baud_divisor_low,
+            baud_divisor_high: st.baud_divisor_high,
+            interrupt_enable: st.interrupt_enable,
+            interrupt_identification: st.interrupt_identification,
+            line_control: st.line_control,
+            line_status: st.line_status,
+            modem_control: st.modem_control,
+            modem_status: st.modem_status,
+            scratch: st.scratch,
+            in_buffer: st.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(
+            &s,
+            irq,
+            vm_superio::serial::NoEvents,
+            Console::new(out, powered_off),
+        )
+        .map_err(|e| format!("the saved serial state is invalid: {e:?}"))?;
+        Ok(Self { uart })
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -23,6 +24,76 @@ const STATUS_FAILED: u32 = 0x80;
 /// Offset of the queue-notify register (the ioeventfd address).
 pub const NOTIFY_OFFSET: u64 = 0x50;
 const CONFIG_OFFSET: u64 = 0x100;
+
+/// Most queues a device may have in a snapshot.
+pub const MAX_QUEUES: usize = 8;
+
+/// One virtqueue's registers and ring positions, as saved in a snapshot.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSnap {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    /// The device's next available-ring index to read.
+    pub next_avail: u16,
+    /// The device's next used-ring index to write.
+    pub next_used: u16,
+}
+
+impl From<virtio_queue::QueueState> for QueueSnap {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+        }
+    }
+}
+
+impl QueueSnap {
+    fn to_queue(self) -> Result<Queue, String> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: false,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| format!("a saved virtqueue is invalid: {e}"))
+    }
+}
+
+/// A virtio-mmio transport's registers and its device's queues, as saved in a snapshot.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MmioState {
+    pub device_type: u32,
+    pub features_acked: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    /// The driver set DRIVER_OK and the device was started.
+    pub activated: bool,
+    /// The device was running (not failed) when saved; its queues are the live ones.
+    pub device_active: bool,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    /// At most [`MAX_QUEUES`].
+    pub queues: Vec<QueueSnap>,
+}
 
 /// The transport: common registers and queue setup; forwards the rest to the device.
 pub struct MmioTransport {
@@ -67,6 +138,122 @@ impl MmioTransport {
             .iter()
             .map(|s| Queue::new(*s).expect("device queue sizes are powers of two"))
             .collect()
+    }
+
+    /// The device behind this transport.
+    pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        self.device.clone()
+    }
+
+    /// The transport's and device's state.
+    pub fn save(&self) -> MmioState {
+        let dev = lock(&self.device);
+        self.save_with(&*dev)
+    }
+
+    /// Like [`MmioTransport::save`], with the device already locked by the caller (who keeps
+    /// it locked to keep it quiescent).
+    pub fn save_with(&self, dev: &dyn VirtioDevice) -> MmioState {
+        let live = if self.activated {
+            dev.queue_states()
+        } else {
+            None
+        };
+        let device_active = live.is_some();
+        let queues = match live {
+            Some(q) => q.into_iter().map(QueueSnap::from).collect(),
+            None => super::queue_states(&self.queues)
+                .into_iter()
+                .map(QueueSnap::from)
+                .collect(),
+        };
+        let (interrupt_status, needs_reset) = self.interrupt.save();
+        MmioState {
+            device_type: dev.device_type(),
+            features_acked: self.features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            device_active,
+            interrupt_status,
+            needs_reset,
+            queues,
+        }
+    }
+
+    /// Puts saved registers back and, if the device was running, restarts it on the saved
+    /// queues (checked against guest memory) and kicks every queue so that pending work is
+    /// picked up. Call on a fresh transport, before the device thread runs.
+    pub fn restore(&mut self, st: &MmioState) -> Result<(), String> {
+        let (device_type, max_sizes, offered) = {
+            let dev = lock(&self.device);
+            (
+                dev.device_type(),
+                dev.queue_max_sizes().to_vec(),
+                dev.features(),
+            )
+        };
+        if st.device_type != device_type {
+            return Err(format!(
+                "the saved device type {} is not this slot's {device_type}",
+                st.device_type
+            ));
+        }
+        if st.queues.len() != max_sizes.len()
+            || st
+                .queues
+                .iter()
+                .zip(&max_sizes)
+                .any(|(q, m)| q.max_size != *m)
+        {
+            return Err(format!(
+                "the saved queues of device type {device_type} do not match the device"
+            ));
+        }
+        if st.features_acked & !offered != 0 {
+            return Err(format!(
+                "the saved features of device type {device_type} were never offered"
+            ));
+        }
+        let queues = st
+            .queues
+            .iter()
+            .map(|q| q.to_queue())
+            .collect::<Result<Vec<_>, _>>()?;
+        if st.activated && st.device_active {
+            if queues.iter().any(|q| q.ready() && !q.is_valid(&self.mem)) {
+                return Err("a saved virtqueue lies outside guest memory".into());
+            }
+            lock(&self.device)
+                .activate(self.mem.clone(), queues, st.features_acked)
+                .map_err(|e| format!("the device did not restart: {e}"))?;
+        } else if !st.activated {
+            self.queues = queues;
+        }
+        self.features = st.features_acked;
+        self.device_features_sel = st.device_features_sel;
+        self.driver_features_sel = st.driver_features_sel;
+        self.queue_sel = st.queue_sel;
+        self.status = st.status;
+        self.config_generation = st.config_generation;
+        self.activated = st.activated;
+        self.interrupt.restore(
+            st.interrupt_status,
+            st.needs_reset || (st.activated && !st.device_active),
+        );
+        if st.activated && st.device_active {
+            let mut dev = lock(&self.device);
+            if dev.restored() {
+                self.config_generation = self.config_generation.wrapping_add(1);
+            }
+            for e in dev.queue_events() {
+                let _ = e.write(1);
+            }
+        }
+        Ok(())
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {

@@ -74,6 +74,21 @@ impl Interrupt {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
     }
+
+    /// Interrupt status and the needs-reset flag, for a snapshot.
+    pub fn save(&self) -> (u32, bool) {
+        (self.status(), self.failed())
+    }
+
+    /// Puts back saved status bits and re-raises the line if any is set (the guest may not have
+    /// seen the interrupt before the snapshot; a spurious one is harmless).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if status != 0 {
+            let _ = self.irqfd.write(1);
+        }
+    }
 }
 
 /// Activation failures.
@@ -107,6 +122,19 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Returns to the pre-activation state (drops queues and connections).
     fn reset(&mut self);
+    /// The active queues' state (None before activation or after a failure), for a snapshot.
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
+    /// Called after a restore re-activated the device; returns true when the device's
+    /// configuration differs from the snapshotted one (the transport then bumps the config
+    /// generation).
+    fn restored(&mut self) -> bool {
+        false
+    }
+}
+
+/// States of a list of queues.
+pub fn queue_states(queues: &[Queue]) -> Vec<virtio_queue::QueueState> {
+    queues.iter().map(|q| q.state()).collect()
 }
 
 /// Reads `data.len()` bytes at `offset` of a config blob (zeros past its end).

@@ -249,6 +249,9 @@ impl VirtioDevice for Net {
         self.active = None;
         self.rx_frame = None;
     }
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| super::queue_states(&a.queues))
+    }
 }
 
 impl MutEventSubscriber for Net {

@@ -106,6 +106,11 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
     }
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|(_, q)| super::queue_states(std::slice::from_ref(q)))
+    }
 }
 
 impl MutEventSubscriber for Rng {

@@ -29,6 +29,9 @@ const TXQ: usize = 1;
 const EVQ: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
 
+/// `struct virtio_vsock_event` id: the guest must drop its connections and re-read its CID.
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+
 const DATA_LISTENER: u32 = 3;
 const DATA_CONN: u32 = 4;
 
@@ -56,6 +59,8 @@ pub struct Vsock {
     active: Option<Active>,
     muxer: Muxer,
     buf: Vec<u8>,
+    /// A transport reset event waits for a guest event-queue buffer.
+    reset_event_pending: bool,
 }
 
 impl Vsock {
@@ -72,7 +77,26 @@ impl Vsock {
             active: None,
             muxer: Muxer::new(cid, uds)?,
             buf: vec![0u8; MAX_PKT_PAYLOAD as usize],
+            reset_event_pending: false,
         })
+    }
+
+    /// Delivers a pending transport reset event into the event queue; returns chains used.
+    pub fn send_events(&mut self) -> Result<usize, VsockError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(0);
+        };
+        if !self.reset_event_pending {
+            return Ok(0);
+        }
+        let Some(chain) = queue::pop(&mut a.queues[EVQ], &a.mem)? else {
+            return Ok(0);
+        };
+        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let n = queue::scatter(&a.mem, &chain.writable, 0, &event)?;
+        queue::add_used(&mut a.queues[EVQ], &a.mem, chain.head, n as u32)?;
+        self.reset_event_pending = false;
+        Ok(1)
     }
 
     /// Handles guest TX packets; returns how many were consumed.
@@ -192,6 +216,22 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.muxer.reset();
+        self.reset_event_pending = false;
+    }
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| super::queue_states(&a.queues))
+    }
+    /// After a restore: the guest's connections belong to the old process (and maybe the old
+    /// CID), so it gets `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (it then drops its connections and
+    /// re-reads the CID from the configuration space).
+    fn restored(&mut self) -> bool {
+        self.reset_event_pending = true;
+        match self.send_events() {
+            Ok(0) => {}
+            Ok(_) => self.irq.signal_used(),
+            Err(e) => self.fail(&e),
+        }
+        true
     }
 }
 
@@ -211,8 +251,12 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut tx = Ok(0);
         match events.data() {
-            d if d == RXQ as u32 || d == EVQ as u32 => {
-                let _ = self.queue_evts[d as usize].read();
+            d if d == RXQ as u32 => {
+                let _ = self.queue_evts[RXQ].read();
+            }
+            d if d == EVQ as u32 => {
+                let _ = self.queue_evts[EVQ].read();
+                tx = self.send_events();
             }
             d if d == TXQ as u32 => {
                 let _ = self.queue_evts[TXQ].read();
