@@ -130,6 +130,8 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
             for nr in [
                 libc::SYS_accept4,
                 libc::SYS_accept,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
                 libc::SYS_setsockopt,
                 libc::SYS_ftruncate,
                 libc::SYS_pwrite64,

@@ -276,3 +276,312 @@ fn all_devices_set_up_and_clean_up() {
     );
     assert!(!uds.exists(), "vsock socket left behind");
 }
+
+/// 32-bit code that counts for ever: the counter lives in guest memory at 0x5000 (so the
+/// memory file is tested), is printed on COM1 as 8 hex digits and a newline from a register
+/// (so the registers are tested), with a short delay loop between numbers.
+fn counting_guest() -> Vec<u8> {
+    const DELAY: u32 = 0x4000;
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    let top = c.len();
+    c.extend([0x8b, 0x1d, 0x00, 0x50, 0x00, 0x00]); // mov ebx, [0x5000]
+    c.push(0x43); // inc ebx
+    c.extend([0x89, 0x1d, 0x00, 0x50, 0x00, 0x00]); // mov [0x5000], ebx
+    c.extend([0x89, 0xde]); // mov esi, ebx
+    c.extend([0xb9, 8, 0, 0, 0]); // mov ecx, 8
+    let digit = c.len();
+    c.extend([0xc1, 0xc6, 0x04]); // rol esi, 4
+    c.extend([0x89, 0xf0]); // mov eax, esi
+    c.extend([0x83, 0xe0, 0x0f]); // and eax, 15
+    c.extend([0x3c, 0x0a]); // cmp al, 10
+    c.extend([0x72, 0x02]); // jb +2
+    c.extend([0x04, 0x27]); // add al, 'a' - 10 - '0'
+    c.extend([0x04, 0x30]); // add al, '0'
+    c.push(0xee); // out dx, al
+    c.push(0x49); // dec ecx
+    let rel = digit as i64 - (c.len() as i64 + 2);
+    c.extend([0x75, rel as i8 as u8]); // jnz digit
+    c.extend([0xb0, 0x0a, 0xee]); // mov al, '\n'; out dx, al
+    c.push(0xb9); // mov ecx, DELAY
+    c.extend(DELAY.to_le_bytes());
+    c.extend([0x49, 0x75, 0xfd]); // dec ecx; jnz -3
+    let rel = top as i64 - (c.len() as i64 + 2);
+    c.extend([0xeb, rel as i8 as u8]); // jmp top
+    c
+}
+
+/// A VMM whose stdout is collected by a thread.
+struct Running {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Running {
+    fn spawn(args: &[&std::ffi::OsStr]) -> Self {
+        use std::io::Read;
+        let mut child = Command::new(VMM)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cloude-vmm");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().expect("lock").extend_from_slice(&buf[..n]);
+            }
+        });
+        Self { child, out }
+    }
+
+    fn lines(&self) -> usize {
+        self.out
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+    }
+
+    /// Waits for `n` complete lines; false if the VMM exited first or time ran out.
+    fn wait_lines(&mut self, n: usize) -> bool {
+        let start = Instant::now();
+        while self.lines() < n {
+            if start.elapsed() > RUN_TIMEOUT || self.child.try_wait().expect("wait").is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(start.elapsed() < RUN_TIMEOUT, "cloude-vmm did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn output(&self) -> Vec<u8> {
+        // Let the reader thread drain the pipe.
+        std::thread::sleep(Duration::from_millis(50));
+        self.out.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn snapshot_command(ctl: &Path, line: &[u8]) -> String {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(ctl).expect("connect control socket");
+    s.write_all(line).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    answer
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+/// Exit status and the one stderr line of a restore that must be refused.
+fn refused(snap: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(VMM);
+    cmd.arg("--restore").arg(snap);
+    if !extra.contains(&"--memory-mib") {
+        cmd.args(["--memory-mib", "64"]);
+    }
+    let out = cmd.args(extra).output().expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Snapshot a counting guest, restore it in a new process: the count goes on from where it
+/// was, with no number lost or repeated. Then every kind of broken snapshot is refused with
+/// exit status 3 and one sentence.
+#[test]
+fn snapshot_and_restore_continue_counting() {
+    if !kvm_usable() {
+        return;
+    }
+    let g = Guest::new(&pvh_elf(&counting_guest()));
+    let ctl = g.path("ctl.sock");
+    let snap = g.path("snap");
+    std::fs::create_dir(&snap).expect("snapshot dir");
+    let (k, i) = (g.path("kernel"), g.path("initrd"));
+    let mut vm = Running::spawn(&[
+        os("--kernel"),
+        k.as_os_str(),
+        os("--initrd"),
+        i.as_os_str(),
+        os("--memory-mib"),
+        os("64"),
+        os("--snapshot-control"),
+        ctl.as_os_str(),
+        os("--snapshot-tag"),
+        os("tiny"),
+    ]);
+    assert!(
+        vm.wait_lines(20),
+        "the guest did not count: {}",
+        vm.stderr()
+    );
+    // Garbage is refused and the VM keeps running.
+    let a = snapshot_command(&ctl, b"HELLO\n");
+    assert!(a.starts_with("ERR "), "{a:?}");
+    let before = vm.lines();
+    assert!(vm.wait_lines(before + 5), "the guest stopped after garbage");
+    let started = Instant::now();
+    let answer = snapshot_command(&ctl, format!("SNAPSHOT {}\n", snap.display()).as_bytes());
+    let took = started.elapsed();
+    if answer.starts_with("ERR KVM could not save") {
+        println!("SKIPPED: this host's KVM cannot save vCPU/VM state ({answer:?})");
+        return;
+    }
+    assert_eq!(answer, "OK\n", "stderr: {}", vm.stderr());
+    let status = vm.wait_exit();
+    assert!(status.success(), "{status:?}: {}", vm.stderr());
+    let first = vm.output();
+    assert!(!ctl.exists(), "control socket left behind");
+    let mem = std::fs::metadata(snap.join("memory")).expect("memory file");
+    assert_eq!(mem.len(), 64 << 20);
+    {
+        use std::os::unix::fs::MetadataExt;
+        eprintln!(
+            "tiny snapshot in {took:?}: memory file {} bytes long, {} bytes allocated",
+            mem.len(),
+            mem.blocks() * 512
+        );
+        assert!(mem.blocks() * 512 < 8 << 20, "memory file is not sparse");
+    }
+
+    let started = Instant::now();
+    let mut clone = Running::spawn(&[
+        os("--restore"),
+        snap.as_os_str(),
+        os("--memory-mib"),
+        os("64"),
+        os("--snapshot-tag"),
+        os("tiny"),
+    ]);
+    if !clone.wait_lines(10) {
+        let err = clone.stderr();
+        if err.contains("KVM refused the saved") {
+            println!("SKIPPED: this host's KVM cannot restore vCPU/VM state ({err})");
+            return;
+        }
+        panic!("the restored guest did not count: {err}");
+    }
+    eprintln!("tiny restore to 10 lines: {:?}", started.elapsed());
+    drop(clone.child.kill());
+    let second = clone.output();
+    let all = [first.clone(), second].concat();
+    let text = String::from_utf8_lossy(&all);
+    let numbers: Vec<u64> = text
+        .lines()
+        .map(|l| u64::from_str_radix(l, 16).unwrap_or_else(|_| panic!("bad line {l:?}")))
+        .collect();
+    for w in numbers.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "count jumped: {:?}", &numbers);
+    }
+    let at_snapshot = String::from_utf8_lossy(&first).lines().count();
+    assert!(numbers.len() > at_snapshot + 5, "counted on after restore");
+    eprintln!(
+        "count: 1..{} before the snapshot, on to {} after the restore",
+        at_snapshot,
+        numbers.last().copied().unwrap_or(0)
+    );
+
+    // Refusals (before the guest runs; exit status 3, one sentence).
+    let broken = |name: &str, f: &dyn Fn(&Path)| -> PathBuf {
+        let d = g.path(name);
+        std::fs::create_dir(&d).expect("dir");
+        for file in ["state", "memory"] {
+            std::fs::copy(snap.join(file), d.join(file)).expect("copy");
+        }
+        f(&d);
+        d
+    };
+    let check = |dir: &Path, extra: &[&str], want: &str| {
+        let (code, err) = refused(dir, extra);
+        assert_eq!(code, Some(3), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("cloude-vmm: snapshot refused: "), "{err}");
+        assert!(err.contains(want), "{err:?} lacks {want:?}");
+    };
+    let tag = ["--snapshot-tag", "tiny"];
+    let corrupt = broken("corrupt", &|d| {
+        let mut b = std::fs::read(d.join("state")).expect("read");
+        let n = b.len();
+        b[n / 2] ^= 0x55;
+        std::fs::write(d.join("state"), b).expect("write");
+    });
+    check(&corrupt, &tag, "checksum");
+    let truncated = broken("truncated", &|d| {
+        let b = std::fs::read(d.join("state")).expect("read");
+        std::fs::write(d.join("state"), &b[..b.len() - 100]).expect("write");
+    });
+    check(&truncated, &tag, "truncated");
+    let foreign = broken("foreign", &|d| {
+        std::fs::write(d.join("state"), b"\x7fELF not a snapshot").expect("write");
+    });
+    check(&foreign, &tag, "not a cloude-vmm snapshot");
+    let short_mem = broken("short-memory", &|d| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("memory"))
+            .expect("open");
+        f.set_len(32 << 20).expect("truncate");
+    });
+    check(&short_mem, &tag, "memory file");
+    check(&snap, &["--snapshot-tag", "other"], "tag");
+    check(&snap, &[], "tag");
+    check(&snap, &["--snapshot-tag", "tiny", "--vcpus", "2"], "vCPUs");
+    let (code, err) = refused(&snap, &["--snapshot-tag", "tiny", "--memory-mib", "128"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("memory"), "{err}");
+}
+
+/// Refusals that need no KVM: a missing or foreign snapshot.
+#[test]
+fn foreign_or_missing_snapshot_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (code, err) = refused(dir.path(), &[]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.starts_with("cloude-vmm: snapshot refused: cannot read"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("state"), vec![0u8; 100]).expect("state");
+    std::fs::write(dir.path().join("memory"), b"").expect("memory");
+    let (code, err) = refused(dir.path(), &[]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("bad magic"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
