@@ -40,6 +40,14 @@ case "$cloude_test" in
     /bin/vsock-echo listen 1024 &
     sleep 0.2
     /bin/vsock-echo connect 2 1025 READY ;;
+  snap)
+    /bin/vsock-echo listen 1024 &
+    sleep 0.2
+    /bin/vsock-echo connect 2 1025 READY
+    # Reached after a restore: the transport reset dropped the announce connection.
+    echo AFTER-RESET
+    i=0
+    while true; do i=$((i+1)); echo "TICK-$i"; sleep 1; done ;;
   vsock-flood)
     /bin/vsock-echo flood 2 1030 256 12 ;;
   net)
@@ -125,16 +133,27 @@ impl Vm {
             .arg(&initrd)
             .arg("--cmdline")
             .arg(format!("{BASE_CMDLINE} cloude_test={mode}"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .args(extra);
+        Self::spawn(cmd, dir, "guest")
+    }
+
+    /// Resumes the snapshot in `snap`; serial lines are printed with `name`.
+    fn restore(snap: &Path, name: &'static str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = Command::new(vmm());
+        cmd.arg("--restore").arg(snap).args(extra);
+        Self::spawn(cmd, dir, name)
+    }
+
+    fn spawn(mut cmd: Command, dir: tempfile::TempDir, name: &'static str) -> Self {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn cloude-vmm");
         let out = child.stdout.take().expect("stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                println!("guest: {line}");
+                println!("{name}: {line}");
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -526,4 +545,178 @@ fn virtio_net_tcp_both_ways_in_a_netns() {
     })
     .join()
     .expect("network test thread");
+}
+
+/// Connects to guest port 1024 through `uds` and echoes `ping` until that works (the VMM may not
+/// have bound `uds` yet, and right after a restore the guest may still be handling the vsock
+/// transport reset); returns when the first answer came back.
+fn first_echo(uds: &Path, deadline: Instant) {
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no echo through {}",
+            uds.display()
+        );
+        if let Ok(mut s) = UnixStream::connect(uds) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = Vec::new();
+            let ok = s.write_all(b"CONNECT 1024\n").is_ok() && {
+                let mut b = [0u8; 1];
+                while b[0] != b'\n' && s.read_exact(&mut b).is_ok() {
+                    line.push(b[0]);
+                }
+                line.starts_with(b"OK ")
+            };
+            if ok && s.write_all(b"ping\n").is_ok() {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got);
+                if got == b"ping\n" {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `Rss:` and `Pss:` of process `pid` in KiB (from /proc/PID/smaps_rollup).
+fn rss_pss_kib(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
+    let field = |name: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in smaps_rollup"))
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+/// Boots a guest with an echo listener on vsock port 1024, snapshots it through the control
+/// socket, and restores two clones at once from the same snapshot with their own CIDs and
+/// sockets: each answers over vsock after the transport reset and keeps running (its timer
+/// ticks), and the clones share the snapshot's unmodified memory (PSS well below RSS). Prints
+/// boot-to-first-answer and restore-to-first-answer.
+#[test]
+fn snapshot_restores_two_clones_that_answer_over_vsock() {
+    let Some(kernel) = enabled() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let path = |n: &str| dir.path().join(n);
+    let (uds, ctl, snap) = (path("a.sock"), path("ctl.sock"), path("snap"));
+    std::fs::create_dir(&snap).expect("snapshot dir");
+    let ready = UnixListener::bind(format!("{}_1025", uds.display())).expect("bind _1025");
+    let s = |p: &PathBuf| p.to_str().expect("utf8").to_string();
+    let common = ["--memory-mib", "256", "--snapshot-tag", "lab-snap"];
+    let booted = Instant::now();
+    let (uds_s, ctl_s) = (s(&uds), s(&ctl));
+    let mut args = vec![
+        "--vsock-cid",
+        "7",
+        "--vsock-uds",
+        &uds_s,
+        "--snapshot-control",
+        &ctl_s,
+    ];
+    args.extend_from_slice(&common);
+    let vm = Vm::start(&kernel, "snap", &args);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(ready.accept().map(|(s, _)| s));
+    });
+    let mut announce = rx
+        .recv_timeout(BOOT_TIMEOUT)
+        .expect("guest connected to _1025")
+        .expect("accept");
+    let mut hello = [0u8; 6];
+    announce.read_exact(&mut hello).expect("READY");
+    first_echo(&uds, booted + BOOT_TIMEOUT);
+    let boot_to_answer = booted.elapsed();
+
+    let started = Instant::now();
+    let mut c = UnixStream::connect(&ctl).expect("control socket");
+    c.write_all(format!("SNAPSHOT {}\n", snap.display()).as_bytes())
+        .expect("command");
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).expect("answer");
+    assert_eq!(answer, "OK\n");
+    let snapshot_took = started.elapsed();
+    vm.expect_clean_exit();
+    drop(announce);
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(snap.join("memory")).expect("memory");
+        let st = std::fs::metadata(snap.join("state")).expect("state");
+        println!(
+            "snapshot: {snapshot_took:?}; state {} bytes; memory {} MiB long, {} MiB allocated",
+            st.len(),
+            m.len() >> 20,
+            (m.blocks() * 512) >> 20
+        );
+        assert_eq!(m.len(), 256 << 20);
+    }
+
+    // Two clones at once, each with its own CID and socket.
+    let restored = Instant::now();
+    let clone = |name: &'static str, cid: &str, sock: &PathBuf| {
+        let sock = s(sock);
+        let mut a = vec!["--vsock-cid", cid, "--vsock-uds", &sock];
+        a.extend_from_slice(&common);
+        Vm::restore(&snap, name, &a)
+    };
+    let (ub, uc) = (path("b.sock"), path("c.sock"));
+    let mut b = clone("clone-b", "8", &ub);
+    let mut cl = clone("clone-c", "9", &uc);
+    let waits: Vec<_> = [ub.clone(), uc.clone()]
+        .into_iter()
+        .map(|u| {
+            std::thread::spawn(move || {
+                first_echo(&u, restored + BOOT_TIMEOUT);
+                restored.elapsed()
+            })
+        })
+        .collect();
+    let answers: Vec<Duration> = waits
+        .into_iter()
+        .map(|h| h.join().expect("echo thread"))
+        .collect();
+    println!(
+        "boot to first answer {boot_to_answer:?}; restore (two clones at once) to first answer {:?} and {:?}",
+        answers[0], answers[1]
+    );
+    // Each clone keeps running (its timer ticks) and carries real traffic.
+    for (vm, u) in [(&mut b, &ub), (&mut cl, &uc)] {
+        vm.wait_for("AFTER-RESET");
+        vm.wait_for("TICK-2");
+        let data = pattern(3, 1 << 20);
+        let got = echo_through(connect_port(u, 1024), data.clone());
+        assert!(got == data, "1 MiB echo through {} differs", u.display());
+    }
+    for (name, vm) in [("clone-b", &b), ("clone-c", &cl)] {
+        let (rss, pss) = rss_pss_kib(vm.child.id());
+        println!("{name}: RSS {rss} KiB, PSS {pss} KiB");
+        assert!(
+            pss * 10 < rss * 8,
+            "{name} does not share the snapshot's memory: RSS {rss} KiB, PSS {pss} KiB"
+        );
+    }
+    // A corrupt copy is refused before anything runs.
+    let bad = path("bad");
+    std::fs::create_dir(&bad).expect("dir");
+    let mut st = std::fs::read(snap.join("state")).expect("state");
+    let n = st.len();
+    st[n - 10] ^= 1;
+    std::fs::write(bad.join("state"), st).expect("write");
+    std::fs::copy(snap.join("memory"), bad.join("memory")).expect("copy");
+    let out = Command::new(vmm())
+        .arg("--restore")
+        .arg(&bad)
+        .args(["--vsock-cid", "10", "--vsock-uds"])
+        .arg(path("d.sock"))
+        .args(common)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.starts_with("cloude-vmm: snapshot refused: "), "{err}");
 }
