@@ -150,10 +150,15 @@ impl Vm {
         let mut child = cmd.spawn().expect("spawn cloude-vmm");
         let out = child.stdout.take().expect("stdout");
         let (tx, lines) = mpsc::channel();
+        let spawned = Instant::now();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                println!("{name}: {line}");
+                if name == "guest" {
+                    println!("{name}: {line}");
+                } else {
+                    println!("{name} +{:.3}s: {line}", spawned.elapsed().as_secs_f64());
+                }
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -551,12 +556,22 @@ fn virtio_net_tcp_both_ways_in_a_netns() {
 /// have bound `uds` yet, and right after a restore the guest may still be handling the vsock
 /// transport reset); returns when the first answer came back.
 fn first_echo(uds: &Path, deadline: Instant) {
+    let start = Instant::now();
+    let mut attempts = 0;
     loop {
         assert!(
             Instant::now() < deadline,
             "no echo through {}",
             uds.display()
         );
+        attempts += 1;
+        if attempts > 1 {
+            println!(
+                "{}: echo attempt {attempts} at {:?}",
+                uds.display(),
+                start.elapsed()
+            );
+        }
         if let Ok(mut s) = UnixStream::connect(uds) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
             let mut line = Vec::new();

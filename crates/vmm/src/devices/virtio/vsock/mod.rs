@@ -61,6 +61,11 @@ pub struct Vsock {
     buf: Vec<u8>,
     /// A transport reset event waits for a guest event-queue buffer.
     reset_event_pending: bool,
+    /// The reset event was delivered and the guest has not yet refilled its event queue (which
+    /// Linux does right after handling the event). Until then nothing is sent to the guest: a
+    /// connection it accepted before handling the reset would be dropped by that reset without
+    /// a word to the host, leaving the host client waiting.
+    awaiting_reset_ack: bool,
 }
 
 impl Vsock {
@@ -78,7 +83,17 @@ impl Vsock {
             muxer: Muxer::new(cid, uds)?,
             buf: vec![0u8; MAX_PKT_PAYLOAD as usize],
             reset_event_pending: false,
+            awaiting_reset_ack: false,
         })
+    }
+
+    /// The guest notified the event queue (it refilled it, so it has handled a delivered
+    /// reset); delivers a reset that was still waiting for a buffer.
+    pub fn event_queue_kicked(&mut self) -> Result<usize, VsockError> {
+        if !self.reset_event_pending {
+            self.awaiting_reset_ack = false;
+        }
+        self.send_events()
     }
 
     /// Delivers a pending transport reset event into the event queue; returns chains used.
@@ -96,6 +111,7 @@ impl Vsock {
         let n = queue::scatter(&a.mem, &chain.writable, 0, &event)?;
         queue::add_used(&mut a.queues[EVQ], &a.mem, chain.head, n as u32)?;
         self.reset_event_pending = false;
+        self.awaiting_reset_ack = true;
         Ok(1)
     }
 
@@ -132,6 +148,9 @@ impl Vsock {
 
     /// Fills guest RX buffers with pending packets; returns how many were delivered.
     pub fn process_rx(&mut self) -> Result<usize, VsockError> {
+        if self.awaiting_reset_ack {
+            return Ok(0);
+        }
         let Some(a) = self.active.as_mut() else {
             return Ok(0);
         };
@@ -217,6 +236,7 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.muxer.reset();
         self.reset_event_pending = false;
+        self.awaiting_reset_ack = false;
     }
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
         self.active.as_ref().map(|a| super::queue_states(&a.queues))
@@ -225,6 +245,9 @@ impl VirtioDevice for Vsock {
     /// CID), so it gets `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (it then drops its connections and
     /// re-reads the CID from the configuration space).
     fn restored(&mut self) -> bool {
+        // Host ports of this process's connections must not collide with those of the
+        // snapshotted process that the guest may still name before it handles the reset.
+        self.muxer.set_port_base(std::process::id());
         self.reset_event_pending = true;
         match self.send_events() {
             Ok(0) => {}
@@ -256,7 +279,7 @@ impl MutEventSubscriber for Vsock {
             }
             d if d == EVQ as u32 => {
                 let _ = self.queue_evts[EVQ].read();
-                tx = self.send_events();
+                tx = self.event_queue_kicked();
             }
             d if d == TXQ as u32 => {
                 let _ = self.queue_evts[TXQ].read();
@@ -441,6 +464,59 @@ mod tests {
         r.dev.muxer.on_fd(fd, EventSet::IN);
         let (h, d) = guest_rx(&mut r, 1).expect("rw");
         assert_eq!((h.op, d.as_slice()), (OP_RW, &b"pong"[..]));
+    }
+
+    /// After a restore the guest gets TRANSPORT_RESET in an event buffer, and nothing is sent to
+    /// it until it has refilled the event queue (handled the reset).
+    #[test]
+    fn restore_sends_transport_reset_and_holds_rx_until_it_is_handled() {
+        let mut r = rig();
+        let (evq_desc, evq_avail, evq_used) = (DESC + 0x20000, AVAIL + 0x20000, USED + 0x20000);
+        r.mem
+            .write_obj(0xffff_ffffu32, GuestAddress(0x380000))
+            .expect("poison");
+        write_desc(&r.mem, evq_desc, 0, 0x380000, 4, F_WRITE, 0);
+        publish(&r.mem, evq_avail, 0, 0);
+        assert!(r.dev.restored(), "config generation bumps");
+        let mut client = UnixStream::connect(&r.uds).expect("connect");
+        client.write_all(b"CONNECT 1024\n").expect("write");
+        r.dev.muxer.accept();
+        let fd = r.dev.muxer.take_added()[0];
+        r.dev.muxer.on_fd(fd, EventSet::IN);
+        let used: u16 = r
+            .mem
+            .read_obj(GuestAddress(evq_used + 2))
+            .expect("used idx");
+        assert_eq!(used, 1);
+        let len: u32 = r
+            .mem
+            .read_obj(GuestAddress(evq_used + 8))
+            .expect("used len");
+        assert_eq!(len, 4);
+        let id: u32 = r.mem.read_obj(GuestAddress(0x380000)).expect("event");
+        assert_eq!(id, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+        assert!(
+            guest_rx(&mut r, 0).is_none(),
+            "RX held until the guest handled the reset"
+        );
+        r.dev.event_queue_kicked().expect("kick");
+        assert_eq!(
+            r.dev.process_rx().expect("rx"),
+            1,
+            "the request goes out now"
+        );
+        let mut hdr = [0u8; HDR_SIZE];
+        r.mem
+            .read_slice(&mut hdr, GuestAddress(0x300000))
+            .expect("read");
+        let h = Header::parse(&hdr).expect("parse");
+        assert_eq!(h.op, OP_REQUEST);
+        assert_eq!(h.dst_port, 1024);
+        assert!(
+            h.src_port > 1 << 30 | 0xffff,
+            "restored port window: {:#x}",
+            h.src_port
+        );
     }
 
     #[test]

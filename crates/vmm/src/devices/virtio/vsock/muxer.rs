@@ -82,6 +82,13 @@ impl Muxer {
         })
     }
 
+    /// Moves host port allocation to a window derived from `seed` (a restored VM uses its own
+    /// process id, so that its ports differ from those of the snapshotted process).
+    pub fn set_port_base(&mut self, seed: u32) {
+        // Windows 1 to 2^14-1 of 2^16 ports from FIRST_HOST_PORT (a booted VM uses window 0).
+        self.next_port = FIRST_HOST_PORT + ((1 + seed % ((1 << 14) - 1)) << 16);
+    }
+
     /// The listener, for the event loop.
     pub fn listener(&self) -> &UnixListener {
         &self.listener
