@@ -16,6 +16,7 @@ pub const TARGETS: &[&str] = &[
     "cpio_reader",
     "oci_layers",
     "piston_request",
+    "vmm_snapshot_state",
     "vmm_virtqueue_vsock",
 ];
 
@@ -27,6 +28,7 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         "cpio_reader" => cpio::run(data),
         "oci_layers" => oci::run(data),
         "piston_request" => api::run_piston(data),
+        "vmm_snapshot_state" => cloude_vmm::snapshot::fuzz_decode(data),
         "vmm_virtqueue_vsock" => cloude_vmm::devices::virtio::fuzzing::parse_rings(data),
         _ => return false,
     }
