@@ -481,6 +481,11 @@ fn snapshot_and_restore_continue_counting() {
         assert!(mem.blocks() * 512 < 8 << 20, "memory file is not sparse");
     }
 
+    // The clone is snapshotted in turn (its memory is now a private file mapping), and that
+    // snapshot restored again.
+    let ctl2 = g.path("ctl2.sock");
+    let snap2 = g.path("snap2");
+    std::fs::create_dir(&snap2).expect("snapshot dir");
     let started = Instant::now();
     let mut clone = Running::spawn(&[
         os("--restore"),
@@ -489,6 +494,8 @@ fn snapshot_and_restore_continue_counting() {
         os("64"),
         os("--snapshot-tag"),
         os("tiny"),
+        os("--snapshot-control"),
+        ctl2.as_os_str(),
     ]);
     if !clone.wait_lines(10) {
         let err = clone.stderr();
@@ -499,9 +506,22 @@ fn snapshot_and_restore_continue_counting() {
         panic!("the restored guest did not count: {err}");
     }
     eprintln!("tiny restore to 10 lines: {:?}", started.elapsed());
-    drop(clone.child.kill());
+    let answer = snapshot_command(&ctl2, format!("SNAPSHOT {}\n", snap2.display()).as_bytes());
+    assert_eq!(answer, "OK\n", "stderr: {}", clone.stderr());
+    assert!(clone.wait_exit().success());
     let second = clone.output();
-    let all = [first.clone(), second].concat();
+    let mut grandchild = Running::spawn(&[
+        os("--restore"),
+        snap2.as_os_str(),
+        os("--memory-mib"),
+        os("64"),
+        os("--snapshot-tag"),
+        os("tiny"),
+    ]);
+    assert!(grandchild.wait_lines(10), "{}", grandchild.stderr());
+    let _ = grandchild.child.kill();
+    let third = grandchild.output();
+    let all = [first.clone(), second.clone(), third].concat();
     let text = String::from_utf8_lossy(&all);
     let numbers: Vec<u64> = text
         .lines()
@@ -511,10 +531,13 @@ fn snapshot_and_restore_continue_counting() {
         assert_eq!(w[1], w[0] + 1, "count jumped: {:?}", &numbers);
     }
     let at_snapshot = String::from_utf8_lossy(&first).lines().count();
-    assert!(numbers.len() > at_snapshot + 5, "counted on after restore");
+    let at_second = at_snapshot + String::from_utf8_lossy(&second).lines().count();
+    assert!(
+        numbers.len() > at_second + 5,
+        "counted on after the second restore"
+    );
     eprintln!(
-        "count: 1..{} before the snapshot, on to {} after the restore",
-        at_snapshot,
+        "count: 1..{at_snapshot} before the snapshot, about {at_second} at the clone's snapshot, on to {} after restoring that",
         numbers.last().copied().unwrap_or(0)
     );
 
