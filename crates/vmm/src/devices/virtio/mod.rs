@@ -124,10 +124,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The active queues' state (None before activation or after a failure), for a snapshot.
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
-    /// Called after a restore re-activated the device; returns true when the device's
-    /// configuration differs from the snapshotted one (the transport then bumps the config
-    /// generation).
+    /// Called after a restore re-activated the device: picks up work the guest left in the
+    /// rings (by default every queue is kicked). Returns true when the device's configuration
+    /// differs from the snapshotted one (the transport then bumps the config generation).
     fn restored(&mut self) -> bool {
+        for e in self.queue_events() {
+            let _ = e.write(1);
+        }
         false
     }
 }

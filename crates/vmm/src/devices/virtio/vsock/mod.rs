@@ -248,6 +248,10 @@ impl VirtioDevice for Vsock {
         // Host ports of this process's connections must not collide with those of the
         // snapshotted process that the guest may still name before it handles the reset.
         self.muxer.set_port_base(std::process::id());
+        // TX and RX pick up what the guest left in the rings; the event queue is not kicked
+        // here: its next notification is the guest's sign that it handled the reset.
+        let _ = self.queue_evts[TXQ].write(1);
+        let _ = self.queue_evts[RXQ].write(1);
         self.reset_event_pending = true;
         match self.send_events() {
             Ok(0) => {}
