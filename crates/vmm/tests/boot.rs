@@ -558,39 +558,57 @@ fn virtio_net_tcp_both_ways_in_a_netns() {
 fn first_echo(uds: &Path, deadline: Instant) {
     let start = Instant::now();
     let mut attempts = 0;
+    let mut last = String::new();
     loop {
         assert!(
             Instant::now() < deadline,
-            "no echo through {}",
+            "no echo through {} ({last})",
             uds.display()
         );
         attempts += 1;
-        if attempts > 1 {
-            println!(
-                "{}: echo attempt {attempts} at {:?}",
-                uds.display(),
-                start.elapsed()
-            );
-        }
-        if let Ok(mut s) = UnixStream::connect(uds) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut line = Vec::new();
-            let ok = s.write_all(b"CONNECT 1024\n").is_ok() && {
+        let failed = match UnixStream::connect(uds) {
+            Err(e) => format!("connect: {e}"),
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut line = Vec::new();
                 let mut b = [0u8; 1];
+                let _ = s.write_all(b"CONNECT 1024\n");
                 while b[0] != b'\n' && s.read_exact(&mut b).is_ok() {
                     line.push(b[0]);
                 }
-                line.starts_with(b"OK ")
-            };
-            if ok && s.write_all(b"ping\n").is_ok() {
-                let _ = s.shutdown(std::net::Shutdown::Write);
-                let mut got = Vec::new();
-                let _ = s.read_to_end(&mut got);
-                if got == b"ping\n" {
-                    return;
+                if !line.starts_with(b"OK ") {
+                    format!(
+                        "no OK after {:?}: {:?}",
+                        start.elapsed(),
+                        String::from_utf8_lossy(&line)
+                    )
+                } else {
+                    let _ = s.write_all(b"ping\n");
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    let mut got = Vec::new();
+                    let _ = s.read_to_end(&mut got);
+                    if got == b"ping\n" {
+                        if attempts > 1 {
+                            println!(
+                                "{}: echo on attempt {attempts} after {:?} (before: {last})",
+                                uds.display(),
+                                start.elapsed()
+                            );
+                        }
+                        return;
+                    }
+                    format!(
+                        "OK but echo {:?} after {:?}",
+                        String::from_utf8_lossy(&got),
+                        start.elapsed()
+                    )
                 }
             }
+        };
+        if failed != last && !last.is_empty() {
+            println!("{}: attempt {attempts}: {last}", uds.display());
         }
+        last = failed;
         std::thread::sleep(Duration::from_millis(20));
     }
 }
