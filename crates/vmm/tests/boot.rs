@@ -48,6 +48,12 @@ case "$cloude_test" in
     echo AFTER-RESET
     i=0
     while true; do i=$((i+1)); echo "TICK-$i"; sleep 1; done ;;
+  net-snap)
+    ip link set lo up
+    nc -ll -p 8080 -e /bin/cat &
+    echo NET-READY
+    i=0
+    while true; do i=$((i+1)); echo "TICK-$i"; sleep 1; done ;;
   vsock-flood)
     /bin/vsock-echo flood 2 1030 256 12 ;;
   net)
@@ -752,4 +758,94 @@ fn snapshot_restores_two_clones_that_answer_over_vsock() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.starts_with("cloude-vmm: snapshot refused: "), "{err}");
+}
+
+/// Brings up `tap` in this thread's network namespace as 10.78.0.1/30 once the VMM created it.
+fn configure_tap(tap: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string("/proc/thread-self/net/dev")
+        .unwrap_or_default()
+        .contains(&format!("{tap}:"))
+    {
+        assert!(Instant::now() < deadline, "{tap} never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    while !ip(&["addr", "add", "10.78.0.1/30", "dev", tap]) {
+        assert!(Instant::now() < deadline, "cannot address {tap}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ip(&["link", "set", tap, "up"]), "ip link set {tap} up");
+}
+
+/// One line echoed by the guest's `nc -e cat` on 10.78.0.2:8080, retried until it works.
+fn tcp_echo(deadline: Instant) {
+    let addr = "10.78.0.2:8080".parse().expect("addr");
+    loop {
+        assert!(Instant::now() < deadline, "no TCP echo from the guest");
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut b = [0u8; 12];
+            if s.write_all(b"over the tap").is_ok() && s.read_exact(&mut b).is_ok() {
+                assert_eq!(&b, b"over the tap");
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// virtio-net across a snapshot: a guest serving TCP on its tap is snapshotted and restored on
+/// a new tap (same name, new device, in a private network namespace); TCP works again.
+#[test]
+fn snapshot_restore_with_virtio_net_on_a_new_tap() {
+    let Some(kernel) = enabled() else { return };
+    std::thread::spawn(move || {
+        // SAFETY: unshare only affects this thread's namespaces; the thread ends with the test.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+        assert!(ip(&["link", "set", "lo", "up"]), "lo up");
+        let dir = tempfile::tempdir().expect("dir");
+        let (ctl, snap) = (dir.path().join("ctl.sock"), dir.path().join("snap"));
+        std::fs::create_dir(&snap).expect("snapshot dir");
+        let net = [
+            "--tap",
+            "tap0",
+            "--guest-mac",
+            "06:00:0a:4e:00:02",
+            "--memory-mib",
+            "256",
+        ];
+        let ctl_s = ctl.to_str().expect("utf8");
+        let mut args = vec![
+            "--guest-ip",
+            "10.78.0.2/30",
+            "--host-ip",
+            "10.78.0.1",
+            "--snapshot-control",
+            ctl_s,
+        ];
+        args.extend_from_slice(&net);
+        let mut vm = Vm::start(&kernel, "net-snap", &args);
+        configure_tap("tap0");
+        vm.wait_for("NET-READY");
+        tcp_echo(Instant::now() + BOOT_TIMEOUT);
+        let mut c = UnixStream::connect(&ctl).expect("control socket");
+        c.write_all(format!("SNAPSHOT {}\n", snap.display()).as_bytes())
+            .expect("command");
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).expect("answer");
+        assert_eq!(answer, "OK\n");
+        vm.expect_clean_exit();
+        let restored = Instant::now();
+        let mut clone = Vm::restore(&snap, "net-clone", &net);
+        configure_tap("tap0");
+        tcp_echo(restored + BOOT_TIMEOUT);
+        println!(
+            "net clone: TCP echo {:?} after the restore",
+            restored.elapsed()
+        );
+        clone.wait_for("TICK-");
+    })
+    .join()
+    .expect("network test thread");
 }
