@@ -608,3 +608,35 @@ fn foreign_or_missing_snapshot_is_refused() {
     assert!(err.contains("bad magic"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// A snapshot into a directory that does not exist fails before the guest is paused: `ERR` with
+/// the reason, exit status 1, no socket left behind.
+#[test]
+fn snapshot_into_a_missing_directory_fails_cleanly() {
+    if !kvm_usable() {
+        return;
+    }
+    let g = Guest::new(&pvh_elf(&counting_guest()));
+    let ctl = g.path("ctl.sock");
+    let (k, i) = (g.path("kernel"), g.path("initrd"));
+    let mut vm = Running::spawn(&[
+        os("--kernel"),
+        k.as_os_str(),
+        os("--initrd"),
+        i.as_os_str(),
+        os("--memory-mib"),
+        os("64"),
+        os("--snapshot-control"),
+        ctl.as_os_str(),
+    ]);
+    assert!(vm.wait_lines(3), "the guest did not count: {}", vm.stderr());
+    let answer = snapshot_command(&ctl, b"SNAPSHOT /nonexistent/snapshot/dir\n");
+    assert!(
+        answer.starts_with("ERR cannot create /nonexistent/snapshot/dir/state"),
+        "{answer:?}"
+    );
+    assert_eq!(answer.lines().count(), 1);
+    let status = vm.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", vm.stderr());
+    assert!(!ctl.exists(), "control socket left behind");
+}

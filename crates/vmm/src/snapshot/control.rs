@@ -194,6 +194,22 @@ impl Snapshotter {
         if let Some(p) = &self.xsave_problem {
             return Err(p.clone());
         }
+        // Both files first: a directory that is missing or not writable fails before the guest
+        // is paused. The state is written last, so a state file that decodes means the memory
+        // file is complete (an interrupted snapshot leaves an empty state: refused).
+        let create = |name: &str| {
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))
+        };
+        let mut state_file = create("state")?;
+        let memory_file = create("memory")?;
         let vcpus = self.pause_vcpus()?;
         // Quiesce the devices: with every transport and device locked, the device thread can
         // neither change device state nor touch guest memory. The guards are held until exit.
@@ -221,24 +237,12 @@ impl Snapshotter {
             },
         };
         let bytes = super::encode(&state)?;
-        let create = |name: &str| {
-            let path = dir.join(name);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| format!("cannot create {}: {e}", path.display()))
-        };
-        let mut f = create("state")?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| format!("cannot write the state file: {e}"))?;
-        let m = create("memory")?;
-        super::memory::write_memory(&self.vm.mem, &m)
+        super::memory::write_memory(&self.vm.mem, &memory_file)
             .map_err(|e| format!("cannot write the memory file: {e}"))?;
+        state_file
+            .write_all(&bytes)
+            .and_then(|()| state_file.sync_all())
+            .map_err(|e| format!("cannot write the state file: {e}"))?;
         // The guards go out of scope only when the process exits (take() never returns).
         std::mem::forget(device_guards);
         std::mem::forget(transports);
