@@ -10,10 +10,11 @@
 //! (every device's lock is taken and held until exit), writes `<dir>/state` (this module's
 //! format) and `<dir>/memory` (guest RAM, regions in guest-physical order; all-zero pages are
 //! holes, the length is the guest memory size), fsyncs both, answers `OK\n` and exits 0 without
-//! resuming the guest. A failure after the command was accepted answers `ERR <sentence>\n` and
-//! exits 1. A line that is not a well-formed command (garbage, over-long, not valid UTF-8, a
-//! relative or missing directory) is answered `ERR <sentence>\n` and the connection closed; the
-//! VM keeps running and the socket keeps listening. A client that sends nothing is dropped after
+//! resuming the guest. A failure after a well-formed command (the directory missing or not
+//! writable — found before the guest is paused —, KVM refusing to save, a write error) answers
+//! `ERR <sentence>\n` and exits 1. A line that is not a well-formed command (garbage, over-long,
+//! more than one line, not valid UTF-8, a relative directory) is answered `ERR <sentence>\n` and
+//! the connection closed; the VM keeps running and the socket keeps listening. A client that sends nothing is dropped after
 //! [`control::READ_TIMEOUT`]. The socket file is removed when the VMM exits.
 //!
 //! **Restoring.** `cloude-vmm --restore DIR --memory-mib N --vcpus N [--vsock-cid CID
@@ -24,8 +25,10 @@
 //! user), restores every vCPU, the irqchip, the PIT, the devices and the KVM clock, and resumes.
 //! The vsock device reports the new CID in its configuration space and sends the guest
 //! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest drops its connections and re-reads its CID;
-//! listening sockets survive. Connections of the snapshotted process are gone. A `CONNECT`
-//! that arrives before the guest has handled the reset is refused (EOF): retry it.
+//! listening sockets survive. Connections of the snapshotted process are gone. Until the guest
+//! has handled the reset (it refills its event queue), nothing is sent to it, so a `CONNECT`
+//! made meanwhile simply waits; one made before the VMM has bound `--vsock-uds` fails to
+//! connect (retry it).
 //!
 //! A snapshot that cannot be used (truncated, corrupt, foreign, another format or VMM version,
 //! another shape — memory size, vCPU count, device set, memory file size — or another
