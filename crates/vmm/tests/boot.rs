@@ -632,7 +632,7 @@ fn rss_pss_kib(pid: u32) -> (u64, u64) {
     (field("Rss:"), field("Pss:"))
 }
 
-/// Boots a guest with an echo listener on vsock port 1024, snapshots it through the control
+/// Boots a 2-vCPU guest with an echo listener on vsock port 1024, snapshots it through the control
 /// socket, and restores two clones at once from the same snapshot with their own CIDs and
 /// sockets: each answers over vsock after the transport reset and keeps running (its timer
 /// ticks), and the clones share the snapshot's unmodified memory (PSS well below RSS). Prints
@@ -646,7 +646,14 @@ fn snapshot_restores_two_clones_that_answer_over_vsock() {
     std::fs::create_dir(&snap).expect("snapshot dir");
     let ready = UnixListener::bind(format!("{}_1025", uds.display())).expect("bind _1025");
     let s = |p: &PathBuf| p.to_str().expect("utf8").to_string();
-    let common = ["--memory-mib", "256", "--snapshot-tag", "lab-snap"];
+    let common = [
+        "--memory-mib",
+        "256",
+        "--vcpus",
+        "2",
+        "--snapshot-tag",
+        "lab-snap",
+    ];
     let booted = Instant::now();
     let (uds_s, ctl_s) = (s(&uds), s(&ctl));
     let mut args = vec![

@@ -640,3 +640,57 @@ fn snapshot_into_a_missing_directory_fails_cleanly() {
     assert_eq!(status.code(), Some(1), "{}", vm.stderr());
     assert!(!ctl.exists(), "control socket left behind");
 }
+
+/// Two vCPUs (the second never started by the guest: its INIT state is saved and restored too).
+#[test]
+fn two_vcpus_are_snapshotted_and_restored() {
+    if !kvm_usable() {
+        return;
+    }
+    let g = Guest::new(&pvh_elf(&counting_guest()));
+    let ctl = g.path("ctl.sock");
+    let snap = g.path("snap");
+    std::fs::create_dir(&snap).expect("snapshot dir");
+    let (k, i) = (g.path("kernel"), g.path("initrd"));
+    let mut vm = Running::spawn(&[
+        os("--kernel"),
+        k.as_os_str(),
+        os("--initrd"),
+        i.as_os_str(),
+        os("--memory-mib"),
+        os("64"),
+        os("--vcpus"),
+        os("2"),
+        os("--snapshot-control"),
+        ctl.as_os_str(),
+    ]);
+    assert!(vm.wait_lines(5), "the guest did not count: {}", vm.stderr());
+    let answer = snapshot_command(&ctl, format!("SNAPSHOT {}\n", snap.display()).as_bytes());
+    if answer.starts_with("ERR KVM could not save") {
+        println!("SKIPPED: this host's KVM cannot save vCPU/VM state ({answer:?})");
+        return;
+    }
+    assert_eq!(answer, "OK\n", "stderr: {}", vm.stderr());
+    assert!(vm.wait_exit().success());
+    let first = vm.output();
+    let mut clone = Running::spawn(&[
+        os("--restore"),
+        snap.as_os_str(),
+        os("--memory-mib"),
+        os("64"),
+        os("--vcpus"),
+        os("2"),
+    ]);
+    let before = String::from_utf8_lossy(&first).lines().count();
+    assert!(clone.wait_lines(5), "{}", clone.stderr());
+    let _ = clone.child.kill();
+    let all = [first, clone.output()].concat();
+    let numbers: Vec<u64> = String::from_utf8_lossy(&all)
+        .lines()
+        .map(|l| u64::from_str_radix(l, 16).unwrap_or_else(|_| panic!("bad line {l:?}")))
+        .collect();
+    for w in numbers.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "count jumped: {numbers:?}");
+    }
+    assert!(numbers.len() >= before + 5);
+}
