@@ -492,6 +492,13 @@ pub(crate) struct Extras {
     pub binds: Vec<(PathBuf, &'static str, bool)>,
     /// `(open fd, number in the child)`.
     pub fds: Vec<(RawFd, RawFd)>,
+    /// The largest file the hypervisor may write, when more than the console size (a
+    /// cloude-vmm template writes the guest's memory).
+    pub max_file_bytes: Option<u64>,
+    /// Memory beyond the driver's profile, MiB: a template's snapshot file is page cache
+    /// charged to its cgroup while it is written (without it the cgroup's OOM killer ended a
+    /// Python template mid-write).
+    pub extra_memory_mib: u64,
 }
 
 /// A spawned hypervisor (or its jailer) and, jailed, its uid and cgroup. Dropping it kills both.
@@ -560,7 +567,7 @@ pub(crate) fn spawn(
         Some(jailer) => {
             let p = driver.profile();
             let limits = cloude_jail::cgroup::Limits {
-                memory_bytes: (spec.memory_mib + p.overhead_mib) << 20,
+                memory_bytes: (spec.memory_mib + p.overhead_mib + extras.extra_memory_mib) << 20,
                 pids: u64::from(spec.vcpus) + p.extra_pids,
                 cpu_millis: u64::from(spec.vcpus) * 1000 + p.device_cpu_millis,
             };
@@ -569,7 +576,7 @@ pub(crate) fn spawn(
             let mut j = cloude_jail::Spec::new(lease.uid, lease.uid, root);
             j.cgroup_procs = lease.procs_files();
             j.max_files = p.max_files;
-            j.max_file_bytes = driver.console_bytes;
+            j.max_file_bytes = driver.console_bytes.max(extras.max_file_bytes.unwrap_or(0));
             j.max_procs = limits.pids;
             j.keep_netns = slot.tap.is_some();
             j.bind_ro(&spec.kernel, JAIL_KERNEL)

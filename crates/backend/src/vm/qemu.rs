@@ -321,8 +321,8 @@ pub(crate) async fn restore(
         .map_err(|e| VmError::Snapshot(format!("cannot open the snapshot: {e}")))?;
     let paths = driver.paths(spec, &slot);
     let extras = Extras {
-        binds: Vec::new(),
         fds: vec![(state.as_raw_fd(), INCOMING_FD)],
+        ..Extras::default()
     };
     let mut child = spawn(
         driver,

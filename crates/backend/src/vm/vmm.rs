@@ -127,6 +127,12 @@ pub(crate) async fn boot(
         .start_console(driver.console_bytes)
         .map_err(VmError::RuntimeDir)?;
     let paths = driver.paths(spec, &slot);
+    let extras = Extras {
+        // A template writes the guest's memory (and a small state file) into its directory.
+        max_file_bytes: template.map(|_| (spec.memory_mib << 20) + (16 << 20)),
+        extra_memory_mib: template.map_or(0, |_| spec.memory_mib),
+        ..Extras::default()
+    };
     let mut child = spawn(
         driver,
         spec,
@@ -134,7 +140,7 @@ pub(crate) async fn boot(
         args(driver, spec, &slot, &paths, mode),
         console.try_clone().map_err(VmError::RuntimeDir)?.into(),
         console.into(),
-        &Extras::default(),
+        &extras,
     )?;
     let io = during_boot(child.child(), &slot, spec, started, async {
         let (mut ready, _) = listener.accept().await.map_err(VmError::Channel)?;
@@ -215,6 +221,17 @@ pub(crate) async fn snapshot(
             SNAPSHOT_TIMEOUT.as_secs()
         ))),
     };
+    // Say how cloude-vmm ended when the order failed (a kill, a seccomp trap, a refusal).
+    let r = match r {
+        Err(e) => match vm.exit_status_within(Duration::from_millis(500)).await {
+            Some(status) => Err(VmError::Snapshot(format!(
+                "{e}; cloude-vmm ended ({status}); console: {}",
+                vm.console_tail()
+            ))),
+            None => Err(e),
+        },
+        ok => ok,
+    };
     vm.shutdown(Duration::from_secs(2)).await;
     r.map(|()| (vec!["state", "memory"], booted))
 }
@@ -248,7 +265,7 @@ pub(crate) async fn restore(
     let tag = snap.tag();
     let extras = Extras {
         binds: vec![(snap.dir.clone(), JAIL_SNAPSHOT, false)],
-        fds: Vec::new(),
+        ..Extras::default()
     };
     let mut child = spawn(
         driver,
