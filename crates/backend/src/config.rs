@@ -18,6 +18,10 @@ pub struct Config {
     pub pool: PoolConfig,
     pub jail: JailConfig,
     pub snapshot: SnapshotConfig,
+    /// The Judge0-compatible API (`judge0`, `api/judge0.rs`).
+    pub judge0: crate::judge0::Judge0Config,
+    /// Where Judge0 submissions are kept (`store`).
+    pub store: crate::store::StoreConfig,
 }
 
 /// The jail around every hypervisor process (`vm::jail`).
@@ -213,6 +217,8 @@ impl Config {
         if self.vm.console_bytes < crate::vm::console::MIN_CONSOLE_BYTES {
             return bad("vm.console_bytes must be at least 64 KiB");
         }
+        self.judge0.validate(l).map_err(ConfigError::Invalid)?;
+        self.store.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }
