@@ -24,10 +24,16 @@ const START: Duration = Duration::from_secs(300);
 const JUDGE0_LIMITS: &str =
     "[judge0]\ncpu_time_limit = 10.0\nwall_time_limit = 20.0\nmax_wall_time_limit = 30.0\n";
 
-fn config(store_url: &str, extra: &str) -> String {
+/// A configuration on `store_url`; `judge0` adds keys to `[judge0]`, `store` to `[store]` (and
+/// may open further tables).
+fn config_with(store_url: &str, judge0: &str, store: &str) -> String {
     format!(
-        "[limits]\nmax_concurrent_vms = 2\n{JUDGE0_LIMITS}[store]\nurl = \"{store_url}\"\n{extra}"
+        "[limits]\nmax_concurrent_vms = 2\n{JUDGE0_LIMITS}{judge0}[store]\nurl = \"{store_url}\"\n{store}"
     )
+}
+
+fn config(store_url: &str, store: &str) -> String {
+    config_with(store_url, "", store)
 }
 
 fn start(config: &str) -> Server {
@@ -134,7 +140,7 @@ fn vms_running(server: &Server) -> u64 {
 fn judge0_api_and_published_client() {
     let dir = tempfile::tempdir().expect("tmp");
     let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
-    let server = start(&config(&url, ""));
+    let server = start(&config_with(&url, "callback_hosts = [\"127.0.0.1\"]\n", ""));
     let mut failures = vec![];
     let mut check = |name: &str, ok: bool, detail: String| {
         eprintln!("judge0: {} {name}", if ok { "ok  " } else { "FAIL" });
@@ -230,6 +236,68 @@ fn judge0_api_and_published_client() {
         (7..=12).contains(&v["status"]["id"].as_i64().unwrap_or(0)),
         v.to_string(),
     );
+
+    // callback_url: the result is PUT there (default fields, base64).
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hook_url = format!("http://{}/judge0-hook", hook.local_addr().expect("addr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let Ok((mut s, _)) = hook.accept() else {
+            return;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    let _ = tx.send(text);
+                    return;
+                }
+            }
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    let r = server.post(
+        "/submissions",
+        &json!({"source_code": "echo called back", "language_id": 46, "callback_url": hook_url}),
+    );
+    let token = r.json()["token"].as_str().unwrap_or_default().to_string();
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(req) => {
+            let body: Value = req
+                .split_once("\r\n\r\n")
+                .and_then(|(_, b)| serde_json::from_str(b).ok())
+                .unwrap_or(Value::Null);
+            check(
+                "callback_url gets the result (PUT)",
+                req.starts_with("PUT /judge0-hook HTTP/1.1")
+                    && body["token"] == token.as_str()
+                    && body["status"]["id"] == 3
+                    && unb64(&body["stdout"]) == b"called back\n",
+                req,
+            );
+        }
+        Err(_) => check(
+            "callback_url gets the result (PUT)",
+            false,
+            "no callback within 120 s".into(),
+        ),
+    }
 
     // The published SDK.
     match judge0_sdk(&server.url) {
@@ -343,6 +411,30 @@ fn judge0_restart_loses_nothing_sqlite() {
     assert!(
         all_done(&done),
         "every accepted submission runs to its end: {done:?}"
+    );
+    // A submission made now runs too.
+    let late = submit_batch(&server, sleepers(1, 0));
+    assert!(all_done(&wait_final(
+        &server,
+        &late,
+        Duration::from_secs(120)
+    )));
+    server.stop(Duration::from_secs(30)).expect("clean stop");
+    // Results are kept `keep_results_s`, then deleted.
+    let server = start(&config(&url, "keep_results_s = 1\n"));
+    let t = Instant::now();
+    while statuses(&server, &tokens).iter().any(|(id, _)| *id != -1) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "results older than keep_results_s are deleted"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let r = server.get(&format!("/submissions/{}", tokens[0]));
+    assert_eq!(r.status, 404, "{}", r.text());
+    eprintln!(
+        "judge0: expired results deleted within {} ms of the start",
+        t.elapsed().as_millis()
     );
     server.stop(Duration::from_secs(30)).expect("clean stop");
 }
@@ -491,5 +583,78 @@ fn judge0_two_servers_share_postgres() {
     assert!(all_done(&statuses(&a, &tokens)));
     a.stop(Duration::from_secs(30)).expect("stop A");
     b.stop(Duration::from_secs(30)).expect("stop B");
+    drop(pg);
+}
+
+fn store_config(url: String) -> cloude_server::store::StoreConfig {
+    cloude_server::store::StoreConfig {
+        url,
+        keep_results_s: 60,
+        lease_ms: 1000,
+        max_attempts: 2,
+        poll_ms: 100,
+        workers: 0,
+    }
+}
+
+/// The PostgreSQL store itself: two stores (two servers) created at once, four claimers racing
+/// (`FOR UPDATE SKIP LOCKED`: every row claimed exactly once), leases, attempts, retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "starts PostgreSQL; run with --include-ignored"]
+async fn judge0_postgres_store_claims_each_row_once() {
+    use cloude_server::store::{NewRow, Store};
+    let pg = Postgres::start();
+    let cfg = store_config(pg.url());
+    let (a, b) = tokio::join!(Store::open(&cfg), Store::open(&cfg));
+    let (a, b) = (
+        std::sync::Arc::new(a.expect("store a")),
+        std::sync::Arc::new(b.expect("store b")),
+    );
+    let tokens: Vec<String> = (0..60).map(|i| format!("t{i:03}")).collect();
+    let rows: Vec<NewRow<'_>> = tokens
+        .iter()
+        .map(|t| NewRow {
+            token: t,
+            request: "{}",
+        })
+        .collect();
+    a.insert(&rows, 1).await.expect("insert");
+    assert_eq!(b.queued().await.expect("queued"), 60);
+    let mut claimers = vec![];
+    for i in 0..4 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        claimers.push(tokio::spawn(async move {
+            let mut got = vec![];
+            while let Some(r) = s.claim(&format!("c{i}"), 100).await.expect("claim") {
+                got.push(r.token);
+            }
+            got
+        }));
+    }
+    let mut all = vec![];
+    let mut per = vec![];
+    for c in claimers {
+        let got = c.await.expect("claimer");
+        per.push(got.len());
+        all.extend(got);
+    }
+    all.sort();
+    eprintln!("judge0: rows claimed per claimer: {per:?}");
+    assert_eq!(all, tokens, "each row claimed exactly once");
+    // Finish one; let one's lease lapse twice (max_attempts = 2).
+    let mut finished = false;
+    for owner in ["c0", "c1", "c2", "c3"] {
+        finished |= a.finish("t000", owner, 3, "{}", 5).await.expect("finish");
+    }
+    assert!(finished, "its claimer finishes it");
+    let swept = b.sweep(i64::MAX, 2).await.expect("sweep");
+    assert_eq!((swept.requeued, swept.failed), (59, 0));
+    let r = a.claim("x", 0).await.expect("claim").expect("row");
+    assert_eq!(r.attempts, 2);
+    let swept = a.sweep(1, 2).await.expect("sweep");
+    assert_eq!((swept.requeued, swept.failed), (0, 1), "attempts exhausted");
+    let got = b.get(std::slice::from_ref(&r.token)).await.expect("get");
+    assert_eq!(got[0].status_id, 13);
+    assert_eq!(b.delete_finished_before(6).await.expect("retention"), 1);
     drop(pg);
 }

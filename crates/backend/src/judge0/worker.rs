@@ -14,7 +14,7 @@ use crate::api::AppState;
 use crate::limiter::{LimitError, Permit};
 use crate::store::{now_ms, Row};
 
-/// How often old results are looked for.
+/// Longest time between two looks for expired results (half the retention when shorter).
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// Judge0's display name of a catalogue language, e.g. `C++ (GCC 12.2.0)`.
@@ -62,7 +62,12 @@ pub async fn start(state: Arc<AppState>, j0: Arc<Judge0>) {
 }
 
 async fn sweeper(j0: Arc<Judge0>) {
-    let every = Duration::from_millis((j0.store_config.lease_ms / 2).max(500));
+    let every = Duration::from_millis((j0.store_config.lease_ms / 2).max(500)).min(
+        Duration::from_millis(j0.store_config.keep_results_s * 500).max(Duration::from_millis(500)),
+    );
+    let retention_every = RETENTION_EVERY
+        .min(Duration::from_millis(j0.store_config.keep_results_s * 500))
+        .max(Duration::from_millis(500));
     let mut last_retention: Option<Instant> = None;
     loop {
         if j0.closing.load(Ordering::SeqCst) {
@@ -77,7 +82,7 @@ async fn sweeper(j0: Arc<Judge0>) {
             Ok(_) => {}
             Err(e) => tracing::warn!("judge0: lease sweep failed: {e}"),
         }
-        if last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
+        if last_retention.is_none_or(|t| t.elapsed() >= retention_every) {
             last_retention = Some(Instant::now());
             let keep = i64::try_from(j0.store_config.keep_results_s.saturating_mul(1000))
                 .unwrap_or(i64::MAX);

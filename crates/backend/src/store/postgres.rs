@@ -59,10 +59,11 @@ async fn open(url: &str) -> Result<Client, StoreError> {
 impl PgStore {
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
         let client = open(url).await?;
-        // Several servers may start at once: serialise the schema creation.
+        // Several servers may start at once: serialise the schema creation with a lock held
+        // until the creating transaction commits.
         client
             .batch_execute(&format!(
-                "SELECT pg_advisory_lock(71113); {SCHEMA} SELECT pg_advisory_unlock(71113);"
+                "BEGIN; SELECT pg_advisory_xact_lock(71113); {SCHEMA} COMMIT;"
             ))
             .await?;
         Ok(PgStore {
