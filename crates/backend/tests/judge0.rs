@@ -20,6 +20,14 @@ use support::{children_of, Server};
 
 const START: Duration = Duration::from_secs(300);
 
+/// The VM tests take turns: each starts servers running up to two VMs at once, and two
+/// cores are shared.
+static VM_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    VM_TESTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Judge0 limits generous enough for software emulation (Node.js and g++ are slow under TCG).
 const JUDGE0_LIMITS: &str =
     "[judge0]\ncpu_time_limit = 10.0\nwall_time_limit = 20.0\nmax_wall_time_limit = 30.0\n";
@@ -138,6 +146,7 @@ fn vms_running(server: &Server) -> u64 {
 #[test]
 #[ignore = "boots VMs; run with --include-ignored"]
 fn judge0_api_and_published_client() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().expect("tmp");
     let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
     let server = start(&config_with(&url, "callback_hosts = [\"127.0.0.1\"]\n", ""));
@@ -379,6 +388,7 @@ fn all_done(s: &[(i64, String)]) -> bool {
 #[test]
 #[ignore = "boots VMs; run with --include-ignored"]
 fn judge0_restart_loses_nothing_sqlite() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().expect("tmp");
     let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
     let cfg = config(&url, "");
@@ -541,6 +551,7 @@ impl Drop for Postgres {
 #[test]
 #[ignore = "boots VMs; run with --include-ignored"]
 fn judge0_two_servers_share_postgres() {
+    let _turn = one_at_a_time();
     let pg = Postgres::start();
     let store = "lease_ms = 3000\npoll_ms = 200\n";
     let cfg_a = config(

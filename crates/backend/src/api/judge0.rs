@@ -292,6 +292,28 @@ async fn check_queue(j0: &Judge0, adding: usize) -> Result<(), Response> {
     Ok(())
 }
 
+/// Decodes and validates one `POST /submissions` body exactly as the handler does, without
+/// server state (pure; fuzzed by `fuzz/fuzz_targets/judge0_request.rs`). Malformed JSON is
+/// reported as a field error on `submission`.
+pub fn decode_judge0(
+    body: &[u8],
+    base64: bool,
+    catalog: &cloude_image::catalog::Catalog,
+    config: &crate::config::Config,
+) -> Result<(J0Request, crate::executor::Job), FieldErrors> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        let mut f = FieldErrors::default();
+        f.add("submission", format!("is not valid JSON: {e}"));
+        f
+    })?;
+    let ctx = Ctx {
+        catalog,
+        config,
+        judge0: &config.judge0,
+    };
+    request::parse(&value, base64, &ctx)
+}
+
 fn ctx(state: &AppState) -> Ctx<'_> {
     Ctx {
         catalog: &state.catalog,

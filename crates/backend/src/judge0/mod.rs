@@ -38,6 +38,14 @@ pub const STATUSES: [(i32, &str); 14] = [
     (14, "Exec Format Error"),
 ];
 
+/// A status as a metrics label: `accepted`, `runtime_error_sigsegv`, ...
+pub fn status_label(id: i32) -> String {
+    status_description(id)
+        .to_ascii_lowercase()
+        .replace(['(', ')'], "")
+        .replace(' ', "_")
+}
+
 pub fn status_description(id: i32) -> &'static str {
     STATUSES
         .iter()
@@ -111,8 +119,9 @@ pub const MAX_OPTIONS_CHARS: usize = 512;
 pub const MAX_BATCH_SIZE: usize = 100;
 
 impl Judge0Config {
-    pub fn validate(&self, limits: &crate::config::Limits) -> Result<(), String> {
-        let secs = |v: f64| (v * 1000.0).ceil() as u64;
+    /// Checks the settings among themselves; [`Judge0Config::clamped`] then fits them within
+    /// `[limits]`.
+    pub fn validate(&self) -> Result<(), String> {
         let finite = [
             self.cpu_time_limit,
             self.max_cpu_time_limit,
@@ -139,15 +148,8 @@ impl Judge0Config {
         if self.wall_time_limit < 1.0 {
             return Err("judge0.wall_time_limit must be at least 1 (as in Judge0)".into());
         }
-        if secs(self.max_wall_time_limit) > limits.max_timeout_ms {
-            return Err("judge0.max_wall_time_limit must not exceed limits.max_timeout_ms".into());
-        }
-        if self.memory_limit < 2048 || self.max_memory_limit.div_ceil(1024) > limits.max_memory_mib
-        {
-            return Err(
-                "judge0 memory limits must be at least 2048 KB and at most limits.max_memory_mib"
-                    .into(),
-            );
+        if self.memory_limit < 2048 {
+            return Err("judge0.memory_limit must be at least 2048 KB (as in Judge0)".into());
         }
         if self.number_of_runs == 0 || self.max_number_of_runs > 20 {
             return Err(
@@ -165,10 +167,8 @@ impl Judge0Config {
         if self.max_body_bytes < 64 * 1024 || self.max_body_bytes > 256 * 1024 * 1024 {
             return Err("judge0.max_body_bytes must be between 64 KiB and 256 MiB".into());
         }
-        if self.max_additional_files == 0 || self.max_additional_files >= limits.max_files {
-            return Err(
-                "judge0.max_additional_files must be at least 1 and below limits.max_files".into(),
-            );
+        if self.max_additional_files == 0 {
+            return Err("judge0.max_additional_files must be at least 1".into());
         }
         if self.max_compression_ratio == 0 {
             return Err("judge0.max_compression_ratio must be at least 1".into());
@@ -193,6 +193,27 @@ impl Judge0Config {
             return Err("judge0.auth_tokens must not contain empty keys".into());
         }
         Ok(())
+    }
+}
+
+impl Judge0Config {
+    /// The settings within the server's `[limits]`, which every job is checked against anyway:
+    /// the wall-clock and memory maxima at most `max_timeout_ms` and `max_memory_mib`, the zip's
+    /// files at most `max_files - 1` (the source is one), and each default at most its maximum.
+    /// `GET /config_info` shows these values.
+    pub fn clamped(mut self, limits: &crate::config::Limits) -> Judge0Config {
+        self.max_wall_time_limit = self
+            .max_wall_time_limit
+            .min(limits.max_timeout_ms as f64 / 1000.0);
+        self.wall_time_limit = self.wall_time_limit.min(self.max_wall_time_limit);
+        self.max_memory_limit = self
+            .max_memory_limit
+            .min(limits.max_memory_mib.saturating_mul(1024));
+        self.memory_limit = self.memory_limit.min(self.max_memory_limit);
+        self.max_additional_files = self
+            .max_additional_files
+            .min(limits.max_files.saturating_sub(1));
+        self
     }
 }
 
@@ -349,6 +370,13 @@ mod tests {
     }
 
     #[test]
+    fn status_labels() {
+        assert_eq!(status_label(3), "accepted");
+        assert_eq!(status_label(7), "runtime_error_sigsegv");
+        assert_eq!(status_label(5), "time_limit_exceeded");
+    }
+
+    #[test]
     fn formats() {
         assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(timestamp(1_709_210_096_789), "2024-02-29T12:34:56.789Z");
@@ -367,15 +395,26 @@ mod tests {
     }
 
     #[test]
-    fn embedded_config_is_valid() {
+    fn config_is_checked_then_fitted_to_the_limits() {
         let c = crate::config::Config::embedded();
-        c.judge0.validate(&c.limits).expect("valid");
+        c.judge0.validate().expect("valid");
         let mut bad = c.judge0.clone();
         bad.callbacks_max_tries = MAX_CALLBACK_TRIES + 1;
-        assert!(bad.validate(&c.limits).is_err());
+        assert!(bad.validate().is_err());
         let mut bad = c.judge0.clone();
-        bad.max_wall_time_limit = 1e9;
-        bad.wall_time_limit = 1e9;
-        assert!(bad.validate(&c.limits).is_err());
+        bad.cpu_time_limit = bad.max_cpu_time_limit + 1.0;
+        assert!(bad.validate().is_err());
+        let mut bad = c.judge0.clone();
+        bad.wall_time_limit = f64::NAN;
+        assert!(bad.validate().is_err());
+        // Tight [limits] do not make the default [judge0] invalid: it is fitted within them.
+        let tight = crate::config::Config::parse(
+            "[limits]\nmax_timeout_ms = 1500\ndefault_timeout_ms = 1000\nmax_memory_mib = 64\nmax_files = 3\n",
+        )
+        .expect("valid");
+        let j = &tight.judge0;
+        assert_eq!((j.max_wall_time_limit, j.wall_time_limit), (1.5, 1.5));
+        assert_eq!((j.max_memory_limit, j.memory_limit), (65536, 65536));
+        assert_eq!(j.max_additional_files, 2);
     }
 }

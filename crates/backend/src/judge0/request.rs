@@ -371,7 +371,7 @@ pub fn parse(body: &Value, base64: bool, ctx: &Ctx<'_>) -> Result<(Request, Job)
         &mut errs,
         "wall_time_limit",
         wall_time_limit,
-        1.0,
+        1.0f64.min(j.max_wall_time_limit),
         true,
         j.max_wall_time_limit,
         false,
@@ -730,6 +730,31 @@ mod tests {
             ),
             json!({"enable_per_process_and_thread_time_limit": ["this option cannot be enabled"]})
         );
+        let long_url = format!("http://127.0.0.1/{}", "a".repeat(MAX_CALLBACK_URL_BYTES));
+        let (catalog, mut config) = ctx_parts();
+        config.judge0.callback_hosts = vec!["127.0.0.1".into()];
+        let ctx = Ctx {
+            catalog: &catalog,
+            config: &config,
+            judge0: &config.judge0,
+        };
+        let e = parse(
+            &json!({"source_code": "x", "language_id": 71, "callback_url": long_url}),
+            false,
+            &ctx,
+        )
+        .expect_err("long url")
+        .to_json();
+        assert_eq!(
+            e,
+            json!({"callback_url": [format!("is too long (maximum is {MAX_CALLBACK_URL_BYTES} characters)")]})
+        );
+        assert!(parse(
+            &json!({"source_code": "x", "language_id": 71, "callback_url": "http://127.0.0.1:9/cb"}),
+            false,
+            &ctx,
+        )
+        .is_ok());
         let long = "a".repeat(MAX_OPTIONS_CHARS + 1);
         assert_eq!(
             errors(json!({"source_code": "x", "language_id": 50, "compiler_options": long})),

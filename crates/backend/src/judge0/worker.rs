@@ -256,7 +256,7 @@ async fn record(
     }
     state
         .metrics
-        .execution("judge0", super::status_description(o.status_id));
+        .execution("judge0", &super::status_label(o.status_id));
     if let Some((req, url)) = req.and_then(|r| r.callback_url.as_deref().map(|u| (r, u))) {
         let view = View {
             token,
