@@ -36,8 +36,32 @@ const JUDGE0_LIMITS: &str =
 /// may open further tables).
 fn config_with(store_url: &str, judge0: &str, store: &str) -> String {
     format!(
-        "[limits]\nmax_concurrent_vms = 2\n{JUDGE0_LIMITS}{judge0}[store]\nurl = \"{store_url}\"\n{store}"
+        "[limits]\nmax_concurrent_vms = 2\n[snapshot]\ndir = \"{}\"\n{JUDGE0_LIMITS}{judge0}[store]\nurl = \"{store_url}\"\n{store}",
+        snapshot_dir().display()
     )
+}
+
+/// Snapshots of the test's own (made on first use, removed with the test's directory): the
+/// machine's shared ones are neither used nor replaced.
+fn snapshot_dir() -> std::path::PathBuf {
+    SNAPSHOTS.with(|d| d.borrow().clone())
+}
+
+thread_local! {
+    static SNAPSHOTS: std::cell::RefCell<std::path::PathBuf> =
+        std::cell::RefCell::new(std::env::temp_dir());
+}
+
+/// A directory for this test's snapshots (and other files), deleted when it is dropped.
+fn test_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("cloude-test-j0-")
+        .tempdir()
+        .expect("tmp");
+    let snaps = d.path().join("snapshots");
+    std::fs::create_dir(&snaps).expect("snapshot dir");
+    SNAPSHOTS.with(|s| *s.borrow_mut() = snaps);
+    d
 }
 
 fn config(store_url: &str, store: &str) -> String {
@@ -147,7 +171,7 @@ fn vms_running(server: &Server) -> u64 {
 #[ignore = "boots VMs; run with --include-ignored"]
 fn judge0_api_and_published_client() {
     let _turn = one_at_a_time();
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = test_dir();
     let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
     let server = start(&config_with(&url, "callback_hosts = [\"127.0.0.1\"]\n", ""));
     let mut failures = vec![];
@@ -389,7 +413,7 @@ fn all_done(s: &[(i64, String)]) -> bool {
 #[ignore = "boots VMs; run with --include-ignored"]
 fn judge0_restart_loses_nothing_sqlite() {
     let _turn = one_at_a_time();
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = test_dir();
     let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
     let cfg = config(&url, "");
     let server = start(&cfg);
@@ -552,6 +576,7 @@ impl Drop for Postgres {
 #[ignore = "boots VMs; run with --include-ignored"]
 fn judge0_two_servers_share_postgres() {
     let _turn = one_at_a_time();
+    let _dir = test_dir();
     let pg = Postgres::start();
     let store = "lease_ms = 3000\npoll_ms = 200\n";
     let cfg_a = config(

@@ -43,19 +43,15 @@ pub fn label_for(state: &AppState, id: u32) -> String {
 
 /// Starts recovery, the sweeper and the dispatcher.
 pub async fn start(state: Arc<AppState>, j0: Arc<Judge0>) {
-    if j0.store.exclusive() {
-        // Only this server uses the file: whatever is Processing was left by a previous run.
-        match j0.store.sweep(i64::MAX, j0.store_config.max_attempts).await {
-            Ok(s) if s.requeued + s.failed > 0 => tracing::warn!(
-                requeued = s.requeued,
-                failed = s.failed,
-                "judge0: submissions left running by a previous server: {} queued again, {} finished as Internal Error",
-                s.requeued,
-                s.failed
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::error!("judge0: recovery failed: {e}"),
-        }
+    if let Some(s) = j0.store.recovered().filter(|s| s.requeued + s.failed > 0) {
+        // This server was alone on its SQLite file: what was Processing was left by a dead one.
+        tracing::warn!(
+            requeued = s.requeued,
+            failed = s.failed,
+            "judge0: submissions left running by a previous server: {} queued again, {} finished as Internal Error",
+            s.requeued,
+            s.failed
+        );
     }
     tokio::spawn(sweeper(j0.clone()));
     tokio::spawn(dispatcher(state, j0));

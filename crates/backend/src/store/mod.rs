@@ -146,7 +146,8 @@ impl Store {
             Some(p) => std::path::PathBuf::from(p),
             None => cloude_image::paths::cloude_home().join("judge0.sqlite3"),
         };
-        let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))
+        let max = i32::try_from(config.max_attempts).unwrap_or(i32::MAX);
+        let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, max))
             .await
             .map_err(|e| StoreError(e.to_string()))??;
         Ok(Store::Sqlite(store))
@@ -160,10 +161,13 @@ impl Store {
         }
     }
 
-    /// Whether only this server uses the store (SQLite holds a lock): then every Processing row
-    /// found at start-up was left by a previous run of this server.
-    pub fn exclusive(&self) -> bool {
-        matches!(self, Store::Sqlite(_))
+    /// What start-up recovery did: an SQLite store opened by the only live server on its file
+    /// requeues (or fails, after `max_attempts`) every row left Processing, at once.
+    pub fn recovered(&self) -> Option<&Swept> {
+        match self {
+            Store::Sqlite(s) => s.recovered.as_ref(),
+            Store::Postgres(_) => None,
+        }
     }
 
     pub async fn insert(&self, rows: &[NewRow<'_>], now: i64) -> Result<(), StoreError> {
@@ -329,9 +333,7 @@ mod tests {
         let store = Store::open(&cfg(format!("sqlite:{}", path.display())))
             .await
             .expect("open");
-        // A second server cannot open the same file.
-        let second = Store::open(&cfg(format!("sqlite:{}", path.display()))).await;
-        assert!(second.is_err(), "the store must be locked");
+        assert_eq!(store.recovered(), Some(&Swept::default()));
         let rows = [
             NewRow {
                 token: "a",
@@ -402,12 +404,30 @@ mod tests {
         // Retention: a finished at 150, b at the sweep.
         assert_eq!(store.delete_finished_before(151).await.expect("del"), 1);
         assert_eq!(store.get(&["a".into()]).await.expect("get").len(), 0);
+        // A second server on the same file (alive: it shares the lock) recovers nothing: the
+        // first one's row stays Processing, under its lease.
+        let second = Store::open(&cfg(format!("sqlite:{}", path.display())))
+            .await
+            .expect("a second server");
+        assert_eq!(second.recovered(), None);
+        assert_eq!(
+            second.get(&["c".into()]).await.expect("get")[0].status_id,
+            STATUS_PROCESSING
+        );
+        drop(second);
         drop(store);
-        // Reopened (a restart): the row left Processing is there.
+        // Reopened alone (a restart after a crash): the row left Processing is queued again.
         let store = Store::open(&cfg(format!("sqlite:{}", path.display())))
             .await
             .expect("reopen");
+        assert_eq!(
+            store.recovered(),
+            Some(&Swept {
+                requeued: 1,
+                failed: 0
+            })
+        );
         let got = store.get(&["c".into()]).await.expect("get");
-        assert_eq!(got[0].status_id, STATUS_PROCESSING);
+        assert_eq!(got[0].status_id, STATUS_IN_QUEUE);
     }
 }

@@ -1,10 +1,14 @@
 //! The embedded store: one SQLite file (WAL, `synchronous = FULL`: a commit is on disk before
-//! the client hears its token), used by one server at a time (an exclusive `flock` on
-//! `<file>.lock`).
+//! the client hears its token). Several servers on one host may share it (SQLite serialises
+//! writers; a claim is one `UPDATE … RETURNING`). Each holds a shared `flock` on `<file>.lock`
+//! for as long as it runs; a server that gets the lock exclusively at start-up knows that no
+//! other is alive, so whatever is still Processing was left by a dead one and is requeued at
+//! once (otherwise leases decide, as with PostgreSQL).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
@@ -34,38 +38,52 @@ const COLUMNS: &str = "token, status_id, request, result, created_at, finished_a
 pub struct SqliteStore {
     pub path: PathBuf,
     conn: Arc<Mutex<Connection>>,
-    /// Holds the exclusive lock for as long as the store is open.
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    /// What the start-up recovery did, when this server was alone on the file.
+    pub recovered: Option<Swept>,
+    /// Held (shared) for as long as the store is open.
+    _lock: Flock<std::fs::File>,
 }
 
 impl SqliteStore {
-    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+    pub fn open(path: &Path, max_attempts: i32) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
         }
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
-        let lock = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", lock_path.display())))?;
-        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| {
-                StoreError(format!(
-                "{} is in use by another cloude-server (an SQLite store serves one server; use PostgreSQL to share): {e}",
-                    path.display()
-                ))
-            })?;
-        let conn = Connection::open(path)?;
+        let locked =
+            |e: nix::errno::Errno| StoreError(format!("cannot lock {}: {e}", lock_path.display()));
+        let (lock, alone) = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => (l, true),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => (
+                // Another server is alive (or recovering: wait for it).
+                Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| locked(e))?,
+                false,
+            ),
+            Err((_, e)) => return Err(locked(e)),
+        };
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        let recovered = if alone {
+            let swept = sweep(&mut conn, i64::MAX, max_attempts)?;
+            lock.relock(FlockArg::LockShared).map_err(locked)?;
+            Some(swept)
+        } else {
+            None
+        };
         Ok(SqliteStore {
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
+            recovered,
             _lock: lock,
         })
     }
