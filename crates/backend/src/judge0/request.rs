@@ -529,6 +529,10 @@ fn sanitise(s: &str) -> String {
 
 /// Splits words as the shell would (quotes, backslashes), without expansions.
 fn words(field: &str, s: &str) -> Result<Vec<String>, (String, String)> {
+    // A NUL cannot be part of an argv word (found by the judge0_request fuzz target).
+    if s.contains('\0') {
+        return Err((field.to_string(), "must not contain NUL bytes".into()));
+    }
     shlex::split(&sanitise(s))
         .ok_or_else(|| (field.to_string(), "has an unterminated quote".into()))
 }
