@@ -169,6 +169,7 @@ pub fn check_job(job: &Job, config: &Config) {
     if let Some(m) = job.memory_mib {
         assert!((16..=l.max_memory_mib).contains(&m), "memory_mib {m}");
     }
+    assert_ne!(job.pids_limit, Some(0), "the agent refuses a zero pids limit");
     // The run order the executor sends (same fields as `Executor::run_request`).
     let order = RunRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -182,7 +183,7 @@ pub fn check_job(job: &Job, config: &Config) {
         run_timeout_ms: job.run_timeout_ms,
         output_limit_bytes: l.output_limit_bytes,
         memory_limit_mib: job.memory_mib,
-        pids_limit: None,
+        pids_limit: job.pids_limit,
         poweroff_after: true,
         network: false,
         run_as_root: false,

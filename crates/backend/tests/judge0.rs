@@ -270,6 +270,19 @@ fn judge0_api_and_published_client() {
         v.to_string(),
     );
 
+    // max_processes_and_or_threads: threads count against it.
+    let r = server.post(
+        "/submissions?wait=true&fields=status,stderr",
+        &json!({"source_code": "import threading, time\nts = [threading.Thread(target=time.sleep, args=(2,)) for _ in range(20)]\nfor t in ts: t.start()\nprint('all started')",
+                "language_id": 71, "max_processes_and_or_threads": 4}),
+    );
+    let v = r.json();
+    check(
+        "max_processes_and_or_threads",
+        v["status"]["id"] == 11 && v["stderr"].as_str().is_some_and(|e| e.contains("thread")),
+        v.to_string(),
+    );
+
     // callback_url: the result is PUT there (default fields, base64).
     let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let hook_url = format!("http://{}/judge0-hook", hook.local_addr().expect("addr"));

@@ -86,6 +86,7 @@ pub struct Judge0Config {
     /// KB (accepted and checked; not enforced separately from the memory limit)
     pub stack_limit: u64,
     pub max_stack_limit: u64,
+    /// Tasks at once (the agent's pids cgroup limit, compile stage included).
     pub max_processes_and_or_threads: u64,
     pub max_max_processes_and_or_threads: u64,
     /// KB (accepted and checked; output is capped by `limits.output_limit_bytes`)

@@ -621,6 +621,8 @@ pub fn job(r: &Request, ctx: &Ctx<'_>) -> Result<Job, (String, String)> {
         (field.to_string(), e.message)
     })?;
     job.stdin = stdin;
+    // Judge0's process limit: the agent's pids cgroup (threads count, as with isolate's -p).
+    job.pids_limit = Some(r.max_processes_and_or_threads.max(1));
     Ok(job)
 }
 
@@ -664,6 +666,7 @@ mod tests {
             ((j.cpu_time_limit + j.cpu_extra_time).min(j.wall_time_limit) * 1000.0) as u64
         );
         assert_eq!(job.memory_mib, Some(j.memory_limit.div_ceil(1024)));
+        assert_eq!(job.pids_limit, Some(j.max_processes_and_or_threads));
         // Strings for numbers, as form-style clients send them; base64 input.
         let (r, job) = parse_with(
             json!({"source_code": "cHJpbnQoMSk=", "language_id": "54", "cpu_time_limit": "2",
