@@ -29,6 +29,10 @@ struct T {
 }
 
 async fn setup(extra_config: &str) -> T {
+    setup_with(extra_config, true).await
+}
+
+async fn setup_with(extra_config: &str, judge0_on: bool) -> T {
     let dir = tempfile::tempdir().expect("tmp");
     // An empty artifact cache: nothing may boot.
     std::env::set_var("CLOUDE_HOME", dir.path());
@@ -72,7 +76,7 @@ async fn setup(extra_config: &str) -> T {
         metrics,
         hypervisor: "qemu".into(),
         hypervisor_reason: "test".into(),
-        judge0: Some(j0),
+        judge0: judge0_on.then_some(j0),
     });
     T { state, _dir: dir }
 }
@@ -170,6 +174,23 @@ async fn information_routes() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v.as_array().map(Vec::len), Some(14));
     assert_eq!(v[2], json!({"id": 3, "description": "Accepted"}));
+}
+
+/// With `[judge0] enabled = false` (no store), its routes are not there.
+#[tokio::test]
+async fn disabled_means_not_found() {
+    let t = setup_with("", false).await;
+    for path in ["/about", "/languages", "/submissions/batch?tokens=x"] {
+        let (s, _) = get(&t, path).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
+    }
+    let (s, _) = post(
+        &t,
+        "/submissions",
+        json!({"source_code": "x", "language_id": 71}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
