@@ -78,6 +78,57 @@ pub fn run_piston(data: &[u8]) {
     }
 }
 
+/// `POST /submissions` (Judge0), both with and without `base64_encoded`. Beyond the job's
+/// limits: the stored form round-trips, and every rejection names a field and says why.
+pub fn run_judge0(data: &[u8]) {
+    for r in rules() {
+        for base64 in [false, true] {
+            match cloude_server::api::judge0::decode_judge0(data, base64, &r.catalog, &r.config) {
+                Ok((req, job)) => {
+                    check_job(&job, &r.config);
+                    let stored = serde_json::to_string(&req).expect("a request serialises");
+                    let back: cloude_server::judge0::Request =
+                        serde_json::from_str(&stored).expect("the stored form reads back");
+                    assert_eq!(back, req, "the stored form round-trips");
+                }
+                Err(e) => {
+                    assert!(!e.is_empty(), "a rejection without an error");
+                    assert!(
+                        e.0.iter().all(|(f, m)| !f.is_empty() && !m.is_empty()),
+                        "{e:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `additional_files`: any bytes as a zip. Whatever is accepted is within every cap and has
+/// safe, unique names.
+pub fn run_judge0_zip(data: &[u8]) {
+    let caps = cloude_server::judge0::files::Caps {
+        max_entries: 4,
+        max_members: 16,
+        max_file_bytes: 4096,
+        max_total_bytes: 8192,
+        max_ratio: 20,
+    };
+    if let Ok(files) = cloude_server::judge0::files::unpack(data, &caps) {
+        assert!(files.len() <= caps.max_entries, "{} files", files.len());
+        let total: usize = files.iter().map(|(_, b)| b.len()).sum();
+        assert!(total as u64 <= caps.max_total_bytes, "{total} bytes");
+        let mut seen = std::collections::HashSet::new();
+        for (name, bytes) in &files {
+            assert!(bytes.len() as u64 <= caps.max_file_bytes);
+            assert!(
+                cloude_protocol::validate_file_name(name).is_ok(),
+                "accepted name {name:?}"
+            );
+            assert!(seen.insert(name.clone()), "duplicate {name:?}");
+        }
+    }
+}
+
 fn check(result: Result<Job, ApiError>, config: &Config) {
     match result {
         Ok(job) => check_job(&job, config),
@@ -118,6 +169,7 @@ pub fn check_job(job: &Job, config: &Config) {
     if let Some(m) = job.memory_mib {
         assert!((16..=l.max_memory_mib).contains(&m), "memory_mib {m}");
     }
+    assert_ne!(job.pids_limit, Some(0), "the agent refuses a zero pids limit");
     // The run order the executor sends (same fields as `Executor::run_request`).
     let order = RunRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -131,7 +183,7 @@ pub fn check_job(job: &Job, config: &Config) {
         run_timeout_ms: job.run_timeout_ms,
         output_limit_bytes: l.output_limit_bytes,
         memory_limit_mib: job.memory_mib,
-        pids_limit: None,
+        pids_limit: job.pids_limit,
         poweroff_after: true,
         network: false,
         run_as_root: false,

@@ -71,6 +71,27 @@ fn api_seeds_reach_both_outcomes() {
     assert!(p("basic").is_ok());
     assert!(p("full").is_ok(), "{:?}", p("full").err());
     assert!(p("bad").is_err());
+    let j = |n, base64| {
+        cloude_server::api::judge0::decode_judge0(
+            &seed("judge0_request", n),
+            base64,
+            &r.catalog,
+            &r.config,
+        )
+    };
+    assert!(j("basic", false).is_ok(), "{:?}", j("basic", false).err());
+    assert!(j("full", true).is_ok(), "{:?}", j("full", true).err());
+    assert!(j("bad", false).expect_err("hostile").0.len() >= 4);
+    let caps = cloude_server::judge0::files::Caps {
+        max_entries: 4,
+        max_members: 16,
+        max_file_bytes: 4096,
+        max_total_bytes: 8192,
+        max_ratio: 100,
+    };
+    let files = cloude_server::judge0::files::unpack(&seed("judge0_zip", "dirs"), &caps)
+        .expect("the zip seed unpacks");
+    assert_eq!(files.len(), 2);
 }
 
 /// The OCI harness is not vacuous: the two-layer seed flattens to the expected tree.

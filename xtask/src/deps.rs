@@ -20,6 +20,10 @@ pub const APT_PACKAGES: &[&str] = &[
     // Registry tests.
     "docker-registry",
     "skopeo",
+    // Judge0 API tests: the shared store (each test starts its own cluster) and a venv for the
+    // published Judge0 client.
+    "postgresql",
+    "python3-venv",
 ];
 
 /// The workspace root (the parent of xtask's manifest dir).

@@ -240,7 +240,7 @@ fn run_one(dir: &Path, logs: &Path, target: &str, seconds: u64) -> anyhow::Resul
 /// The libFuzzer dictionary for a target's input format, if there is one.
 fn dictionary(dir: &Path, target: &str) -> Option<PathBuf> {
     let name = match target {
-        "api_request" | "piston_request" | "agent_protocol" => "json",
+        "api_request" | "piston_request" | "agent_protocol" | "judge0_request" => "json",
         "oci_layers" => "tar",
         "cpio_reader" => "cpio",
         _ => return None,

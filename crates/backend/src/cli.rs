@@ -222,6 +222,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             executor.refill(l);
         }
     }
+    let judge0 = if config.judge0.enabled {
+        let store = crate::store::Store::open(&config.store)
+            .await
+            .context("cannot open the Judge0 submission store ([store] url)")?;
+        tracing::info!("judge0 API: on (store: {})", store.describe());
+        Some(Arc::new(crate::judge0::Judge0::new(
+            config.judge0.clone(),
+            config.store.clone(),
+            store,
+        )))
+    } else {
+        None
+    };
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     let state = Arc::new(AppState {
         config: config.clone(),
@@ -230,7 +243,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics,
         hypervisor: choice.driver.kind.name().to_string(),
         hypervisor_reason: choice.reason.clone(),
+        judge0: judge0.clone(),
     });
+    if let Some(j) = &judge0 {
+        crate::judge0::worker::start(state.clone(), j.clone()).await;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -250,6 +267,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "shutting down: no new connections; in-flight requests get {} ms",
             grace.as_millis()
         );
+        if let Some(j) = &judge0 {
+            j.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+            j.wake.notify_waiters();
+        }
         exec.limiter.close();
         let pooled = exec.pool.close();
         if pooled > 0 {

@@ -18,6 +18,10 @@ pub struct Config {
     pub pool: PoolConfig,
     pub jail: JailConfig,
     pub snapshot: SnapshotConfig,
+    /// The Judge0-compatible API (`judge0`, `api/judge0.rs`).
+    pub judge0: crate::judge0::Judge0Config,
+    /// Where Judge0 submissions are kept (`store`).
+    pub store: crate::store::StoreConfig,
 }
 
 /// The jail around every hypervisor process (`vm::jail`).
@@ -135,10 +139,11 @@ impl Config {
         let over: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         merge(&mut base, over);
-        let cfg: Config = toml::Value::Table(base)
+        let mut cfg: Config = toml::Value::Table(base)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         cfg.validate()?;
+        cfg.judge0 = cfg.judge0.clone().clamped(&cfg.limits);
         Ok(cfg)
     }
 
@@ -213,6 +218,8 @@ impl Config {
         if self.vm.console_bytes < crate::vm::console::MIN_CONSOLE_BYTES {
             return bad("vm.console_bytes must be at least 64 KiB");
         }
+        self.judge0.validate().map_err(ConfigError::Invalid)?;
+        self.store.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

@@ -35,6 +35,8 @@ pub struct Job {
     pub memory_mib: Option<u64>,
     /// The program may use the VM's network interface.
     pub network: bool,
+    /// Tasks (processes and threads) the program may have at once; `None`: the agent's default.
+    pub pids_limit: Option<u64>,
 }
 
 /// Where each phase's time went (an API type).
@@ -117,7 +119,7 @@ impl Executor {
             run_timeout_ms: job.run_timeout_ms,
             output_limit_bytes: self.settings.output_limit_bytes,
             memory_limit_mib: job.memory_mib,
-            pids_limit: None,
+            pids_limit: job.pids_limit,
             poweroff_after: true,
             network: job.network,
             run_as_root: job.language.run_as_root,

@@ -60,6 +60,7 @@ fn state_with(config: Config) -> Arc<AppState> {
         metrics,
         hypervisor: "qemu".into(),
         hypervisor_reason: "test".into(),
+        judge0: None,
     })
 }
 

@@ -47,6 +47,10 @@ pub struct Language {
     /// images (a guest kernel panic needs root); the VM stays the isolation boundary.
     #[serde(default)]
     pub run_as_root: bool,
+    /// Judge0 CE 1.13.1 language ids this entry answers to on the Judge0-compatible API (the
+    /// first is the one `GET /languages` lists first); empty: not offered there.
+    #[serde(default)]
+    pub judge0_ids: Vec<u32>,
 }
 
 fn default_memory() -> u64 {
@@ -108,6 +112,7 @@ impl Catalog {
 
     fn validate(&self) -> Result<(), CatalogError> {
         let mut names = std::collections::HashSet::new();
+        let mut judge0_ids = std::collections::HashSet::new();
         for l in &self.languages {
             let bad = |why: &str| Err(CatalogError::Invalid(l.name.clone(), why.to_string()));
             if l.name.is_empty() || l.version.is_empty() {
@@ -133,6 +138,11 @@ impl Catalog {
             if !(64..=16384).contains(&l.memory_mib) {
                 return bad("memory_mib must be between 64 and 16384");
             }
+            for id in &l.judge0_ids {
+                if !judge0_ids.insert(*id) {
+                    return bad(&format!("judge0 id {id} is used twice"));
+                }
+            }
             for key in std::iter::once(&l.name).chain(&l.aliases) {
                 if !names.insert((key.to_ascii_lowercase(), l.version.clone())) {
                     return bad(&format!("name or alias {key:?} is used twice"));
@@ -155,6 +165,11 @@ impl Catalog {
             })
             .filter(|l| version_matches(&l.version, version))
             .max_by(|a, b| compare_versions(&a.version, &b.version))
+    }
+
+    /// The language a Judge0 language id names (see [`Language::judge0_ids`]).
+    pub fn by_judge0_id(&self, id: u32) -> Option<&Language> {
+        self.languages.iter().find(|l| l.judge0_ids.contains(&id))
     }
 
     /// Finds a language by a file extension (without the dot).

@@ -3,6 +3,7 @@
 pub mod conn;
 pub mod error;
 pub mod json;
+pub mod judge0;
 pub mod piston;
 pub mod request_id;
 pub mod types;
@@ -32,6 +33,8 @@ pub struct AppState {
     /// Which hypervisor and why (for `/healthz`).
     pub hypervisor: String,
     pub hypervisor_reason: String,
+    /// The Judge0-compatible API's store and workers (`None`: its routes answer 404).
+    pub judge0: Option<Arc<crate::judge0::Judge0>>,
 }
 
 impl AppState {
@@ -57,7 +60,7 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let routes: Vec<(&str, axum::routing::MethodRouter<Arc<AppState>>)> = vec![
+    let mut routes: Vec<(&str, axum::routing::MethodRouter<Arc<AppState>>)> = vec![
         ("/v1/executions", post(v1::execute)),
         ("/v1/executions/stream", post(v1::execute_stream)),
         ("/v1/languages", get(v1::languages)),
@@ -66,6 +69,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         ("/healthz", get(healthz)),
         ("/metrics", get(metrics)),
     ];
+    // Judge0's routes, each behind its optional API key.
+    for (path, method) in judge0::routes() {
+        let auth = axum::middleware::from_fn_with_state(state.clone(), judge0::auth);
+        routes.push((path, method.layer(auth)));
+    }
     let mut r = Router::new();
     // Every route also answers with a trailing slash, as Piston's (Express) and Judge0's (Rails)
     // servers do: published clients ask for `/api/v2/runtimes/`.

@@ -209,6 +209,7 @@ pub fn build_job(d: Draft, limits: &Limits) -> Result<Job, ApiError> {
         compile_timeout_ms,
         memory_mib: d.memory_mib,
         network: d.network,
+        pids_limit: None,
     })
 }
 

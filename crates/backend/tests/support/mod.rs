@@ -141,6 +141,14 @@ impl Server {
         }
     }
 
+    /// SIGKILL, as a crash would: no clean-up of its VMs, cgroups or runtime directory.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn get(&self, path: &str) -> Response {
         http(self.addr, "GET", path, None)
     }

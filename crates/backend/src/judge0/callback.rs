@@ -1,0 +1,159 @@
+//! `callback_url`: like Judge0, the finished submission (default fields, base64) is PUT there,
+//! tried up to `callbacks_max_tries` times with `callbacks_timeout` each. Only plain `http://`
+//! URLs to hosts in `[judge0] callback_hosts` are accepted; nothing else is ever contacted.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+/// Pause between two attempts.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// Host and port of an `http://host[:port]/path` URL.
+fn host_port(url: &str) -> Option<(String, u16, String)> {
+    let uri: hyper::Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    let auth = uri.authority()?;
+    if auth.as_str().contains('@') {
+        return None;
+    }
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    Some((
+        host.to_ascii_lowercase(),
+        auth.port_u16().unwrap_or(80),
+        path,
+    ))
+}
+
+/// Refuses a callback URL unless callbacks are on and it names an allowed host.
+pub fn check_url(url: &str, allowed: &[String]) -> Result<(), String> {
+    if allowed.is_empty() {
+        return Err("setting callback is not allowed".into());
+    }
+    let Some((host, port, _)) = host_port(url) else {
+        return Err("must be an http:// URL without credentials".into());
+    };
+    let ok = allowed.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        a == host || a == format!("{host}:{port}")
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("host {host}:{port} is not allowed for callbacks"))
+    }
+}
+
+/// One PUT; true on any HTTP answer (Judge0 does not look at the status either).
+async fn put_once(url: &str, body: &[u8], timeout: Duration) -> Result<u16, String> {
+    let (host, port, path) = host_port(url).ok_or("bad URL")?;
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::put(path)
+            .header(hyper::header::HOST, format!("{host}:{port}"))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes::Bytes::copy_from_slice(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        // Read (and drop) at most a little of the answer.
+        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await;
+        Ok::<u16, String>(status)
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+}
+
+/// Delivers `body` to `url`; returns the attempts made and whether one got an answer.
+pub async fn deliver(url: &str, body: &[u8], tries: u32, timeout: Duration) -> (u32, bool) {
+    for attempt in 1..=tries {
+        match put_once(url, body, timeout).await {
+            Ok(status) => {
+                tracing::info!(url, status, attempt, "callback delivered");
+                return (attempt, true);
+            }
+            Err(e) => {
+                tracing::warn!(url, attempt, tries, "callback failed: {e}");
+                if attempt < tries {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+    (tries, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn urls_are_checked() {
+        let allowed = vec!["127.0.0.1".to_string(), "hooks.local:8080".to_string()];
+        assert!(check_url("http://127.0.0.1:9/cb", &allowed).is_ok());
+        assert!(check_url("http://hooks.local:8080/x?y=1", &allowed).is_ok());
+        assert!(check_url("http://hooks.local/x", &allowed).is_err());
+        assert!(check_url("https://127.0.0.1/cb", &allowed).is_err());
+        assert!(check_url("http://u:p@127.0.0.1/cb", &allowed).is_err());
+        assert!(check_url("http://10.0.0.1/cb", &allowed).is_err());
+        assert_eq!(
+            check_url("http://127.0.0.1/cb", &[]),
+            Err("setting callback is not allowed".into())
+        );
+    }
+
+    /// A listener that drops the first connection unanswered, then answers: two attempts.
+    #[tokio::test]
+    async fn retries_until_answered_and_gives_up() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            drop(s);
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !String::from_utf8_lossy(&got).contains("\"token\"") {
+                let n = s.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .expect("write");
+            String::from_utf8_lossy(&got).into_owned()
+        });
+        let url = format!("http://{addr}/hook");
+        let (n, ok) = deliver(&url, br#"{"token":"x"}"#, 3, Duration::from_secs(2)).await;
+        assert_eq!((n, ok), (2, true));
+        let got = server.await.expect("server");
+        assert!(got.starts_with("PUT /hook HTTP/1.1"), "{got}");
+        // Nobody listens: every try fails, and it stops after the cap.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dead = format!("http://{}/", l.local_addr().expect("addr"));
+        drop(l);
+        let (n, ok) = deliver(&dead, b"{}", 3, Duration::from_millis(200)).await;
+        assert_eq!((n, ok), (3, false));
+    }
+}
