@@ -236,6 +236,26 @@ async fn collect(body: hyper::body::Incoming, max: usize) -> Result<Bytes, Agent
         .map_err(|e| AgentError::Body(e.to_string()))
 }
 
+/// Fills `buf` from the kernel's CSPRNG (`getrandom(2)`).
+#[allow(unsafe_code)]
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the pointer and length describe the live, writable slice `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += usize::try_from(n).unwrap_or(0);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,24 +368,4 @@ mod tests {
             t.elapsed()
         );
     }
-}
-
-/// Fills `buf` from the kernel's CSPRNG (`getrandom(2)`).
-#[allow(unsafe_code)]
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: the pointer and length describe the live, writable slice `rest`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        done += usize::try_from(n).unwrap_or(0);
-    }
-    Ok(())
 }

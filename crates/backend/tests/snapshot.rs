@@ -205,7 +205,8 @@ fn damaged_and_mismatched_snapshots_are_refused_and_requests_boot_cold() {
 
     // 2. Truncated, and 3. made for another VM shape (meta.json edited), found by a starting
     //    server: refused when loaded, the request boots cold, a new snapshot replaces it.
-    let damages: [(&str, fn(&Path)); 2] = [
+    type Damage = (&'static str, fn(&Path));
+    let damages: [Damage; 2] = [
         ("truncated", |snap| {
             let f = std::fs::OpenOptions::new()
                 .write(true)
