@@ -164,12 +164,124 @@ pub fn run(a: BootArgs) -> anyhow::Result<i32> {
         percentile(&ours, 50.0).unwrap_or(0.0),
         percentile(&theirs, 50.0).unwrap_or(0.0),
     );
+    let restore = restore_to_ready(&a).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     let v = json!({
         "cloude_p50": r1(c), "qemu_microvm_p50": r1(q),
         "ratio": if q > 0.0 { (c / q * 1000.0).round() / 1000.0 } else { 0.0 },
         "runs": a.runs, "cloude_samples": ours, "qemu_samples": theirs, "failed_runs": failures,
-        "boot_exits": exits,
+        "boot_exits": exits, "cloude_restore": restore,
     });
     println!("{v}");
     Ok(0)
+}
+
+/// cloude-vmm snapshot restore beside its cold boot, same image and shape: boots a template with
+/// vsock and a control socket until the agent's ready marker, snapshots it, then times `runs`
+/// restores from spawn until the agent answers `GET /v1/health` over vsock (stricter than the
+/// boot's serial marker: the answer needs the restored devices and the guest's vsock reset).
+fn restore_to_ready(a: &BootArgs) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir()?;
+    let snap = dir.path().join("snap");
+    std::fs::create_dir(&snap)?;
+    let ctl = dir.path().join("ctl.sock");
+    let mut t = cloude_vmm(a);
+    t.arg("--vsock-cid")
+        .arg("3")
+        .arg("--vsock-uds")
+        .arg(dir.path().join("t.sock"))
+        .arg("--snapshot-control")
+        .arg(&ctl);
+    let t0 = Instant::now();
+    let mut template = t
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the template")?;
+    let mut out = BufReader::new(template.stdout.take().context("stdout is piped")?);
+    let mut seen = Vec::new();
+    while !seen.windows(MARKER.len()).any(|w| w == MARKER) {
+        let mut buf = Vec::new();
+        if out.read_until(b'\n', &mut buf)? == 0 || t0.elapsed() > BOOT_TIMEOUT {
+            let _ = template.kill();
+            bail!("the template never got ready");
+        }
+        seen.extend(buf);
+    }
+    let boot_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    // Drain the console so the guest never blocks on it.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let t1 = Instant::now();
+    let mut c = UnixStream::connect(&ctl)?;
+    writeln!(c, "SNAPSHOT {}", snap.display())?;
+    let mut answer = String::new();
+    BufReader::new(&c).read_line(&mut answer)?;
+    let _ = template.wait();
+    if answer.trim() != "OK" {
+        bail!("the template answered {answer:?}");
+    }
+    let snapshot_ms = t1.elapsed().as_secs_f64() * 1000.0;
+    let mut samples = Vec::new();
+    for i in 0..a.runs {
+        let uds = dir.path().join(format!("r{i}.sock"));
+        let t = Instant::now();
+        let mut child = Command::new(&a.vmm)
+            .arg("--restore")
+            .arg(&snap)
+            .args(["--memory-mib", "256", "--vcpus", "1", "--vsock-cid"])
+            .arg((10 + i).to_string())
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start a restore")?;
+        let answered = loop {
+            if t.elapsed() > BOOT_TIMEOUT {
+                break false;
+            }
+            if health_over_vsock(&uds).is_ok() {
+                break true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let _ = child.kill();
+        let _ = child.wait();
+        if !answered {
+            bail!("restore {i} never answered");
+        }
+        eprintln!("bench-boot: restore {i}: {ms:.1} ms");
+        samples.push(ms);
+    }
+    let p50 = percentile(&samples, 50.0).unwrap_or(0.0);
+    Ok(json!({
+        "template_boot_ms": r1(boot_ms), "snapshot_ms": r1(snapshot_ms),
+        "restore_to_ready_p50": r1(p50), "restore_to_ready_p90": percentile(&samples, 90.0).map(r1),
+        "samples": samples,
+    }))
+}
+
+/// `CONNECT 1024` through the hybrid-vsock socket, then `GET /v1/health`: Ok once answered 200.
+fn health_over_vsock(uds: &Path) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"CONNECT 1024\n")?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut ok = String::new();
+    r.read_line(&mut ok)?;
+    if !ok.starts_with("OK ") {
+        bail!("vsock handshake answered {ok:?}");
+    }
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nhost: agent\r\n\r\n")?;
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        bail!("health answered {status:?}");
+    }
+    Ok(())
 }

@@ -259,6 +259,17 @@ fn table(r: &Value) -> String {
         f(&b["qemu_microvm_p50"]),
         f(&b["ratio"])
     ));
+    let cr = &b["cloude_restore"];
+    s.push_str(&format!(
+        "| cloude-vmm: restore to agent answer vs boot to ready marker, p50 ms ({}) | {} | boot {} | {} |\n",
+        f(&b["where"]),
+        f(&cr["restore_to_ready_p50"]),
+        f(&b["cloude_p50"]),
+        match (cr["restore_to_ready_p50"].as_f64(), b["cloude_p50"].as_f64()) {
+            (Some(r), Some(c)) if c > 0.0 => format!("{:.3}", r / c),
+            _ => "—".into(),
+        }
+    ));
     s.push_str(&format!(
         "| hello.py end to end (VMs from snapshots), p50 / p90 / p99 ms | {} / {} / {} | host python3 {} | {} |\n",
         f(&e["p50"]),
