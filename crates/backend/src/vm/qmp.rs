@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixStream;
 
 /// Longest line QEMU may send.
@@ -99,4 +99,85 @@ impl Qmp {
     }
 }
 
-use tokio::io::AsyncReadExt as _;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake monitor on a Unix socket that greets, accepts `qmp_capabilities`, then runs `then`.
+    async fn hostile_monitor<F, Fut>(then: F) -> (tempfile::TempDir, std::path::PathBuf)
+    where
+        F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("qmp.sock");
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            s.write_all(b"{\"QMP\": {\"version\": {}}}\n")
+                .await
+                .expect("greet");
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"{\"return\": {}}\n").await.expect("caps");
+            then(s).await;
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_cut_at_the_cap() {
+        let (_d, path) = hostile_monitor(|mut s| async move {
+            let chunk = vec![b'x'; 8192];
+            // About 1 MiB without a newline.
+            for _ in 0..128 {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let mut q = Qmp::connect(&path, Duration::from_secs(2))
+            .await
+            .expect("connect");
+        let e = q.execute("stop", json!({})).await.expect_err("refused");
+        assert!(e.to_string().contains("line too long"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn endless_events_end_the_command() {
+        let (_d, path) = hostile_monitor(|mut s| async move {
+            for _ in 0..10_000 {
+                if s.write_all(b"{\"event\": \"SPAM\"}\n").await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let mut q = Qmp::connect(&path, Duration::from_secs(2))
+            .await
+            .expect("connect");
+        let e = q.execute("stop", json!({})).await.expect_err("refused");
+        assert!(e.to_string().contains("no answer to stop"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn errors_and_garbage_are_reported() {
+        let (_d, path) = hostile_monitor(|mut s| async move {
+            let _ = s
+                .write_all(b"{\"error\": {\"desc\": \"no such thing\"}}\nnot json\n")
+                .await;
+            // Stay connected until the client is done.
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        })
+        .await;
+        let mut q = Qmp::connect(&path, Duration::from_secs(2))
+            .await
+            .expect("connect");
+        let e = q.execute("stop", json!({})).await.expect_err("error");
+        assert!(e.to_string().contains("no such thing"), "{e}");
+        let e = q.execute("cont", json!({})).await.expect_err("garbage");
+        assert!(e.to_string().contains("bad JSON"), "{e}");
+    }
+}
