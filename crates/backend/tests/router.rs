@@ -20,11 +20,15 @@ use tower::ServiceExt;
 
 /// An empty artifact cache for this test process: nothing here boots a VM, and a request must
 /// not find the machine's cached images (`--no-build` serves those).
+/// (A static is never dropped: a fixed directory under cargo's test scratch space, emptied at
+/// the start of each run, instead of a temporary directory every run would leave behind.)
 fn empty_cache() {
-    static HOME: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    static HOME: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     HOME.get_or_init(|| {
-        let d = tempfile::tempdir().expect("temp cache");
-        std::env::set_var("CLOUDE_HOME", d.path());
+        let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("router-empty-home");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("test home");
+        std::env::set_var("CLOUDE_HOME", &d);
         d
     });
 }

@@ -15,15 +15,18 @@ use cloude_image::image::{compress, cpio, ensure_image, BuildOptions};
 use cloude_image::progress::Progress;
 use sha2::{Digest, Sha256};
 
-/// One `CLOUDE_HOME` for the whole test binary (the variable is process-wide).
+/// One `CLOUDE_HOME` for the whole test binary (the variable is process-wide). A static is never
+/// dropped, so it is a fixed directory under cargo's test scratch space, emptied at the start of
+/// each run, rather than a temporary directory that every run would leave behind.
 fn home() -> &'static Path {
-    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static HOME: OnceLock<PathBuf> = OnceLock::new();
     HOME.get_or_init(|| {
-        let d = tempfile::tempdir().expect("tempdir");
-        std::env::set_var("CLOUDE_HOME", d.path());
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("oci-images-home");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("test home");
+        std::env::set_var("CLOUDE_HOME", &d);
         d
     })
-    .path()
 }
 
 fn have(tool: &str) -> bool {

@@ -53,7 +53,8 @@ pub fn start_server_with(
     extra: &str,
 ) -> anyhow::Result<Server> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let dir = std::env::temp_dir().join(format!("cloude-bench-{}", std::process::id()));
+    // Beside results.json (kept for reading after a run), not a temporary directory per run.
+    let dir = crate::deps::root().join("target/bench/server");
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("server.toml");
     std::fs::write(
