@@ -311,34 +311,40 @@ impl Executor {
             Err(e) => {
                 self.metrics.snapshot_restore_failed();
                 let key = snap.meta.identity.key();
+                let verdict = verdict(&e);
+                // The first failure of this snapshot decides what happens to it (concurrent
+                // restores of the same snapshot may fail together: one log line, one removal).
                 let first = {
                     let mut map = self.snapshots.lock();
                     let was_ready =
                         matches!(map.get(&key), Some(Entry::Ready(s)) if Arc::ptr_eq(s, &snap));
-                    if was_ready {
-                        map.insert(key.clone(), Entry::Failed(Instant::now()));
+                    if was_ready && !matches!(verdict, Verdict::Transient) {
+                        map.remove(&key);
                     }
                     was_ready
                 };
-                if first {
-                    tracing::error!(
+                match verdict {
+                    // Kept: the next request restores again.
+                    Verdict::Transient => tracing::warn!(
                         cid,
                         language = language.name,
                         "restore from {} failed, booting cold instead: {e}",
                         snap.dir.display()
-                    );
-                    match verdict(&e) {
-                        // Verified again on next use (another server may have replaced it).
-                        Verdict::Reload => {
-                            self.snapshots.lock().remove(&key);
-                        }
-                        // Removed; the next use makes a new one.
-                        Verdict::Invalid => {
+                    ),
+                    _ if first => {
+                        tracing::error!(
+                            cid,
+                            language = language.name,
+                            "restore from {} failed, booting cold instead: {e}",
+                            snap.dir.display()
+                        );
+                        // Removed and made again on next use; a snapshot whose files changed is
+                        // only verified again (another server may have replaced it).
+                        if matches!(verdict, Verdict::Invalid) {
                             snapshot::discard(&snap.dir);
-                            self.snapshots.lock().remove(&key);
                         }
-                        Verdict::Transient => {}
                     }
+                    _ => {}
                 }
                 None
             }
@@ -352,7 +358,7 @@ enum Verdict {
     Reload,
     /// The hypervisor or the agent could not resume it: remove it.
     Invalid,
-    /// Something else (the host, a kill): keep it; retried after [`RETRY_AFTER`].
+    /// Something else (the host busy, out of uids, a timeout): keep it.
     Transient,
 }
 
