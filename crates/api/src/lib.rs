@@ -166,6 +166,12 @@ pub struct ExecutionResponse {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compile: Option<StageOut>,
+    /// CPU time the program used (user + system, its whole cgroup in the guest), ms.
+    #[serde(default)]
+    pub cpu_ms: u64,
+    /// The program's peak memory (its cgroup's `memory.peak` in the guest), KiB.
+    #[serde(default)]
+    pub memory_kib: u64,
     pub timings: Timings,
     #[serde(default)]
     pub limits: AppliedLimits,

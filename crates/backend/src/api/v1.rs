@@ -196,6 +196,8 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
         status: Status::InternalError,
         message: None,
         compile: None,
+        cpu_ms: 0,
+        memory_kib: 0,
         timings: outcome.timings,
         limits: outcome.limits,
     };
@@ -214,6 +216,8 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
                 resp.exit_code = last.exit_code;
                 resp.signal = last.signal.map(signal_name);
                 resp.signal_number = last.signal;
+                resp.cpu_ms = last.cpu_ms;
+                resp.memory_kib = last.memory_kib;
             }
         }
     }
