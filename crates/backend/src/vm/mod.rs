@@ -395,6 +395,37 @@ const SNAPSHOT_CMDLINE_EXTRA: &str = "init_on_free=1";
 /// The hostname every VM has (re-applied by a wake).
 pub const GUEST_HOSTNAME: &str = "cloude";
 
+/// How long writing a snapshot may take (guest RAM, written to disk), template boot excluded.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Seals a template's agent for its snapshot (runs refused until a wake); returns the connection
+/// it answered on, left idle.
+pub(crate) async fn seal(vm: &mut Vm) -> Result<crate::agent::AgentClient, VmError> {
+    let mut agent = vm
+        .agent()
+        .await
+        .map_err(|e| VmError::Snapshot(format!("agent: {e}")))?;
+    agent
+        .prepare_snapshot()
+        .await
+        .map_err(|e| VmError::Snapshot(format!("sealing the agent: {e}")))?;
+    Ok(agent)
+}
+
+/// `work` (writing a snapshot), cut off after [`SNAPSHOT_TIMEOUT`].
+pub(crate) async fn within_snapshot_timeout<T>(
+    work: impl std::future::Future<Output = Result<T, VmError>>,
+) -> Result<T, VmError> {
+    tokio::time::timeout(SNAPSHOT_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(VmError::Snapshot(format!(
+                "not written within {} s",
+                SNAPSHOT_TIMEOUT.as_secs()
+            )))
+        })
+}
+
 /// Makes the HTTP connection to a restored VM's agent and wakes it: the wake's answer is the
 /// restored VM's "ready".
 pub(crate) async fn wake(io: Box<dyn AgentIo>) -> Result<crate::agent::AgentClient, VmError> {

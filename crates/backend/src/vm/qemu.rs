@@ -13,8 +13,8 @@ use super::net::CHILD_TAP_FD;
 use super::qmp::Qmp;
 use super::snapshot::Snapshot;
 use super::{
-    channels, cmdline, during_boot, spawn, wait_ready, wake, AgentIo, Driver, Extras, JailProfile,
-    Paths, Slot, Vm, VmError, VmSpec,
+    channels, cmdline, during_boot, seal, spawn, wait_ready, wake, within_snapshot_timeout,
+    AgentIo, Driver, Extras, JailProfile, Paths, Slot, Vm, VmError, VmSpec,
 };
 
 /// How a QEMU process starts.
@@ -30,8 +30,6 @@ pub(crate) enum Mode {
 
 /// The descriptor a clone reads its migration stream from.
 const INCOMING_FD: i32 = 4;
-/// How long writing a snapshot may take (the stream is the guest's RAM, written to disk).
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes of migration stream beyond guest RAM accepted from QEMU (device state, headers).
 const STREAM_SLACK_BYTES: u64 = 64 << 20;
 
@@ -233,11 +231,7 @@ pub(crate) async fn snapshot(
     let work = async {
         // The agent answers and stays on this connection, idle between two requests: that is
         // the state every clone starts from (the clone's host then sends the wake on it).
-        let mut agent = vm.agent().await.map_err(|e| snap_err("agent", &e))?;
-        agent
-            .prepare_snapshot()
-            .await
-            .map_err(|e| snap_err("sealing the agent", &e))?;
+        let agent = seal(&mut vm).await?;
         let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(5))
             .await
             .map_err(|e| snap_err("monitor", &e))?;
@@ -291,13 +285,7 @@ pub(crate) async fn snapshot(
         drop(agent);
         Ok::<_, VmError>(())
     };
-    let r = match tokio::time::timeout(SNAPSHOT_TIMEOUT, work).await {
-        Ok(r) => r,
-        Err(_) => Err(VmError::Snapshot(format!(
-            "not written within {} s",
-            SNAPSHOT_TIMEOUT.as_secs()
-        ))),
-    };
+    let r = within_snapshot_timeout(work).await;
     vm.shutdown(Duration::ZERO).await;
     r.map(|()| (vec!["state"], booted))
 }

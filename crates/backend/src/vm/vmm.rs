@@ -9,16 +9,15 @@ use tokio::net::{UnixListener, UnixStream};
 use super::net::CHILD_TAP_FD;
 use super::snapshot::Snapshot;
 use super::{
-    channels, cmdline, during_boot, read_line, spawn, wait_ready, wake, AgentIo, Driver, Extras,
-    JailProfile, Paths, Slot, Vm, VmError, VmSpec,
+    channels, cmdline, during_boot, read_line, seal, spawn, wait_ready, wake,
+    within_snapshot_timeout, AgentIo, Driver, Extras, JailProfile, Paths, Slot, Vm, VmError,
+    VmSpec,
 };
 
 /// The snapshot directory of a restore, inside the jail.
 const JAIL_SNAPSHOT: &str = "/snapshot";
 /// The directory a template writes its snapshot into, under its own directory.
 const SNAPSHOT_OUT: &str = "snapshot";
-/// How long writing a snapshot may take (guest RAM, written to disk).
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// cloude-vmm's cgroup and rlimits on top of the guest. Measured (README, Jail): RSS excluding
 /// guest memory 1.9 MiB, threads = main + device loop + one per vCPU (+ the jailer); the memory
@@ -188,12 +187,8 @@ pub(crate) async fn snapshot(
     let snap_err =
         |what: &str, e: &dyn std::fmt::Display| VmError::Snapshot(format!("{what}: {e}"));
     let work = async {
-        let mut agent = vm.agent().await.map_err(|e| snap_err("agent", &e))?;
-        agent
-            .prepare_snapshot()
-            .await
-            .map_err(|e| snap_err("sealing the agent", &e))?;
-        drop(agent);
+        // The vsock connection goes with the clone's transport reset anyway.
+        drop(seal(&mut vm).await?);
         std::fs::create_dir(&host_out).map_err(VmError::RuntimeDir)?;
         if let Some((uid, _)) = vm.jail() {
             std::os::unix::fs::chown(&host_out, Some(uid), Some(uid))
@@ -214,13 +209,7 @@ pub(crate) async fn snapshot(
         }
         Ok::<_, VmError>(())
     };
-    let r = match tokio::time::timeout(SNAPSHOT_TIMEOUT, work).await {
-        Ok(r) => r,
-        Err(_) => Err(VmError::Snapshot(format!(
-            "not written within {} s",
-            SNAPSHOT_TIMEOUT.as_secs()
-        ))),
-    };
+    let r = within_snapshot_timeout(work).await;
     // Say how cloude-vmm ended when the order failed (a kill, a seccomp trap, a refusal).
     let r = match r {
         Err(e) => match vm.exit_status_within(Duration::from_millis(500)).await {
