@@ -157,8 +157,17 @@ pub const SURFACE_ON: &[&str] = &[
     "CONFIG_SECURITY_PERF_EVENTS_RESTRICT",
 ];
 
-/// The [`SURFACE_OFF`] options that a final `.config` still has on, and the [`SURFACE_ON`] ones
-/// it does not have on.
+/// Features the server depends on: a kernel without them boots but cannot mount a block root.
+pub const FEATURES_ON: &[&str] = &[
+    "CONFIG_VIRTIO_BLK",
+    "CONFIG_EROFS_FS",
+    "CONFIG_EROFS_FS_ZIP",
+    "CONFIG_OVERLAY_FS",
+    "CONFIG_SQUASHFS",
+];
+
+/// The [`SURFACE_OFF`] options that a final `.config` still has on, and the [`SURFACE_ON`] and
+/// [`FEATURES_ON`] ones it does not have on.
 pub fn surface_left_on(config: &str) -> Vec<&'static str> {
     let on = |opt: &str| {
         config.lines().any(|l| {
@@ -168,7 +177,7 @@ pub fn surface_left_on(config: &str) -> Vec<&'static str> {
         })
     };
     let mut bad: Vec<&'static str> = SURFACE_OFF.iter().copied().filter(|o| on(o)).collect();
-    bad.extend(SURFACE_ON.iter().copied().filter(|o| !on(o)));
+    bad.extend(SURFACE_ON.iter().chain(FEATURES_ON).copied().filter(|o| !on(o)));
     bad
 }
 
@@ -459,6 +468,9 @@ mod tests {
             "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y",
             "CONFIG_VIRTIO_VSOCKETS=y",
             "CONFIG_VIRTIO_NET=y",
+            "CONFIG_VIRTIO_BLK=y",
+            "CONFIG_EROFS_FS=y",
+            "CONFIG_OVERLAY_FS=y",
             "CONFIG_SERIAL_8250_CONSOLE=y",
             "CONFIG_RD_ZSTD=y",
             "CONFIG_MEMCG=y",
@@ -486,14 +498,13 @@ mod tests {
             );
         }
         let cfg = "CONFIG_IO_URING=y\n# CONFIG_BPF_SYSCALL is not set\nCONFIG_KEXEC_FILE=y\nCONFIG_KEXEC_CORE=y\n";
-        assert_eq!(
-            surface_left_on(cfg),
-            vec![
-                "CONFIG_IO_URING",
-                "CONFIG_KEXEC_FILE",
-                "CONFIG_SECURITY_PERF_EVENTS_RESTRICT"
-            ]
-        );
+        let mut expected = vec![
+            "CONFIG_IO_URING",
+            "CONFIG_KEXEC_FILE",
+            "CONFIG_SECURITY_PERF_EVENTS_RESTRICT",
+        ];
+        expected.extend(FEATURES_ON);
+        assert_eq!(surface_left_on(cfg), expected);
     }
 
     #[test]
