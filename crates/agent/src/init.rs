@@ -27,9 +27,23 @@ const SHM_OPTS: &str = "mode=1777,size=20%";
 pub const RUN_UID: u32 = 1000;
 pub const RUN_GID: u32 = 1000;
 
+/// Kernel command-line parameters of a block root (`cloude_image::image::block::ROOT_PARAM`
+/// and `ROOT_FSTYPE_PARAM`; the agent does not link the image builder).
+const ROOT_PARAM: &str = "cloude.root";
+const ROOT_FSTYPE_PARAM: &str = "cloude.rootfstype";
+/// Filesystems a block root may have.
+const ROOT_FSTYPES: &[&str] = &["erofs", "squashfs", "ext4"];
+/// In the boot initramfs: the root's layers (a tmpfs holding the read-only lower mount, the
+/// writable upper directory and overlayfs's work directory) and the merged root.
+const LAYERS: &str = "/.layers";
+const MERGED: &str = "/.root";
+/// Size cap of the writable layer (only root in the guest can write outside /tmp and /work).
+const UPPER_OPTS: &str = "mode=0755,size=40%";
+
 /// Everything PID 1 sets up before serving.
 pub fn boot() {
     sys::ignore_signals();
+    switch_to_block_root();
     // The initramfs root's mode comes from the kernel (tmpfs roots are 1777): make it root's
     // alone, so the unprivileged program can only write where it is meant to (/tmp, its work dir).
     if let Err(e) = nix::unistd::chown("/", Some(0.into()), Some(0.into())) {
@@ -81,6 +95,139 @@ pub fn boot() {
         log(&format!("cannot bring lo up: {e}"));
     }
     ensure_user();
+}
+
+/// The block root named on the kernel command line (`cloude.root=/dev/vda
+/// cloude.rootfstype=erofs`), if any: device and filesystem, checked.
+pub fn block_root_of(cmdline: &str) -> Result<Option<(String, String)>, String> {
+    let mut dev = None;
+    let mut fstype = "erofs".to_string();
+    for word in cmdline.split_ascii_whitespace() {
+        if let Some(v) = word
+            .strip_prefix(ROOT_PARAM)
+            .and_then(|r| r.strip_prefix('='))
+        {
+            dev = Some(v.to_string());
+        } else if let Some(v) = word
+            .strip_prefix(ROOT_FSTYPE_PARAM)
+            .and_then(|r| r.strip_prefix('='))
+        {
+            fstype = v.to_string();
+        }
+    }
+    let Some(dev) = dev else {
+        return Ok(None);
+    };
+    let name = dev.strip_prefix("/dev/").unwrap_or("");
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(format!("{ROOT_PARAM}={dev} is not a device like /dev/vda"));
+    }
+    if !ROOT_FSTYPES.contains(&fstype.as_str()) {
+        return Err(format!(
+            "{ROOT_FSTYPE_PARAM}={fstype} is not one of {}",
+            ROOT_FSTYPES.join(", ")
+        ));
+    }
+    Ok(Some((dev, fstype)))
+}
+
+/// With a block root on the command line: mounts it read-only under a tmpfs overlay and makes
+/// the overlay the root (the boot initramfs stays below, unreachable). Without one: nothing.
+/// A failure is logged and boot goes on in the initramfs (the server then sees a VM whose
+/// programs cannot start, with this message on its console).
+fn switch_to_block_root() {
+    mkdir("/proc");
+    mount_fs(
+        "proc",
+        "/proc",
+        "proc",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "",
+    );
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let _ = nix::mount::umount("/proc");
+    let (dev, fstype) = match block_root_of(&cmdline) {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            log(&format!("block root refused: {e}"));
+            return;
+        }
+    };
+    if let Err(e) = mount_block_root(&dev, &fstype) {
+        log(&format!(
+            "cannot mount the block root {dev} ({fstype}): {e}"
+        ));
+    }
+}
+
+fn mount_block_root(dev: &str, fstype: &str) -> Result<(), String> {
+    let step = |what: &str, r: nix::Result<()>| r.map_err(|e| format!("{what}: {e}"));
+    mkdir("/dev");
+    step(
+        "mounting devtmpfs",
+        mount(
+            Some("devtmpfs"),
+            "/dev",
+            Some("devtmpfs"),
+            MsFlags::MS_NOSUID,
+            None::<&str>,
+        ),
+    )?;
+    let lower = format!("{LAYERS}/lower");
+    let upper = format!("{LAYERS}/upper");
+    let work = format!("{LAYERS}/work");
+    mkdir(LAYERS);
+    let mounted = (|| {
+        step(
+            "mounting the writable layer",
+            mount(
+                Some("tmpfs"),
+                LAYERS,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID,
+                Some(UPPER_OPTS),
+            ),
+        )?;
+        for d in [&lower, &upper, &work] {
+            fs::create_dir(d).map_err(|e| format!("creating {d}: {e}"))?;
+        }
+        fs::set_permissions(&upper, fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("{upper}: {e}"))?;
+        step(
+            "mounting the root device read-only",
+            mount(
+                Some(dev),
+                lower.as_str(),
+                Some(fstype),
+                MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+                None::<&str>,
+            ),
+        )?;
+        mkdir(MERGED);
+        let opts = format!("lowerdir={lower},upperdir={upper},workdir={work}");
+        step(
+            "mounting the overlay",
+            mount(
+                Some("overlay"),
+                MERGED,
+                Some("overlay"),
+                MsFlags::MS_NODEV,
+                Some(opts.as_str()),
+            ),
+        )
+    })();
+    // The initramfs's /dev is no longer needed (boot mounts a fresh one in the new root); the
+    // root device stays open through its mount.
+    let _ = nix::mount::umount("/dev");
+    mounted?;
+    step("entering the new root", nix::unistd::chdir(MERGED))?;
+    step(
+        "moving the new root to /",
+        mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+    )?;
+    step("chroot", nix::unistd::chroot("."))?;
+    step("chdir /", nix::unistd::chdir("/"))
 }
 
 fn mkdir(path: &str) {
@@ -158,4 +305,30 @@ fn ensure_user() {
 /// Boot-time message to the console (before tracing is set up).
 fn log(msg: &str) {
     eprintln!("cloude-agent: {msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_root_of;
+
+    #[test]
+    fn block_roots_come_from_the_command_line_and_are_checked() {
+        assert_eq!(block_root_of("console=ttyS0 quiet"), Ok(None));
+        assert_eq!(
+            block_root_of("quiet cloude.root=/dev/vda"),
+            Ok(Some(("/dev/vda".into(), "erofs".into())))
+        );
+        assert_eq!(
+            block_root_of("cloude.rootfstype=squashfs cloude.root=/dev/vdb"),
+            Ok(Some(("/dev/vdb".into(), "squashfs".into())))
+        );
+        for bad in [
+            "cloude.root=/dev/../etc",
+            "cloude.root=vda",
+            "cloude.root=/dev/",
+            "cloude.root=/dev/vda cloude.rootfstype=nfs",
+        ] {
+            assert!(block_root_of(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -204,6 +204,10 @@ pub struct LanguageInfo {
     pub extensions: Vec<String>,
     pub compiled: bool,
     pub entry_file: String,
+    /// How the language's root reaches its VMs on this server: `initramfs` or `block`
+    /// (`[images] format`).
+    #[serde(default)]
+    pub image_format: String,
 }
 
 /// `GET /v1/languages`.

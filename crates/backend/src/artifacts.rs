@@ -5,10 +5,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cloude_image::catalog::Language;
-use cloude_image::image::BuildOptions;
+use cloude_image::image::block::RootCompression;
+use cloude_image::image::{BuildOptions, Format};
 use cloude_image::kernel::{Flavor, Kernel};
 use cloude_image::progress::Progress;
 use tokio::sync::OnceCell;
+
+use crate::config::FormatChoice;
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum ArtifactError {
@@ -24,14 +27,16 @@ pub struct Artifacts {
     /// When false, only already-cached artifacts are used (nothing is built).
     build: bool,
     kernel: OnceCell<Kernel>,
-    images: Mutex<HashMap<String, Arc<OnceCell<PathBuf>>>>,
+    images: Mutex<HashMap<String, Arc<OnceCell<LangImage>>>>,
+    format: FormatChoice,
 }
 
 impl Artifacts {
-    pub fn new(progress: Progress, build: bool) -> Self {
+    pub fn new(progress: Progress, build: bool, format: FormatChoice) -> Self {
         Artifacts {
             progress,
             build,
+            format,
             kernel: OnceCell::new(),
             images: Mutex::new(HashMap::new()),
         }
@@ -75,8 +80,20 @@ impl Artifacts {
             .cloned()
     }
 
-    pub async fn image(&self, lang: &Language) -> Result<PathBuf, ArtifactError> {
-        let key = format!("{}-{}", lang.name, lang.version);
+    /// The format `lang`'s VMs boot with under this server's `[images] format`.
+    pub fn format_for(&self, lang: &Language) -> Format {
+        match self.format {
+            FormatChoice::Initramfs => Format::Initramfs,
+            FormatChoice::Block => Format::Block,
+            FormatChoice::Auto => auto_format(lang),
+        }
+    }
+
+    /// The image of `lang` in its format (built, or found in the cache), digests verified; an
+    /// initramfs that cannot fit the language's VM memory is refused.
+    pub async fn image(&self, lang: &Language) -> Result<LangImage, ArtifactError> {
+        let format = self.format_for(lang);
+        let key = format!("{}-{}-{}", lang.name, lang.version, format.name());
         let cell = {
             let mut map = self.images.lock().expect("images lock is never poisoned");
             map.entry(key).or_default().clone()
@@ -84,42 +101,156 @@ impl Artifacts {
         let progress = self.progress.clone();
         let l = lang.clone();
         let build = self.build;
+        let name = l.name.clone();
         cell.get_or_try_init(|| async move {
-            if !build {
-                // Serve what is cached: the newest image built for the language.
-                let Some(p) = cloude_image::image::cached_image(&l.name) else {
-                    return Err(ArtifactError::Image(
-                        l.name.clone(),
-                        format!(
-                            "no image is cached and building is disabled (build it with `cloude-image build {}`)",
-                            l.name
-                        ),
-                    ));
-                };
-                let name = l.name.clone();
-                return tokio::task::spawn_blocking(move || verify(&p).map(|()| p))
-                    .await
-                    .map_err(|e| ArtifactError::Image(name.clone(), e.to_string()))?
-                    .map_err(|e| ArtifactError::Image(name, e));
-            }
-            let name = l.name.clone();
-            tokio::task::spawn_blocking(move || {
-                let p = cloude_image::image::ensure_image(&l, &BuildOptions::default(), &progress)
-                    .map_err(|e| e.to_string())?;
-                verify(&p)?;
-                Ok::<_, String>(p)
-            })
-            .await
-            .map_err(|e| ArtifactError::Image(name.clone(), e.to_string()))?
-            .map_err(|e| ArtifactError::Image(name, e))
+            tokio::task::spawn_blocking(move || find_or_build(&l, format, build, &progress))
+                .await
+                .map_err(|e| ArtifactError::Image(name.clone(), e.to_string()))?
+                .map_err(|e| ArtifactError::Image(name, e))
         })
         .await
         .cloned()
     }
 }
 
+/// A language's image as VMs boot it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LangImage {
+    pub format: Format,
+    /// The initramfs: the whole root (initramfs format) or only the agent (block).
+    pub initrd: PathBuf,
+    /// The read-only root filesystem image (block format).
+    pub root: Option<PathBuf>,
+}
+
+/// What `[images] format = "auto"` picks for `lang`: block everywhere. Measured side by side
+/// (README, "Block roots"; `cargo xtask bench`): block roots boot faster and cost less guest
+/// memory than initramfs images for every measured language, the small ones included, and only
+/// block roots fit runtimes larger than the VM's memory.
+pub fn auto_format(_lang: &Language) -> Format {
+    Format::Block
+}
+
+/// Memory a guest needs besides its initramfs while it boots (kernel, page tables, the agent,
+/// the program's first pages), MiB: measured boots of the smallest image need ~60.
+pub const BOOT_HEADROOM_MIB: u64 = 96;
+
+/// Refuses an initramfs that cannot fit `memory_mib` while the kernel unpacks it (the compressed
+/// archive and the unpacked files are both in guest RAM until unpacking ends).
+pub fn check_fits(
+    language: &str,
+    compressed: u64,
+    unpacked: u64,
+    memory_mib: u64,
+) -> Result<(), String> {
+    let need = (compressed + unpacked).div_ceil(1 << 20) + BOOT_HEADROOM_MIB;
+    if need > memory_mib {
+        return Err(format!(
+            "the {language} initramfs ({} MiB compressed, {} MiB unpacked) cannot fit its VM's \
+             {memory_mib} MiB of memory while it boots (~{need} MiB needed); use \
+             [images] format = \"block\" (or \"auto\"), or raise the language's memory_mib",
+            compressed >> 20,
+            unpacked >> 20
+        ));
+    }
+    Ok(())
+}
+
+fn find_or_build(
+    l: &Language,
+    format: Format,
+    build: bool,
+    progress: &Progress,
+) -> Result<LangImage, String> {
+    let image = match (format, build) {
+        (Format::Initramfs, false) => {
+            let p = cloude_image::image::cached_image(&l.name).ok_or_else(|| {
+                format!(
+                    "no image is cached and building is disabled (build it with `cloude-image build {}`)",
+                    l.name
+                )
+            })?;
+            LangImage {
+                format,
+                initrd: p,
+                root: None,
+            }
+        }
+        (Format::Initramfs, true) => LangImage {
+            format,
+            initrd: cloude_image::image::ensure_image(l, &BuildOptions::default(), progress)
+                .map_err(|e| e.to_string())?,
+            root: None,
+        },
+        (Format::Block, false) => {
+            let b = cloude_image::image::cached_block_image(&l.name).ok_or_else(|| {
+                format!(
+                    "no block image is cached and building is disabled (build it with `cloude-image build {} --format block`)",
+                    l.name
+                )
+            })?;
+            LangImage {
+                format,
+                initrd: b.boot,
+                root: Some(b.root),
+            }
+        }
+        (Format::Block, true) => {
+            let b = cloude_image::image::block::ensure_block_image(
+                l,
+                &BuildOptions::default(),
+                RootCompression::default(),
+                progress,
+            )
+            .map_err(|e| e.to_string())?;
+            LangImage {
+                format,
+                initrd: b.boot,
+                root: Some(b.root),
+            }
+        }
+    };
+    verify(&image.initrd)?;
+    if let Some(r) = &image.root {
+        verify(r)?;
+    }
+    if format == Format::Initramfs {
+        let compressed = std::fs::metadata(&image.initrd)
+            .map_err(|e| format!("{}: {e}", image.initrd.display()))?
+            .len();
+        if let Some(unpacked) = cloude_image::image::unpacked_bytes(&image.initrd) {
+            check_fits(&l.name, compressed, unpacked, l.memory_mib)?;
+        }
+    }
+    tracing::info!(
+        language = %l.name,
+        format = format.name(),
+        initrd = %image.initrd.display(),
+        root = %image.root.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+        "image ready"
+    );
+    Ok(image)
+}
+
 /// Re-checks a cached artifact's recorded digest (once per server and artifact: the results
 /// are kept in the cells above).
 fn verify(path: &std::path::Path) -> Result<(), String> {
     cloude_image::integrity::verify(path).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_initramfs_that_cannot_fit_its_vm_is_refused_naming_sizes() {
+        // The rust image seen in the field: 257 MB compressed in a 768 MiB VM.
+        let e = check_fits("rust", 257 << 20, 900 << 20, 768).unwrap_err();
+        assert!(e.contains("257 MiB compressed"), "{e}");
+        assert!(e.contains("900 MiB unpacked"), "{e}");
+        assert!(e.contains("768 MiB"), "{e}");
+        assert!(e.contains("block"), "{e}");
+        // Python: 30 MB compressed, 120 MB unpacked, 256 MiB VM.
+        assert!(check_fits("python", 30 << 20, 120 << 20, 256).is_ok());
+    }
 }

@@ -160,7 +160,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     driver.jail = jailer.clone();
     driver.console_bytes = config.vm.console_bytes;
     let metrics = Arc::new(Metrics::default());
-    let artifacts = Arc::new(Artifacts::new(Progress::new(false), !args.no_build));
+    let artifacts = Arc::new(Artifacts::new(
+        Progress::new(false),
+        !args.no_build,
+        config.images.format,
+    ));
     let l = &config.limits;
     let executor = Arc::new(Executor {
         driver,
@@ -349,7 +353,17 @@ async fn prepare(artifacts: &Artifacts, catalog: &Catalog, which: &[String]) {
             continue;
         }
         match artifacts.image(lang).await {
-            Ok(p) => tracing::info!("image {} {}: {}", lang.name, lang.version, p.display()),
+            Ok(i) => tracing::info!(
+                "image {} {} ({}): {}{}",
+                lang.name,
+                lang.version,
+                i.format.name(),
+                i.initrd.display(),
+                i.root
+                    .as_deref()
+                    .map(|r| format!(" + {}", r.display()))
+                    .unwrap_or_default()
+            ),
             Err(e) => tracing::error!("{e}; requests for it will retry the build"),
         }
     }

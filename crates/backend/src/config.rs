@@ -18,6 +18,7 @@ pub struct Config {
     pub pool: PoolConfig,
     pub jail: JailConfig,
     pub snapshot: SnapshotConfig,
+    pub images: ImagesConfig,
     /// The Judge0-compatible API (`judge0`, `api/judge0.rs`).
     pub judge0: crate::judge0::Judge0Config,
     /// Where Judge0 submissions are kept (`store`).
@@ -103,6 +104,23 @@ pub struct SnapshotConfig {
     pub enabled: bool,
     /// Where snapshots are kept (empty: `$CLOUDE_HOME/snapshots`).
     pub dir: String,
+}
+
+/// How language roots reach the guest (`[images]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    pub format: FormatChoice,
+}
+
+/// `[images] format`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatChoice {
+    /// Per language, by measurement (`crate::artifacts::auto_format`).
+    Auto,
+    Initramfs,
+    Block,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

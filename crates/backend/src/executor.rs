@@ -81,6 +81,9 @@ pub struct Executor {
     pub snapshots: Snapshots,
 }
 
+/// Time limit of each stage of a template's warm-up run.
+const WARM_UP_TIMEOUT_MS: u64 = 30_000;
+
 /// Milliseconds as u64 (saturating).
 pub fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -92,6 +95,32 @@ impl Executor {
         let t = Instant::now();
         let p = self.limiter.acquire().await?;
         Ok((p, t.elapsed()))
+    }
+
+    /// What a snapshot template of `language` runs before it is sealed ([`VmSpec::warm_up`]):
+    /// its compile and run commands on an empty entry file, with the default limits.
+    pub(crate) fn warm_up_request(&self, language: &Language) -> RunRequest {
+        RunRequest {
+            protocol_version: PROTOCOL_VERSION,
+            files: vec![FileSpec {
+                name: language.file.clone(),
+                content: String::new(),
+                encoding: Default::default(),
+            }],
+            compile: language.compile.clone(),
+            run: language.run.clone(),
+            args: Vec::new(),
+            stdin: cloude_protocol::Bytes(Vec::new()),
+            env: language.env.clone(),
+            compile_timeout_ms: WARM_UP_TIMEOUT_MS,
+            run_timeout_ms: WARM_UP_TIMEOUT_MS,
+            output_limit_bytes: 64 << 10,
+            memory_limit_mib: None,
+            pids_limit: None,
+            poweroff_after: false,
+            network: false,
+            run_as_root: language.run_as_root,
+        }
     }
 
     fn run_request(&self, job: &Job) -> RunRequest {
@@ -185,13 +214,15 @@ impl Executor {
         memory_mib: u64,
     ) -> Result<VmSpec, ArtifactError> {
         let kernel = self.artifacts.kernel().await?;
-        let initrd = self.artifacts.image(language).await?;
+        let image = self.artifacts.image(language).await?;
         Ok(VmSpec {
             kernel: match self.driver.kind {
                 Kind::Qemu => kernel.bzimage,
                 Kind::CloudeVmm => kernel.vmlinux,
             },
-            initrd,
+            initrd: image.initrd,
+            root: image.root,
+            warm_up: None,
             memory_mib,
             vcpus: self.settings.vcpus,
             boot_timeout: self.settings.boot_timeout,

@@ -95,10 +95,14 @@ impl Snapshots {
 impl Executor {
     /// The identity of `language`'s snapshot at its default VM shape.
     async fn snapshot_identity(&self, language: &Language) -> Result<(Identity, VmSpec), String> {
-        let spec = self
+        let mut spec = self
             .vm_spec(language, language.memory_mib)
             .await
             .map_err(|e| e.to_string())?;
+        let warm_up = self.warm_up_request(language);
+        let warm_up_sha256 =
+            snapshot::hex_sha256(&serde_json::to_vec(&warm_up).map_err(|e| e.to_string())?);
+        spec.warm_up = Some(warm_up);
         let binary = self.driver.binary.clone();
         let hyper = self
             .snapshots
@@ -123,10 +127,12 @@ impl Executor {
             },
             kernel_sha256: recorded(&spec.kernel)?,
             image_sha256: recorded(&spec.initrd)?,
+            root_sha256: spec.root.as_deref().map(recorded).transpose()?,
+            warm_up_sha256,
             language: language.name.clone(),
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
-            cmdline: self.driver.snapshot_cmdline(),
+            cmdline: self.driver.snapshot_cmdline(&spec),
             protocol_version: cloude_protocol::PROTOCOL_VERSION,
         };
         Ok((identity, spec))

@@ -46,7 +46,11 @@ fn state_with(config: Config) -> Arc<AppState> {
             console_bytes: cloude_server::vm::console::DEFAULT_CONSOLE_BYTES,
         },
         runtime: Runtime::new().expect("runtime dir"),
-        artifacts: Arc::new(Artifacts::new(Progress::new(true), false)),
+        artifacts: Arc::new(Artifacts::new(
+            Progress::new(true),
+            false,
+            cloude_server::config::FormatChoice::Initramfs,
+        )),
         limiter: Limiter::new(l.max_concurrent_vms, l.max_queue, Duration::from_millis(50)),
         metrics: metrics.clone(),
         settings: ExecSettings {

@@ -35,6 +35,8 @@ fn driver_and_spec(initrd: PathBuf, boot_timeout: Duration) -> (Driver, VmSpec) 
     let spec = VmSpec {
         kernel: env_path("CLOUDE_KERNEL"),
         initrd,
+        root: None,
+        warm_up: None,
         memory_mib: 256,
         vcpus: 1,
         boot_timeout,

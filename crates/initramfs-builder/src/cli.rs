@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::catalog::Catalog;
-use crate::image::{self, BuildOptions, Compression};
+use crate::image::block::{self, RootCompression};
+use crate::image::{self, BuildOptions, Compression, Format};
 use crate::kernel::{self, Flavor};
 use crate::progress::Progress;
 
@@ -63,6 +64,14 @@ enum Cmd {
         /// gzip, lz4, zstd or none (default: $CLOUDE_IMAGE_COMPRESSION or lz4).
         #[arg(long)]
         compression: Option<Compression>,
+        /// `initramfs`: one compressed cpio the kernel unpacks into RAM (prints its path).
+        /// `block`: the root as a read-only EROFS image for virtio-blk plus a small initramfs
+        /// holding only the agent (prints the initramfs, then the root, one per line).
+        #[arg(long, default_value = "initramfs")]
+        format: Format,
+        /// EROFS data of a block root: none or lz4hc.
+        #[arg(long, default_value = "none")]
+        root_compression: RootCompression,
         /// Lower the cap on an OCI image's tar entries, whiteouts included (default and maximum
         /// 4,000,000).
         #[arg(long, value_name = "N")]
@@ -112,6 +121,8 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
             output,
             agent,
             compression,
+            format,
+            root_compression,
             max_entries,
             max_uncompressed_bytes,
         } => {
@@ -142,8 +153,17 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
                 None => image::default_compression()?,
             };
             for lang in langs {
-                let p = image::ensure_image_with(lang, &opts, compression, progress)?;
-                println!("{}", p.display());
+                match format {
+                    Format::Initramfs => {
+                        let p = image::ensure_image_with(lang, &opts, compression, progress)?;
+                        println!("{}", p.display());
+                    }
+                    Format::Block => {
+                        let b = block::ensure_block_image(lang, &opts, root_compression, progress)?;
+                        println!("{}", b.boot.display());
+                        println!("{}", b.root.display());
+                    }
+                }
             }
         }
         Cmd::List => {

@@ -8,6 +8,7 @@
 //! [`BUILDER_VERSION`]. Builders of one key are serialised by a lock file; results are
 //! published by rename.
 
+pub mod block;
 pub mod compress;
 pub mod cpio;
 pub mod debian;
@@ -33,6 +34,40 @@ use crate::progress::Progress;
 pub const BUILDER_VERSION: &str = "cloude-image-builder-5";
 /// Environment variable overriding the default compression (`gzip`, `lz4`, `zstd`, `none`).
 pub const COMPRESSION_ENV: &str = "CLOUDE_IMAGE_COMPRESSION";
+
+/// How a language's root reaches the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One compressed cpio archive, unpacked into guest RAM at every boot.
+    #[default]
+    Initramfs,
+    /// A read-only EROFS image on virtio-blk under a tmpfs overlay, and a boot initramfs with
+    /// only the agent ([`block`]).
+    Block,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Initramfs => "initramfs",
+            Format::Block => "block",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "initramfs" => Ok(Format::Initramfs),
+            "block" => Ok(Format::Block),
+            other => Err(format!(
+                "unknown image format {other:?} (initramfs or block)"
+            )),
+        }
+    }
+}
 
 /// How to build an image.
 #[derive(Clone, Debug, Default)]
@@ -81,6 +116,8 @@ pub enum ImageError {
     },
     #[error("preparing the image root: {0}")]
     Finalize(#[source] TreeError),
+    #[error("mkfs.erofs failed ({0}): {1}")]
+    Mkfs(String, String),
     #[error("I/O error at {0}: {1}")]
     Io(PathBuf, std::io::Error),
 }
@@ -116,6 +153,7 @@ enum Plan {
 #[derive(serde::Serialize)]
 struct Summary<'a> {
     language: &'a str,
+    format: &'static str,
     source: String,
     packages: Vec<String>,
     manifest_digest: Option<&'a str>,
@@ -140,13 +178,24 @@ fn file_name_safe(s: &str) -> String {
         .collect()
 }
 
-/// [`ensure_image`] with an explicit compression.
-pub fn ensure_image_with(
-    lang: &Language,
+/// What an image is made of, resolved before anything is built: the agent, the source and the
+/// build-time commands.
+struct Prepared<'a> {
+    lang: &'a Language,
+    agent: Vec<u8>,
+    agent_sha: String,
+    reference: Option<String>,
+    plan: Plan,
+    post_build: &'a [Vec<String>],
+    /// One line per package with its version, or the manifest digest (the cache key's source).
+    source: String,
+}
+
+fn prepare<'a>(
+    lang: &'a Language,
     opts: &BuildOptions,
-    compression: Compression,
     progress: &Progress,
-) -> Result<PathBuf, ImageError> {
+) -> Result<Prepared<'a>, ImageError> {
     let agent_path = opts
         .agent
         .clone()
@@ -158,28 +207,19 @@ pub fn ensure_image_with(
     let agent = stripped(&agent_path).unwrap_or(agent);
 
     let reference = opts.from.clone().or_else(|| lang.image.clone());
-    let debian_err = |source| ImageError::Debian {
-        language: lang.name.clone(),
-        source: Box::new(source),
-    };
-    let oci_err = |r: &str| {
-        let r = r.to_string();
-        move |source| ImageError::Oci {
-            language: lang.name.clone(),
-            reference: r,
-            source: Box::new(source),
-        }
-    };
     let plan = match &reference {
         Some(r) => {
-            let parsed = oci::parse_reference(r).map_err(oci_err(r))?;
-            let resolved = oci::resolve(&parsed, opts.insecure, progress).map_err(oci_err(r))?;
+            let parsed = oci::parse_reference(r).map_err(oci_err(lang, r))?;
+            let resolved =
+                oci::resolve(&parsed, opts.insecure, progress).map_err(oci_err(lang, r))?;
             Plan::Oci(r.clone(), Box::new(resolved))
         }
         None if lang.debian_packages.is_empty() => {
             return Err(ImageError::NoSource(lang.name.clone()))
         }
-        None => Plan::Debian(debian::resolve(&lang.debian_packages, progress).map_err(debian_err)?),
+        None => Plan::Debian(
+            debian::resolve(&lang.debian_packages, progress).map_err(debian_err(lang))?,
+        ),
     };
 
     // Image programs run on the build host only for apt-verified Debian packages; OCI image
@@ -203,7 +243,92 @@ pub fn ensure_image_with(
             .collect(),
         Plan::Oci(_, r) => format!("oci {}\n", r.manifest_digest),
     };
-    let key = cache_key(&source, post_build, &agent_sha, compression);
+    Ok(Prepared {
+        lang,
+        agent,
+        agent_sha,
+        reference,
+        plan,
+        post_build,
+        source,
+    })
+}
+
+fn debian_err(lang: &Language) -> impl Fn(debian::DebianError) -> ImageError + '_ {
+    move |source| ImageError::Debian {
+        language: lang.name.clone(),
+        source: Box::new(source),
+    }
+}
+
+fn oci_err<'a>(lang: &'a Language, r: &str) -> impl Fn(oci::OciError) -> ImageError + 'a {
+    let r = r.to_string();
+    move |source| ImageError::Oci {
+        language: lang.name.clone(),
+        reference: r.clone(),
+        source: Box::new(source),
+    }
+}
+
+impl Prepared<'_> {
+    /// The language's root: packages or layers, then the post-build commands.
+    fn tree(&self, opts: &BuildOptions, progress: &Progress) -> Result<Tree, ImageError> {
+        let tree = match &self.plan {
+            Plan::Debian(pkgs) => {
+                debian::build_tree(pkgs, progress).map_err(debian_err(self.lang))?
+            }
+            Plan::Oci(r, resolved) => resolved
+                .build_tree(opts.limits, progress)
+                .map_err(oci_err(self.lang, r))?,
+        };
+        post_build::run(tree, self.post_build, progress).map_err(|e| ImageError::PostBuild {
+            language: self.lang.name.clone(),
+            source: Box::new(e),
+        })
+    }
+
+    fn summary(&self, format: &'static str, compression: &'static str) -> Summary<'_> {
+        Summary {
+            language: &self.lang.name,
+            format,
+            source: self.reference.clone().unwrap_or_else(|| "debian".into()),
+            packages: match &self.plan {
+                Plan::Debian(p) => p
+                    .iter()
+                    .map(|p| format!("{}={}", p.name, p.version))
+                    .collect(),
+                Plan::Oci(..) => Vec::new(),
+            },
+            manifest_digest: match &self.plan {
+                Plan::Oci(_, r) => Some(&r.manifest_digest),
+                Plan::Debian(_) => None,
+            },
+            post_build: self.post_build,
+            compression,
+            agent_sha256: &self.agent_sha,
+            entries: 0,
+            uncompressed_bytes: 0,
+            compressed_bytes: 0,
+            build_seconds: 0.0,
+        }
+    }
+}
+
+fn write_summary(dir: &Path, stem: &str, summary: &Summary<'_>) -> Result<(), ImageError> {
+    let sp = dir.join(format!("{stem}.json"));
+    let text = serde_json::to_string_pretty(summary).expect("the summary serialises");
+    fs::write(&sp, text).map_err(io_err(&sp))
+}
+
+/// [`ensure_image`] with an explicit compression.
+pub fn ensure_image_with(
+    lang: &Language,
+    opts: &BuildOptions,
+    compression: Compression,
+    progress: &Progress,
+) -> Result<PathBuf, ImageError> {
+    let prep = prepare(lang, opts, progress)?;
+    let key = cache_key(&prep.source, prep.post_build, &prep.agent_sha, compression);
     let dir = crate::paths::images_dir();
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let stem = format!("{}-{}", file_name_safe(&lang.name), &key[..16]);
@@ -214,18 +339,8 @@ pub fn ensure_image_with(
         let _lock = crate::lock::FileLock::acquire(&lock_path).map_err(io_err(&lock_path))?;
         if !out.is_file() {
             let started = Instant::now();
-            let mut tree = match &plan {
-                Plan::Debian(pkgs) => debian::build_tree(pkgs, progress).map_err(debian_err)?,
-                Plan::Oci(r, resolved) => resolved
-                    .build_tree(opts.limits, progress)
-                    .map_err(oci_err(r))?,
-            };
-            tree =
-                post_build::run(tree, post_build, progress).map_err(|e| ImageError::PostBuild {
-                    language: lang.name.clone(),
-                    source: Box::new(e),
-                })?;
-            finalize(&mut tree, agent).map_err(ImageError::Finalize)?;
+            let mut tree = prep.tree(opts, progress)?;
+            finalize(&mut tree, prep.agent.clone()).map_err(ImageError::Finalize)?;
             let bar = progress.spinner(format!(
                 "writing {} ({})",
                 out.display(),
@@ -234,30 +349,13 @@ pub fn ensure_image_with(
             let (stats, size) = write_image(&tree, compression, &out)?;
             bar.finish_with_message(format!("wrote {} ({} bytes)", out.display(), size));
             let summary = Summary {
-                language: &lang.name,
-                source: reference.clone().unwrap_or_else(|| "debian".into()),
-                packages: match &plan {
-                    Plan::Debian(p) => p
-                        .iter()
-                        .map(|p| format!("{}={}", p.name, p.version))
-                        .collect(),
-                    Plan::Oci(..) => Vec::new(),
-                },
-                manifest_digest: match &plan {
-                    Plan::Oci(_, r) => Some(&r.manifest_digest),
-                    Plan::Debian(_) => None,
-                },
-                post_build,
-                compression: compression.name(),
-                agent_sha256: &agent_sha,
                 entries: stats.entries,
                 uncompressed_bytes: stats.bytes,
                 compressed_bytes: size,
                 build_seconds: started.elapsed().as_secs_f64(),
+                ..prep.summary("initramfs", compression.name())
             };
-            let sp = dir.join(format!("{stem}.json"));
-            let text = serde_json::to_string_pretty(&summary).expect("the summary serialises");
-            fs::write(&sp, text).map_err(io_err(&sp))?;
+            write_summary(&dir, &stem, &summary)?;
         }
     }
     if let Some(o) = &opts.output {
@@ -282,18 +380,65 @@ fn record_latest(dir: &Path, language: &str, image: &Path) -> Result<(), ImageEr
     fs::rename(&tmp, &ptr).map_err(io_err(&ptr))
 }
 
-/// The newest image built for `language`, without resolving its sources (no network, no apt):
-/// what a server that must not build serves.
-pub fn cached_image(language: &str) -> Option<PathBuf> {
-    let dir = crate::paths::images_dir();
-    let name = fs::read_to_string(latest_pointer(&dir, language)).ok()?;
-    let name = name.trim();
-    // Only a plain file name in the cache directory.
+fn latest_block_pointer(dir: &Path, language: &str) -> PathBuf {
+    dir.join(format!(".{}.block.latest", file_name_safe(language)))
+}
+
+/// Remembers `image` as the newest block image of `language` (for [`cached_block_image`]): the
+/// root's file name, then the boot initramfs's.
+fn record_latest_pair(
+    dir: &Path,
+    language: &str,
+    image: &block::BlockImage,
+) -> Result<(), ImageError> {
+    let name = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let ptr = latest_block_pointer(dir, language);
+    let tmp = ptr.with_extension(format!("tmp{}", std::process::id()));
+    let text = format!("{}\n{}\n", name(&image.root), name(&image.boot));
+    fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &ptr).map_err(io_err(&ptr))
+}
+
+/// A plain file name in the cache directory, existing.
+fn cached_file(dir: &Path, name: &str) -> Option<PathBuf> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return None;
     }
     let p = dir.join(name);
     p.is_file().then_some(p)
+}
+
+/// The newest block image built for `language`, without resolving its sources.
+pub fn cached_block_image(language: &str) -> Option<block::BlockImage> {
+    let dir = crate::paths::images_dir();
+    let text = fs::read_to_string(latest_block_pointer(&dir, language)).ok()?;
+    let mut lines = text.lines();
+    let root = cached_file(&dir, lines.next()?.trim())?;
+    let boot = cached_file(&dir, lines.next()?.trim())?;
+    Some(block::BlockImage { root, boot })
+}
+
+/// The unpacked size of a cached initramfs, from the summary written beside it
+/// (`<stem>.json` next to `<stem>.cpio<ext>`); `None` when there is none.
+pub fn unpacked_bytes(image: &Path) -> Option<u64> {
+    let name = image.file_name()?.to_str()?;
+    let stem = &name[..name.find(".cpio")?];
+    let text = fs::read_to_string(image.with_file_name(format!("{stem}.json"))).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("uncompressed_bytes")?.as_u64()
+}
+
+/// The newest image built for `language`, without resolving its sources (no network, no apt):
+/// what a server that must not build serves.
+pub fn cached_image(language: &str) -> Option<PathBuf> {
+    let dir = crate::paths::images_dir();
+    let name = fs::read_to_string(latest_pointer(&dir, language)).ok()?;
+    cached_file(&dir, name.trim())
 }
 
 /// The hex cache key of an image: [`BUILDER_VERSION`], the resolved source's description, the
@@ -343,6 +488,14 @@ fn stripped(path: &Path) -> Option<Vec<u8>> {
 /// how many), then adds the agent as `/init` and the directories and device nodes the guest
 /// needs at boot.
 pub fn finalize(tree: &mut Tree, agent: Vec<u8>) -> Result<(), TreeError> {
+    finalize_root(tree)?;
+    tree.insert_file("init", Meta::root(0o755), agent)?;
+    Ok(())
+}
+
+/// [`finalize`] without the agent: what a block root holds (its agent lives in the boot
+/// initramfs).
+pub fn finalize_root(tree: &mut Tree) -> Result<(), TreeError> {
     let s = tree.sanitize();
     if s.devices > 0 {
         tracing::warn!(
@@ -358,7 +511,6 @@ pub fn finalize(tree: &mut Tree, agent: Vec<u8>) -> Result<(), TreeError> {
             "cleared setuid/setgid bits of image files (user code may not gain privileges through an image file)"
         );
     }
-    tree.insert_file("init", Meta::root(0o755), agent)?;
     let dir = |tree: &mut Tree, path: &str, mode: u32| -> Result<(), TreeError> {
         if tree.lookup(path).is_none() {
             let comps = tree::components(path.as_bytes())?;

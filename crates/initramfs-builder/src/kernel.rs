@@ -177,7 +177,13 @@ pub fn surface_left_on(config: &str) -> Vec<&'static str> {
         })
     };
     let mut bad: Vec<&'static str> = SURFACE_OFF.iter().copied().filter(|o| on(o)).collect();
-    bad.extend(SURFACE_ON.iter().chain(FEATURES_ON).copied().filter(|o| !on(o)));
+    bad.extend(
+        SURFACE_ON
+            .iter()
+            .chain(FEATURES_ON)
+            .copied()
+            .filter(|o| !on(o)),
+    );
     bad
 }
 

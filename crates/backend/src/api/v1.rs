@@ -371,6 +371,7 @@ pub async fn languages(State(state): State<Arc<AppState>>) -> Json<serde_json::V
             extensions: l.extensions.clone(),
             compiled: l.compile.is_some(),
             entry_file: l.file.clone(),
+            image_format: state.executor.artifacts.format_for(l).name().to_string(),
         })
         .collect();
     Json(serde_json::json!({ "languages": langs }))

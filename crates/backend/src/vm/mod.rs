@@ -66,6 +66,8 @@ pub struct Driver {
 pub(crate) struct Paths {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The read-only root filesystem image (block-format images).
+    pub root: Option<PathBuf>,
     /// The VM's directory (sockets, console).
     pub dir: PathBuf,
 }
@@ -79,6 +81,7 @@ impl Paths {
 /// Inside the jail: the kernel, the image and the VM's directory.
 const JAIL_KERNEL: &str = "/kernel";
 const JAIL_INITRD: &str = "/initrd";
+const JAIL_ROOT_IMAGE: &str = "/root.img";
 const JAIL_DIR: &str = "/vm";
 
 /// What a driver's hypervisor costs on top of the guest's memory and vCPUs (its cgroup's limits
@@ -100,10 +103,16 @@ pub(crate) struct JailProfile {
 pub struct VmSpec {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// A block-format image's read-only root (the guest's /dev/vda, mounted by the agent under a
+    /// tmpfs overlay); `None` for an initramfs image.
+    pub root: Option<PathBuf>,
     pub memory_mib: u64,
     pub vcpus: u32,
     /// From spawn to the agent's ready line.
     pub boot_timeout: Duration,
+    /// Run once in a snapshot template before it is sealed (`seal`): the language's commands on
+    /// an empty program.
+    pub warm_up: Option<cloude_protocol::RunRequest>,
 }
 
 /// Kernel command line shared by both drivers. `reboot=t` (triple fault): QEMU microvm has no
@@ -380,12 +389,12 @@ impl Driver {
     /// The kernel command line templates boot with (part of a snapshot's identity).
     /// `init_on_free=1`: pages the guest frees (the compressed initramfs, above all) are zeroed,
     /// so the snapshot skips them (QEMU's migration stream shrank from 132 to 80 MB for Python).
-    pub fn snapshot_cmdline(&self) -> String {
+    pub fn snapshot_cmdline(&self, spec: &VmSpec) -> String {
         let extra = match self.kind {
             Kind::Qemu => SNAPSHOT_CMDLINE_EXTRA.to_string(),
             Kind::CloudeVmm => format!("{} {SNAPSHOT_CMDLINE_EXTRA}", vmm::VMM_CMDLINE_EXTRA),
         };
-        format!("{BASE_CMDLINE} {extra}")
+        format!("{BASE_CMDLINE}{} {extra}", root_cmdline(spec))
     }
 }
 
@@ -400,11 +409,24 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Seals a template's agent for its snapshot (runs refused until a wake); returns the connection
 /// it answered on, left idle.
-pub(crate) async fn seal(vm: &mut Vm) -> Result<crate::agent::AgentClient, VmError> {
+pub(crate) async fn seal(vm: &mut Vm, spec: &VmSpec) -> Result<crate::agent::AgentClient, VmError> {
     let mut agent = vm
         .agent()
         .await
         .map_err(|e| VmError::Snapshot(format!("agent: {e}")))?;
+    if let Some(req) = &spec.warm_up {
+        // The runtime's files in the guest's page cache before the snapshot: every clone then
+        // starts its program from memory instead of reading the root again (block roots) and
+        // finds the dynamic loader's and the runtime's first pages touched. Its outcome does not
+        // matter (an empty program may fail to compile); only a broken agent fails the template.
+        let t = std::time::Instant::now();
+        match agent.run(req).await {
+            Ok(r) => {
+                tracing::debug!(ms = t.elapsed().as_millis() as u64, status = ?r.run.as_ref().map(|s| s.status), "template warmed up")
+            }
+            Err(e) => return Err(VmError::Snapshot(format!("warming the template up: {e}"))),
+        }
+    }
     agent
         .prepare_snapshot()
         .await
@@ -442,10 +464,20 @@ pub(crate) async fn wake(io: Box<dyn AgentIo>) -> Result<crate::agent::AgentClie
 
 /// The kernel command line for `slot`: the shared base, the driver's extras and, with a tap, the
 /// guest's static address.
-pub(crate) fn cmdline(slot: &Slot, extra: &str) -> String {
-    let mut c = BASE_CMDLINE.to_string();
+pub(crate) fn cmdline(spec: &VmSpec, slot: &Slot, extra: &str) -> String {
+    let mut c = format!("{BASE_CMDLINE}{}", root_cmdline(spec));
     cmdline_tail(&mut c, slot, extra);
     c
+}
+
+/// What a block root adds to the command line: the first disk (every driver attaches the root
+/// image as the first virtio-blk device) and its filesystem, read by the agent at boot.
+fn root_cmdline(spec: &VmSpec) -> String {
+    use cloude_image::image::block::{ROOT_FSTYPE, ROOT_FSTYPE_PARAM, ROOT_PARAM};
+    match spec.root {
+        Some(_) => format!(" {ROOT_PARAM}=/dev/vda {ROOT_FSTYPE_PARAM}={ROOT_FSTYPE}"),
+        None => String::new(),
+    }
 }
 
 fn cmdline_tail(c: &mut String, slot: &Slot, extra: &str) {
@@ -559,12 +591,14 @@ impl Driver {
             Paths {
                 kernel: JAIL_KERNEL.into(),
                 initrd: JAIL_INITRD.into(),
+                root: spec.root.as_ref().map(|_| JAIL_ROOT_IMAGE.into()),
                 dir: JAIL_DIR.into(),
             }
         } else {
             Paths {
                 kernel: spec.kernel.clone(),
                 initrd: spec.initrd.clone(),
+                root: spec.root.clone(),
                 dir: slot.dir.clone(),
             }
         }
@@ -613,6 +647,9 @@ pub(crate) fn spawn(
             j.bind_ro(&spec.kernel, JAIL_KERNEL)
                 .bind_ro(&spec.initrd, JAIL_INITRD)
                 .bind_rw(&slot.dir, JAIL_DIR);
+            if let Some(root) = &spec.root {
+                j.bind_ro(root, JAIL_ROOT_IMAGE);
+            }
             for (host, inside, writable) in &extras.binds {
                 if *writable {
                     j.bind_rw(host, inside);

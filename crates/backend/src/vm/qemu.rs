@@ -80,8 +80,8 @@ pub(crate) fn args(
 ) -> Vec<String> {
     let accel = if driver.qemu_kvm { "kvm" } else { "tcg" };
     let append = match mode {
-        Mode::Boot => cmdline(slot, ""),
-        Mode::Template | Mode::Clone => driver.snapshot_cmdline(),
+        Mode::Boot => cmdline(spec, slot, ""),
+        Mode::Template | Mode::Clone => driver.snapshot_cmdline(spec),
     };
     let sock = paths.file("agent.sock");
     let mut a: Vec<String> = vec![
@@ -125,6 +125,19 @@ pub(crate) fn args(
         "-device".into(),
         "virtio-rng-device".into(),
     ];
+    if let Some(root) = &paths.root {
+        // The language's root, read-only and shared by every VM of the language (one copy in
+        // the host's page cache); the first virtio-blk device, so the guest's /dev/vda.
+        a.extend([
+            "-drive".into(),
+            format!(
+                "id=root,file={},if=none,format=raw,readonly=on",
+                root.display()
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+        ]);
+    }
     if driver.jail.is_some() {
         a.extend(["-sandbox".into(), SANDBOX.into()]);
     }
@@ -231,7 +244,7 @@ pub(crate) async fn snapshot(
     let work = async {
         // The agent answers and stays on this connection, idle between two requests: that is
         // the state every clone starts from (the clone's host then sends the wake on it).
-        let agent = seal(&mut vm).await?;
+        let agent = seal(&mut vm, spec).await?;
         let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(5))
             .await
             .map_err(|e| snap_err("monitor", &e))?;
@@ -352,6 +365,8 @@ mod tests {
         let spec = VmSpec {
             kernel: "/k".into(),
             initrd: "/i".into(),
+            root: None,
+            warm_up: None,
             memory_mib: 256,
             vcpus: 1,
             boot_timeout: std::time::Duration::from_secs(1),
@@ -374,5 +389,27 @@ mod tests {
             t.contains("init_on_free=1") && !a.contains("init_on_free"),
             "{t}"
         );
+        assert!(!a.contains("cloude.root") && !a.contains("-drive"), "{a}");
+
+        // A block root: the first virtio-blk device, read-only, named on the command line of
+        // cold boots and templates alike.
+        let block = VmSpec {
+            root: Some("/images/python.erofs".into()),
+            ..spec
+        };
+        for mode in [Mode::Boot, Mode::Template, Mode::Clone] {
+            let b = args(&d, &block, &slot, &d.paths(&block, &slot), mode).join(" ");
+            assert!(
+                b.contains(
+                    "-drive id=root,file=/images/python.erofs,if=none,format=raw,readonly=on"
+                ),
+                "{b}"
+            );
+            assert!(b.contains("-device virtio-blk-device,drive=root"), "{b}");
+            assert!(
+                b.contains("cloude.root=/dev/vda cloude.rootfstype=erofs"),
+                "{b}"
+            );
+        }
     }
 }

@@ -40,6 +40,11 @@ pub struct Identity {
     pub kernel_sha256: String,
     /// SHA-256 of the language image.
     pub image_sha256: String,
+    /// SHA-256 of the read-only root image (block format): a clone reads the disk its template
+    /// had mounted, so it must be the same file.
+    pub root_sha256: Option<String>,
+    /// SHA-256 of the warm-up run the template made before its seal (`VmSpec::warm_up`).
+    pub warm_up_sha256: String,
     pub language: String,
     pub memory_mib: u64,
     pub vcpus: u32,
@@ -79,6 +84,8 @@ impl Identity {
             accel,
             kernel_sha256,
             image_sha256,
+            root_sha256,
+            warm_up_sha256,
             language,
             memory_mib,
             vcpus,
@@ -382,7 +389,7 @@ pub fn sweep_staging(root: &Path) {
     }
 }
 
-fn hex_sha256(data: &[u8]) -> String {
+pub(crate) fn hex_sha256(data: &[u8]) -> String {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(data);
     d.iter().map(|b| format!("{b:02x}")).collect()
@@ -404,6 +411,8 @@ mod tests {
             accel: "tcg".into(),
             kernel_sha256: "k".into(),
             image_sha256: "i".into(),
+            root_sha256: None,
+            warm_up_sha256: "w".into(),
             language: "python".into(),
             memory_mib: 256,
             vcpus: 1,

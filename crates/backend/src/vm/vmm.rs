@@ -62,7 +62,7 @@ pub(crate) fn args(
             "--initrd".into(),
             paths.initrd.display().to_string(),
             "--cmdline".into(),
-            cmdline(slot, VMM_CMDLINE_EXTRA),
+            cmdline(spec, slot, VMM_CMDLINE_EXTRA),
         ],
         Mode::Template(tag) => vec![
             "--kernel".into(),
@@ -70,7 +70,7 @@ pub(crate) fn args(
             "--initrd".into(),
             paths.initrd.display().to_string(),
             "--cmdline".into(),
-            driver.snapshot_cmdline(),
+            driver.snapshot_cmdline(spec),
             "--snapshot-control".into(),
             paths.file("snapshot.ctl").display().to_string(),
             "--snapshot-tag".into(),
@@ -87,6 +87,10 @@ pub(crate) fn args(
             tag.into(),
         ],
     };
+    if let Some(root) = &paths.root {
+        // Read-only (cloude-vmm's default for --disk): the guest sees VIRTIO_BLK_F_RO.
+        a.extend(["--disk".into(), root.display().to_string()]);
+    }
     a.extend([
         "--memory-mib".into(),
         spec.memory_mib.to_string(),
@@ -188,7 +192,7 @@ pub(crate) async fn snapshot(
         |what: &str, e: &dyn std::fmt::Display| VmError::Snapshot(format!("{what}: {e}"));
     let work = async {
         // The vsock connection goes with the clone's transport reset anyway.
-        drop(seal(&mut vm).await?);
+        drop(seal(&mut vm, spec).await?);
         std::fs::create_dir(&host_out).map_err(VmError::RuntimeDir)?;
         if let Some((uid, _)) = vm.jail() {
             std::os::unix::fs::chown(&host_out, Some(uid), Some(uid))
