@@ -11,6 +11,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // Images and compression.
     "zstd",
     "lz4",
+    // Block-device language roots (`cloude-image build --format block`).
+    "erofs-utils",
     // The QEMU fallback hypervisor and the KVM lab.
     "qemu-system-x86",
     "busybox-static",

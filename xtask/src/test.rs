@@ -40,8 +40,14 @@ pub fn run(args: TestArgs) -> anyhow::Result<i32> {
     let bin = deps::release_dir();
     let kernel = deps::last_line(Command::new(bin.join("cloude-image")).arg("kernel"))?;
     eprintln!("xtask: guest kernel {kernel}");
-    let images = deps::run(Command::new(bin.join("cloude-image")).args(["build", "--all"]));
-    report(&mut phases, "default images", images);
+    let images = deps::run(Command::new(bin.join("cloude-image")).args(["build", "--all"]))
+        .and_then(|()| {
+            deps::run(
+                Command::new(bin.join("cloude-image"))
+                    .args(["build", "--all", "--format", "block"]),
+            )
+        });
+    report(&mut phases, "default images (both formats)", images);
     if !args.no_lint {
         let clippy = deps::run(deps::cargo().args([
             "clippy",
