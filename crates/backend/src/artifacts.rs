@@ -131,31 +131,6 @@ pub fn auto_format(_lang: &Language) -> Format {
     Format::Block
 }
 
-/// Memory a guest needs besides its initramfs while it boots (kernel, page tables, the agent,
-/// the program's first pages), MiB: measured boots of the smallest image need ~60.
-pub const BOOT_HEADROOM_MIB: u64 = 96;
-
-/// Refuses an initramfs that cannot fit `memory_mib` while the kernel unpacks it (the compressed
-/// archive and the unpacked files are both in guest RAM until unpacking ends).
-pub fn check_fits(
-    language: &str,
-    compressed: u64,
-    unpacked: u64,
-    memory_mib: u64,
-) -> Result<(), String> {
-    let need = (compressed + unpacked).div_ceil(1 << 20) + BOOT_HEADROOM_MIB;
-    if need > memory_mib {
-        return Err(format!(
-            "the {language} initramfs ({} MiB compressed, {} MiB unpacked) cannot fit its VM's \
-             {memory_mib} MiB of memory while it boots (~{need} MiB needed); use \
-             [images] format = \"block\" (or \"auto\"), or raise the language's memory_mib",
-            compressed >> 20,
-            unpacked >> 20
-        ));
-    }
-    Ok(())
-}
-
 fn find_or_build(
     l: &Language,
     format: Format,
@@ -219,7 +194,7 @@ fn find_or_build(
             .map_err(|e| format!("{}: {e}", image.initrd.display()))?
             .len();
         if let Some(unpacked) = cloude_image::image::unpacked_bytes(&image.initrd) {
-            check_fits(&l.name, compressed, unpacked, l.memory_mib)?;
+            cloude_image::image::check_fits(&l.name, compressed, unpacked, l.memory_mib)?;
         }
     }
     tracing::info!(
@@ -236,21 +211,4 @@ fn find_or_build(
 /// are kept in the cells above).
 fn verify(path: &std::path::Path) -> Result<(), String> {
     cloude_image::integrity::verify(path).map_err(|e| e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_initramfs_that_cannot_fit_its_vm_is_refused_naming_sizes() {
-        // The rust image seen in the field: 257 MB compressed in a 768 MiB VM.
-        let e = check_fits("rust", 257 << 20, 900 << 20, 768).unwrap_err();
-        assert!(e.contains("257 MiB compressed"), "{e}");
-        assert!(e.contains("900 MiB unpacked"), "{e}");
-        assert!(e.contains("768 MiB"), "{e}");
-        assert!(e.contains("block"), "{e}");
-        // Python: 30 MB compressed, 120 MB unpacked, 256 MiB VM.
-        assert!(check_fits("python", 30 << 20, 120 << 20, 256).is_ok());
-    }
 }

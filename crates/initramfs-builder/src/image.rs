@@ -356,6 +356,11 @@ pub fn ensure_image_with(
                 ..prep.summary("initramfs", compression.name())
             };
             write_summary(&dir, &stem, &summary)?;
+            if let Err(e) = check_fits(&lang.name, size, stats.bytes, lang.memory_mib) {
+                // Built all the same (a server may give the language more memory); a server
+                // refuses to boot it as it is.
+                tracing::warn!("{e}");
+            }
         }
     }
     if let Some(o) = &opts.output {
@@ -421,6 +426,31 @@ pub fn cached_block_image(language: &str) -> Option<block::BlockImage> {
     let root = cached_file(&dir, lines.next()?.trim())?;
     let boot = cached_file(&dir, lines.next()?.trim())?;
     Some(block::BlockImage { root, boot })
+}
+
+/// Memory a guest needs besides its initramfs while it boots (kernel, page tables, the agent,
+/// the program's first pages), MiB: measured boots of the smallest image need ~60.
+pub const BOOT_HEADROOM_MIB: u64 = 96;
+
+/// Refuses an initramfs that cannot fit `memory_mib` while the kernel unpacks it (the compressed
+/// archive and the unpacked files are both in guest RAM until unpacking ends).
+pub fn check_fits(
+    language: &str,
+    compressed: u64,
+    unpacked: u64,
+    memory_mib: u64,
+) -> Result<(), String> {
+    let need = (compressed + unpacked).div_ceil(1 << 20) + BOOT_HEADROOM_MIB;
+    if need > memory_mib {
+        return Err(format!(
+            "the {language} initramfs ({} MiB compressed, {} MiB unpacked) cannot fit its VM's \
+             {memory_mib} MiB of memory while it boots (~{need} MiB needed); use \
+             [images] format = \"block\" (or \"auto\"), or raise the language's memory_mib",
+            compressed >> 20,
+            unpacked >> 20
+        ));
+    }
+    Ok(())
 }
 
 /// The unpacked size of a cached initramfs, from the summary written beside it
@@ -664,6 +694,18 @@ mod tests {
         assert_ne!(one, joined);
         assert_ne!(none, cache_key("deb x 2\n", &[], "aa", c));
         assert_ne!(none, cache_key("deb x 1\n", &[], "ab", c));
+    }
+
+    #[test]
+    fn an_initramfs_that_cannot_fit_its_vm_is_refused_naming_sizes() {
+        // The rust image seen in the field: 257 MB compressed in a 768 MiB VM.
+        let e = check_fits("rust", 257 << 20, 900 << 20, 768).unwrap_err();
+        assert!(e.contains("257 MiB compressed"), "{e}");
+        assert!(e.contains("900 MiB unpacked"), "{e}");
+        assert!(e.contains("768 MiB"), "{e}");
+        assert!(e.contains("block"), "{e}");
+        // Python: 30 MB compressed, 120 MB unpacked, 256 MiB VM.
+        assert!(check_fits("python", 30 << 20, 120 << 20, 256).is_ok());
     }
 
     #[test]

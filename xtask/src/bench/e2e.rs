@@ -101,15 +101,25 @@ pub fn start_server_with(
 /// One hello-world request; its latency, the server's boot time in ms and where its VM came
 /// from, or an error.
 fn hello_timed(addr: SocketAddr) -> Result<(f64, Option<f64>, String), String> {
+    timed(addr, HELLO, "hello\n")
+}
+
+/// One request with `body`, which must answer `expect` on stdout: its latency in ms, the VM's
+/// boot (or restore) time and where the VM came from.
+pub fn timed(
+    addr: SocketAddr,
+    body: &str,
+    expect: &str,
+) -> Result<(f64, Option<f64>, String), String> {
     let t = Instant::now();
-    let r = http::request(addr, "POST", "/v1/executions", Some(HELLO), REQUEST_TIMEOUT)
+    let r = http::request(addr, "POST", "/v1/executions", Some(body), REQUEST_TIMEOUT)
         .map_err(|e| format!("{e:#}"))?;
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     if r.status != 200 {
-        return Err(format!("HTTP {}", r.status));
+        return Err(format!("HTTP {}: {}", r.status, r.body));
     }
     let v: serde_json::Value = serde_json::from_str(&r.body).map_err(|e| e.to_string())?;
-    if v["stdout"] != "hello\n" || v["status"] != "ok" {
+    if v["stdout"] != expect || v["status"] != "ok" {
         return Err(format!("unexpected answer: {}", r.body));
     }
     let source = v["timings"]["vm_source"]
@@ -258,8 +268,19 @@ pub fn throughput(server: &Server, levels: &[usize], secs: u64) -> Vec<serde_jso
 /// (`/proc/PID/smaps_rollup`; hypervisors are found by their process name).
 pub fn memory(server: &Server, n: usize, secs: u64) -> anyhow::Result<serde_json::Value> {
     let code = format!("import time; print('up', flush=True); time.sleep({secs})");
+    memory_of(server, n, secs, "python", &code)
+}
+
+/// [`memory`] for `language` running `code` (which must sleep about `secs` seconds).
+pub fn memory_of(
+    server: &Server,
+    n: usize,
+    secs: u64,
+    language: &str,
+    code: &str,
+) -> anyhow::Result<serde_json::Value> {
     let body =
-        json!({"language": "python", "code": code, "timeout_ms": (secs + 30) * 1000}).to_string();
+        json!({"language": language, "code": code, "timeout_ms": (secs + 30) * 1000}).to_string();
     let addr = server.addr;
     let workers: Vec<_> = (0..n)
         .map(|_| {

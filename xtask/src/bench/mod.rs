@@ -11,6 +11,7 @@ use crate::deps;
 
 pub mod boot;
 mod e2e;
+mod formats;
 mod http;
 mod overhead;
 mod stats;
@@ -26,6 +27,13 @@ pub struct BenchArgs {
     /// Skip the end-to-end and throughput parts.
     #[arg(long)]
     pub no_e2e: bool,
+    /// Only the block-roots-vs-initramfs comparison (keeps the other parts of the previous
+    /// results).
+    #[arg(long)]
+    pub formats_only: bool,
+    /// Skip the block-roots-vs-initramfs comparison.
+    #[arg(long)]
+    pub no_formats: bool,
     /// Seconds per concurrency level in the throughput part (default 60, 10 with --quick).
     #[arg(long)]
     pub window_secs: Option<u64>,
@@ -46,7 +54,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let window = args.window_secs.unwrap_or(window);
     let path = deps::root().join("target/bench/results.json");
     // A partial run (--no-boot / --no-e2e) keeps the other parts of the previous results.
-    let mut results = if args.no_boot || args.no_e2e {
+    let mut results = if args.no_boot || args.no_e2e || args.no_formats || args.formats_only {
         std::fs::read_to_string(&path)
             .ok()
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
@@ -58,6 +66,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     results["machine"] = machine();
     results["commit"] = json!(commit());
     results["quick"] = json!(args.quick);
+    if args.formats_only {
+        results["formats"] = formats::measure(&bin.join("cloude-server"), requests.min(20));
+        return finish(&path, &results);
+    }
 
     // 4. VMM overhead on this machine's own /dev/kvm.
     match overhead::measure(
@@ -140,11 +152,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         drop(pooled_cold);
     }
 
+    // 5. Block roots against initramfs images (cold boots, three languages).
+    if !args.no_formats {
+        results["formats"] = formats::measure(&bin.join("cloude-server"), requests.min(20));
+    }
+    finish(&path, &results)
+}
+
+fn finish(path: &Path, results: &Value) -> anyhow::Result<i32> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    println!("{}", table(&results));
+    std::fs::write(path, serde_json::to_string_pretty(results)?)?;
+    println!("{}", table(results));
+    if results.get("formats").is_some() {
+        println!(
+            "\nBlock roots vs initramfs (cold boots):\n\n{}",
+            formats::table(&results["formats"])
+        );
+    }
     eprintln!("bench: wrote {}", path.display());
     Ok(0)
 }
