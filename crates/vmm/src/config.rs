@@ -38,9 +38,9 @@ Snapshots:
   `ERR <sentence>` and the VM keeps running. --snapshot-tag TAG is recorded in the state.
 
   --restore DIR (instead of --kernel/--initrd/--cmdline) resumes the snapshot in DIR with
-  --memory-mib and --vcpus as when it was taken and the same devices: as many --disk, each of
-  the same size and mode (read-only or ,rw), in the same order; their content must be what
-  it was when the snapshot was taken (the VMM checks the shape, not the bytes). vsock gets the new
+  --memory-mib and --vcpus as when it was taken and the same devices: as many --disk, each
+  of the same size and mode (read-only or ,rw), in the same order, holding what they held when
+  the snapshot was taken (the VMM checks sizes and modes, not the bytes). vsock gets the new
   --vsock-cid/--vsock-uds (the guest sees a transport reset: its connections are dropped, its
   listeners stay), net the new tap. DIR/memory is mapped copy-on-write from a read-only fd.
   A snapshot that does not fit (truncated, corrupt, foreign, other format or VMM version,
