@@ -19,6 +19,7 @@ pub const TARGETS: &[&str] = &[
     "oci_layers",
     "piston_request",
     "vmm_snapshot_state",
+    "vmm_virtio_blk",
     "vmm_virtqueue_vsock",
 ];
 
@@ -33,6 +34,9 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         "oci_layers" => oci::run(data),
         "piston_request" => api::run_piston(data),
         "vmm_snapshot_state" => cloude_vmm::snapshot::fuzz_decode(data),
+        "vmm_virtio_blk" => {
+            cloude_vmm::devices::virtio::fuzzing::block_requests(data);
+        }
         "vmm_virtqueue_vsock" => cloude_vmm::devices::virtio::fuzzing::parse_rings(data),
         _ => return false,
     }

@@ -17,6 +17,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "iproute2",
+    // The VMM's disk tests in the lab make EROFS images (`mkfs.erofs`).
+    "erofs-utils",
     // The tcp transport's host-side rules around every tap (`nft`).
     "nftables",
     // Registry tests.

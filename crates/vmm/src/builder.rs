@@ -19,6 +19,7 @@ use crate::config::{ip_arg, Boot, VmConfig};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::block::{Block, DiskState};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
@@ -67,6 +68,10 @@ pub enum BuildError {
     Thread(&'static str),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
+    Disk(#[from] crate::config::ConfigError),
+    #[error("the disk {0} changed size since the command line was checked")]
+    DiskChanged(String),
     #[error("snapshot refused: {0}")]
     Refused(#[from] Refusal),
     #[error("cannot restore the snapshot: {0}")]
@@ -106,7 +111,8 @@ fn load_snapshot(dir: &std::path::Path, cfg: &VmConfig) -> Result<Restore, Refus
         .metadata()
         .map_err(|e| Refusal::Read(path.display().to_string(), e.to_string()))?
         .len();
-    let mut devices = vec![crate::devices::virtio::TYPE_RNG];
+    let mut devices = vec![crate::devices::virtio::TYPE_BLOCK; cfg.disks.len()];
+    devices.push(crate::devices::virtio::TYPE_RNG);
     if cfg.vsock.is_some() {
         devices.push(crate::devices::virtio::TYPE_VSOCK);
     }
@@ -117,10 +123,22 @@ fn load_snapshot(dir: &std::path::Path, cfg: &VmConfig) -> Result<Restore, Refus
         mem_size: cfg.mem_size,
         vcpus: usize::from(cfg.vcpus),
         devices,
+        disks: disk_states(cfg),
         tag: cfg.snapshot_tag.clone(),
     };
     snapshot::check_shape(&state, &expect, len)?;
     Ok(Restore { state, memory })
+}
+
+/// The disks' shapes, as a snapshot records them.
+fn disk_states(cfg: &VmConfig) -> Vec<DiskState> {
+    cfg.disks
+        .iter()
+        .map(|d| DiskState {
+            size: d.size,
+            read_only: d.read_only,
+        })
+        .collect()
 }
 
 /// Binds the snapshot control socket (replacing a stale socket file).
@@ -237,6 +255,28 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             cmdline.push_str(&slot.cmdline_arg());
             Ok(())
         };
+    // Disks first, in command-line order: the first is always /dev/vda whatever else the VM has.
+    for (index, disk) in cfg.disks.iter().enumerate() {
+        let (file, size) = crate::config::open_disk(&disk.path, disk.read_only)?;
+        if size != disk.size {
+            return Err(BuildError::DiskChanged(disk.path.display().to_string()));
+        }
+        let file = std::cell::Cell::new(Some(file));
+        add_virtio(
+            &|irq| {
+                let file = file.take().ok_or_else(|| BuildError::Device {
+                    what: "virtio-blk",
+                    source: std::io::Error::other("the disk was opened for another device"),
+                })?;
+                let d = Block::new(index, file, size, disk.read_only, irq)
+                    .map_err(dev_err("virtio-blk"))?;
+                let d = Arc::new(Mutex::new(d));
+                Ok((d.clone(), d))
+            },
+            &mut mmio,
+            &mut cmdline,
+        )?;
+    }
     add_virtio(
         &|irq| {
             let d = Arc::new(Mutex::new(Rng::new(irq).map_err(dev_err("virtio-rng"))?));
@@ -431,6 +471,7 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             vcpu_threads: vcpu_threads.iter().map(|h| h.as_pthread_t()).collect(),
             serial: serial.clone(),
             transports: transports.clone(),
+            disks: disk_states(cfg),
             xsave_problem,
         };
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);

@@ -14,9 +14,22 @@ i8042.nomux i8042.dumbkbd tsc=reliable nomodule random.trust_cpu=on";
 pub const MIN_MEMORY_MIB: u64 = 16;
 /// Largest guest memory we accept.
 pub const MAX_MEMORY_MIB: u64 = 256 * 1024;
+/// Most `--disk`s.
+pub const MAX_DISKS: usize = 4;
 
-/// Help text after the options: the snapshot contract.
+/// Help text after the options: the disk and snapshot contracts.
 const AFTER_HELP: &str = "\
+Disks:
+  --disk PATH[,rw] (repeatable, at most 4) gives the guest a virtio-blk disk on the regular
+  file or block device PATH, whose size must be a non-zero multiple of 512 bytes. Disks appear
+  in command-line order as /dev/vda, /dev/vdb, ... (they come before every other virtio
+  device). A disk is read-only unless `,rw` follows the path: PATH is opened O_RDONLY, the
+  guest sees a read-only disk (VIRTIO_BLK_F_RO), and a write or flush it sends anyway fails
+  with an I/O error without touching the file. With `,rw` PATH is opened O_RDWR and a guest
+  flush is an fdatasync. GET_ID answers `cloude-disk-<index>` (0 for vda). A PATH containing
+  `,` (other than the `,rw` suffix), a missing file, one that is not a regular file or block
+  device, or one of the wrong size is refused at start (exit status 2).
+
 Snapshots:
   --snapshot-control PATH: the VMM also listens on the Unix socket PATH. One line
   `SNAPSHOT <absolute dir>` pauses every vCPU and the devices, writes <dir>/state and
@@ -25,7 +38,9 @@ Snapshots:
   `ERR <sentence>` and the VM keeps running. --snapshot-tag TAG is recorded in the state.
 
   --restore DIR (instead of --kernel/--initrd/--cmdline) resumes the snapshot in DIR with
-  --memory-mib and --vcpus as when it was taken and the same devices; vsock gets the new
+  --memory-mib and --vcpus as when it was taken and the same devices: as many --disk, each
+  of the same size and mode (read-only or ,rw), in the same order, holding what they held when
+  the snapshot was taken (the VMM checks sizes and modes, not the bytes). vsock gets the new
   --vsock-cid/--vsock-uds (the guest sees a transport reset: its connections are dropped, its
   listeners stay), net the new tap. DIR/memory is mapped copy-on-write from a read-only fd.
   A snapshot that does not fit (truncated, corrupt, foreign, other format or VMM version,
@@ -90,6 +105,10 @@ pub struct Cli {
     /// Run without seccomp filters. For debugging only: the server never passes it.
     #[arg(long)]
     pub no_seccomp: bool,
+    /// A virtio-blk disk: `PATH` (read-only) or `PATH,rw` (repeatable, at most 4; the first is
+    /// /dev/vda). See below.
+    #[arg(long = "disk", value_name = "PATH[,rw]")]
+    pub disks: Vec<String>,
     /// Test hook: issue a forbidden system call from the main thread this many ms after the
     /// filters are installed (the seccomp kill test; never passed outside tests).
     #[arg(long, hide = true)]
@@ -126,6 +145,12 @@ pub enum ConfigError {
         path: PathBuf,
         reason: String,
     },
+    #[error("--disk is given {0} times, at most {MAX_DISKS} disks are supported")]
+    Disks(usize),
+    #[error("--disk {0:?} is not PATH or PATH,rw (a disk path may not contain ',')")]
+    DiskSpec(String),
+    #[error("the disk {path} {reason}")]
+    Disk { path: PathBuf, reason: String },
 }
 
 /// Where the tap comes from.
@@ -144,6 +169,69 @@ pub struct NetConfig {
     pub mac: [u8; 6],
     /// Guest address, prefix length and host address.
     pub ip: Option<(Ipv4Addr, u8, Ipv4Addr)>,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Size in bytes when validated (the VMM refuses to start if it changes before the open).
+    pub size: u64,
+}
+
+/// Parses one `--disk` value: `PATH` or `PATH,rw`.
+pub fn parse_disk(spec: &str) -> Result<(PathBuf, bool), ConfigError> {
+    let (path, read_only) = match spec.strip_suffix(",rw") {
+        Some(p) => (p, false),
+        None => (spec, true),
+    };
+    if path.is_empty() || path.contains(',') {
+        return Err(ConfigError::DiskSpec(spec.to_string()));
+    }
+    Ok((PathBuf::from(path), read_only))
+}
+
+/// Opens a disk (`O_RDONLY`, or `O_RDWR` when not `read_only`; close-on-exec) and checks it: a
+/// regular file or block device whose size is a non-zero multiple of 512. Returns it and its
+/// size.
+pub fn open_disk(
+    path: &std::path::Path,
+    read_only: bool,
+) -> Result<(std::fs::File, u64), ConfigError> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let refuse = |reason: String| ConfigError::Disk {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mode = if read_only { "read-only" } else { "read-write" };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| refuse(format!("cannot be opened {mode}: {e}")))?;
+    let kind = file
+        .metadata()
+        .map_err(|e| refuse(format!("cannot be examined: {e}")))?
+        .file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(refuse("is not a regular file or a block device".into()));
+    }
+    // The end offset: the size of a regular file and of a block device alike.
+    let size = file
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| refuse(format!("has no size: {e}")))?;
+    let sector = crate::devices::virtio::block::SECTOR_SIZE;
+    if size == 0 {
+        return Err(refuse("is empty".into()));
+    }
+    if !size.is_multiple_of(sector) {
+        return Err(refuse(format!(
+            "is {size} bytes, not a multiple of {sector}"
+        )));
+    }
+    Ok((file, size))
 }
 
 /// How the guest starts.
@@ -169,6 +257,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub vsock: Option<(u32, PathBuf)>,
     pub net: Option<NetConfig>,
+    /// virtio-blk disks in guest order (vda first).
+    pub disks: Vec<DiskConfig>,
     /// Transparent huge pages for guest RAM.
     pub huge_pages: bool,
     /// Per-thread seccomp filters (on unless `--no-seccomp`).
@@ -284,6 +374,19 @@ impl Cli {
                 Some(NetConfig { tap, mac, ip })
             }
         };
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::Disks(self.disks.len()));
+        }
+        let mut disks = Vec::with_capacity(self.disks.len());
+        for spec in &self.disks {
+            let (path, read_only) = parse_disk(spec)?;
+            let (_, size) = open_disk(&path, read_only)?;
+            disks.push(DiskConfig {
+                path,
+                read_only,
+                size,
+            });
+        }
         Ok(VmConfig {
             boot,
             snapshot_control: self.snapshot_control,
@@ -293,6 +396,7 @@ impl Cli {
             vcpus: self.vcpus,
             vsock,
             net,
+            disks,
             huge_pages: !self.no_huge_pages,
             seccomp: !self.no_seccomp,
             test_seccomp_violation_after_ms: self.test_seccomp_violation_after_ms,
@@ -440,6 +544,108 @@ mod tests {
             cli(&["--snapshot-tag", &long]),
             Err(ConfigError::Tag)
         ));
+    }
+
+    fn disk_file(len: usize) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().expect("tmp");
+        f.as_file().set_len(len as u64).expect("size");
+        f
+    }
+
+    #[test]
+    fn disks_in_order_read_only_by_default() {
+        let (a, b) = (disk_file(4096), disk_file(1 << 20));
+        let (pa, pb) = (
+            a.path().to_str().expect("utf8"),
+            b.path().to_str().expect("utf8"),
+        );
+        let rw = format!("{pb},rw");
+        let c = cli(&["--disk", pa, "--disk", &rw]).expect("valid");
+        assert_eq!(
+            c.disks,
+            vec![
+                DiskConfig {
+                    path: pa.into(),
+                    read_only: true,
+                    size: 4096
+                },
+                DiskConfig {
+                    path: pb.into(),
+                    read_only: false,
+                    size: 1 << 20
+                },
+            ]
+        );
+        assert!(cli(&[]).expect("valid").disks.is_empty());
+        // O_RDONLY by default, O_RDWR with `,rw`.
+        let (f, size) = open_disk(a.path(), true).expect("open");
+        assert_eq!(size, 4096);
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL only reads the flags of an fd this test owns.
+        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+        let (f, _) = open_disk(b.path(), false).expect("open");
+        // SAFETY: as above.
+        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDWR);
+        assert!(AFTER_HELP.contains(&format!("at most {MAX_DISKS}")));
+    }
+
+    #[test]
+    fn bad_disks_are_refused_with_one_sentence() {
+        let f = disk_file(4096);
+        let p = f.path().to_str().expect("utf8").to_string();
+        let five: Vec<&str> = (0..MAX_DISKS + 1).flat_map(|_| ["--disk", &p]).collect();
+        assert!(matches!(cli(&five), Err(ConfigError::Disks(5))));
+        let four: Vec<&str> = (0..MAX_DISKS).flat_map(|_| ["--disk", &p]).collect();
+        assert_eq!(cli(&four).expect("four disks").disks.len(), MAX_DISKS);
+        for spec in [
+            format!("{p},ro"),
+            format!("{p},rw,rw"),
+            format!("a,{p}"),
+            ",rw".to_string(),
+            String::new(),
+        ] {
+            let e = cli(&["--disk", &spec]).expect_err(&spec);
+            assert!(matches!(e, ConfigError::DiskSpec(_)), "{spec}: {e}");
+        }
+        let (empty, odd) = (disk_file(0), disk_file(1000));
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("missing.img");
+        let cases: [(&std::path::Path, &str); 5] = [
+            (&missing, "cannot be opened read-only: No such file"),
+            (dir.path(), "is not a regular file or a block device"),
+            (
+                std::path::Path::new("/dev/null"),
+                "is not a regular file or a block device",
+            ),
+            (empty.path(), "is empty"),
+            (odd.path(), "is 1000 bytes, not a multiple of 512"),
+        ];
+        for (path, want) in cases {
+            let e = cli(&["--disk", path.to_str().expect("utf8")]).expect_err("refused");
+            let msg = e.to_string();
+            assert!(matches!(e, ConfigError::Disk { .. }), "{msg}");
+            assert!(msg.contains(want), "{msg}");
+            assert!(msg.contains(path.to_str().expect("utf8")), "{msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+        let rw = format!("{},rw", missing.display());
+        let e = cli(&["--disk", &rw]).expect_err("missing");
+        assert!(e.to_string().contains("cannot be opened read-write"), "{e}");
+        // Exit status 2 is main's for every ConfigError; a restore validates disks too.
+        let f2 = disk_file(512);
+        let r = Cli::try_parse_from([
+            "cloude-vmm",
+            "--restore",
+            "/snap",
+            "--disk",
+            f2.path().to_str().expect("utf8"),
+        ])
+        .expect("parse")
+        .validate()
+        .expect("valid");
+        assert_eq!(r.disks.len(), 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cloude-vmm`: a small KVM virtual machine monitor that boots one Linux micro-VM per process,
-//! with a serial console, i8042 reset, virtio-rng, virtio-vsock (hybrid, over Unix sockets) and
-//! virtio-net on a tap device. The guest is untrusted: see `devices::virtio::queue`.
+//! with a serial console, i8042 reset, virtio-blk disks on host files, virtio-rng, virtio-vsock
+//! (hybrid, over Unix sockets) and virtio-net on a tap device. The guest is untrusted: see
+//! `devices::virtio::queue`.
 
 pub mod arch;
 pub mod builder;

@@ -7,7 +7,8 @@
 //! Host files used (keep them `--copy`able into the lab): `CLOUDE_BUSYBOX` (default
 //! /bin/busybox); `CLOUDE_VMM` or `CLOUDE_VMM_BIN` (default: the built cloude-vmm if present,
 //! else `cloude-vmm` on PATH). `CLOUDE_VSOCK_ECHO` (default: the built
-//! `vsock-echo` helper, target/<triple>/debug/vsock-echo — copy it into the lab too).
+//! `vsock-echo` helper, target/<triple>/debug/vsock-echo — copy it into the lab too). The disk
+//! tests make their EROFS image with `mkfs.erofs` (Debian `erofs-utils`; the lab has it).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -56,6 +57,38 @@ case "$cloude_test" in
     while true; do i=$((i+1)); echo "TICK-$i"; sleep 1; done ;;
   vsock-flood)
     /bin/vsock-echo flood 2 1030 256 12 ;;
+  blk-ro)
+    mkdir -p /mnt
+    echo "BLK-RO-FLAG=$(cat /sys/block/vda/ro) SIZE=$(cat /sys/block/vda/size) SERIAL=$(cat /sys/block/vda/serial)"
+    mount -t erofs -o ro /dev/vda /mnt && echo BLK-MOUNTED
+    echo "BLK-FILE=$(cat /mnt/hello.txt)"
+    echo "BLK-BIG=$(md5sum /mnt/big.bin)"
+    if dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync 2>/tmp/dd.err; then
+      echo BLK-DD-WROTE
+    else
+      echo "BLK-DD-REFUSED: $(head -n 1 /tmp/dd.err)"
+    fi ;;
+  blk-rw)
+    echo "BLK-DISKS=$(cat /sys/block/vda/ro)$(cat /sys/block/vdb/ro) $(cat /sys/block/vda/serial) $(cat /sys/block/vdb/serial)"
+    yes CLOUDE-BLK-PATTERN | head -c 2097152 > /tmp/pattern
+    if dd if=/tmp/pattern of=/dev/vdb bs=1M seek=1 conv=fsync 2>/tmp/dd.err; then
+      echo BLK-RW-WROTE
+    else
+      echo "BLK-RW-FAILED: $(head -n 1 /tmp/dd.err)"
+    fi
+    sync
+    echo "BLK-RW-BACK=$(dd if=/dev/vdb bs=1M skip=1 count=2 iflag=direct 2>/dev/null | md5sum) WANT=$(md5sum < /tmp/pattern)" ;;
+  blk-snap)
+    mkdir -p /mnt
+    mount -t erofs -o ro /dev/vda /mnt && echo BLK-MOUNTED
+    i=0
+    while true; do
+      i=$((i+1))
+      # Dropped caches: every tick reads the disk again (through the device, after a restore).
+      echo 3 > /proc/sys/vm/drop_caches
+      echo "BLK-TICK-$i $(cat /mnt/hello.txt) $(md5sum /mnt/big.bin)"
+      sleep 1
+    done ;;
   net)
     ip link set lo up
     nc -ll -p 8080 -e /bin/cat &
@@ -855,4 +888,287 @@ fn snapshot_restore_with_virtio_net_on_a_new_tap() {
     })
     .join()
     .expect("network test thread");
+}
+
+/// Text of `hello.txt` in the test image.
+const HELLO: &str = "hello from a read-only erofs disk";
+/// Bytes of `big.bin` in the test image (several maximum-size requests).
+const BIG_LEN: usize = 3 << 20;
+
+/// `md5sum` of `path` as busybox prints it (the hash only).
+fn md5_hex(path: &Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().expect("md5sum");
+    assert!(out.status.success(), "md5sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a hash")
+        .to_string()
+}
+
+/// An EROFS image in `dir` holding `hello.txt` ([`HELLO`]) and `big.bin` ([`BIG_LEN`] bytes of
+/// a pattern); returns the image and the MD5 of `big.bin`.
+fn erofs_image(dir: &Path) -> (PathBuf, String) {
+    erofs_image_named(dir, "root", 5)
+}
+
+/// [`erofs_image`] with `big.bin` made from `seed`, in `dir/<name>.erofs` (all timestamps 0,
+/// so images of different seeds have the same layout and size).
+fn erofs_image_named(dir: &Path, name: &str, seed: u8) -> (PathBuf, String) {
+    let src = dir.join(name);
+    std::fs::create_dir(&src).expect("src dir");
+    std::fs::write(src.join("hello.txt"), HELLO).expect("hello");
+    std::fs::write(src.join("big.bin"), pattern(seed, BIG_LEN)).expect("big");
+    let img = dir.join(format!("{name}.erofs"));
+    let out = Command::new("mkfs.erofs")
+        .arg("-T0")
+        .arg(&img)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("mkfs.erofs (Debian erofs-utils) is needed: {e}"));
+    assert!(
+        out.status.success(),
+        "mkfs.erofs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let len = std::fs::metadata(&img).expect("image").len();
+    assert!(len > 0 && len.is_multiple_of(512), "image of {len} bytes");
+    let big = md5_hex(&src.join("big.bin"));
+    (img, big)
+}
+
+fn path_arg(p: &Path) -> String {
+    p.to_str().expect("utf8 path").to_string()
+}
+
+/// A read-only EROFS disk: the guest sees /dev/vda read-only with the image's size and the
+/// device's serial, mounts it, reads both files (3 MiB through maximum-size requests), and
+/// cannot write to the raw device; the image is unchanged afterwards.
+#[test]
+fn blk_read_only_erofs_disk() {
+    let Some(kernel) = enabled() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let (img, big_md5) = erofs_image(dir.path());
+    let before = std::fs::read(&img).expect("image");
+    let started = Instant::now();
+    let mut vm = Vm::start(&kernel, "blk-ro", &["--disk", &path_arg(&img)]);
+    let flags = vm.wait_for("BLK-RO-FLAG=");
+    assert!(flags.contains("BLK-RO-FLAG=1 "), "{flags}");
+    assert_eq!(
+        number_after(&flags, "SIZE="),
+        before.len() as u64 / 512,
+        "{flags}"
+    );
+    assert!(flags.contains("SERIAL=cloude-disk-0"), "{flags}");
+    vm.wait_for("BLK-MOUNTED");
+    let file = vm.wait_for("BLK-FILE=");
+    assert!(file.ends_with(&format!("BLK-FILE={HELLO}")), "{file}");
+    let big = vm.wait_for("BLK-BIG=");
+    assert!(big.contains(&big_md5), "{big} (want {big_md5})");
+    let dd = vm.wait_for("BLK-DD-");
+    assert!(dd.contains("BLK-DD-REFUSED"), "the guest wrote: {dd}");
+    vm.wait_for("CLOUDE-TEST-DONE");
+    vm.expect_clean_exit();
+    println!(
+        "blk read-only: boot to done in {:?}; {dd}",
+        started.elapsed()
+    );
+    assert!(
+        std::fs::read(&img).expect("image") == before,
+        "the image changed"
+    );
+}
+
+/// A `,rw` raw disk after a read-only one: vda is read-only, vdb read-write; the guest writes
+/// 2 MiB with dd at 1 MiB, syncs, reads it back with O_DIRECT (1 MiB requests), and the host
+/// finds exactly that pattern in the file, zeros around it, and the read-only disk unchanged.
+#[test]
+fn blk_rw_disk_written_by_the_guest() {
+    let Some(kernel) = enabled() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let (img, _) = erofs_image(dir.path());
+    let ro_before = std::fs::read(&img).expect("image");
+    let raw = dir.path().join("raw.img");
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("raw disk");
+    let rw = format!("{},rw", path_arg(&raw));
+    let started = Instant::now();
+    let mut vm = Vm::start(
+        &kernel,
+        "blk-rw",
+        &["--disk", &path_arg(&img), "--disk", &rw],
+    );
+    let disks = vm.wait_for("BLK-DISKS=");
+    assert!(
+        disks.contains("BLK-DISKS=10 cloude-disk-0 cloude-disk-1"),
+        "vda read-only, vdb read-write, in command-line order: {disks}"
+    );
+    let wrote = vm.wait_for("BLK-RW-");
+    assert!(wrote.contains("BLK-RW-WROTE"), "{wrote}");
+    let back = vm.wait_for("BLK-RW-BACK=");
+    let hashes: Vec<&str> = back
+        .split(['=', ' '])
+        .filter(|w| w.len() == 32 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    assert_eq!(hashes.len(), 2, "{back}");
+    assert_eq!(
+        hashes[0], hashes[1],
+        "the guest read back what it wrote: {back}"
+    );
+    vm.wait_for("CLOUDE-TEST-DONE");
+    vm.expect_clean_exit();
+    let took = started.elapsed();
+    let disk = std::fs::read(&raw).expect("raw");
+    assert_eq!(disk.len(), 4 << 20, "the disk kept its size");
+    let line = b"CLOUDE-BLK-PATTERN\n";
+    let want: Vec<u8> = line.iter().copied().cycle().take(2 << 20).collect();
+    assert!(
+        disk[1 << 20..3 << 20] == want[..],
+        "the host file holds the guest's pattern"
+    );
+    assert!(disk[..1 << 20].iter().all(|b| *b == 0), "before untouched");
+    assert!(disk[3 << 20..].iter().all(|b| *b == 0), "after untouched");
+    assert!(std::fs::read(&img).expect("image") == ro_before);
+    println!("blk rw: 2 MiB written, synced and read back; boot to done in {took:?}");
+}
+
+/// Four VMs booted at once on the same read-only image all read it.
+#[test]
+fn blk_four_vms_share_one_read_only_image() {
+    let Some(kernel) = enabled() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let (img, big_md5) = erofs_image(dir.path());
+    let before = std::fs::read(&img).expect("image");
+    let started = Instant::now();
+    let arg = path_arg(&img);
+    let mut vms: Vec<Vm> = (0..4)
+        .map(|_| Vm::start(&kernel, "blk-ro", &["--disk", &arg]))
+        .collect();
+    for (i, vm) in vms.iter_mut().enumerate() {
+        let file = vm.wait_for("BLK-FILE=");
+        assert!(
+            file.ends_with(&format!("BLK-FILE={HELLO}")),
+            "vm {i}: {file}"
+        );
+        let big = vm.wait_for("BLK-BIG=");
+        assert!(big.contains(&big_md5), "vm {i}: {big}");
+        vm.wait_for("CLOUDE-TEST-DONE");
+    }
+    let read = started.elapsed();
+    for vm in vms {
+        vm.expect_clean_exit();
+    }
+    println!("blk: four VMs at once read the same image, all done in {read:?}");
+    assert!(std::fs::read(&img).expect("image") == before);
+}
+
+/// A guest with a mounted read-only disk is snapshotted and restored: the clone keeps reading
+/// the disk (caches dropped before every read, so the reads reach the restored device). That
+/// they do is shown by a second clone restored on an image of the same size whose `big.bin`
+/// differs (outside the contract, on purpose): it reports the new file's hash. A restore
+/// without the disk, with it read-write, or with a disk of another size is refused.
+#[test]
+fn blk_snapshot_restore_keeps_reading_the_disk() {
+    let Some(kernel) = enabled() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let (img, big_md5) = erofs_image(dir.path());
+    let (ctl, snap) = (dir.path().join("ctl.sock"), dir.path().join("snap"));
+    std::fs::create_dir(&snap).expect("snapshot dir");
+    let disk = path_arg(&img);
+    let args = vec!["--disk", &disk, "--memory-mib", "256"];
+    let ctl_s = path_arg(&ctl);
+    let mut boot_args = args.clone();
+    boot_args.extend_from_slice(&["--snapshot-control", &ctl_s]);
+    let mut vm = Vm::start(&kernel, "blk-snap", &boot_args);
+    vm.wait_for("BLK-MOUNTED");
+    let tick = vm.wait_for("BLK-TICK-2 ");
+    assert!(tick.contains(HELLO) && tick.contains(&big_md5), "{tick}");
+    let mut c = UnixStream::connect(&ctl).expect("control socket");
+    c.write_all(format!("SNAPSHOT {}\n", snap.display()).as_bytes())
+        .expect("command");
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).expect("answer");
+    assert_eq!(answer, "OK\n");
+    let last = vm
+        .seen
+        .iter()
+        .filter(|l| l.contains("BLK-TICK-"))
+        .map(|l| number_after(l, "BLK-TICK-"))
+        .max()
+        .unwrap_or(0);
+    vm.expect_clean_exit();
+
+    let restored = Instant::now();
+    let mut clone = Vm::restore(&snap, "blk-clone", &args);
+    let next = loop {
+        let l = clone.wait_for("BLK-TICK-");
+        if number_after(&l, "BLK-TICK-") > last {
+            break l;
+        }
+    };
+    let first_read = restored.elapsed();
+    assert!(
+        next.contains(HELLO) && next.contains(&big_md5),
+        "the clone read the disk: {next}"
+    );
+    let again = clone.wait_for(&format!(
+        "BLK-TICK-{} ",
+        number_after(&next, "BLK-TICK-") + 1
+    ));
+    assert!(again.contains(HELLO) && again.contains(&big_md5), "{again}");
+    println!("blk snapshot: the clone read the disk {first_read:?} after the restore ({next})");
+    drop(clone);
+
+    let (swapped, swapped_md5) = erofs_image_named(dir.path(), "swapped", 9);
+    assert_ne!(swapped_md5, big_md5);
+    assert_eq!(
+        std::fs::metadata(&swapped).expect("image").len(),
+        std::fs::metadata(&img).expect("image").len(),
+        "same layout"
+    );
+    let swapped_s = path_arg(&swapped);
+    let mut probe = Vm::restore(
+        &snap,
+        "blk-probe",
+        &["--disk", &swapped_s, "--memory-mib", "256"],
+    );
+    let seen = loop {
+        let l = probe.wait_for("BLK-TICK-");
+        if number_after(&l, "BLK-TICK-") > last {
+            break l;
+        }
+    };
+    assert!(
+        seen.contains(&swapped_md5),
+        "the restored guest read the new file through the device: {seen}"
+    );
+    drop(probe);
+
+    // Refusals: no disk, the disk read-write, a disk of another size.
+    let other = dir.path().join("other.img");
+    std::fs::File::create(&other)
+        .and_then(|f| f.set_len(std::fs::metadata(&img).expect("image").len() + 4096))
+        .expect("other disk");
+    let rw = format!("{disk},rw");
+    let other_s = path_arg(&other);
+    for (disks, want) in [
+        (vec![], "devices are [block, rng]"),
+        (vec!["--disk", rw.as_str()], "disks are ["),
+        (vec!["--disk", other_s.as_str()], "disks are ["),
+    ] {
+        let out = Command::new(vmm())
+            .arg("--restore")
+            .arg(&snap)
+            .args(&disks)
+            .args(["--memory-mib", "256"])
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{disks:?}: {err}");
+        assert!(
+            err.starts_with("cloude-vmm: snapshot refused: ") && err.contains(want),
+            "{disks:?}: {err}"
+        );
+    }
 }

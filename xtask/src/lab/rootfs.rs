@@ -44,8 +44,9 @@ const QEMU_FIRMWARE: &[&str] = &[
 ];
 /// QEMU's loadable modules for x86 TCG (Debian builds TCG as a module).
 const QEMU_MODULES: &[&str] = &["/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so"];
-/// Handy tools added when the host has them.
-const OPTIONAL_PROGRAMS: &[&str] = &["/usr/bin/strace"];
+/// Handy tools added when the host has them (`mkfs.erofs`: the VMM's disk tests make their
+/// images in the lab; `cargo xtask test` installs `erofs-utils`).
+const OPTIONAL_PROGRAMS: &[&str] = &["/usr/bin/strace", "/usr/bin/mkfs.erofs"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {

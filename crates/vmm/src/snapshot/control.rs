@@ -95,6 +95,8 @@ pub struct Snapshotter {
     pub vcpu_threads: Vec<libc::pthread_t>,
     pub serial: Arc<Mutex<SerialDevice<std::io::Stdout>>>,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The disks' shapes, recorded in the state.
+    pub disks: Vec<crate::devices::virtio::block::DiskState>,
     /// Set when KVM's XSAVE area does not fit a snapshot (found before the filters).
     pub xsave_problem: Option<String>,
 }
@@ -234,6 +236,7 @@ impl Snapshotter {
                 serial: serial.save(),
                 i8042: (),
                 virtio,
+                disks: self.disks.clone(),
             },
         };
         let bytes = super::encode(&state)?;

@@ -18,8 +18,8 @@
 //! [`control::READ_TIMEOUT`]. The socket file is removed when the VMM exits.
 //!
 //! **Restoring.** `cloude-vmm --restore DIR --memory-mib N --vcpus N [--vsock-cid CID
-//! --vsock-uds PATH] [--tap-fd FD | --tap NAME] [--snapshot-tag TAG] [--snapshot-control PATH]`
-//! (no `--kernel`/`--initrd`/`--cmdline`) reads and validates `DIR/state`, maps `DIR/memory`
+//! --vsock-uds PATH] [--tap-fd FD | --tap NAME] [--disk PATH[,rw]]... [--snapshot-tag TAG]
+//! [--snapshot-control PATH]` (no `--kernel`/`--initrd`/`--cmdline`) reads and validates `DIR/state`, maps `DIR/memory`
 //! `MAP_PRIVATE` from a read-only descriptor (copy-on-write: clones of one snapshot share its
 //! unmodified pages in the host page cache; the file may be read-only and owned by another
 //! user), restores every vCPU, the irqchip, the PIT, the devices and the KVM clock, and resumes.
@@ -28,10 +28,14 @@
 //! listening sockets survive. Connections of the snapshotted process are gone. Until the guest
 //! has handled the reset (it refills its event queue), nothing is sent to it, so a `CONNECT`
 //! made meanwhile simply waits; one made before the VMM has bound `--vsock-uds` fails to
-//! connect (retry it).
+//! connect (retry it). Disks must be given as when the snapshot was taken: the same number,
+//! each of the same size and mode (the state records both); their content must be the same
+//! too, which the VMM does not check (the backend ties a snapshot to its image's digest). The
+//! guest's page cache of a disk is part of the snapshot's memory.
 //!
 //! A snapshot that cannot be used (truncated, corrupt, foreign, another format or VMM version,
-//! another shape — memory size, vCPU count, device set, memory file size — or another
+//! another shape — memory size, vCPU count, device set, disk sizes and modes, memory file size
+//! — or another
 //! `--snapshot-tag`) is refused before the guest runs: one line
 //! `cloude-vmm: snapshot refused: <reason>` on stderr and exit status 3 ([`REFUSED_EXIT`]).
 //!
@@ -51,6 +55,7 @@ use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::legacy::serial::SerialState;
+use crate::devices::virtio::block::DiskState;
 use crate::devices::virtio::mmio::{MmioState, MAX_QUEUES};
 use crate::vstate::vcpu::VcpuState;
 
@@ -72,6 +77,8 @@ pub const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 pub const MAX_VIRTIO_DEVICES: usize = crate::devices::slots::SlotAllocator::CAPACITY as usize;
 /// Bytes the serial receive FIFO may hold.
 pub const MAX_SERIAL_FIFO: usize = 64;
+/// Most disks.
+pub const MAX_DISKS: usize = crate::config::MAX_DISKS;
 /// Longest VMM version string.
 pub const MAX_VERSION_LEN: usize = 64;
 /// Exit status of a refused restore.
@@ -96,6 +103,10 @@ pub struct DevicesState {
     /// vm-superio's i8042 keeps no state (it only forwards the reset command).
     pub i8042: (),
     pub virtio: Vec<MmioState>,
+    /// The virtio-blk disks in guest order (at most [`MAX_DISKS`]); their devices' transport
+    /// and queue state are the first entries of `virtio`.
+    #[serde(default)]
+    pub disks: Vec<DiskState>,
 }
 
 /// Everything a restore needs besides guest memory.
@@ -138,6 +149,8 @@ pub enum Refusal {
     Vcpus { have: usize, want: usize },
     #[error("the snapshot's devices are [{have}], this VM's are [{want}]")]
     Devices { have: String, want: String },
+    #[error("the snapshot's disks are [{have}], this VM's are [{want}]")]
+    Disks { have: String, want: String },
     #[error("the memory file is {have} bytes, the snapshot needs {want}")]
     MemoryFile { have: u64, want: u64 },
     #[error("the snapshot's tag is {have}, --snapshot-tag is {want}")]
@@ -153,6 +166,8 @@ pub struct Expect {
     pub vcpus: usize,
     /// virtio device types in creation order.
     pub devices: Vec<u32>,
+    /// The disks' sizes and modes in guest order.
+    pub disks: Vec<DiskState>,
     pub tag: Option<String>,
 }
 
@@ -248,6 +263,7 @@ fn check_caps(s: &VmState) -> Result<(), Refusal> {
         MAX_SERIAL_FIFO,
     )?;
     cap(s.devices.virtio.len(), "virtio devices", MAX_VIRTIO_DEVICES)?;
+    cap(s.devices.disks.len(), "disks", MAX_DISKS)?;
     for d in &s.devices.virtio {
         cap(d.queues.len(), "queues in a virtio device", MAX_QUEUES)?;
     }
@@ -285,6 +301,12 @@ pub fn check_shape(state: &VmState, want: &Expect, memory_file_len: u64) -> Resu
             want: device_names(&want.devices),
         });
     }
+    if state.devices.disks != want.disks {
+        return Err(Refusal::Disks {
+            have: disk_names(&state.devices.disks),
+            want: disk_names(&want.disks),
+        });
+    }
     if memory_file_len != state.mem_size {
         return Err(Refusal::MemoryFile {
             have: memory_file_len,
@@ -294,11 +316,28 @@ pub fn check_shape(state: &VmState, want: &Expect, memory_file_len: u64) -> Resu
     Ok(())
 }
 
+fn disk_names(disks: &[DiskState]) -> String {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            format!(
+                "{} {} bytes {}",
+                crate::devices::virtio::block::guest_name(i),
+                d.size,
+                if d.read_only { "read-only" } else { "rw" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn device_names(types: &[u32]) -> String {
-    use crate::devices::virtio::{TYPE_NET, TYPE_RNG, TYPE_VSOCK};
+    use crate::devices::virtio::{TYPE_BLOCK, TYPE_NET, TYPE_RNG, TYPE_VSOCK};
     types
         .iter()
         .map(|t| match *t {
+            TYPE_BLOCK => "block".to_string(),
             TYPE_RNG => "rng".to_string(),
             TYPE_VSOCK => "vsock".to_string(),
             TYPE_NET => "net".to_string(),
@@ -328,6 +367,7 @@ pub fn fuzz_decode(data: &[u8]) {
             mem_size: s.mem_size,
             vcpus: s.vcpus.len(),
             devices: s.devices.virtio.iter().map(|d| d.device_type).collect(),
+            disks: s.devices.disks.clone(),
             tag: s.tag.clone(),
         };
         let _ = check_shape(&s, &want, s.mem_size);

@@ -1,10 +1,11 @@
 //! State file round trip and every refusal.
 
 use super::*;
+use crate::devices::virtio::block::DiskState;
 use crate::devices::virtio::mmio::QueueSnap;
-use crate::devices::virtio::{TYPE_RNG, TYPE_VSOCK};
+use crate::devices::virtio::{TYPE_BLOCK, TYPE_RNG, TYPE_VSOCK};
 
-/// A plausible state: two vCPUs, rng and vsock.
+/// A plausible state: two vCPUs, a read-only disk, rng and vsock.
 pub(crate) fn sample_state() -> VmState {
     let vcpu = |i: u64| VcpuState {
         cpuid: vec![kvm_bindings::kvm_cpuid_entry2 {
@@ -89,7 +90,11 @@ pub(crate) fn sample_state() -> VmState {
                 ..Default::default()
             },
             i8042: (),
-            virtio: vec![mmio(TYPE_RNG, 1), mmio(TYPE_VSOCK, 3)],
+            virtio: vec![mmio(TYPE_BLOCK, 1), mmio(TYPE_RNG, 1), mmio(TYPE_VSOCK, 3)],
+            disks: vec![DiskState {
+                size: 64 << 20,
+                read_only: true,
+            }],
         },
     }
 }
@@ -99,6 +104,7 @@ fn expect_for(s: &VmState) -> Expect {
         mem_size: s.mem_size,
         vcpus: s.vcpus.len(),
         devices: s.devices.virtio.iter().map(|d| d.device_type).collect(),
+        disks: s.devices.disks.clone(),
         tag: s.tag.clone(),
     }
 }
@@ -188,6 +194,12 @@ fn other_versions_and_oversized_lists_are_refused() {
         Err(Refusal::Cap(..))
     ));
     let mut s = sample_state();
+    s.devices.disks = vec![s.devices.disks[0]; MAX_DISKS + 1];
+    assert!(matches!(
+        decode(&encode(&s).expect("encode")),
+        Err(Refusal::Cap(5, "disks", 4))
+    ));
+    let mut s = sample_state();
     let e = s.vcpus[0].msrs[0];
     s.vcpus[0].msrs = vec![e; MAX_MSRS + 1];
     assert!(matches!(
@@ -235,15 +247,42 @@ fn other_shapes_and_tags_are_refused() {
     ));
     let r = check(
         Expect {
-            devices: vec![TYPE_RNG],
+            devices: vec![TYPE_BLOCK, TYPE_RNG],
             ..ok.clone()
         },
         s.mem_size,
     );
     assert_eq!(
         r.expect_err("refused").to_string(),
-        "the snapshot's devices are [rng, vsock], this VM's are [rng]"
+        "the snapshot's devices are [block, rng, vsock], this VM's are [block, rng]"
     );
+    // No disk where the snapshot had one: another device set.
+    let r = check(
+        Expect {
+            devices: vec![TYPE_RNG, TYPE_VSOCK],
+            disks: vec![],
+            ..ok.clone()
+        },
+        s.mem_size,
+    );
+    assert!(matches!(r, Err(Refusal::Devices { .. })), "{r:?}");
+    // A disk of another size, or read-write where it was read-only.
+    let disk = |size: u64, read_only: bool| Expect {
+        disks: vec![DiskState { size, read_only }],
+        ..ok.clone()
+    };
+    assert_eq!(
+        check(disk(32 << 20, true), s.mem_size)
+            .expect_err("refused")
+            .to_string(),
+        "the snapshot's disks are [vda 67108864 bytes read-only], this VM's are \
+         [vda 33554432 bytes read-only]"
+    );
+    assert!(matches!(
+        check(disk(64 << 20, false), s.mem_size),
+        Err(Refusal::Disks { .. })
+    ));
+    check(disk(64 << 20, true), s.mem_size).expect("the same disk fits");
     assert!(matches!(
         check(ok.clone(), s.mem_size - 4096),
         Err(Refusal::MemoryFile { .. })
@@ -263,6 +302,23 @@ fn other_shapes_and_tags_are_refused() {
         check(Expect { tag: None, ..ok }, s.mem_size),
         Err(Refusal::Tag { .. })
     ));
+}
+
+/// A state written before disks existed (no `disks` field) still decodes, with no disks.
+#[test]
+fn a_state_without_disks_decodes_with_none() {
+    let mut s = sample_state();
+    s.devices.virtio.remove(0);
+    s.devices.disks.clear();
+    let mut v: serde_json::Value = serde_json::to_value(&s).expect("json");
+    v["devices"]
+        .as_object_mut()
+        .expect("devices")
+        .remove("disks")
+        .expect("had the field");
+    let body = serde_json::to_vec(&v).expect("body");
+    let back = decode(&frame(FORMAT_VERSION, &body)).expect("decode");
+    assert!(back.devices.disks.is_empty());
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! virtio over MMIO: the transport, the device trait, and the devices (rng, net, vsock).
+//! virtio over MMIO: the transport, the device trait, and the devices (block, rng, net, vsock).
 
+pub mod block;
 pub mod fuzzing;
 pub mod mmio;
 pub mod net;
@@ -20,6 +21,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const MAX_CHAINS_PER_EVENT: usize = 256;
 /// Device ids.
 pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 
