@@ -151,6 +151,19 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
     let bin = deps::release_dir();
     let initrd = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "bash"]))?;
     let python = deps::last_line(Command::new(bin.join("cloude-image")).args(["build", "python"]))?;
+    // The python block root and its boot initramfs (printed in that order, last two lines).
+    let block = Command::new(bin.join("cloude-image"))
+        .args(["build", "python", "--format", "block"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot build the python block root")?;
+    let lines: Vec<String> = String::from_utf8_lossy(&block.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let [.., boot_initrd, python_root] = lines.as_slice() else {
+        bail!("cloude-image build --format block printed {lines:?}");
+    };
     let vmm = bin.join("cloude-vmm").display().to_string();
     let jail = bin.join("cloude-jail").display().to_string();
     // The boot tests put this guest helper (built with them) into their test initramfs.
@@ -169,12 +182,15 @@ fn lab_boot_tests(kernel: &str) -> anyhow::Result<()> {
             .args(["xtask", "lab", "--no-build", "--timeout", "600"])
             .args(["--copy", &boot, "--copy", &driver, "--copy", "/bin/busybox"])
             .args(["--copy", kernel, "--copy", &initrd, "--copy", &python])
+            .args(["--copy", boot_initrd, "--copy", python_root])
             .args(["--copy", &vmm, "--copy", &echo, "--copy", &jail])
             .arg("--")
             .args(["env", "CLOUDE_BOOT_TESTS=1", "CLOUDE_VMM_LAB_TESTS=1"])
             .arg(format!("CLOUDE_KERNEL={kernel}"))
             .arg(format!("CLOUDE_INITRD={initrd}"))
             .arg(format!("CLOUDE_PYTHON_INITRD={python}"))
+            .arg(format!("CLOUDE_BOOT_INITRD={boot_initrd}"))
+            .arg(format!("CLOUDE_PYTHON_ROOT={python_root}"))
             .arg(format!("CLOUDE_VMM_BIN={vmm}"))
             .arg(format!("CLOUDE_JAIL_BIN={jail}"))
             .arg(format!("CLOUDE_VSOCK_ECHO={echo}"))

@@ -136,6 +136,46 @@ fn python(code: &str, timeout_ms: u64) -> RunRequest {
     }
 }
 
+/// The python block root on a jailed `cloude-vmm`, as the server boots it: the agent from the
+/// boot initramfs mounts the read-only disk under its overlay, Python runs from it, the root is
+/// read-only to the program and the overlay is the root.
+#[tokio::test]
+async fn cloude_vmm_boots_a_block_root_jailed() {
+    let (Some(boot_initrd), Some(root)) = (
+        std::env::var_os("CLOUDE_BOOT_INITRD"),
+        std::env::var_os("CLOUDE_PYTHON_ROOT"),
+    ) else {
+        eprintln!("SKIPPED: needs CLOUDE_BOOT_INITRD, CLOUDE_PYTHON_ROOT and a Linux-capable KVM (cargo xtask test runs it in the KVM lab)");
+        return;
+    };
+    let (mut driver, mut spec) =
+        driver_and_spec(PathBuf::from(boot_initrd), Duration::from_secs(120));
+    spec.root = Some(PathBuf::from(root));
+    let rt = Runtime::new().expect("runtime dir");
+    driver.jail = Some(jailer(&rt));
+    let mut vm = driver
+        .boot(&spec, rt.slot().expect("slot"))
+        .await
+        .expect("boot from the block root");
+    eprintln!("block-root VM ready in {} ms", vm.boot.as_millis());
+    let mut client = AgentClient::handshake(vm.take_io().expect("agent channel"))
+        .await
+        .expect("handshake");
+    let code = "import sys\nprint(open('/proc/mounts').readline().split()[:3])\nprint(open('/sys/block/vda/ro').read().strip())\ntry:\n    open('/dev/vda', 'wb')\n    print('opened')\nexcept OSError as e:\n    print(type(e).__name__)\nprint(sys.version.split()[0])";
+    let mut req = python(code, 30_000);
+    req.poweroff_after = true;
+    let r = client.run(&req).await.expect("run").run.expect("run stage");
+    assert_eq!(r.status, StageStatus::Ok, "{r:?}");
+    let out = String::from_utf8_lossy(&r.stdout.0).to_string();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"['overlay', '/', 'overlay']"), "{out}");
+    assert_eq!(lines.get(1), Some(&"1"), "a read-only disk: {out}");
+    assert_ne!(lines.get(2), Some(&"opened"), "{out}");
+    assert!(lines.get(3).is_some_and(|v| v.starts_with("3.")), "{out}");
+    vm.shutdown(Duration::from_secs(5)).await;
+    drop(rt);
+}
+
 /// The python image on a jailed `cloude-vmm`: a program runs, then hostile ones (timeout with an escaped
 /// child, fork bomb, memory hog) each get their status and the agent stays reachable in the
 /// same VM.
@@ -477,10 +517,12 @@ async fn cloude_vmm_snapshot_clones_are_distinct_machines() {
         accel: "kvm".into(),
         kernel_sha256: "lab".into(),
         image_sha256: "lab".into(),
+        root_sha256: None,
+        warm_up_sha256: "none".into(),
         language: "python".into(),
         memory_mib: spec.memory_mib,
         vcpus: spec.vcpus,
-        cmdline: driver.snapshot_cmdline(),
+        cmdline: driver.snapshot_cmdline(&spec),
         protocol_version: PROTOCOL_VERSION,
     };
     let staging = snapshot::staging(root.path()).expect("staging");

@@ -699,7 +699,8 @@ mod tests {
     #[test]
     fn an_initramfs_that_cannot_fit_its_vm_is_refused_naming_sizes() {
         // The rust image seen in the field: 257 MB compressed in a 768 MiB VM.
-        let e = check_fits("rust", 257 << 20, 900 << 20, 768).unwrap_err();
+        let e =
+            check_fits("rust", 257 << 20, 900 << 20, 768).expect_err("the rust image does not fit");
         assert!(e.contains("257 MiB compressed"), "{e}");
         assert!(e.contains("900 MiB unpacked"), "{e}");
         assert!(e.contains("768 MiB"), "{e}");
