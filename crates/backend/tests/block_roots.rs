@@ -3,7 +3,8 @@
 //! write, and a write after clearing the kernel's read-only flag, both fail and the image file
 //! is unchanged), the overlay takes writes that vanish with the VM, many VMs read one image file
 //! at once (one inode on the host), the language suite gives the same answers on both formats,
-//! and an initramfs that cannot fit its VM is refused with its sizes named.
+//! an initramfs that cannot fit its VM is refused with its sizes named, and a JDK whose root is
+//! most of its VM's memory runs from a block root.
 
 mod support;
 
@@ -317,4 +318,30 @@ fn an_initramfs_too_big_for_its_vm_is_refused_and_block_serves_it() {
         }
         drop(server);
     }
+}
+
+/// The JDK (a 325 MB root) in its 512 MiB VM: only a block root fits, and `javac` and `java`
+/// run from it. Built on the first request (java is not in the default `prebuild`).
+#[test]
+fn a_jdk_larger_than_its_vm_runs_from_a_block_root() {
+    let config = "[vm]\nprebuild = [\"java\"]\n[snapshot]\nenabled = false\n";
+    let server = Server::start(&["--hypervisor", "qemu"], Some(config), FIRST_START)
+        .unwrap_or_else(|e| panic!("java: {e}"));
+    let code = "public class Main { public static void main(String[] a) { \
+                System.out.println(\"hello \" + a[0] + \" \" + Runtime.version().feature()); } }";
+    let (st, v) = exec(
+        &server,
+        json!({"language": "java", "code": code, "args": ["jdk"],
+               "timeout_ms": 60000, "compile_timeout_ms": 60000}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["stdout"], "hello jdk 17\n", "{v}");
+    assert_eq!(v["status"], "ok", "{v}");
+    let root = root_image("java");
+    let root_mib = std::fs::metadata(&root).expect("java root").len() >> 20;
+    assert!(
+        root_mib > 256,
+        "the JDK's root ({root_mib} MiB) is most of its VM's 512 MiB"
+    );
+    drop(server);
 }
