@@ -108,7 +108,7 @@ fn jailed_qemu_hypervisors_are_unprivileged_and_apart() {
         assert_eq!(f.problems(false), None, "hypervisor {hv}: {f:?}");
         assert!(
             f.root.iter().all(
-                |e| ["bin", "dev", "initrd", "kernel", "lib", "lib64", "usr", "vm"]
+                |e| ["bin", "dev", "initrd", "kernel", "lib", "lib64", "root.img", "usr", "vm"]
                     .contains(&e.as_str())
             ),
             "only QEMU's needs in its root: {:?}",
