@@ -107,10 +107,10 @@ fn jailed_qemu_hypervisors_are_unprivileged_and_apart() {
         let f = jail_facts(hv);
         assert_eq!(f.problems(false), None, "hypervisor {hv}: {f:?}");
         assert!(
-            f.root.iter().all(
-                |e| ["bin", "dev", "initrd", "kernel", "lib", "lib64", "root.img", "usr", "vm"]
-                    .contains(&e.as_str())
-            ),
+            f.root.iter().all(|e| [
+                "bin", "dev", "initrd", "kernel", "lib", "lib64", "root.img", "usr", "vm"
+            ]
+            .contains(&e.as_str())),
             "only QEMU's needs in its root: {:?}",
             f.root
         );
