@@ -118,7 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Transport::Vsock => None,
     };
-    let catalog = Catalog::load(args.catalog.as_deref())?;
+    let catalog = Catalog::load_resolved(args.catalog.as_deref())?;
     let choice = vm::choose(config.vm.hypervisor, &HostFacts::gather())?;
     tracing::info!(
         hypervisor = choice.driver.kind.name(),

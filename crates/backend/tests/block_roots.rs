@@ -21,7 +21,6 @@ const FIRST_START: Duration = Duration::from_secs(3600);
 const ROOT_PYTHON: &str = r#"
 [[language]]
 name = "python-root"
-version = "3.11.2"
 file = "main.py"
 run = ["python3", "main.py"]
 debian_packages = ["python3"]
@@ -33,7 +32,6 @@ run_as_root = true
 const SMALL_PYTHON: &str = r#"
 [[language]]
 name = "python-small"
-version = "3.11.2"
 file = "main.py"
 run = ["python3", "main.py"]
 debian_packages = ["python3"]

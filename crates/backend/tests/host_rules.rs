@@ -36,7 +36,6 @@ const LATE_PACKETS: Duration = Duration::from_millis(1500);
 const TEST_CATALOG_EXTRA: &str = r#"
 [[language]]
 name = "python-root"
-version = "3.11.2"
 file = "main.py"
 run = ["python3", "main.py"]
 debian_packages = ["python3"]

@@ -14,7 +14,35 @@ pub const CATALOG_ENV: &str = "CLOUDE_CATALOG";
 #[serde(deny_unknown_fields)]
 pub struct Language {
     pub name: String,
+    /// The version clients see and match. For Debian-package languages it is never written in
+    /// the catalogue: [`crate::versions::resolve`] derives it from the package installed in the
+    /// image ([`Language::version_package`]); OCI-image languages declare it.
+    #[serde(default)]
     pub version: String,
+    /// The package of the dependency closure whose version is the language's (default: the
+    /// first of `debian_packages`; name the real one where that is a metapackage).
+    #[serde(default)]
+    pub version_package: Option<String>,
+    /// Keep only the first N dot-separated parts of the derived version.
+    #[serde(default)]
+    pub version_parts: Option<usize>,
+    /// The runtime's own version command (argv); its output contains the version. Run by the
+    /// conformance suite against every image.
+    #[serde(default)]
+    pub version_command: Vec<String>,
+    /// Whether the catalogue's `[base]` userland is added (default: yes).
+    #[serde(default = "yes")]
+    pub base_userland: bool,
+    /// The base packages this language gets (filled from `[base]` by [`Catalog::parse`]).
+    #[serde(skip)]
+    pub base_packages: Vec<String>,
+    /// This language's default run timeout (ms) when a request names none; capped by the
+    /// server's maximum.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// This language's default compile timeout (ms), likewise.
+    #[serde(default)]
+    pub compile_timeout_ms: Option<u64>,
     #[serde(default)]
     pub aliases: Vec<String>,
     #[serde(default)]
@@ -57,8 +85,43 @@ fn default_memory() -> u64 {
     256
 }
 
+fn yes() -> bool {
+    true
+}
+
+impl Language {
+    /// Every Debian package the image is built from: the base userland, then the language's.
+    pub fn all_debian_packages(&self) -> Vec<String> {
+        let mut v = self.base_packages.clone();
+        for p in &self.debian_packages {
+            if !v.contains(p) {
+                v.push(p.clone());
+            }
+        }
+        v
+    }
+
+    /// The package whose version is the language's (Debian-package languages only).
+    pub fn version_package(&self) -> Option<&str> {
+        self.version_package
+            .as_deref()
+            .or(self.debian_packages.first().map(String::as_str))
+    }
+}
+
+/// The userland every Debian-package image gets (`[base]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Base {
+    #[serde(default)]
+    pub debian_packages: Vec<String>,
+}
+
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct CatalogFile {
+    #[serde(default)]
+    base: Base,
     #[serde(default)]
     language: Vec<Language>,
 }
@@ -67,6 +130,7 @@ struct CatalogFile {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Catalog {
     pub languages: Vec<Language>,
+    pub base: Base,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +141,8 @@ pub enum CatalogError {
     Parse(String),
     #[error("language {0:?}: {1}")]
     Invalid(String, String),
+    #[error(transparent)]
+    Version(#[from] crate::versions::VersionError),
 }
 
 impl Catalog {
@@ -84,10 +150,16 @@ impl Catalog {
     pub fn parse(text: &str) -> Result<Self, CatalogError> {
         let file: CatalogFile =
             toml::from_str(text).map_err(|e| CatalogError::Parse(e.to_string()))?;
-        let cat = Catalog {
+        let mut cat = Catalog {
             languages: file.language,
+            base: file.base,
         };
         cat.validate()?;
+        for l in &mut cat.languages {
+            if l.base_userland && !l.debian_packages.is_empty() {
+                l.base_packages = cat.base.debian_packages.clone();
+            }
+        }
         Ok(cat)
     }
 
@@ -110,13 +182,43 @@ impl Catalog {
         }
     }
 
+    /// [`Catalog::load`], then every Debian-package language's version from apt
+    /// ([`crate::versions::resolve`]).
+    pub fn load_resolved(path: Option<&Path>) -> Result<Self, CatalogError> {
+        let mut c = Self::load(path)?;
+        crate::versions::resolve(&mut c)?;
+        Ok(c)
+    }
+
     fn validate(&self) -> Result<(), CatalogError> {
         let mut names = std::collections::HashSet::new();
         let mut judge0_ids = std::collections::HashSet::new();
         for l in &self.languages {
             let bad = |why: &str| Err(CatalogError::Invalid(l.name.clone(), why.to_string()));
-            if l.name.is_empty() || l.version.is_empty() {
-                return bad("name and version must not be empty");
+            if l.name.is_empty() {
+                return bad("name must not be empty");
+            }
+            match (l.image.is_some(), l.version.is_empty()) {
+                (true, true) => return bad("an OCI-image language must declare its version"),
+                (false, false) => {
+                    return bad(
+                        "version comes from the installed package, not the catalogue: remove it \
+                         (version_package names the package if the first is a metapackage)",
+                    )
+                }
+                _ => {}
+            }
+            if l.image.is_some() && (l.version_package.is_some() || l.version_parts.is_some()) {
+                return bad("version_package and version_parts are for Debian-package languages");
+            }
+            if l.version_parts == Some(0) {
+                return bad("version_parts must be at least 1");
+            }
+            if matches!(&l.version_command.first(), Some(c) if c.is_empty()) {
+                return bad("version_command must not start with an empty word");
+            }
+            if l.timeout_ms == Some(0) || l.compile_timeout_ms == Some(0) {
+                return bad("timeouts must be at least 1 ms");
             }
             if l.run.is_empty() {
                 return bad("run must not be empty");
@@ -143,8 +245,15 @@ impl Catalog {
                     return bad(&format!("judge0 id {id} is used twice"));
                 }
             }
+            // Two entries may share a name only as two versions: declared ones (OCI) or two
+            // version packages.
+            let version_key = if l.version.is_empty() {
+                l.version_package().unwrap_or_default().to_string()
+            } else {
+                l.version.clone()
+            };
             for key in std::iter::once(&l.name).chain(&l.aliases) {
-                if !names.insert((key.to_ascii_lowercase(), l.version.clone())) {
+                if !names.insert((key.to_ascii_lowercase(), version_key.clone())) {
                     return bad(&format!("name or alias {key:?} is used twice"));
                 }
             }
@@ -209,6 +318,29 @@ mod tests {
     }
 
     #[test]
+    fn the_base_userland_is_added_unless_refused() {
+        let text = "[base]\ndebian_packages=[\"coreutils\", \"dash\"]\n\
+                    [[language]]\nname=\"a\"\nfile=\"a\"\nrun=[\"a\"]\ndebian_packages=[\"a\", \"dash\"]\n\
+                    [[language]]\nname=\"b\"\nfile=\"b\"\nrun=[\"b\"]\ndebian_packages=[\"b\"]\nbase_userland=false\n";
+        let c = Catalog::parse(text).expect("valid");
+        assert_eq!(
+            c.languages[0].all_debian_packages(),
+            ["coreutils", "dash", "a"]
+        );
+        assert_eq!(c.languages[1].all_debian_packages(), ["b"]);
+        assert_eq!(c.languages[0].version_package(), Some("a"));
+        let d = Catalog::default_catalog();
+        for l in &d.languages {
+            assert!(!l.version_command.is_empty(), "{}: version_command", l.name);
+            assert!(
+                l.all_debian_packages().iter().any(|p| p == "util-linux"),
+                "{}",
+                l.name
+            );
+        }
+    }
+
+    #[test]
     fn versions() {
         assert!(version_matches("3.11.2", None));
         assert!(version_matches("3.11.2", Some("*")));
@@ -224,8 +356,19 @@ mod tests {
 
     #[test]
     fn invalid_entries_rejected() {
-        let base = "[[language]]\nname=\"x\"\nversion=\"1\"\nfile=\"main.x\"\nrun=[\"x\"]\n";
+        let base = "[[language]]\nname=\"x\"\nfile=\"main.x\"\nrun=[\"x\"]\n";
         assert!(Catalog::parse(&format!("{base}debian_packages=[\"x\"]\n")).is_ok());
+        // A Debian language's version is the package's; an OCI language declares its own.
+        assert!(
+            Catalog::parse(&format!("{base}debian_packages=[\"x\"]\nversion=\"1\"\n")).is_err()
+        );
+        assert!(Catalog::parse(&format!("{base}image=\"docker://a/b:c\"\n")).is_err());
+        assert!(
+            Catalog::parse(&format!("{base}image=\"docker://a/b:c\"\nversion=\"1\"\n")).is_ok()
+        );
+        assert!(
+            Catalog::parse(&format!("{base}debian_packages=[\"x\"]\nversion_parts=0\n")).is_err()
+        );
         assert!(Catalog::parse(base).is_err(), "no source");
         assert!(Catalog::parse(&format!(
             "{base}debian_packages=[\"x\"]\nimage=\"docker://a/b:c\"\n"

@@ -167,11 +167,11 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
             }
         }
         Cmd::List => {
-            let cat = Catalog::load(catalog.as_deref())?;
+            let cat = Catalog::load_resolved(catalog.as_deref())?;
             for l in &cat.languages {
                 let source = match &l.image {
                     Some(i) => i.clone(),
-                    None => format!("debian: {}", l.debian_packages.join(" ")),
+                    None => format!("debian: {}", l.all_debian_packages().join(" ")),
                 };
                 let aliases = if l.aliases.is_empty() {
                     String::new()

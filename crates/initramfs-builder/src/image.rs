@@ -8,6 +8,7 @@
 //! [`BUILDER_VERSION`]. Builders of one key are serialised by a lock file; results are
 //! published by rename.
 
+pub mod alternatives;
 pub mod block;
 pub mod compress;
 pub mod cpio;
@@ -153,6 +154,8 @@ enum Plan {
 #[derive(serde::Serialize)]
 struct Summary<'a> {
     language: &'a str,
+    /// The language's version as installed in this image (Debian: from the closure).
+    version: Option<String>,
     format: &'static str,
     source: String,
     packages: Vec<String>,
@@ -218,7 +221,7 @@ fn prepare<'a>(
             return Err(ImageError::NoSource(lang.name.clone()))
         }
         None => Plan::Debian(
-            debian::resolve(&lang.debian_packages, progress).map_err(debian_err(lang))?,
+            debian::resolve(&lang.all_debian_packages(), progress).map_err(debian_err(lang))?,
         ),
     };
 
@@ -287,9 +290,25 @@ impl Prepared<'_> {
         })
     }
 
+    /// The version of the language's version package in the closure (see [`crate::versions`]).
+    fn version(&self) -> Option<String> {
+        match &self.plan {
+            Plan::Debian(pkgs) => {
+                let want = self.lang.version_package()?;
+                let p = pkgs.iter().find(|p| p.name == want)?;
+                Some(crate::versions::upstream_version(
+                    &p.version,
+                    self.lang.version_parts,
+                ))
+            }
+            Plan::Oci(..) => Some(self.lang.version.clone()),
+        }
+    }
+
     fn summary(&self, format: &'static str, compression: &'static str) -> Summary<'_> {
         Summary {
             language: &self.lang.name,
+            version: self.version(),
             format,
             source: self.reference.clone().unwrap_or_else(|| "debian".into()),
             packages: match &self.plan {

@@ -9,3 +9,4 @@ pub mod kernel;
 pub mod lock;
 pub mod paths;
 pub mod progress;
+pub mod versions;

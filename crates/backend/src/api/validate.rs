@@ -147,16 +147,23 @@ pub fn build_job(d: Draft, limits: &Limits) -> Result<Job, ApiError> {
             format!("{t} is out of range: 1 to {max} ms"),
         )),
     };
+    // A language's own defaults (a JVM compile needs more than gcc) stay within the maxima.
     let run_timeout_ms = timeout(
         "timeout_ms",
         d.timeout_ms,
-        limits.default_timeout_ms,
+        d.language
+            .timeout_ms
+            .unwrap_or(limits.default_timeout_ms)
+            .min(limits.max_timeout_ms),
         limits.max_timeout_ms,
     )?;
     let compile_timeout_ms = timeout(
         "compile_timeout_ms",
         d.compile_timeout_ms,
-        limits.default_compile_timeout_ms,
+        d.language
+            .compile_timeout_ms
+            .unwrap_or(limits.default_compile_timeout_ms)
+            .min(limits.max_compile_timeout_ms),
         limits.max_compile_timeout_ms,
     )?;
     if let Some(m) = d.memory_mib {

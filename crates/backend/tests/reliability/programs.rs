@@ -310,7 +310,6 @@ for name, nr, args in [
 pub const TEST_CATALOG_EXTRA: &str = r#"
 [[language]]
 name = "bash-root"
-version = "5.2.15"
 file = "main.sh"
 run = ["bash", "main.sh"]
 debian_packages = ["bash", "coreutils"]

@@ -13,6 +13,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::alternatives;
 use super::tree::{ApplyOptions, Meta, Node, Tree, TreeError};
 use crate::progress::Progress;
 
@@ -94,9 +95,6 @@ pub fn glob_match(pattern: &str, path: &str) -> bool {
     }
     go(pattern.as_bytes(), path.as_bytes())
 }
-
-/// The CA bundle path programs expect; an empty placeholder when no package provides it.
-pub const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 
 /// Most packages one image may pull in.
 pub const MAX_PACKAGES: usize = 2000;
@@ -324,6 +322,27 @@ pub fn download(closure: &[Package], progress: &Progress) -> Result<Vec<PathBuf>
         .collect()
 }
 
+/// The package's `postinst` script, if it has one (at most
+/// [`alternatives::MAX_SCRIPT_BYTES`] are read).
+pub fn postinst(deb: &Path) -> Result<Option<String>, DebianError> {
+    let out = Command::new("dpkg-deb")
+        .arg("--info")
+        .arg(deb)
+        .arg("postinst")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| DebianError::Spawn {
+            cmd: format!("dpkg-deb --info {} postinst", deb.display()),
+            source,
+        })?;
+    // dpkg-deb exits non-zero when the package has no such control file.
+    if !out.status.success() || out.stdout.len() > alternatives::MAX_SCRIPT_BYTES {
+        return Ok(None);
+    }
+    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
 /// Unpacks one `.deb` (its data archive) into `tree`.
 pub fn extract(deb: &Path, package: &str, tree: &mut Tree) -> Result<(), DebianError> {
     let cmd = format!("dpkg-deb --fsys-tarfile {}", deb.display());
@@ -399,15 +418,24 @@ pub fn build_tree(closure: &[Package], progress: &Progress) -> Result<Tree, Debi
         bar.inc(1);
     }
     trim(&mut tree);
-    // Debian's node loads this bundle on every start and warns on stderr when it is missing
-    // (ca-certificates builds it in a maintainer script, which we do not run).
-    if tree.lookup(CA_BUNDLE).is_none() {
-        tree.insert_file(CA_BUNDLE, Meta::root(0o644), Vec::new())
-            .map_err(|source| DebianError::Layer {
-                package: "(CA bundle placeholder)".into(),
-                source,
-            })?;
+    // What the maintainer scripts (never run) would have made.
+    let mut alts = Vec::new();
+    for deb in &debs {
+        if let Some(script) = postinst(deb)? {
+            alts.extend(alternatives::parse_postinst(&script));
+        }
     }
+    let generated = |what: &str| {
+        let what = what.to_string();
+        move |source| DebianError::Layer {
+            package: what.clone(),
+            source,
+        }
+    };
+    let links = alternatives::apply(&mut tree, &alts).map_err(generated("(alternatives links)"))?;
+    alternatives::ca_bundle(&mut tree).map_err(generated("(CA bundle)"))?;
+    alternatives::timezone(&mut tree).map_err(generated("(time zone)"))?;
+    tracing::debug!(links, "alternatives links created");
     add_usr_links(&mut tree).map_err(|source| DebianError::Layer {
         package: "(merged /usr links)".into(),
         source,

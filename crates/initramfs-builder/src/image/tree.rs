@@ -218,7 +218,7 @@ fn join(comps: &[Vec<u8>]) -> String {
 }
 
 /// `bin/x` → `usr/bin/x` (and the other merged-`/usr` directories).
-fn merge_usr(mut comps: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+pub(crate) fn merge_usr(mut comps: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     if !comps.is_empty() && MERGED_USR_DIRS.contains(&comps[0].as_slice()) {
         comps.insert(0, b"usr".to_vec());
     }
@@ -343,6 +343,41 @@ impl Tree {
             }
         }
         Some(cur)
+    }
+
+    /// Whether `comps` names something, following symbolic links (absolute targets from the
+    /// tree's root, relative ones from the link's directory; at most 40 links, as Linux).
+    pub fn resolves(&self, comps: &[Vec<u8>]) -> bool {
+        let mut todo: Vec<Vec<u8>> = comps.iter().rev().cloned().collect();
+        let mut at: Vec<Vec<u8>> = Vec::new();
+        let mut links = 0;
+        while let Some(c) = todo.pop() {
+            match c.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    at.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            at.push(c);
+            match self.get(&at) {
+                None => return false,
+                Some(Node::Symlink { target, .. }) => {
+                    links += 1;
+                    if links > 40 {
+                        return false;
+                    }
+                    at.pop();
+                    if target.first() == Some(&b'/') {
+                        at.clear();
+                    }
+                    todo.extend(target.split(|b| *b == b'/').rev().map(<[u8]>::to_vec));
+                }
+                Some(_) => {}
+            }
+        }
+        true
     }
 
     /// The node at a slash-separated path (`"usr/bin/env"`).
