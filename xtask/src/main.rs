@@ -7,6 +7,7 @@ mod bench;
 mod deps;
 mod fuzz;
 mod lab;
+mod languages;
 mod serve;
 mod test;
 
@@ -30,6 +31,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Build the cargo-fuzz targets and run each for a bounded time.
     Fuzz(fuzz::FuzzArgs),
+    /// Build every language's image and run its conformance programs through a real server.
+    Languages(languages::LanguagesArgs),
     /// (internal) The boot comparison itself, run where /dev/kvm boots Linux.
     #[command(hide = true)]
     BenchBoot(bench::boot::BootArgs),
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(args) => serve::run(args)?,
         Cmd::Bench(args) => bench::run(args)?,
         Cmd::Fuzz(args) => fuzz::run(args)?,
+        Cmd::Languages(args) => languages::run(args)?,
         Cmd::BenchBoot(args) => bench::boot::run(args)?,
     };
     std::process::exit(code)

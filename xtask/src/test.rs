@@ -22,10 +22,15 @@ pub struct TestArgs {
     pub cargo_args: Vec<String>,
 }
 
+/// The images the integration tests use (`java` is a block root only: too big to unpack).
+const TEST_IMAGES: &[&str] = &["python", "javascript", "bash", "c", "cpp"];
+
 /// One phase's outcome, for the summary.
 struct Phase {
     name: &'static str,
     ok: bool,
+    /// When it ended; its time is from the previous phase's end (set-up steps included).
+    end: std::time::Instant,
 }
 
 pub fn run(args: TestArgs) -> anyhow::Result<i32> {
@@ -40,14 +45,21 @@ pub fn run(args: TestArgs) -> anyhow::Result<i32> {
     let bin = deps::release_dir();
     let kernel = deps::last_line(Command::new(bin.join("cloude-image")).arg("kernel"))?;
     eprintln!("xtask: guest kernel {kernel}");
-    let images = deps::run(Command::new(bin.join("cloude-image")).args(["build", "--all"]))
-        .and_then(|()| {
-            deps::run(
-                Command::new(bin.join("cloude-image"))
-                    .args(["build", "--all", "--format", "block"]),
-            )
-        });
-    report(&mut phases, "default images (both formats)", images);
+    let images = deps::run(
+        Command::new(bin.join("cloude-image"))
+            .arg("build")
+            .args(TEST_IMAGES),
+    )
+    .and_then(|()| {
+        deps::run(
+            Command::new(bin.join("cloude-image"))
+                .arg("build")
+                .args(TEST_IMAGES)
+                .arg("java")
+                .args(["--format", "block"]),
+        )
+    });
+    report(&mut phases, "test images (both formats)", images);
     if !args.no_lint {
         let clippy = deps::run(deps::cargo().args([
             "clippy",
@@ -68,6 +80,22 @@ pub fn run(args: TestArgs) -> anyhow::Result<i32> {
             .env("CLOUDE_AGENT_BIN", bin.join("cloude-agent")),
     );
     report(&mut phases, "cargo test", tests);
+    let conformance = crate::languages::ci_languages().and_then(|names| {
+        eprintln!(
+            "xtask: conformance suite for {} languages (block roots up to {} MB as last measured; \
+             the others run in `cargo xtask languages`)",
+            names.len(),
+            crate::languages::CI_MAX_IMAGE_MB
+        );
+        crate::languages::check_ok(crate::languages::LanguagesArgs {
+            names,
+            max_image_mb: Some(crate::languages::CI_MAX_IMAGE_MB),
+            jobs: 2,
+            readme: false,
+            no_build: true,
+        })
+    });
+    report(&mut phases, "language conformance", conformance);
     if !args.no_fuzz {
         let smoke = crate::fuzz::run(crate::fuzz::FuzzArgs::smoke(10)).and_then(|c| {
             if c == 0 {
@@ -94,8 +122,15 @@ pub fn run(args: TestArgs) -> anyhow::Result<i32> {
         "\nxtask test summary ({:.0} s):",
         started.elapsed().as_secs_f64()
     );
+    let mut since = started;
     for p in &phases {
-        eprintln!("  {:<32} {}", p.name, if p.ok { "ok" } else { "FAILED" });
+        eprintln!(
+            "  {:<32} {:<6} {:>6.0} s",
+            p.name,
+            if p.ok { "ok" } else { "FAILED" },
+            p.end.duration_since(since).as_secs_f64()
+        );
+        since = p.end;
     }
     let failed = phases.iter().filter(|p| !p.ok).count();
     println!(
@@ -113,6 +148,7 @@ fn report(phases: &mut Vec<Phase>, name: &'static str, r: anyhow::Result<()>) {
     phases.push(Phase {
         name,
         ok: r.is_ok(),
+        end: std::time::Instant::now(),
     });
 }
 

@@ -41,9 +41,9 @@ enum Cmd {
     },
     /// Build a language image if needed; print its path as the last line.
     Build {
-        /// Language name or alias from the catalogue.
+        /// Language names or aliases from the catalogue.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
-        language: Option<String>,
+        language: Vec<String>,
         /// Build every language of the catalogue (one path per line).
         #[arg(long, conflicts_with_all = ["from", "output"])]
         all: bool,
@@ -127,13 +127,19 @@ fn run(cmd: Cmd, catalog: Option<PathBuf>, progress: &Progress) -> anyhow::Resul
             max_uncompressed_bytes,
         } => {
             let cat = Catalog::load(catalog.as_deref())?;
-            let langs: Vec<_> = match language {
-                Some(language) if !all => vec![cat.find(&language, None).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "language {language:?} is not in the catalogue (see `cloude-image list`)"
-                    )
-                })?],
-                _ => cat.languages.iter().collect(),
+            let langs: Vec<_> = if all {
+                cat.languages.iter().collect()
+            } else {
+                language
+                    .iter()
+                    .map(|language| {
+                        cat.find(language, None).ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "language {language:?} is not in the catalogue (see `cloude-image list`)"
+                            )
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?
             };
             let defaults = image::tree::Limits::default();
             let limits = defaults.lowered(image::tree::Limits {

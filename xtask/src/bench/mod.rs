@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 use crate::deps;
 
 pub mod boot;
-mod e2e;
+pub mod e2e;
 mod formats;
-mod http;
+pub mod http;
 mod overhead;
 mod stats;
 
