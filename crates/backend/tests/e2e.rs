@@ -89,6 +89,38 @@ fn e2e_real_vms() {
         ));
     }
 
+    // The base userland: what scripts shell out to on a Debian system.
+    let script = r#"set -e
+echo hello | rev
+printf 'b\na\nb\n' | sort -u | tr '\n' ' '; echo
+echo '3 4' | awk '{ print $1 * $2 }'
+echo 'abc123' | sed -E 's/[0-9]+$/!/'
+echo '2^10' | bc
+setsid sh -c 'echo in a new session'
+ps -o comm= -p $$
+readlink -f /usr/bin/awk
+"#;
+    let (st, v, _) = exec(
+        &server,
+        json!({"language": "bash", "code": script, "timeout_ms": 20000}),
+    );
+    c.check(
+        "bash userland (rev, sort -u, awk, sed -E, bc, setsid, ps)",
+        st == 200
+            && v["stdout"]
+                == "olleh\na b \n12\nabc!\n1024\nin a new session\nbash\n/usr/bin/gawk\n",
+        short(&v),
+    );
+    let (st, v, _) = exec(
+        &server,
+        json!({"language": "python", "code": "import subprocess\nr = subprocess.run('echo hi | tr a-z A-Z', shell=True, capture_output=True, text=True)\nprint(r.stdout, end='')\nsubprocess.run(['setsid', 'true'], check=True)", "timeout_ms": 20000}),
+    );
+    c.check(
+        "python shells out (subprocess with /bin/sh, setsid)",
+        st == 200 && v["stdout"] == "HI\n" && v["exit_code"] == 0,
+        short(&v),
+    );
+
     // stdin and args.
     let (st, v, _) = exec(
         &server,

@@ -75,7 +75,7 @@ async fn setup_with(extra_config: &str, judge0_on: bool) -> T {
     ));
     let state = Arc::new(AppState {
         config,
-        catalog: Catalog::default_catalog(),
+        catalog: Catalog::load_resolved(None).expect("the catalogue, versions from apt"),
         executor,
         metrics,
         hypervisor: "qemu".into(),

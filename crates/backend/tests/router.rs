@@ -63,7 +63,7 @@ fn state_with(config: Config) -> Arc<AppState> {
     });
     Arc::new(AppState {
         config,
-        catalog: Catalog::default_catalog(),
+        catalog: Catalog::load_resolved(None).expect("the catalogue, versions from apt"),
         executor,
         metrics,
         hypervisor: "qemu".into(),

@@ -500,6 +500,35 @@ esac
     }
 
     #[test]
+    fn hostile_scripts_stay_bounded() {
+        // A loop over more words than the cap, nested deeper than the cap, and a huge script.
+        let words: Vec<String> = (0..MAX_LOOP_WORDS * 4).map(|i| format!("w{i}")).collect();
+        let s = format!(
+            "for i in {}; do\nupdate-alternatives --install /usr/bin/$i $i /usr/bin/x 1\ndone\n",
+            words.join(" ")
+        );
+        assert_eq!(parse_postinst(&s).len(), MAX_LOOP_WORDS);
+        let mut deep = String::new();
+        for d in 0..MAX_LOOP_DEPTH + 2 {
+            deep.push_str(&format!("for v{d} in a b; do\n"));
+        }
+        deep.push_str("update-alternatives --install /usr/bin/y y /usr/bin/y 1\n");
+        for _ in 0..MAX_LOOP_DEPTH + 2 {
+            deep.push_str("done\n");
+        }
+        assert!(parse_postinst(&deep).is_empty(), "too deep: not followed");
+        let big = "update-alternatives --install /usr/bin/z z /usr/bin/z 1\n"
+            .repeat(MAX_SCRIPT_BYTES / 40);
+        assert!(
+            parse_postinst(&big).is_empty(),
+            "over MAX_SCRIPT_BYTES: ignored"
+        );
+        let many =
+            "update-alternatives --install /usr/bin/z z /usr/bin/z 1\n".repeat(MAX_PER_SCRIPT + 10);
+        assert_eq!(parse_postinst(&many).len(), MAX_PER_SCRIPT);
+    }
+
+    #[test]
     fn highest_priority_with_an_existing_target_wins_and_nothing_is_overwritten() {
         let mut t = Tree::new();
         for f in ["usr/bin/gawk", "usr/bin/mawk", "usr/bin/sh-real"] {
