@@ -1,0 +1,4 @@
+int main(void) {
+    int x = "not an int" * 2;
+    return x
+}
