@@ -5,6 +5,6 @@ int main(int argc, char **argv) {
     if (scanf("%ld", &n) != 1) return 1;
     printf("%ld\n", n * 2);
     for (int i = 1; i < argc; i++) puts(argv[i]);
-    fprintf(stderr, "conformance-stderr\n");
+    fputs("conformance-stderr\n", stderr);
     return 3;
 }

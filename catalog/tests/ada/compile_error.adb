@@ -1,0 +1,5 @@
+procedure Main is
+   N : Integer := "not an integer";
+begin
+   null;
+end Main;

@@ -1,0 +1,2 @@
+n : Int32 = "not an int"
+puts n

@@ -1,0 +1,5 @@
+n = IO.gets("") |> String.trim() |> String.to_integer()
+IO.puts(n * 2)
+Enum.each(System.argv(), &IO.puts/1)
+IO.puts(:stderr, "conformance-stderr")
+System.halt(3)

@@ -1,0 +1,4 @@
+fun main(args: Array<String>) {
+    val n: Int = "not an int"
+    println(n)
+}

@@ -1,0 +1,7 @@
+(let ((n (parse-integer (read-line))))
+  (format t "~d~%" (* 2 n))
+  (dolist (a (rest sb-ext:*posix-argv*))
+    (format t "~a~%" a))
+  (format *error-output* "conformance-stderr~%")
+  (finish-output)
+  (sb-ext:exit :code 3))

@@ -1,0 +1,2 @@
+let n: int = "not an int"
+echo n

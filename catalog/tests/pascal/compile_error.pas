@@ -1,0 +1,7 @@
+program Main;
+var
+  n: Integer;
+begin
+  n := 'not an integer';
+  WriteLn(n);
+end.

@@ -1,0 +1,7 @@
+con <- file("stdin")
+n <- as.integer(readLines(con, n = 1))
+close(con)
+cat(n * 2L, "\n", sep = "")
+for (a in commandArgs(trailingOnly = TRUE)) cat(a, "\n", sep = "")
+write("conformance-stderr", stderr())
+quit(status = 3)

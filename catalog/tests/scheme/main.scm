@@ -1,0 +1,7 @@
+(use-modules (ice-9 rdelim))
+(define n (string->number (read-line)))
+(display (* 2 n))
+(newline)
+(for-each (lambda (a) (display a) (newline)) (cdr (command-line)))
+(display "conformance-stderr\n" (current-error-port))
+(exit 3)
