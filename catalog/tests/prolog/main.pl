@@ -1,3 +1,4 @@
+:- use_module(library(main)).
 :- initialization(main, main).
 
 main(Argv) :-
