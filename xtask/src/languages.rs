@@ -550,6 +550,11 @@ fn conform(
         let what = format!("GET /v1/languages lists version {:?}", row.version);
         fail(&mut row, what);
     }
+    if l.version_command.is_empty() {
+        // The runtime has no way to tell its version (beef): the catalogue says so.
+        row.version_output = "(the runtime has no version command)".into();
+        return row;
+    }
     match cloude_image::versions::probe(root, &l.version_command) {
         Err(e) => fail(&mut row, format!("version command: {e}")),
         Ok(out) => {

@@ -38,7 +38,7 @@ pub struct ChildSetup {
 /// file, file capabilities), whatever the image holds.
 pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
     let hook = move || -> io::Result<()> {
-        // SAFETY: only async-signal-safe calls (signal, write, setsid, setrlimit, prctl,
+        // SAFETY: only async-signal-safe calls (signal, write, setsid, setrlimit, prctl, fchown,
         // setgroups, setgid, setuid) on values copied into the closure; no allocation.
         unsafe {
             for sig in IGNORED_SIGNALS.iter().chain(&[libc::SIGPIPE]) {
@@ -66,6 +66,14 @@ pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if libc::geteuid() == 0 {
+                // The stdio pipes are the agent's (root's) inodes: give them to the program, as a
+                // terminal belongs to its user, so that `open("/dev/stderr")` (shell scripts,
+                // yabasic, ...) works. The agent's own ends are separate descriptors.
+                for fd in 0..3 {
+                    libc::fchown(fd, setup.uid, setup.gid);
+                }
             }
             if libc::geteuid() == 0
                 && (libc::setgroups(0, std::ptr::null()) != 0
