@@ -153,7 +153,10 @@ fn run_probe(root: &Path, argv: &[String]) -> Result<String, VersionError> {
     let err = out
         .try_clone()
         .map_err(|e| VersionError::Probe(e.to_string()))?;
+    // The root is read-only: HOME on the sandbox's tmpfs, for runtimes that write caches there
+    // (guile).
     let mut child = crate::image::post_build::sandbox_command(root, argv)
+        .env("HOME", "/tmp")
         .stdout(out)
         .stderr(err)
         .spawn()
