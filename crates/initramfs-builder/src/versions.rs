@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::catalog::Catalog;
 
@@ -145,38 +145,25 @@ pub fn probe(image: &Path, argv: &[String]) -> Result<String, VersionError> {
 }
 
 fn run_probe(root: &Path, argv: &[String]) -> Result<String, VersionError> {
+    use crate::image::post_build::{run_logged, RunError};
     let log = tempfile::NamedTempFile::new()
         .map_err(|e| VersionError::Probe(format!("temporary file: {e}")))?;
-    let out = log
-        .reopen()
-        .map_err(|e| VersionError::Probe(e.to_string()))?;
-    let err = out
-        .try_clone()
-        .map_err(|e| VersionError::Probe(e.to_string()))?;
-    // The root is read-only: HOME on the sandbox's tmpfs, for runtimes that write caches there
-    // (guile).
-    let mut child = crate::image::post_build::sandbox_command(root, argv)
-        .env("HOME", "/tmp")
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| VersionError::Probe(format!("cannot start the sandbox: {e}")))?;
-    let started = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if started.elapsed() > PROBE_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(VersionError::Probe(format!(
-                    "`{}` ran longer than {} s",
-                    argv.join(" "),
-                    PROBE_TIMEOUT.as_secs()
-                )));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(VersionError::Probe(e.to_string())),
+    // The root is read-only: HOME on the sandbox's tmpfs, for runtimes that write caches there.
+    match run_logged(root, argv, "/tmp", log.path(), PROBE_TIMEOUT) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(VersionError::Probe(format!(
+                "`{}` ran longer than {} s",
+                argv.join(" "),
+                PROBE_TIMEOUT.as_secs()
+            )))
         }
+        Err(RunError::Spawn(e)) => {
+            return Err(VersionError::Probe(format!(
+                "cannot start the sandbox: {e}"
+            )))
+        }
+        Err(RunError::Io(e)) => return Err(VersionError::Probe(e.to_string())),
     }
     let mut bytes = std::fs::read(log.path()).map_err(|e| VersionError::Probe(e.to_string()))?;
     bytes.truncate(MAX_PROBE_OUTPUT);

@@ -161,32 +161,63 @@ pub fn run(
     Ok(tree)
 }
 
-fn run_one(root: &Path, argv: &[String], shown: &str, log: &Path) -> Result<(), PostBuildError> {
-    let out = fs::File::create(log).map_err(io(log))?;
-    let err = out.try_clone().map_err(io(log))?;
+/// Why [`run_logged`] could not report an exit status.
+#[derive(Debug)]
+pub enum RunError {
+    /// The sandbox could not be started.
+    Spawn(std::io::Error),
+    /// The log file or waiting failed.
+    Io(std::io::Error),
+}
+
+/// Runs `argv` inside `root` ([`sandbox_command`], with `HOME` set to `home`), stdout and stderr
+/// into the file `log`; kills it (and, through `--kill-child`, the namespace's processes) after
+/// `timeout`. `Ok(None)`: it was killed.
+pub fn run_logged(
+    root: &Path,
+    argv: &[String],
+    home: &str,
+    log: &Path,
+    timeout: Duration,
+) -> Result<Option<std::process::ExitStatus>, RunError> {
+    let out = fs::File::create(log).map_err(RunError::Io)?;
+    let err = out.try_clone().map_err(RunError::Io)?;
     let mut child = sandbox_command(root, argv)
+        .env("HOME", home)
         .stdout(out)
         .stderr(err)
         .spawn()
-        .map_err(|source| PostBuildError::Spawn {
-            cmd: shown.to_string(),
-            source,
-        })?;
+        .map_err(RunError::Spawn)?;
     let started = Instant::now();
-    let status = loop {
-        match child.try_wait().map_err(io(log))? {
-            Some(st) => break st,
-            None if started.elapsed() > COMMAND_TIMEOUT => {
-                // `--kill-child` takes the namespace's processes with it.
+    loop {
+        match child.try_wait().map_err(RunError::Io)? {
+            Some(st) => return Ok(Some(st)),
+            None if started.elapsed() > timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(PostBuildError::Timeout {
-                    cmd: shown.to_string(),
-                    secs: COMMAND_TIMEOUT.as_secs(),
-                });
+                return Ok(None);
             }
-            None => std::thread::sleep(Duration::from_millis(50)),
+            None => std::thread::sleep(Duration::from_millis(20)),
         }
+    }
+}
+
+fn run_one(root: &Path, argv: &[String], shown: &str, log: &Path) -> Result<(), PostBuildError> {
+    let status = match run_logged(root, argv, "/root", log, COMMAND_TIMEOUT) {
+        Ok(Some(st)) => st,
+        Ok(None) => {
+            return Err(PostBuildError::Timeout {
+                cmd: shown.to_string(),
+                secs: COMMAND_TIMEOUT.as_secs(),
+            })
+        }
+        Err(RunError::Spawn(source)) => {
+            return Err(PostBuildError::Spawn {
+                cmd: shown.to_string(),
+                source,
+            })
+        }
+        Err(RunError::Io(e)) => return Err(PostBuildError::Io(log.to_path_buf(), e)),
     };
     if status.success() {
         return Ok(());
