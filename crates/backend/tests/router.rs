@@ -148,7 +148,7 @@ async fn v1_validation_names_the_field() {
             "memory_mib",
         ),
         (
-            json!({"language": "cobol", "code": "x"}),
+            json!({"language": "no-such-language", "code": "x"}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "language",
         ),

@@ -124,7 +124,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "unknown language",
-            j(json!({"language": "cobol", "code": "x"})),
+            j(json!({"language": "no-such-language", "code": "x"})),
             422,
             Some("language"),
         ),
