@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use cloude_image::catalog::Catalog;
-use cloude_protocol::{Encoding, RunRequest, PROTOCOL_VERSION};
+use cloude_protocol::Encoding;
 use cloude_server::api::error::ApiError;
 use cloude_server::config::Config;
 use cloude_server::executor::Job;
@@ -170,24 +170,8 @@ pub fn check_job(job: &Job, config: &Config) {
         assert!((16..=l.max_memory_mib).contains(&m), "memory_mib {m}");
     }
     assert_ne!(job.pids_limit, Some(0), "the agent refuses a zero pids limit");
-    // The run order the executor sends (same fields as `Executor::run_request`).
-    let order = RunRequest {
-        protocol_version: PROTOCOL_VERSION,
-        files: job.files.clone(),
-        compile: job.language.compile.clone(),
-        run: job.language.run.clone(),
-        args: job.args.clone(),
-        stdin: cloude_protocol::Bytes(job.stdin.clone()),
-        env: job.language.env.clone(),
-        compile_timeout_ms: job.compile_timeout_ms,
-        run_timeout_ms: job.run_timeout_ms,
-        output_limit_bytes: l.output_limit_bytes,
-        memory_limit_mib: job.memory_mib,
-        pids_limit: job.pids_limit,
-        poweroff_after: true,
-        network: false,
-        run_as_root: false,
-    };
+    // The run order the executor sends.
+    let order = cloude_server::executor::run_request(&job, l.output_limit_bytes);
     if let Err(e) = order.validate() {
         panic!("the backend accepted a job the agent rejects: {e}");
     }

@@ -130,9 +130,14 @@ impl StageCgroup {
             .collect()
     }
 
+    /// CPU time used so far by every process of the cgroup, microseconds.
+    pub fn cpu_us(&self) -> Option<u64> {
+        read_keyed(&self.dir.join("cpu.stat"), "usage_usec")
+    }
+
     /// Reads CPU time, peak memory and OOM kills.
     pub fn stats(&self) -> Stats {
-        let cpu_us = read_keyed(&self.dir.join("cpu.stat"), "usage_usec");
+        let cpu_us = self.cpu_us();
         let peak = fs::read_to_string(self.dir.join("memory.peak"))
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())

@@ -61,6 +61,7 @@ async fn guest_main() {
     let mut cfg = ExecutorConfig::new(PathBuf::from(WORK_ROOT), cgroup_root);
     cfg.uid = RUN_UID;
     cfg.gid = RUN_GID;
+    cfg.scratch_dirs = vec![PathBuf::from("/tmp"), PathBuf::from("/dev/shm")];
     let poweroff = std::env::var_os("CLOUDE_NO_POWEROFF").is_none();
     let state = AgentState::new(Executor::new(cfg), poweroff);
 

@@ -30,6 +30,18 @@ pub struct ChildSetup {
     /// Move the child into a fresh network namespace (only loopback, brought up) before it drops
     /// its privileges: the program then reaches no network interface of the VM.
     pub new_netns: bool,
+    /// Resource limits set (soft and hard) before `exec`.
+    pub rlimits: Rlimits,
+}
+
+/// `setrlimit` values for a child, each `None` when left as inherited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rlimits {
+    pub stack_bytes: Option<u64>,
+    pub file_size_bytes: Option<u64>,
+    /// `RLIMIT_CPU` seconds per process: the backstop of the stage's CPU limit where no cgroup
+    /// counts it (`SIGXCPU` at the limit, `SIGKILL` a second later).
+    pub cpu_seconds: Option<u64>,
 }
 
 /// Makes `cmd`'s child join the cgroup, start its own session, drop every privilege and restore
@@ -58,6 +70,22 @@ pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
                 rlim_max: 0,
             };
             libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+            let limits = [
+                (libc::RLIMIT_STACK, setup.rlimits.stack_bytes, 0),
+                (libc::RLIMIT_FSIZE, setup.rlimits.file_size_bytes, 0),
+                (libc::RLIMIT_CPU, setup.rlimits.cpu_seconds, 1),
+            ];
+            for (resource, value, hard_extra) in limits {
+                if let Some(v) = value {
+                    let l = libc::rlimit {
+                        rlim_cur: v,
+                        rlim_max: v.saturating_add(hard_extra),
+                    };
+                    if libc::setrlimit(resource, &l) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
             if setup.new_netns {
                 if libc::unshare(libc::CLONE_NEWNET) != 0 {
                     return Err(io::Error::last_os_error());
@@ -287,6 +315,7 @@ mod tests {
                 uid: nix::unistd::geteuid().as_raw(),
                 gid: nix::unistd::getegid().as_raw(),
                 new_netns: false,
+                rlimits: Rlimits::default(),
             },
         );
         let out = cmd.output().expect("run sh");
@@ -296,6 +325,37 @@ mod tests {
             text.split_whitespace().collect::<Vec<_>>(),
             ["NoNewPrivs:", "1"]
         );
+    }
+
+    #[test]
+    fn rlimits_reach_the_program_and_cannot_be_raised() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "ulimit -s; ulimit -f; ulimit -t; ulimit -s 65536 2>/dev/null || echo refused"]);
+        prepare_child(
+            &mut cmd,
+            ChildSetup {
+                cgroup_procs: None,
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+                new_netns: false,
+                rlimits: Rlimits {
+                    stack_bytes: Some(4096 << 10),
+                    file_size_bytes: Some(100 << 10),
+                    cpu_seconds: Some(7),
+                },
+            },
+        );
+        let out = cmd.output().expect("run sh");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // dash and bash print KiB for -s, 512- or 1024-byte blocks for -f.
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "4096", "{text}");
+        assert!(lines[1] == "200" || lines[1] == "100", "{text}");
+        assert_eq!(lines[2], "7", "{text}");
+        // Raising the soft limit past the hard one needs privileges no program keeps.
+        if !nix::unistd::geteuid().is_root() {
+            assert_eq!(lines[3], "refused", "{text}");
+        }
     }
 }
 

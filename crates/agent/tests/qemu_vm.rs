@@ -87,10 +87,13 @@ impl Vm {
     }
 
     fn run(&mut self, req: &RunRequest) -> StageResult {
+        self.run_all(req).run.expect("run stage")
+    }
+
+    fn run_all(&mut self, req: &RunRequest) -> RunResponse {
         let (st, body) = self.request("POST", "/v1/run", &serde_json::to_vec(req).expect("json"));
         assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
-        let r: RunResponse = serde_json::from_slice(&body).expect("response");
-        r.run.expect("run stage")
+        serde_json::from_slice(&body).expect("response")
     }
 }
 
@@ -253,6 +256,9 @@ fn agent_as_pid1_in_qemu_microvm() {
         (StageStatus::OutputLimit, 1000)
     );
 
+    cpu_limits_and_rlimits(&mut vm);
+    test_cases_start_clean(&mut vm);
+
     let mut req = bash("echo bye");
     req.poweroff_after = true;
     assert_eq!(vm.run(&req).stdout.0, b"bye\n");
@@ -266,4 +272,99 @@ fn agent_as_pid1_in_qemu_microvm() {
     }
     let log = fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
     panic!("the VM did not power off; console:\n{log}");
+}
+
+/// The CPU-time limit counts every process of the stage (guest cgroup v2 `cpu.stat`), apart from
+/// the wall-clock timeout; stack and file-size limits reach the program; stderr can share
+/// stdout's pipe.
+fn cpu_limits_and_rlimits(vm: &mut Vm) {
+    let mut req = bash("while :; do :; done");
+    req.cpu_limit_ms = Some(1000);
+    req.run_timeout_ms = 30_000;
+    let r = vm.run(&req);
+    eprintln!("busy loop under a 1 s CPU limit: {r:?}");
+    assert_eq!(r.status, StageStatus::CpuLimit, "{r:?}");
+    assert!((1000..1500).contains(&r.cpu_ms), "{r:?}");
+    assert!(r.wall_ms < 10_000, "stopped long before the wall-clock timeout: {r:?}");
+    assert_eq!(
+        r.message.as_deref(),
+        Some(cloude_protocol::cpu_limit_message(1000).as_str())
+    );
+
+    // Two busy children share one budget.
+    let mut req = bash("for i in 1 2; do (while :; do :; done) & done; wait");
+    req.cpu_limit_ms = Some(800);
+    req.run_timeout_ms = 30_000;
+    let r = vm.run(&req);
+    assert_eq!(r.status, StageStatus::CpuLimit, "{r:?}");
+    assert!((800..1400).contains(&r.cpu_ms), "{r:?}");
+
+    // Sleeping costs no CPU time: the CPU limit does not stop it.
+    let mut req = bash("sleep 2; echo slept");
+    req.cpu_limit_ms = Some(300);
+    let r = vm.run(&req);
+    assert_eq!((r.status, r.stdout.0.as_slice()), (StageStatus::Ok, &b"slept\n"[..]), "{r:?}");
+
+    let mut req = bash(
+        "ulimit -s; ulimit -f; head -c 300000 /dev/zero > big || exit $?; echo never",
+    );
+    req.stack_limit_kib = Some(4096);
+    req.file_size_limit_kib = Some(100);
+    let r = vm.run(&req);
+    assert_eq!(r.stdout.0, b"4096\n100\n", "{r:?}");
+    assert_eq!(r.exit_code, Some(128 + 25), "head died of SIGXFSZ: {r:?}");
+
+    let mut req = bash("echo one; echo two >&2; echo three; echo four >&2");
+    req.merge_stderr = true;
+    let r = vm.run(&req);
+    assert_eq!(r.stdout.0, b"one\ntwo\nthree\nfour\n", "{r:?}");
+    assert!(r.stderr.0.is_empty(), "{r:?}");
+}
+
+/// Test cases: one compile, then each case in a fresh copy of the compiled directory at the
+/// same path, with its own stdin and cgroup, and nothing of the last case left in /tmp.
+fn test_cases_start_clean(vm: &mut Vm) {
+    let mut req = request(&["bash", "prog.sh"]);
+    req.files.push(file(
+        "src.sh",
+        "read x; echo $((x * 2)); pwd; ls; cat /proc/self/cgroup; \
+         [ -e /tmp/leftover ] && echo tmp-dirty; \
+         echo dirty > scratch; touch /tmp/leftover; [ \"$x\" = 3 ] && exit 4; true",
+    ));
+    req.compile = Some(vec![
+        "bash".into(),
+        "-c".into(),
+        "cp src.sh prog.sh; echo compiled >> compile.log".into(),
+    ]);
+    req.tests = (1..=3)
+        .map(|i| cloude_protocol::TestInput {
+            stdin: format!("{i}\n").into_bytes().into(),
+        })
+        .collect();
+    let r = vm.run_all(&req);
+    assert!(r.run.is_none(), "{r:?}");
+    assert_eq!(r.compile.as_ref().and_then(|c| c.exit_code), Some(0), "{r:?}");
+    assert_eq!(r.tests.len(), 3, "{r:?}");
+    let mut dirs = Vec::new();
+    let mut groups = Vec::new();
+    for (i, t) in r.tests.iter().enumerate() {
+        let out = String::from_utf8_lossy(&t.stdout.0).into_owned();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], ((i + 1) * 2).to_string(), "{out}");
+        dirs.push(lines[1].to_string());
+        // The compiled files, nothing a previous case wrote.
+        assert_eq!(&lines[2..5], ["compile.log", "prog.sh", "src.sh"], "{out}");
+        groups.push(lines[5].to_string());
+        assert!(!out.contains("tmp-dirty"), "case {i} saw /tmp of another: {out}");
+        assert_eq!(t.exit_code, Some(if i == 2 { 4 } else { 0 }), "{t:?}");
+    }
+    assert!(dirs.iter().all(|d| *d == dirs[0]), "one path for every case: {dirs:?}");
+    groups.sort();
+    groups.dedup();
+    assert_eq!(groups.len(), 3, "a cgroup per case: {groups:?}");
+
+    // A compile failure runs no case.
+    req.compile = Some(vec!["bash".into(), "-c".into(), "exit 1".into()]);
+    let r = vm.run_all(&req);
+    assert!(r.tests.is_empty() && r.run.is_none(), "{r:?}");
 }

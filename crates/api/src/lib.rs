@@ -35,6 +35,27 @@ pub struct ExecutionRequest {
     pub memory_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub network: bool,
+    /// CPU time the program may use (user + system, all its processes), ms; beyond it the run
+    /// ends with `cpu_limit`. Unset: only the wall-clock `timeout_ms` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit_ms: Option<u64>,
+    /// Test cases: compiled once, the program runs once per case in the same fresh VM (each run
+    /// in its own clean copy of the compiled work directory and cgroup). `stdin` must then be
+    /// unset; the answer has a `tests` section with a verdict per case and overall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<Vec<TestIn>>,
+}
+
+/// One test case of a request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestIn {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Compared with the program's stdout by Judge0's rule (trailing whitespace of each line
+    /// and trailing empty lines ignored); unset: the case passes when the program exits 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_output: Option<String>,
 }
 
 /// One file of a request.
@@ -55,6 +76,8 @@ pub enum Status {
     /// The program ran to its own exit, whatever its exit code (or a signal it caused).
     Ok,
     Timeout,
+    /// The program used more CPU time than `cpu_limit_ms`.
+    CpuLimit,
     OutputLimit,
     MemoryLimit,
     CompileError,
@@ -63,9 +86,10 @@ pub enum Status {
 
 impl Status {
     /// Every status, for tests and documentation.
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 7] = [
         Status::Ok,
         Status::Timeout,
+        Status::CpuLimit,
         Status::OutputLimit,
         Status::MemoryLimit,
         Status::CompileError,
@@ -77,6 +101,7 @@ impl Status {
         match self {
             Status::Ok => "ok",
             Status::Timeout => "timeout",
+            Status::CpuLimit => "cpu_limit",
             Status::OutputLimit => "output_limit",
             Status::MemoryLimit => "memory_limit",
             Status::CompileError => "compile_error",
@@ -137,6 +162,59 @@ pub struct AppliedLimits {
     /// The program's memory limit (the VM's memory when the request set none).
     pub memory_mib: u64,
     pub output_limit_bytes: u64,
+    /// The CPU-time limit, when the request set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit_ms: Option<u64>,
+}
+
+/// A test case's verdict, and the overall one of [`TestsOut`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Ran to exit code 0 with the expected output (or none was given).
+    Passed,
+    WrongAnswer,
+    /// Exited with another code, or was killed by a signal it caused.
+    RuntimeError,
+    Timeout,
+    CpuLimit,
+    MemoryLimit,
+    OutputLimit,
+    /// Overall only: nothing ran.
+    CompileError,
+    InternalError,
+}
+
+/// One test case's result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestOut {
+    pub verdict: Verdict,
+    pub stdout: String,
+    pub stderr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_base64: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    #[serde(default)]
+    pub signal_number: Option<i32>,
+    pub status: StageStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub wall_ms: u64,
+    pub cpu_ms: u64,
+    pub memory_kib: u64,
+}
+
+/// The `tests` section of an answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestsOut {
+    /// `passed` when every case passed, else the verdict of the first case that did not.
+    pub verdict: Verdict,
+    pub passed: u32,
+    pub total: u32,
+    pub cases: Vec<TestOut>,
 }
 
 /// Answer of `POST /v1/executions`.
@@ -175,6 +253,11 @@ pub struct ExecutionResponse {
     pub timings: Timings,
     #[serde(default)]
     pub limits: AppliedLimits,
+    /// With test cases: each case's result and the overall verdict. The top-level output,
+    /// status and measurements are then those of the first case that did not pass (the last
+    /// case when all passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<TestsOut>,
 }
 
 /// One line of `POST /v1/executions/stream`.

@@ -22,7 +22,10 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 struct AnswerLimits {
     /// Output bytes of one stage (stdout + stderr), as the request set them.
     output: usize,
-    /// The whole `/v1/run` body: two stages of base64 output, plus slack.
+    /// Output bytes of one test case, and how many cases the request has.
+    test_output: usize,
+    tests: usize,
+    /// The whole `/v1/run` body: two stages and every test case of base64 output, plus slack.
     body: usize,
     /// One NDJSON line of a stream: a result with two stages, or one output chunk.
     line: usize,
@@ -33,10 +36,17 @@ struct AnswerLimits {
 impl AnswerLimits {
     fn for_request(req: &RunRequest) -> Self {
         let output = usize::try_from(req.output_limit_bytes).unwrap_or(usize::MAX);
-        let b64 = output.saturating_add(2) / 3 * 4;
-        let body = b64.saturating_mul(2).saturating_add(ANSWER_SLACK_BYTES);
+        let b64 = |n: usize| n.saturating_add(2) / 3 * 4;
+        let test_output = usize::try_from(req.test_output_limit()).unwrap_or(usize::MAX);
+        let tests = req.tests.len();
+        let body = b64(output)
+            .saturating_mul(2)
+            .saturating_add(b64(test_output).saturating_mul(tests))
+            .saturating_add(ANSWER_SLACK_BYTES.saturating_mul(tests + 1));
         AnswerLimits {
             output,
+            test_output,
+            tests,
             body,
             line: body,
             streamed: output.saturating_mul(2),
@@ -51,6 +61,22 @@ impl AnswerLimits {
                 return Err(AgentError::Body(format!(
                     "a stage carries {n} bytes of output, over the limit of {}",
                     self.output
+                )));
+            }
+        }
+        if r.tests.len() > self.tests {
+            return Err(AgentError::Body(format!(
+                "{} test results for {} test cases",
+                r.tests.len(),
+                self.tests
+            )));
+        }
+        for st in &r.tests {
+            let n = st.stdout.0.len() + st.stderr.0.len();
+            if n > self.test_output {
+                return Err(AgentError::Body(format!(
+                    "a test case carries {n} bytes of output, over the limit of {}",
+                    self.test_output
                 )));
             }
         }
@@ -282,6 +308,11 @@ mod tests {
             poweroff_after: true,
             network: false,
             run_as_root: false,
+            cpu_limit_ms: None,
+            stack_limit_kib: None,
+            file_size_limit_kib: None,
+            merge_stderr: false,
+            tests: vec![],
         }
     }
 
@@ -367,5 +398,40 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn test_results_are_checked_against_the_request() {
+        let stage = |n: usize| cloude_protocol::StageResult {
+            stdout: cloude_protocol::Bytes(vec![b'x'; n]),
+            stderr: Default::default(),
+            exit_code: Some(0),
+            signal: None,
+            status: cloude_protocol::StageStatus::Ok,
+            message: None,
+            wall_ms: 0,
+            cpu_ms: 0,
+            memory_kib: 0,
+        };
+        let mut req = request(1 << 20);
+        req.tests = vec![Default::default(); 2];
+        let limits = AnswerLimits::for_request(&req);
+        let per_case = usize::try_from(req.test_output_limit()).expect("fits");
+        let answer = |tests| RunResponse {
+            compile: None,
+            run: None,
+            tests,
+        };
+        assert!(limits.check(&answer(vec![stage(per_case); 2])).is_ok());
+        let e = limits
+            .check(&answer(vec![stage(1); 3]))
+            .expect_err("more results than cases");
+        assert!(e.to_string().contains("3 test results for 2"), "{e}");
+        let e = limits
+            .check(&answer(vec![stage(per_case + 1)]))
+            .expect_err("over the per-case cap");
+        assert!(e.to_string().contains("test case carries"), "{e}");
+        // The body cap leaves room for every case's base64 output.
+        assert!(limits.body >= 2 * (per_case / 3 * 4));
     }
 }

@@ -37,6 +37,68 @@ pub struct Job {
     pub network: bool,
     /// Tasks (processes and threads) the program may have at once; `None`: the agent's default.
     pub pids_limit: Option<u64>,
+    /// CPU time the run may use, ms (enforced in the guest).
+    pub cpu_limit_ms: Option<u64>,
+    /// The run's stack limit, KiB.
+    pub stack_limit_kib: Option<u64>,
+    /// Largest file the run may write, KiB.
+    pub file_size_limit_kib: Option<u64>,
+    /// One pipe for the run's stdout and stderr (interleaved, reported as stdout).
+    pub merge_stderr: bool,
+    /// Test cases (compiled once, one run per case in the same VM); empty: one plain run.
+    pub tests: Vec<TestCase>,
+}
+
+/// One test case of a [`Job`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TestCase {
+    pub stdin: Vec<u8>,
+    /// Compared with the case's stdout by the API that asked (never sent to the VM).
+    pub expected_output: Option<Vec<u8>>,
+}
+
+/// The run order a job sends to its VM's agent, with the server's output cap.
+pub fn run_request(job: &Job, output_limit_bytes: u64) -> RunRequest {
+    let subst = |argv: &[String]| -> Vec<String> {
+        let entry = &job.files[0].name;
+        argv.iter()
+            .map(|a| {
+                if *a == job.language.file {
+                    entry.clone()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect()
+    };
+    RunRequest {
+        protocol_version: PROTOCOL_VERSION,
+        files: job.files.clone(),
+        compile: job.language.compile.as_deref().map(subst),
+        run: subst(&job.language.run),
+        args: job.args.clone(),
+        stdin: cloude_protocol::Bytes(job.stdin.clone()),
+        env: job.language.env.clone(),
+        compile_timeout_ms: job.compile_timeout_ms,
+        run_timeout_ms: job.run_timeout_ms,
+        output_limit_bytes,
+        memory_limit_mib: job.memory_mib,
+        pids_limit: job.pids_limit,
+        poweroff_after: true,
+        network: job.network,
+        run_as_root: job.language.run_as_root,
+        cpu_limit_ms: job.cpu_limit_ms,
+        stack_limit_kib: job.stack_limit_kib,
+        file_size_limit_kib: job.file_size_limit_kib,
+        merge_stderr: job.merge_stderr,
+        tests: job
+            .tests
+            .iter()
+            .map(|t| cloude_protocol::TestInput {
+                stdin: cloude_protocol::Bytes(t.stdin.clone()),
+            })
+            .collect(),
+    }
 }
 
 /// Where each phase's time went (an API type).
@@ -120,38 +182,11 @@ impl Executor {
             poweroff_after: false,
             network: false,
             run_as_root: language.run_as_root,
-        }
-    }
-
-    fn run_request(&self, job: &Job) -> RunRequest {
-        let subst = |argv: &[String]| -> Vec<String> {
-            let entry = &job.files[0].name;
-            argv.iter()
-                .map(|a| {
-                    if *a == job.language.file {
-                        entry.clone()
-                    } else {
-                        a.clone()
-                    }
-                })
-                .collect()
-        };
-        RunRequest {
-            protocol_version: PROTOCOL_VERSION,
-            files: job.files.clone(),
-            compile: job.language.compile.as_deref().map(subst),
-            run: subst(&job.language.run),
-            args: job.args.clone(),
-            stdin: cloude_protocol::Bytes(job.stdin.clone()),
-            env: job.language.env.clone(),
-            compile_timeout_ms: job.compile_timeout_ms,
-            run_timeout_ms: job.run_timeout_ms,
-            output_limit_bytes: self.settings.output_limit_bytes,
-            memory_limit_mib: job.memory_mib,
-            pids_limit: job.pids_limit,
-            poweroff_after: true,
-            network: job.network,
-            run_as_root: job.language.run_as_root,
+            cpu_limit_ms: None,
+            stack_limit_kib: None,
+            file_size_limit_kib: None,
+            merge_stderr: false,
+            tests: vec![],
         }
     }
 
@@ -271,6 +306,7 @@ impl Executor {
             compile_timeout_ms: job.compile_timeout_ms,
             memory_mib: job.memory_mib.unwrap_or(job.language.memory_mib),
             output_limit_bytes: self.settings.output_limit_bytes,
+            cpu_limit_ms: job.cpu_limit_ms,
         };
         let (mut vm, pooled) = match self.acquire_vm(&job).await {
             Ok(v) => v,
@@ -317,9 +353,13 @@ impl Executor {
                 });
             }
         }
-        let req = self.run_request(&job);
-        let deadline = Duration::from_millis(job.compile_timeout_ms + job.run_timeout_ms)
-            + AGENT_DEADLINE_SLACK;
+        let req = run_request(&job, self.settings.output_limit_bytes);
+        // Every run (one, or one per test case) may take its whole timeout.
+        let runs = job.tests.len().max(1) as u64;
+        let deadline = Duration::from_millis(
+            job.compile_timeout_ms
+                .saturating_add(job.run_timeout_ms.saturating_mul(runs)),
+        ) + AGENT_DEADLINE_SLACK.saturating_mul(u32::try_from(runs.min(8)).unwrap_or(8));
         let run_start = Instant::now();
         let result = match vm.agent().await {
             Err(e) => Err(format!("cannot talk to the VM's agent: {e}")),

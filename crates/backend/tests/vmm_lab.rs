@@ -99,6 +99,11 @@ async fn cloude_vmm_driver_runs_a_program() {
         poweroff_after: true,
         network: false,
         run_as_root: false,
+        cpu_limit_ms: None,
+        stack_limit_kib: None,
+        file_size_limit_kib: None,
+        merge_stderr: false,
+        tests: vec![],
     };
     let resp = client.run(&req).await.expect("run");
     let run = resp.run.expect("run stage");
@@ -133,6 +138,11 @@ fn python(code: &str, timeout_ms: u64) -> RunRequest {
         poweroff_after: false,
         network: false,
         run_as_root: false,
+        cpu_limit_ms: None,
+        stack_limit_kib: None,
+        file_size_limit_kib: None,
+        merge_stderr: false,
+        tests: vec![],
     }
 }
 

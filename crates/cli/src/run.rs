@@ -33,6 +33,9 @@ pub struct RunArgs {
     /// Memory limit in MiB.
     #[arg(short, long)]
     memory_mib: Option<u64>,
+    /// CPU-time limit in milliseconds (apart from the wall-clock timeout).
+    #[arg(long)]
+    cpu_limit_ms: Option<u64>,
     /// Arguments passed to the program (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -69,6 +72,7 @@ pub fn run(client: &Client, args: RunArgs, raw_json: bool) -> anyhow::Result<u8>
         version: args.version.clone(),
         timeout_ms: args.timeout_ms,
         memory_mib: args.memory_mib,
+        cpu_limit_ms: args.cpu_limit_ms,
         ..Default::default()
     };
     match (&args.code, &args.file) {
@@ -167,6 +171,10 @@ pub fn status_line(resp: &ExecutionResponse) -> Option<String> {
             size(l.output_limit_bytes)
         )),
         Status::MemoryLimit => Some(format!("memory limit reached ({} MiB)", l.memory_mib)),
+        Status::CpuLimit => Some(format!(
+            "CPU time limit reached ({})",
+            duration(l.cpu_limit_ms.unwrap_or(0))
+        )),
         Status::InternalError => Some(format!(
             "internal error: the server could not run the program: {}",
             resp.message.as_deref().unwrap_or("no details")
@@ -177,7 +185,7 @@ pub fn status_line(resp: &ExecutionResponse) -> Option<String> {
 /// The CLI's exit code for a response.
 pub fn exit_code(resp: &ExecutionResponse) -> u8 {
     match resp.status {
-        Status::Timeout => EXIT_TIMEOUT,
+        Status::Timeout | Status::CpuLimit => EXIT_TIMEOUT,
         Status::CompileError => resp
             .exit_code
             .and_then(|c| u8::try_from(c).ok())

@@ -212,6 +212,43 @@ pub struct RunRequest {
     /// ask for it, such as test images; the VM stays the boundary).
     #[serde(default)]
     pub run_as_root: bool,
+    /// CPU time (user + system, every process of the stage together) the run stage may use;
+    /// beyond it the stage ends with `cpu_limit`. `None`: only the wall-clock timeout applies.
+    #[serde(default)]
+    pub cpu_limit_ms: Option<u64>,
+    /// `RLIMIT_STACK` of the run stage, KiB (`None`: the kernel's default, 8 MiB).
+    #[serde(default)]
+    pub stack_limit_kib: Option<u64>,
+    /// `RLIMIT_FSIZE` of the run stage, KiB: no file it writes may grow beyond it (`SIGXFSZ`).
+    #[serde(default)]
+    pub file_size_limit_kib: Option<u64>,
+    /// Give the run stage one pipe for stdout and stderr, so that the two interleave as written
+    /// (everything is then reported as stdout).
+    #[serde(default)]
+    pub merge_stderr: bool,
+    /// Test cases: when not empty the run stage runs once per case (after one compile), each in
+    /// a fresh copy of the compiled work directory and a cgroup of its own, with the case's
+    /// stdin; `stdin` must then be empty. Answers are in [`RunResponse::tests`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestInput>,
+}
+
+/// One test case of a [`RunRequest`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestInput {
+    #[serde(default)]
+    pub stdin: Bytes,
+}
+
+impl RunRequest {
+    /// The output cap of each test case: the request's own cap, shrunk so that every case
+    /// together stays within [`MAX_TESTS_OUTPUT_BYTES`].
+    pub fn test_output_limit(&self) -> u64 {
+        let n = self.tests.len().max(1) as u64;
+        self.output_limit_bytes
+            .min(MAX_OUTPUT_LIMIT_BYTES)
+            .min(MAX_TESTS_OUTPUT_BYTES / n)
+    }
 }
 
 fn default_true() -> bool {
@@ -226,6 +263,8 @@ pub enum StageStatus {
     /// caused itself.
     Ok,
     Timeout,
+    /// The stage used more CPU time than the request's `cpu_limit_ms`.
+    CpuLimit,
     OutputLimit,
     MemoryLimit,
     /// The stage could not be started (missing binary, bad request).
@@ -250,12 +289,21 @@ pub struct StageResult {
     pub memory_kib: u64,
 }
 
+/// What a CPU-time limit that ended a stage looks like (for the messages of every API).
+pub fn cpu_limit_message(limit_ms: u64) -> String {
+    format!("killed after {limit_ms} ms of CPU time")
+}
+
 /// The agent's answer to a [`RunRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunResponse {
     pub compile: Option<StageResult>,
-    /// `None` when compilation failed and nothing ran.
+    /// `None` when compilation failed and nothing ran (and when the request had test cases).
     pub run: Option<StageResult>,
+    /// One result per test case of the request, in order (empty without test cases, or when
+    /// compilation failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<StageResult>,
 }
 
 /// Which output stream a chunk came from.
@@ -327,6 +375,12 @@ pub enum ProtocolError {
     TooLarge(&'static str, usize, usize),
     #[error("{0} must be between 1 and {1} ms")]
     BadTimeout(&'static str, u64),
+    #[error("{0} must be between 1 and {1}")]
+    OutOfRange(&'static str, u64),
+    #[error("too many test cases: {0} (at most {MAX_TEST_CASES})")]
+    TooManyTests(usize),
+    #[error("stdin must be empty when the request has test cases (each case has its own)")]
+    StdinWithTests,
     #[error("{0} contains a NUL byte")]
     NulByte(&'static str),
     #[error("a wake must carry {MIN_WAKE_ENTROPY_BYTES} to {MAX_WAKE_ENTROPY_BYTES} bytes of entropy, got {0}")]
@@ -391,6 +445,34 @@ impl RunRequest {
                 self.stdin.0.len(),
                 MAX_STDIN_BYTES,
             ));
+        }
+        if self.tests.len() > MAX_TEST_CASES {
+            return Err(ProtocolError::TooManyTests(self.tests.len()));
+        }
+        if !self.tests.is_empty() && !self.stdin.0.is_empty() {
+            return Err(ProtocolError::StdinWithTests);
+        }
+        let tests_stdin: usize = self.tests.iter().map(|t| t.stdin.0.len()).sum();
+        if tests_stdin > MAX_STDIN_BYTES {
+            return Err(ProtocolError::TooLarge(
+                "the test cases' stdin",
+                tests_stdin,
+                MAX_STDIN_BYTES,
+            ));
+        }
+        let ranged = [
+            ("cpu_limit_ms", self.cpu_limit_ms, MAX_TIMEOUT_MS),
+            ("stack_limit_kib", self.stack_limit_kib, MAX_STACK_LIMIT_KIB),
+            (
+                "file_size_limit_kib",
+                self.file_size_limit_kib,
+                MAX_FILE_SIZE_LIMIT_KIB,
+            ),
+        ];
+        for (name, v, max) in ranged {
+            if v.is_some_and(|v| v == 0 || v > max) {
+                return Err(ProtocolError::OutOfRange(name, max));
+            }
         }
         if self.run.is_empty() || self.run[0].is_empty() {
             return Err(ProtocolError::EmptyRun);
@@ -481,7 +563,50 @@ mod tests {
             poweroff_after: true,
             network: false,
             run_as_root: false,
+            cpu_limit_ms: None,
+            stack_limit_kib: None,
+            file_size_limit_kib: None,
+            merge_stderr: false,
+            tests: vec![],
         }
+    }
+
+    #[test]
+    fn test_cases_are_bounded() {
+        let mut r = req();
+        r.tests = vec![TestInput::default(); MAX_TEST_CASES];
+        assert!(r.validate().is_ok());
+        assert_eq!(
+            r.test_output_limit(),
+            (1 << 20).min(MAX_TESTS_OUTPUT_BYTES / MAX_TEST_CASES as u64)
+        );
+        r.tests.push(TestInput::default());
+        assert_eq!(
+            r.validate(),
+            Err(ProtocolError::TooManyTests(MAX_TEST_CASES + 1))
+        );
+        let mut r = req();
+        r.tests = vec![TestInput::default()];
+        r.stdin = "x".into();
+        assert_eq!(r.validate(), Err(ProtocolError::StdinWithTests));
+        let mut r = req();
+        r.tests = vec![
+            TestInput {
+                stdin: Bytes(vec![b'x'; MAX_STDIN_BYTES / 2 + 1]),
+            };
+            2
+        ];
+        assert!(matches!(r.validate(), Err(ProtocolError::TooLarge(..))));
+        let mut r = req();
+        r.cpu_limit_ms = Some(0);
+        assert!(matches!(r.validate(), Err(ProtocolError::OutOfRange(..))));
+        let mut r = req();
+        r.stack_limit_kib = Some(MAX_STACK_LIMIT_KIB + 1);
+        assert!(matches!(r.validate(), Err(ProtocolError::OutOfRange(..))));
+        let mut r = req();
+        r.file_size_limit_kib = Some(1);
+        r.cpu_limit_ms = Some(1000);
+        assert!(r.validate().is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub use stage::error_result;
 pub use workdir::{WorkDir, WorkDirError};
 
 use crate::cgroup::Limits;
+use crate::sys::Rlimits;
 use stage::{run_stage, StageSpec};
 
 /// Search path given to programs unless the request sets its own `PATH`.
@@ -59,6 +60,10 @@ pub struct ExecutorConfig {
     /// Memory limit when the request sets none (requests may only ask for less).
     pub memory_limit_mib: Option<u64>,
     pub pids_limit: u64,
+    /// Shared scratch directories (the guest's `/tmp` and `/dev/shm`) emptied of what the
+    /// program's user left there between two test cases, so that no case sees another's
+    /// files. Empty on the host, where those directories are not ours.
+    pub scratch_dirs: Vec<PathBuf>,
 }
 
 impl ExecutorConfig {
@@ -72,6 +77,7 @@ impl ExecutorConfig {
             gid: 1000,
             memory_limit_mib: default_memory_limit_mib(&meminfo),
             pids_limit: DEFAULT_PIDS_LIMIT,
+            scratch_dirs: Vec::new(),
         }
     }
 }
@@ -134,7 +140,7 @@ impl Executor {
         // Offline runs get a namespace of their own only where there is something to hide: a VM
         // without a network device (the vsock transport) has nothing but loopback anyway.
         let new_netns = !req.network && crate::sys::has_external_interface();
-        let wd = WorkDir::create(&cfg.work_root, &job, &req.files, uid, gid)?;
+        let mut wd = WorkDir::create(&cfg.work_root, &job, &req.files, uid, gid)?;
         let memory_mib = match (req.memory_limit_mib, cfg.memory_limit_mib) {
             (Some(r), Some(d)) => Some(r.min(d)),
             (r, d) => r.or(d),
@@ -152,33 +158,43 @@ impl Executor {
             ("LOGNAME".into(), "cloude".into()),
         ];
         env.extend(req.env.iter().cloned());
-        let spec = |stage: Stage, argv: Vec<String>, stdin: Vec<u8>, timeout_ms: u64| StageSpec {
-            stage,
-            argv,
-            stdin: Arc::new(stdin),
-            env: env.clone(),
-            cwd: wd.path().to_path_buf(),
-            timeout: Duration::from_millis(timeout_ms),
-            output_limit: req.output_limit_bytes.min(MAX_OUTPUT_LIMIT_BYTES),
-            limits,
-            cgroup_root: cfg.cgroup_root.clone(),
-            cgroup_name: format!(
-                "{job}-{}",
-                if stage == Stage::Run {
-                    "run"
-                } else {
-                    "compile"
-                }
-            ),
-            uid,
-            gid,
-            new_netns,
-            sink: sink.clone(),
+        let cwd = wd.path().to_path_buf();
+        // The run stage's own limits (a compiler gets only the wall-clock timeout).
+        let run_rlimits = Rlimits {
+            stack_bytes: req.stack_limit_kib.map(|k| k.saturating_mul(1024)),
+            file_size_bytes: req.file_size_limit_kib.map(|k| k.saturating_mul(1024)),
+            cpu_seconds: req.cpu_limit_ms.map(|ms| ms.div_ceil(1000) + 1),
+        };
+        let spec = |stage: Stage, argv: Vec<String>, stdin: Vec<u8>, timeout_ms: u64| {
+            let run = stage == Stage::Run;
+            StageSpec {
+                stage,
+                argv,
+                stdin: Arc::new(stdin),
+                env: env.clone(),
+                cwd: cwd.clone(),
+                timeout: Duration::from_millis(timeout_ms),
+                output_limit: req.output_limit_bytes.min(MAX_OUTPUT_LIMIT_BYTES),
+                limits,
+                cgroup_root: cfg.cgroup_root.clone(),
+                cgroup_name: format!("{job}-{}", if run { "run" } else { "compile" }),
+                uid,
+                gid,
+                new_netns,
+                cpu_limit: req
+                    .cpu_limit_ms
+                    .filter(|_| run)
+                    .map(Duration::from_millis),
+                rlimits: if run { run_rlimits } else { Rlimits::default() },
+                merge_stderr: run && req.merge_stderr,
+                sink: sink.clone(),
+            }
         };
 
         let mut response = RunResponse {
             compile: None,
             run: None,
+            tests: Vec::new(),
         };
         if let Some(argv) = &req.compile {
             if argv.is_empty() || argv[0].is_empty() {
@@ -198,15 +214,48 @@ impl Executor {
                 return Ok(response);
             }
         }
-        let argv = req.run.iter().chain(&req.args).cloned().collect();
-        let r = run_stage(spec(
-            Stage::Run,
-            argv,
-            req.stdin.0.clone(),
-            req.run_timeout_ms,
-        ))
-        .await;
-        response.run = Some(r);
+        let argv: Vec<String> = req.run.iter().chain(&req.args).cloned().collect();
+        if req.tests.is_empty() {
+            let r = run_stage(spec(
+                Stage::Run,
+                argv,
+                req.stdin.0.clone(),
+                req.run_timeout_ms,
+            ))
+            .await;
+            response.run = Some(r);
+            drop(wd);
+            return Ok(response);
+        }
+        // Test cases: each starts from the compiled directory as it is now, in a fresh copy at
+        // the same path (compilers may have recorded it), with a cgroup of its own.
+        wd.freeze()?;
+        for (i, case) in req.tests.iter().enumerate() {
+            if let Err(e) = wd.fresh_copy() {
+                let why = std::error::Error::source(&e)
+                    .map(|s| format!("{e}: {s}"))
+                    .unwrap_or_else(|| e.to_string());
+                response.tests.push(error_result(why));
+                continue;
+            }
+            let mut s = spec(
+                Stage::Run,
+                argv.clone(),
+                case.stdin.0.clone(),
+                req.run_timeout_ms,
+            );
+            s.cgroup_name = format!("{job}-test{i}");
+            s.output_limit = req.test_output_limit();
+            // Streams carry the plain run's output only.
+            s.sink = None;
+            response.tests.push(run_stage(s).await);
+            wd.clear();
+            if uid != 0 {
+                for dir in &cfg.scratch_dirs {
+                    workdir::remove_owned_entries(dir, uid);
+                }
+            }
+        }
         drop(wd);
         Ok(response)
     }

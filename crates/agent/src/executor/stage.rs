@@ -17,11 +17,13 @@ use tokio::sync::{mpsc, watch};
 use crate::cgroup::{Limits, StageCgroup};
 use crate::output::{pump, OutputCap, Sink};
 use crate::reaper::Reaper;
-use crate::sys::{self, ChildSetup};
+use crate::sys::{self, ChildSetup, Rlimits};
 
 /// How long output pipes may stay open after the program ended and its cgroup was killed
 /// (only matters without a cgroup, where an escapee may keep a pipe open).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How often a stage's cgroup CPU counter is read against its CPU limit.
+const CPU_POLL: Duration = Duration::from_millis(10);
 
 /// Everything one stage needs.
 #[derive(Debug)]
@@ -40,6 +42,11 @@ pub struct StageSpec {
     pub gid: u32,
     /// Run in a fresh network namespace (see [`sys::ChildSetup::new_netns`]).
     pub new_netns: bool,
+    /// CPU time the stage's processes may use together.
+    pub cpu_limit: Option<Duration>,
+    pub rlimits: Rlimits,
+    /// One pipe for stdout and stderr (reported as stdout).
+    pub merge_stderr: bool,
     pub sink: Option<mpsc::Sender<StreamEvent>>,
 }
 
@@ -71,7 +78,10 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         Ok(r) => r,
         Err(e) => return error_result(e.to_string()),
     };
-    let mut cmd = command(&spec, cgroup.as_ref());
+    let (mut cmd, merged) = match command(&spec, cgroup.as_ref()) {
+        Ok(c) => c,
+        Err(e) => return error_result(format!("cannot make the output pipe: {e}")),
+    };
     let start = Instant::now();
     let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
         Ok(x) => x,
@@ -92,7 +102,7 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
             tx,
         })
     };
-    let out = child.stdout.take().map(OwnedFd::from);
+    let out = merged.or_else(|| child.stdout.take().map(OwnedFd::from));
     let err = child.stderr.take().map(OwnedFd::from);
     let out_task = tokio::spawn(drain(
         out,
@@ -117,9 +127,20 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
     tokio::pin!(deadline);
     tokio::pin!(exit_rx);
     let mut reason = None;
+    let mut cpu_poll = tokio::time::interval(CPU_POLL);
+    cpu_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let cpu_limit_us = spec.cpu_limit.map(|d| d.as_micros() as u64);
+    let polled = cgroup.as_ref().filter(|_| cpu_limit_us.is_some());
     let waited = loop {
         tokio::select! {
             w = &mut exit_rx => break w.ok(),
+            _ = cpu_poll.tick(), if polled.is_some() && reason.is_none() => {
+                let used = polled.and_then(StageCgroup::cpu_us).unwrap_or(0);
+                if cpu_limit_us.is_some_and(|l| used > l) {
+                    reason = Some(StageStatus::CpuLimit);
+                    kill_all(cgroup.as_ref(), pid);
+                }
+            }
             _ = &mut deadline, if reason.is_none() => {
                 reason = Some(StageStatus::Timeout);
                 kill_all(cgroup.as_ref(), pid);
@@ -151,14 +172,24 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
     let Some(waited) = waited else {
         return error_result("lost track of the program's exit status".into());
     };
+    let cpu_us = stats.cpu_us.unwrap_or(waited.cpu_us);
+    // Past the limit between two polls, or stopped by the RLIMIT_CPU backstop: the limit ended
+    // it all the same.
+    let over_cpu = cpu_limit_us.is_some_and(|l| {
+        cpu_us > l || matches!(waited.signal, Some(libc::SIGXCPU))
+    });
     let status = match reason {
         Some(r) => r,
+        None if over_cpu => StageStatus::CpuLimit,
         None if stats.oom_killed => StageStatus::MemoryLimit,
         None if cap.is_exceeded() => StageStatus::OutputLimit,
         None => StageStatus::Ok,
     };
     let message = match status {
         StageStatus::Timeout => Some(format!("killed after {} ms", spec.timeout.as_millis())),
+        StageStatus::CpuLimit => Some(cloude_protocol::cpu_limit_message(
+            spec.cpu_limit.map_or(0, |d| d.as_millis() as u64),
+        )),
         StageStatus::OutputLimit => {
             Some(format!("output beyond {} bytes dropped", spec.output_limit))
         }
@@ -173,20 +204,31 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         status,
         message,
         wall_ms: u64::try_from(wall.as_millis()).unwrap_or(u64::MAX),
-        cpu_ms: stats.cpu_us.unwrap_or(waited.cpu_us) / 1000,
+        cpu_ms: cpu_us / 1000,
         memory_kib: stats.memory_peak_kib.unwrap_or(waited.maxrss_kib),
     }
 }
 
-fn command(spec: &StageSpec, cgroup: Option<&StageCgroup>) -> Command {
+/// The stage's command, and with `merge_stderr` the read end of the one pipe its stdout and
+/// stderr share (the write ends live in the command, dropped after the spawn).
+fn command(
+    spec: &StageSpec,
+    cgroup: Option<&StageCgroup>,
+) -> std::io::Result<(Command, Option<OwnedFd>)> {
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdin(Stdio::piped());
+    let merged = if spec.merge_stderr {
+        let (r, w) = std::io::pipe()?;
+        cmd.stdout(w.try_clone()?).stderr(w);
+        Some(OwnedFd::from(r))
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        None
+    };
     sys::prepare_child(
         &mut cmd,
         ChildSetup {
@@ -194,9 +236,10 @@ fn command(spec: &StageSpec, cgroup: Option<&StageCgroup>) -> Command {
             uid: spec.uid,
             gid: spec.gid,
             new_netns: spec.new_netns,
+            rlimits: spec.rlimits,
         },
     );
-    cmd
+    Ok((cmd, merged))
 }
 
 /// Kills the stage's processes: the whole cgroup, and the session's process group.

@@ -106,6 +106,11 @@ pub fn request(run: &[&str]) -> RunRequest {
         poweroff_after: false,
         network: false,
         run_as_root: false,
+        cpu_limit_ms: None,
+        stack_limit_kib: None,
+        file_size_limit_kib: None,
+        merge_stderr: false,
+        tests: vec![],
     }
 }
 

@@ -164,7 +164,7 @@ pub fn job_from_body(
     let limits = &config.limits;
     let run_timeout = constraint(body, "run_timeout", Some(limits.max_timeout_ms))?;
     let compile_timeout = constraint(body, "compile_timeout", Some(limits.max_compile_timeout_ms))?;
-    constraint(body, "run_cpu_time", Some(limits.max_timeout_ms))?;
+    let run_cpu_time = constraint(body, "run_cpu_time", Some(limits.max_timeout_ms))?;
     constraint(
         body,
         "compile_cpu_time",
@@ -222,6 +222,8 @@ pub fn job_from_body(
             memory_mib: as_u64(run_mem).map(|b| (b / (1024 * 1024)).max(16)),
             // Piston's API has no network switch; its runs are offline.
             network: false,
+            cpu_limit_ms: as_u64(run_cpu_time).filter(|c| *c > 0),
+            tests: vec![],
         },
         limits,
     )
@@ -242,6 +244,8 @@ pub fn piston_stage(s: &StageResult) -> PistonStage {
     let signal = s.signal.map(signal_name);
     let (status, message) = match s.status {
         StageStatus::Timeout => (Some("TO"), Some("Timeout exceeded".to_string())),
+        // Piston's isolate reports a CPU-time kill as a timeout too.
+        StageStatus::CpuLimit => (Some("TO"), Some("CPU time limit exceeded".to_string())),
         StageStatus::OutputLimit => (Some("OL"), Some("Output limit exceeded".to_string())),
         StageStatus::MemoryLimit => (Some("SG"), Some("Memory limit exceeded".to_string())),
         StageStatus::Error => (

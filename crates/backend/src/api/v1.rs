@@ -20,7 +20,8 @@ use super::types::{
 };
 use super::validate::{build_job, decode_content, find_language, Draft, RawFile};
 use super::AppState;
-use crate::executor::{ExecError, Job, Outcome};
+use crate::executor::{ExecError, Job, Outcome, TestCase};
+use cloude_api::{TestOut, TestsOut, Verdict};
 
 /// Events buffered between the VM task and a slow streaming client.
 const STREAM_BUFFER_EVENTS: usize = 64;
@@ -82,6 +83,22 @@ pub fn job_from_request(
             .collect::<Result<_, ApiError>>()?,
         (None, None) => vec![],
     };
+    let tests = match r.tests {
+        None => vec![],
+        Some(t) if t.is_empty() => {
+            return Err(ApiError::invalid(
+                "tests",
+                "give at least one test case, or leave tests out",
+            ))
+        }
+        Some(t) => t
+            .into_iter()
+            .map(|t| TestCase {
+                stdin: t.stdin.unwrap_or_default().into_bytes(),
+                expected_output: t.expected_output.map(String::into_bytes),
+            })
+            .collect(),
+    };
     build_job(
         Draft {
             language,
@@ -92,6 +109,8 @@ pub fn job_from_request(
             compile_timeout_ms: r.compile_timeout_ms,
             memory_mib: r.memory_mib,
             network: r.network,
+            cpu_limit_ms: r.cpu_limit_ms,
+            tests,
         },
         &config.limits,
     )
@@ -161,12 +180,14 @@ pub fn overall_status(r: &RunResponse) -> (Status, Option<String>) {
     let from_stage = |s: &StageResult| match s.status {
         StageStatus::Ok => Status::Ok,
         StageStatus::Timeout => Status::Timeout,
+        StageStatus::CpuLimit => Status::CpuLimit,
         StageStatus::OutputLimit => Status::OutputLimit,
         StageStatus::MemoryLimit => Status::MemoryLimit,
         StageStatus::Error => Status::InternalError,
     };
     if let Some(c) = &r.compile {
-        let failed = c.status != StageStatus::Ok || c.exit_code != Some(0) || r.run.is_none();
+        let ran = r.run.is_some() || !r.tests.is_empty();
+        let failed = c.status != StageStatus::Ok || c.exit_code != Some(0) || !ran;
         if failed {
             return match c.status {
                 StageStatus::Ok => (Status::CompileError, None),
@@ -179,6 +200,64 @@ pub fn overall_status(r: &RunResponse) -> (Status, Option<String>) {
         Some(s) => (from_stage(s), s.message.clone()),
         None => (Status::InternalError, Some("the agent ran nothing".into())),
     }
+}
+
+/// A test case's verdict: its stage's status, then its exit, then its output.
+pub fn case_verdict(s: &StageResult, case: &TestCase) -> Verdict {
+    match s.status {
+        StageStatus::Timeout => Verdict::Timeout,
+        StageStatus::CpuLimit => Verdict::CpuLimit,
+        StageStatus::OutputLimit => Verdict::OutputLimit,
+        StageStatus::MemoryLimit => Verdict::MemoryLimit,
+        StageStatus::Error => Verdict::InternalError,
+        StageStatus::Ok if s.signal.is_some() || s.exit_code != Some(0) => Verdict::RuntimeError,
+        // Judge0's comparison, except that no output equals an empty expected output here
+        // (Judge0's null stdout is a quirk of its storage).
+        StageStatus::Ok => match &case.expected_output {
+            Some(e) if !crate::judge0::verdict::matches(Some(e), Some(&s.stdout.0)) => {
+                Verdict::WrongAnswer
+            }
+            _ => Verdict::Passed,
+        },
+    }
+}
+
+/// The `tests` section, and the index of the case the top-level fields describe (the first
+/// that did not pass, else the last).
+fn tests_out(job: &Job, results: &[StageResult]) -> (TestsOut, Option<usize>) {
+    let cases: Vec<TestOut> = results
+        .iter()
+        .zip(&job.tests)
+        .map(|(s, case)| TestOut {
+            verdict: case_verdict(s, case),
+            stdout: lossy(&s.stdout),
+            stderr: lossy(&s.stderr),
+            stdout_base64: exact(&s.stdout),
+            stderr_base64: exact(&s.stderr),
+            exit_code: s.exit_code,
+            signal: s.signal.map(signal_name),
+            signal_number: s.signal,
+            status: s.status,
+            message: s.message.clone(),
+            wall_ms: s.wall_ms,
+            cpu_ms: s.cpu_ms,
+            memory_kib: s.memory_kib,
+        })
+        .collect();
+    let first_bad = cases.iter().position(|c| c.verdict != Verdict::Passed);
+    let shown = first_bad.or(cases.len().checked_sub(1));
+    let out = TestsOut {
+        verdict: match (first_bad, cases.len() == job.tests.len()) {
+            (Some(i), _) => cases[i].verdict,
+            (None, true) => Verdict::Passed,
+            // Fewer answers than cases: the agent stopped early.
+            (None, false) => Verdict::InternalError,
+        },
+        passed: cases.iter().filter(|c| c.verdict == Verdict::Passed).count() as u32,
+        total: job.tests.len() as u32,
+        cases,
+    };
+    (out, shown)
 }
 
 pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionResponse {
@@ -200,15 +279,50 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
         memory_kib: 0,
         timings: outcome.timings,
         limits: outcome.limits,
+        tests: None,
     };
     match outcome.result {
-        Err(msg) => resp.message = Some(msg),
-        Ok(r) => {
-            let (status, message) = overall_status(&r);
+        Err(msg) => {
+            resp.message = Some(msg);
+            if !job.tests.is_empty() {
+                resp.tests = Some(TestsOut {
+                    verdict: Verdict::InternalError,
+                    passed: 0,
+                    total: job.tests.len() as u32,
+                    cases: vec![],
+                });
+            }
+        }
+        Ok(mut r) => {
+            let (mut status, mut message) = overall_status(&r);
+            let mut shown_case = None;
+            if !job.tests.is_empty() {
+                let (t, shown) = tests_out(job, &r.tests);
+                if matches!(status, Status::Ok) {
+                    if let Some(i) = shown {
+                        status = overall_status(&RunResponse {
+                            compile: None,
+                            run: Some(r.tests[i].clone()),
+                            tests: vec![],
+                        })
+                        .0;
+                        message = r.tests[i].message.clone();
+                        shown_case = Some(i);
+                    }
+                }
+                resp.tests = Some(match status {
+                    Status::CompileError => TestsOut {
+                        verdict: Verdict::CompileError,
+                        ..t
+                    },
+                    _ => t,
+                });
+            }
             resp.status = status;
             resp.message = message;
             resp.compile = r.compile.as_ref().map(stage_out);
-            if let Some(last) = r.run.as_ref().or(r.compile.as_ref()) {
+            let case = shown_case.map(|i| r.tests.swap_remove(i));
+            if let Some(last) = case.as_ref().or(r.run.as_ref()).or(r.compile.as_ref()) {
                 resp.stdout = lossy(&last.stdout);
                 resp.stderr = lossy(&last.stderr);
                 resp.stdout_base64 = exact(&last.stdout);
@@ -272,6 +386,12 @@ pub async fn execute_stream(
 ) -> Result<Response, ApiError> {
     let t = Instant::now();
     let job = to_job(&state, req)?;
+    if !job.tests.is_empty() {
+        return Err(ApiError::invalid(
+            "tests",
+            "test cases are not streamed; POST them to /v1/executions",
+        ));
+    }
     let (permit, queued) = state.executor.admit().await?;
     let (line_tx, line_rx) =
         mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(STREAM_BUFFER_EVENTS);
@@ -410,7 +530,12 @@ mod tests {
     #[test]
     fn overall_statuses() {
         let r = |compile: Option<StageResult>, run: Option<StageResult>| {
-            overall_status(&RunResponse { compile, run }).0
+            overall_status(&RunResponse {
+                compile,
+                run,
+                tests: vec![],
+            })
+            .0
         };
         assert_eq!(
             r(None, Some(stage(StageStatus::Ok, Some(3)))),

@@ -6,7 +6,7 @@ use cloude_protocol::{Encoding, FileSpec};
 
 use super::error::ApiError;
 use crate::config::Limits;
-use crate::executor::Job;
+use crate::executor::{Job, TestCase};
 
 /// A file as the client sent it, after its encoding was understood.
 pub struct RawFile {
@@ -27,6 +27,9 @@ pub struct Draft {
     pub memory_mib: Option<u64>,
     /// Whether the program may use the VM's network (already checked against the config).
     pub network: bool,
+    pub cpu_limit_ms: Option<u64>,
+    /// Test cases (`tests[i]` in errors).
+    pub tests: Vec<TestCase>,
 }
 
 pub fn find_language<'c>(
@@ -166,6 +169,15 @@ pub fn build_job(d: Draft, limits: &Limits) -> Result<Job, ApiError> {
             .min(limits.max_compile_timeout_ms),
         limits.max_compile_timeout_ms,
     )?;
+    if let Some(c) = d.cpu_limit_ms {
+        if !(1..=limits.max_timeout_ms).contains(&c) {
+            return Err(ApiError::invalid(
+                "cpu_limit_ms",
+                format!("{c} is out of range: 1 to {} ms", limits.max_timeout_ms),
+            ));
+        }
+    }
+    check_tests(&d, limits)?;
     if let Some(m) = d.memory_mib {
         if !(16..=limits.max_memory_mib).contains(&m) {
             return Err(ApiError::invalid(
@@ -217,7 +229,54 @@ pub fn build_job(d: Draft, limits: &Limits) -> Result<Job, ApiError> {
         memory_mib: d.memory_mib,
         network: d.network,
         pids_limit: None,
+        cpu_limit_ms: d.cpu_limit_ms,
+        stack_limit_kib: None,
+        file_size_limit_kib: None,
+        merge_stderr: false,
+        tests: d.tests,
     })
+}
+
+/// Test cases: at most [`cloude_protocol::MAX_TEST_CASES`], their stdin together within the
+/// stdin limit and their expected outputs too, and no top-level stdin beside them.
+fn check_tests(d: &Draft, limits: &Limits) -> Result<(), ApiError> {
+    if d.tests.is_empty() {
+        return Ok(());
+    }
+    if d.tests.len() > cloude_protocol::MAX_TEST_CASES {
+        return Err(ApiError::invalid(
+            "tests",
+            format!(
+                "too many test cases: {} (at most {})",
+                d.tests.len(),
+                cloude_protocol::MAX_TEST_CASES
+            ),
+        ));
+    }
+    if !d.stdin.is_empty() {
+        return Err(ApiError::invalid(
+            "stdin",
+            "with test cases, give each case its own stdin (tests[i].stdin)",
+        ));
+    }
+    let stdin: usize = d.tests.iter().map(|t| t.stdin.len()).sum();
+    let expected: usize = d
+        .tests
+        .iter()
+        .map(|t| t.expected_output.as_ref().map_or(0, Vec::len))
+        .sum();
+    for (what, n) in [("stdin", stdin), ("expected_output", expected)] {
+        if n > limits.max_stdin_bytes {
+            return Err(ApiError::too_large(
+                Some("tests".into()),
+                format!(
+                    "the test cases' {what} is {n} bytes together; the limit is {}",
+                    limits.max_stdin_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

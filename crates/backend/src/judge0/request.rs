@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::{decimal, Judge0Config, MAX_CALLBACK_URL_BYTES, MAX_OPTIONS_CHARS};
 use crate::api::validate::{build_job, Draft, RawFile};
 use crate::config::Config;
-use crate::executor::Job;
+use crate::executor::{Job, TestCase};
 
 /// Validation errors, Judge0's (Rails') shape: `{"field": ["message", ...]}`, in order.
 #[derive(Debug, Default, PartialEq)]
@@ -537,16 +537,18 @@ fn words(field: &str, s: &str) -> Result<Vec<String>, (String, String)> {
         .ok_or_else(|| (field.to_string(), "has an unterminated quote".into()))
 }
 
-/// The run timeout a submission gets: CPU limit plus extra time (we measure CPU time but only
-/// limit wall-clock time), never beyond the wall-clock limit; a CPU limit of 0 means none.
+/// The run's wall-clock timeout: `wall_time_limit`, as in Judge0 (the CPU limit is apart:
+/// [`cpu_limit_ms`]).
 pub fn run_timeout_ms(r: &Request) -> u64 {
-    let wall = r.wall_time_limit;
-    let secs = if r.cpu_time_limit > 0.0 {
-        (r.cpu_time_limit + r.cpu_extra_time).min(wall)
-    } else {
-        wall
-    };
-    ((secs * 1000.0).ceil() as u64).max(1)
+    ((r.wall_time_limit * 1000.0).ceil() as u64).max(1)
+}
+
+/// The CPU-time limit enforced in the guest: `cpu_time_limit` plus `cpu_extra_time` (isolate
+/// kills there, and the verdict is Time Limit Exceeded past `cpu_time_limit`); a CPU limit of
+/// 0 means none.
+pub fn cpu_limit_ms(r: &Request) -> Option<u64> {
+    (r.cpu_time_limit > 0.0)
+        .then(|| (((r.cpu_time_limit + r.cpu_extra_time) * 1000.0).ceil() as u64).max(1))
 }
 
 /// The job a stored submission runs as. Errors name the Judge0 field at fault.
@@ -607,6 +609,8 @@ pub fn job(r: &Request, ctx: &Ctx<'_>) -> Result<Job, (String, String)> {
             compile_timeout_ms: None,
             memory_mib: Some(r.memory_limit.div_ceil(1024).max(16)),
             network: r.enable_network,
+            cpu_limit_ms: cpu_limit_ms(r),
+            tests: vec![],
         },
         &ctx.config.limits,
     )
@@ -616,13 +620,28 @@ pub fn job(r: &Request, ctx: &Ctx<'_>) -> Result<Job, (String, String)> {
             Some("args") => "command_line_arguments",
             Some("memory_mib") => "memory_limit",
             Some("timeout_ms") => "wall_time_limit",
+            Some("cpu_limit_ms") => "cpu_time_limit",
             _ => "additional_files",
         };
         (field.to_string(), e.message)
     })?;
-    job.stdin = stdin;
     // Judge0's process limit: the agent's pids cgroup (threads count, as with isolate's -p).
     job.pids_limit = Some(r.max_processes_and_or_threads.max(1));
+    // isolate's -k and -f, in KB as Judge0 gives them.
+    job.stack_limit_kib = (r.stack_limit > 0).then_some(r.stack_limit);
+    job.file_size_limit_kib = (r.max_file_size > 0).then_some(r.max_file_size);
+    job.merge_stderr = r.redirect_stderr_to_stdout;
+    if r.number_of_runs > 1 {
+        // Several runs: compiled once, run as test cases in one VM.
+        job.tests = (0..r.number_of_runs)
+            .map(|_| TestCase {
+                stdin: stdin.clone(),
+                expected_output: None,
+            })
+            .collect();
+    } else {
+        job.stdin = stdin;
+    }
     Ok(job)
 }
 
@@ -661,12 +680,27 @@ mod tests {
         assert_eq!(job.stdin, b"x");
         let j = Config::embedded().judge0;
         assert_eq!(r.cpu_time_limit, j.cpu_time_limit);
+        assert_eq!(job.run_timeout_ms, (j.wall_time_limit * 1000.0) as u64);
         assert_eq!(
-            job.run_timeout_ms,
-            ((j.cpu_time_limit + j.cpu_extra_time).min(j.wall_time_limit) * 1000.0) as u64
+            job.cpu_limit_ms,
+            Some(((j.cpu_time_limit + j.cpu_extra_time) * 1000.0) as u64)
         );
         assert_eq!(job.memory_mib, Some(j.memory_limit.div_ceil(1024)));
         assert_eq!(job.pids_limit, Some(j.max_processes_and_or_threads));
+        assert_eq!(job.stack_limit_kib, Some(j.stack_limit));
+        assert_eq!(job.file_size_limit_kib, Some(j.max_file_size));
+        assert!(job.tests.is_empty() && !job.merge_stderr);
+        // Several runs become test cases with the submission's stdin, compiled once.
+        let (_, job) = parse_with(
+            json!({"source_code": "print(1)", "language_id": 71, "stdin": "x",
+                   "number_of_runs": 3, "redirect_stderr_to_stdout": true}),
+            false,
+        )
+        .expect("valid");
+        assert!(job.stdin.is_empty());
+        assert_eq!(job.tests.len(), 3);
+        assert!(job.tests.iter().all(|t| t.stdin == b"x"));
+        assert!(job.merge_stderr);
         // Strings for numbers, as form-style clients send them; base64 input.
         let (r, job) = parse_with(
             json!({"source_code": "cHJpbnQoMSk=", "language_id": "54", "cpu_time_limit": "2",
@@ -692,6 +726,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(job.run_timeout_ms, 4000);
+        assert_eq!(job.cpu_limit_ms, None);
     }
 
     #[test]

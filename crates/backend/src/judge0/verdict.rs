@@ -91,20 +91,33 @@ fn joined(s: &StageResult) -> Option<Vec<u8>> {
     non_empty(&b)
 }
 
-/// One run's result as Judge0 reports it.
+/// A submission's result as Judge0 reports it: one run, or with `number_of_runs` (sent as test
+/// cases: compiled once, run in the same VM) the runs combined.
 pub fn verdict(req: &Request, outcome: executor::Outcome) -> Outcome {
     let r = match outcome.result {
         Err(msg) => return internal(msg),
         Ok(r) => r,
     };
+    if r.tests.is_empty() {
+        return one_run(req, r.compile.as_ref(), r.run.as_ref());
+    }
+    let runs = r
+        .tests
+        .iter()
+        .map(|t| one_run(req, r.compile.as_ref(), Some(t)))
+        .collect();
+    combine(runs)
+}
+
+fn one_run(req: &Request, compile: Option<&StageResult>, run: Option<&StageResult>) -> Outcome {
     let mut compile_output = None;
-    if let Some(c) = &r.compile {
+    if let Some(c) = compile {
         // Judge0 compiles with stderr sent to stdout; we get the two apart (stdout first).
         compile_output = joined(c);
         let failed = c.status != StageStatus::Ok
             || c.exit_code != Some(0)
             || c.signal.is_some()
-            || r.run.is_none();
+            || run.is_none();
         if failed {
             return match c.status {
                 StageStatus::Error => internal(
@@ -125,7 +138,7 @@ pub fn verdict(req: &Request, outcome: executor::Outcome) -> Outcome {
             };
         }
     }
-    let Some(run) = &r.run else {
+    let Some(run) = run else {
         return internal("the agent ran nothing".into());
     };
     let mut o = Outcome {
@@ -141,14 +154,15 @@ pub fn verdict(req: &Request, outcome: executor::Outcome) -> Outcome {
         memory: Some(run.memory_kib),
     };
     if req.redirect_stderr_to_stdout {
-        // Without interleaving: the agent captures the two streams apart.
+        // The agent gave the program one pipe for both (interleaved as written); anything on
+        // stderr still (never, from that agent) is appended.
         let mut out = o.stdout.take().unwrap_or_default();
         out.extend(o.stderr.take().unwrap_or_default());
         o.stdout = non_empty(&out);
     }
     let cpu_limit_ms = (req.cpu_time_limit * 1000.0).round() as u64;
     match run.status {
-        StageStatus::Timeout => {
+        StageStatus::Timeout | StageStatus::CpuLimit => {
             o.status_id = 5;
             o.message = Some("Time limit exceeded".into());
         }
@@ -196,12 +210,16 @@ pub fn verdict(req: &Request, outcome: executor::Outcome) -> Outcome {
     o
 }
 
-/// Several runs (`number_of_runs`): the last one's result with the mean time and memory, as
-/// Judge0 reports them.
+/// Several runs (`number_of_runs`): the first run that was not Accepted (else the last), with
+/// the mean time and memory of all, as Judge0 reports them.
 pub fn combine(runs: Vec<Outcome>) -> Outcome {
     let times: Vec<f64> = runs.iter().filter_map(|r| r.time).collect();
     let mems: Vec<u64> = runs.iter().filter_map(|r| r.memory).collect();
-    let mut last = runs.into_iter().last().unwrap_or_default();
+    let pick = runs
+        .iter()
+        .position(|r| r.status_id != 3)
+        .unwrap_or(runs.len().saturating_sub(1));
+    let mut last = runs.into_iter().nth(pick).unwrap_or_default();
     if !times.is_empty() {
         last.time = Some(times.iter().sum::<f64>() / times.len() as f64);
     }
@@ -430,13 +448,18 @@ mod tests {
         verdict(
             req,
             executor::Outcome {
-                result: Ok(RunResponse { compile, run }),
+                result: Ok(RunResponse {
+                    compile,
+                    run,
+                    tests: vec![],
+                }),
                 timings: Default::default(),
                 limits: cloude_api::AppliedLimits {
                     timeout_ms: 1,
                     compile_timeout_ms: 1,
                     memory_mib: 1,
                     output_limit_bytes: 1,
+                    cpu_limit_ms: None,
                 },
             },
         )
@@ -566,6 +589,7 @@ mod tests {
                     compile_timeout_ms: 1,
                     memory_mib: 1,
                     output_limit_bytes: 1,
+                    cpu_limit_ms: None,
                 },
             },
         );
@@ -596,8 +620,34 @@ mod tests {
             memory: Some(300),
             ..Outcome::default()
         };
-        let c = combine(vec![a, b]);
+        let c = combine(vec![a.clone(), b.clone()]);
         assert_eq!((c.status_id, c.time, c.memory), (4, Some(1.5), Some(200)));
+        // The first run that failed is the one reported.
+        let c = combine(vec![b, a.clone(), a]);
+        assert_eq!(c.status_id, 4);
+    }
+
+    #[test]
+    fn runs_sent_as_test_cases_are_combined() {
+        let r = req(Some("ok"));
+        let ok = stage(StageStatus::Ok, Some(0), None, "ok");
+        let mut slow = stage(StageStatus::CpuLimit, None, Some(9), "");
+        slow.cpu_ms = 2500;
+        let o = verdict(
+            &r,
+            executor::Outcome {
+                result: Ok(RunResponse {
+                    compile: None,
+                    run: None,
+                    tests: vec![ok.clone(), slow, ok],
+                }),
+                timings: Default::default(),
+                limits: Default::default(),
+            },
+        );
+        assert_eq!(o.status_id, 5, "{o:?}");
+        // The mean of 10, 2500 and 10 ms.
+        assert!(o.time.is_some_and(|t| (t - 0.84).abs() < 1e-9), "{o:?}");
     }
 
     #[test]

@@ -276,8 +276,8 @@ async fn record(
     Some(now)
 }
 
-/// Runs a submission `number_of_runs` times (stopping at the first that is not Accepted) and
-/// combines the results as Judge0 does.
+/// Runs a submission (its `number_of_runs` as test cases of one VM: compiled once) and gives
+/// Judge0's result.
 pub async fn execute(
     state: &Arc<AppState>,
     req: &Request,
@@ -299,36 +299,12 @@ pub async fn execute(
             }
         }
     };
-    let mut permit = Some(permit);
-    let mut runs = Vec::new();
-    for _ in 0..req.number_of_runs.max(1) {
-        let p = match permit.take() {
-            Some(p) => p,
-            None => match state.executor.admit().await {
-                Ok((p, _)) => p,
-                Err(e) => {
-                    runs.push(Outcome {
-                        status_id: 13,
-                        message: Some(e.to_string()),
-                        ..Outcome::default()
-                    });
-                    break;
-                }
-            },
-        };
-        let o = match state.executor.execute(p, job.clone(), queued, None).await {
-            Ok(outcome) => verdict::verdict(req, outcome),
-            Err(e) => Outcome {
-                status_id: 13,
-                message: Some(e.to_string()),
-                ..Outcome::default()
-            },
-        };
-        let done = o.status_id != 3;
-        runs.push(o);
-        if done {
-            break;
-        }
+    match state.executor.execute(permit, job, queued, None).await {
+        Ok(outcome) => verdict::verdict(req, outcome),
+        Err(e) => Outcome {
+            status_id: 13,
+            message: Some(e.to_string()),
+            ..Outcome::default()
+        },
     }
-    verdict::combine(runs)
 }
