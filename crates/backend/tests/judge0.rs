@@ -229,7 +229,7 @@ fn judge0_api_and_published_client() {
     };
     let r = server.post(
         "/submissions?wait=true&base64_encoded=true&fields=stdout,stderr,status",
-        &json!({"source_code": b64(b"import sys\nprint(open('data/in.txt').read(), sys.argv[1:])\nprint('to stderr', file=sys.stderr)"),
+        &json!({"source_code": b64(b"import sys\nprint(open('data/in.txt').read(), sys.argv[1:], flush=True)\nprint('to stderr', file=sys.stderr)"),
                 "language_id": 71, "additional_files": b64(&zip),
                 "command_line_arguments": "a 'b c'", "redirect_stderr_to_stdout": true,
                 "expected_output": b64(b"from the zip ['a', 'b c']\nto stderr\n")}),
@@ -254,6 +254,64 @@ fn judge0_api_and_published_client() {
     check(
         "compiler_options",
         v["stdout"] == "42\n" && v["status"]["id"] == 3,
+        v.to_string(),
+    );
+
+    // stderr into stdout is one pipe: the lines interleave as the program wrote them.
+    let r = server.post(
+        "/submissions?wait=true&fields=stdout,stderr,status",
+        &json!({"source_code": "echo one; echo two >&2; echo three; echo four >&2",
+                "language_id": 46, "redirect_stderr_to_stdout": true}),
+    );
+    let v = r.json();
+    check(
+        "redirect_stderr_to_stdout interleaves",
+        v["stdout"] == "one\ntwo\nthree\nfour\n" && v["stderr"].is_null(),
+        v.to_string(),
+    );
+
+    // A CPU limit of 1 s stops a 3 s busy loop: Time Limit Exceeded, its time near the limit,
+    // long before the wall-clock limit.
+    let r = server.post(
+        "/submissions?wait=true&fields=status,time,wall_time,stdout",
+        &json!({"source_code": "import time\nwhile time.process_time() < 3.0:\n    pass\nprint('finished')",
+                "language_id": 71, "cpu_time_limit": 1, "cpu_extra_time": 0, "wall_time_limit": 20}),
+    );
+    let v = r.json();
+    let secs = |x: &Value| x.as_str().and_then(|t| t.parse::<f64>().ok()).unwrap_or(-1.0);
+    eprintln!("judge0: 3 s busy loop under cpu_time_limit=1: {v}");
+    check(
+        "cpu_time_limit stops a busy loop",
+        v["status"]["id"] == 5
+            && (1.0..1.3).contains(&secs(&v["time"]))
+            && secs(&v["wall_time"]) < 10.0
+            && v["stdout"].is_null(),
+        v.to_string(),
+    );
+
+    // number_of_runs: compiled once, run three times in one VM; the mean time is reported.
+    let r = server.post(
+        "/submissions?wait=true&fields=status,stdout,time",
+        &json!({"source_code": "#include <stdio.h>\nint main(void) { int x; scanf(\"%d\", &x); printf(\"%d\\n\", x + 1); return 0; }\n",
+                "language_id": 50, "stdin": "41", "number_of_runs": 3, "expected_output": "42"}),
+    );
+    let v = r.json();
+    check(
+        "number_of_runs",
+        v["status"]["id"] == 3 && v["stdout"] == "42\n" && v["time"].is_string(),
+        v.to_string(),
+    );
+
+    // stack_limit and max_file_size (KB) reach the program as its limits.
+    let r = server.post(
+        "/submissions?wait=true&fields=status,stdout,exit_signal",
+        &json!({"source_code": "ulimit -s; ulimit -f; head -c 300000 /dev/zero > big",
+                "language_id": 46, "stack_limit": 8000, "max_file_size": 100}),
+    );
+    let v = r.json();
+    check(
+        "stack_limit and max_file_size",
+        v["stdout"] == "8000\n100\n" && v["status"]["id"] != 3,
         v.to_string(),
     );
 

@@ -217,6 +217,46 @@ async fn v1_validation_names_the_field() {
             StatusCode::PAYLOAD_TOO_LARGE,
             "stdin",
         ),
+        (
+            json!({"language": "python", "code": "x", "cpu_limit_ms": 0}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "cpu_limit_ms",
+        ),
+        (
+            json!({"language": "python", "code": "x", "cpu_limit_ms": 99999999u64}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "cpu_limit_ms",
+        ),
+        (
+            json!({"language": "python", "code": "x", "tests": []}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "tests",
+        ),
+        (
+            json!({"language": "python", "code": "x", "tests": vec![json!({"stdin": "1"}); cloude_protocol::MAX_TEST_CASES + 1]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "tests",
+        ),
+        (
+            json!({"language": "python", "code": "x", "stdin": "1", "tests": [{"stdin": "2"}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "stdin",
+        ),
+        (
+            json!({"language": "python", "code": "x", "tests": [{"input": "2"}]}),
+            StatusCode::BAD_REQUEST,
+            "input",
+        ),
+        (
+            json!({"language": "python", "code": "x", "tests": vec![json!({"stdin": "y".repeat(300_000)}); 4]}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "tests",
+        ),
+        (
+            json!({"language": "python", "code": "x", "tests": vec![json!({"expected_output": "y".repeat(300_000)}); 4]}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "tests",
+        ),
     ];
     for (body, want, field) in cases {
         let (status, v) = post_json(&st, "/v1/executions", body.clone()).await;
@@ -230,6 +270,15 @@ async fn v1_validation_names_the_field() {
             body.to_string()
         );
     }
+    // Test cases are not streamed: refused before any VM is asked for.
+    let (status, v) = post_json(
+        &st,
+        "/v1/executions/stream",
+        json!({"language": "python", "code": "x", "tests": [{"stdin": "1"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["field"], "tests", "{v}");
 }
 
 #[tokio::test]

@@ -38,10 +38,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Largest request body: code and stdin at their limits, JSON-escaped, plus slack.
+    /// Largest request body: code, stdin and test cases' expected outputs (each total capped
+    /// like stdin) at their limits, JSON-escaped, plus slack.
     pub fn body_limit(&self) -> usize {
         let l = &self.config.limits;
-        2 * (l.max_code_bytes + l.max_stdin_bytes) + 64 * 1024
+        2 * (l.max_code_bytes + 2 * l.max_stdin_bytes) + 64 * 1024
     }
 
     pub fn record(&self, endpoint: &str, status: &str, since: Instant) {

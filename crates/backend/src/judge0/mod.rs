@@ -149,6 +149,16 @@ impl Judge0Config {
         if self.wall_time_limit < 1.0 {
             return Err("judge0.wall_time_limit must be at least 1 (as in Judge0)".into());
         }
+        // What the agent accepts as the run's rlimits.
+        if self.max_stack_limit > cloude_protocol::MAX_STACK_LIMIT_KIB
+            || self.max_max_file_size > cloude_protocol::MAX_FILE_SIZE_LIMIT_KIB
+        {
+            return Err(format!(
+                "judge0.max_stack_limit must be at most {} KB and judge0.max_max_file_size at most {} KB",
+                cloude_protocol::MAX_STACK_LIMIT_KIB,
+                cloude_protocol::MAX_FILE_SIZE_LIMIT_KIB
+            ));
+        }
         if self.memory_limit < 2048 {
             return Err("judge0.memory_limit must be at least 2048 KB (as in Judge0)".into());
         }
