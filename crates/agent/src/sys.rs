@@ -330,7 +330,10 @@ mod tests {
     #[test]
     fn rlimits_reach_the_program_and_cannot_be_raised() {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "ulimit -s; ulimit -f; ulimit -t; ulimit -s 65536 2>/dev/null || echo refused"]);
+        cmd.args([
+            "-c",
+            "ulimit -s; ulimit -f; ulimit -t; ulimit -s 65536 2>/dev/null || echo refused",
+        ]);
         prepare_child(
             &mut cmd,
             ChildSetup {

@@ -285,7 +285,10 @@ fn cpu_limits_and_rlimits(vm: &mut Vm) {
     eprintln!("busy loop under a 1 s CPU limit: {r:?}");
     assert_eq!(r.status, StageStatus::CpuLimit, "{r:?}");
     assert!((1000..1500).contains(&r.cpu_ms), "{r:?}");
-    assert!(r.wall_ms < 10_000, "stopped long before the wall-clock timeout: {r:?}");
+    assert!(
+        r.wall_ms < 10_000,
+        "stopped long before the wall-clock timeout: {r:?}"
+    );
     assert_eq!(
         r.message.as_deref(),
         Some(cloude_protocol::cpu_limit_message(1000).as_str())
@@ -303,11 +306,14 @@ fn cpu_limits_and_rlimits(vm: &mut Vm) {
     let mut req = bash("sleep 2; echo slept");
     req.cpu_limit_ms = Some(300);
     let r = vm.run(&req);
-    assert_eq!((r.status, r.stdout.0.as_slice()), (StageStatus::Ok, &b"slept\n"[..]), "{r:?}");
-
-    let mut req = bash(
-        "ulimit -s; ulimit -f; head -c 300000 /dev/zero > big || exit $?; echo never",
+    assert_eq!(
+        (r.status, r.stdout.0.as_slice()),
+        (StageStatus::Ok, &b"slept\n"[..]),
+        "{r:?}"
     );
+
+    let mut req =
+        bash("ulimit -s; ulimit -f; head -c 300000 /dev/zero > big || exit $?; echo never");
     req.stack_limit_kib = Some(4096);
     req.file_size_limit_kib = Some(100);
     let r = vm.run(&req);
@@ -343,7 +349,11 @@ fn test_cases_start_clean(vm: &mut Vm) {
         .collect();
     let r = vm.run_all(&req);
     assert!(r.run.is_none(), "{r:?}");
-    assert_eq!(r.compile.as_ref().and_then(|c| c.exit_code), Some(0), "{r:?}");
+    assert_eq!(
+        r.compile.as_ref().and_then(|c| c.exit_code),
+        Some(0),
+        "{r:?}"
+    );
     assert_eq!(r.tests.len(), 3, "{r:?}");
     let mut dirs = Vec::new();
     let mut groups = Vec::new();
@@ -355,10 +365,16 @@ fn test_cases_start_clean(vm: &mut Vm) {
         // The compiled files, nothing a previous case wrote.
         assert_eq!(&lines[2..5], ["compile.log", "prog.sh", "src.sh"], "{out}");
         groups.push(lines[5].to_string());
-        assert!(!out.contains("tmp-dirty"), "case {i} saw /tmp of another: {out}");
+        assert!(
+            !out.contains("tmp-dirty"),
+            "case {i} saw /tmp of another: {out}"
+        );
         assert_eq!(t.exit_code, Some(if i == 2 { 4 } else { 0 }), "{t:?}");
     }
-    assert!(dirs.iter().all(|d| *d == dirs[0]), "one path for every case: {dirs:?}");
+    assert!(
+        dirs.iter().all(|d| *d == dirs[0]),
+        "one path for every case: {dirs:?}"
+    );
     groups.sort();
     groups.dedup();
     assert_eq!(groups.len(), 3, "a cgroup per case: {groups:?}");

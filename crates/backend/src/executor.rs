@@ -359,7 +359,8 @@ impl Executor {
         let deadline = Duration::from_millis(
             job.compile_timeout_ms
                 .saturating_add(job.run_timeout_ms.saturating_mul(runs)),
-        ) + AGENT_DEADLINE_SLACK.saturating_mul(u32::try_from(runs.min(8)).unwrap_or(8));
+        ) + AGENT_DEADLINE_SLACK
+            .saturating_mul(u32::try_from(runs.min(8)).unwrap_or(8));
         let run_start = Instant::now();
         let result = match vm.agent().await {
             Err(e) => Err(format!("cannot talk to the VM's agent: {e}")),

@@ -278,7 +278,11 @@ fn judge0_api_and_published_client() {
                 "language_id": 71, "cpu_time_limit": 1, "cpu_extra_time": 0, "wall_time_limit": 20}),
     );
     let v = r.json();
-    let secs = |x: &Value| x.as_str().and_then(|t| t.parse::<f64>().ok()).unwrap_or(-1.0);
+    let secs = |x: &Value| {
+        x.as_str()
+            .and_then(|t| t.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
     eprintln!("judge0: 3 s busy loop under cpu_time_limit=1: {v}");
     check(
         "cpu_time_limit stops a busy loop",
@@ -344,38 +348,7 @@ fn judge0_api_and_published_client() {
     // callback_url: the result is PUT there (default fields, base64).
     let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let hook_url = format!("http://{}/judge0-hook", hook.local_addr().expect("addr"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let Ok((mut s, _)) = hook.accept() else {
-            return;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let text = String::from_utf8_lossy(&got).into_owned();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                if body.len() >= len {
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
-                    let _ = tx.send(text);
-                    return;
-                }
-            }
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    });
+    let rx = hook_receiver(hook);
     let r = server.post(
         "/submissions",
         &json!({"source_code": "echo called back", "language_id": 46, "callback_url": hook_url}),
@@ -486,8 +459,31 @@ fn judge0_restart_loses_nothing_sqlite() {
     let _turn = one_at_a_time();
     let dir = test_dir();
     let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
-    let cfg = config(&url, "");
+    let cfg = config_with(
+        &url,
+        "callback_hosts = [\"127.0.0.1\"]\ncallbacks_max_tries = 10\n",
+        "",
+    );
     let server = start(&cfg);
+    // A callback to a port nobody listens on yet: finished, its delivery failing and retried
+    // (state in the store) when the server is killed; delivered after the restart.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let r = server.post(
+        "/submissions",
+        &json!({"source_code": "echo durable callback", "language_id": 46,
+                "callback_url": format!("http://127.0.0.1:{port}/late-hook")}),
+    );
+    let cb_token = r.json()["token"].as_str().unwrap_or_default().to_string();
+    let done = wait_final(
+        &server,
+        std::slice::from_ref(&cb_token),
+        Duration::from_secs(120),
+    );
+    assert!(all_done(&done), "{done:?}");
+    std::thread::sleep(Duration::from_secs(1));
     let tokens = submit_batch(&server, sleepers(5, 3));
     // Wait until some run and some wait.
     let t = Instant::now();
@@ -508,6 +504,19 @@ fn judge0_restart_loses_nothing_sqlite() {
     crash(server);
     let t = Instant::now();
     let server = start(&cfg);
+    let hook = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the hook's port");
+    let rx = hook_receiver(hook);
+    match rx.recv_timeout(Duration::from_secs(90)) {
+        Ok(req) => {
+            eprintln!(
+                "judge0: callback delivered {} ms after the restart",
+                t.elapsed().as_millis()
+            );
+            assert!(req.starts_with("PUT /late-hook HTTP/1.1"), "{req}");
+            assert!(req.contains(&cb_token), "{req}");
+        }
+        Err(_) => panic!("the callback pending at SIGKILL was never delivered"),
+    }
     let done = wait_final(&server, &tokens, Duration::from_secs(240));
     eprintln!(
         "judge0: after restart, all final in {} s: {done:?}",
@@ -542,6 +551,43 @@ fn judge0_restart_loses_nothing_sqlite() {
         t.elapsed().as_millis()
     );
     server.stop(Duration::from_secs(30)).expect("clean stop");
+}
+
+/// Answers the first HTTP request on `hook` (200) and sends its text (head and body).
+fn hook_receiver(hook: std::net::TcpListener) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let Ok((mut s, _)) = hook.accept() else {
+            return;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    let _ = tx.send(text);
+                    return;
+                }
+            }
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    rx
 }
 
 /// A PostgreSQL cluster of the test's own, on loopback, run as `nobody`; stopped on drop.
@@ -751,9 +797,39 @@ async fn judge0_postgres_store_claims_each_row_once() {
     // Finish one; let one's lease lapse twice (max_attempts = 2).
     let mut finished = false;
     for owner in ["c0", "c1", "c2", "c3"] {
-        finished |= a.finish("t000", owner, 3, "{}", 5).await.expect("finish");
+        finished |= a
+            .finish("t000", owner, 3, "{}", 5, true)
+            .await
+            .expect("finish");
     }
     assert!(finished, "its claimer finishes it");
+    // Its callback is due: four deliverers race for it, one wins until its lease ends.
+    let mut racers = vec![];
+    for i in 0..4 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        racers.push(tokio::spawn(async move {
+            s.claim_callback(None, 5, 1000)
+                .await
+                .expect("claim callback")
+        }));
+    }
+    let mut won = 0;
+    for r in racers {
+        won += usize::from(r.await.expect("racer").is_some());
+    }
+    assert_eq!(won, 1, "one deliverer per callback");
+    let again = b
+        .claim_callback(Some("t000"), 1000, 2000)
+        .await
+        .expect("claim")
+        .expect("the lease ended");
+    assert_eq!(again.callback_tries, 2);
+    b.settle_callback("t000", None).await.expect("settle");
+    assert!(a
+        .claim_callback(None, i64::MAX, i64::MAX)
+        .await
+        .expect("claim")
+        .is_none());
     let swept = b.sweep(i64::MAX, 2).await.expect("sweep");
     assert_eq!((swept.requeued, swept.failed), (59, 0));
     let r = a.claim("x", 0).await.expect("claim").expect("row");

@@ -77,8 +77,14 @@ fn cpu_time_and_peak_memory_match_what_the_program_did() {
     assert_eq!(v["status"], "cpu_limit", "{v}");
     assert_eq!(v["limits"]["cpu_limit_ms"], 1000, "{v}");
     let cpu = v["cpu_ms"].as_u64().expect("cpu_ms");
-    assert!((1000..1300).contains(&cpu), "stopped at {cpu} ms of CPU: {v}");
-    assert!(!v["stdout"].as_str().unwrap_or("").contains("finished"), "{v}");
+    assert!(
+        (1000..1300).contains(&cpu),
+        "stopped at {cpu} ms of CPU: {v}"
+    );
+    assert!(
+        !v["stdout"].as_str().unwrap_or("").contains("finished"),
+        "{v}"
+    );
     let v = exec(
         &server,
         json!({"language": "bash", "code": "sleep 2; echo slept", "cpu_limit_ms": 1000}),
@@ -115,7 +121,10 @@ fn test_cases_compile_once_and_answer_per_case() {
         ]}),
     );
     let v = r.json();
-    eprintln!("measure: 6 C test cases in {} ms: {v}", t.elapsed().as_millis());
+    eprintln!(
+        "measure: 6 C test cases in {} ms: {v}",
+        t.elapsed().as_millis()
+    );
     assert_eq!(r.status, 200, "{v}");
     let tests = &v["tests"];
     let verdicts: Vec<&str> = tests["cases"]
@@ -126,15 +135,29 @@ fn test_cases_compile_once_and_answer_per_case() {
         .collect();
     assert_eq!(
         verdicts,
-        ["passed", "passed", "wrong_answer", "runtime_error", "cpu_limit", "passed"],
+        [
+            "passed",
+            "passed",
+            "wrong_answer",
+            "runtime_error",
+            "cpu_limit",
+            "passed"
+        ],
         "{v}"
     );
     assert_eq!(tests["cases"][3]["signal"], "SIGABRT", "{v}");
     assert_eq!(tests["cases"][5]["stdout"], "42\n", "{v}");
-    assert_eq!((tests["passed"].as_u64(), tests["total"].as_u64()), (Some(3), Some(6)));
+    assert_eq!(
+        (tests["passed"].as_u64(), tests["total"].as_u64()),
+        (Some(3), Some(6))
+    );
     assert_eq!(tests["verdict"], "wrong_answer", "{v}");
     // The top level is the first case that did not pass (it ran to its end: status ok).
-    assert_eq!((v["status"].as_str(), v["stdout"].as_str()), (Some("ok"), Some("6\n")), "{v}");
+    assert_eq!(
+        (v["status"].as_str(), v["stdout"].as_str()),
+        (Some("ok"), Some("6\n")),
+        "{v}"
+    );
     assert_eq!(v["compile"]["exit_code"], 0, "{v}");
 
     // A compile error runs no case.

@@ -93,7 +93,10 @@ fn server_errors_are_one_clear_sentence() {
     let out = cloude(&s.url, &["run", "-l", "no-such-language", "-c", "x"]);
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     let err = text(&out.stderr);
-    assert!(err.contains("unknown language \"no-such-language\""), "{err}");
+    assert!(
+        err.contains("unknown language \"no-such-language\""),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 
     let out = cloude(

@@ -181,10 +181,7 @@ impl Executor {
                 uid,
                 gid,
                 new_netns,
-                cpu_limit: req
-                    .cpu_limit_ms
-                    .filter(|_| run)
-                    .map(Duration::from_millis),
+                cpu_limit: req.cpu_limit_ms.filter(|_| run).map(Duration::from_millis),
                 rlimits: if run { run_rlimits } else { Rlimits::default() },
                 merge_stderr: run && req.merge_stderr,
                 sink: sink.clone(),

@@ -175,9 +175,8 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
     let cpu_us = stats.cpu_us.unwrap_or(waited.cpu_us);
     // Past the limit between two polls, or stopped by the RLIMIT_CPU backstop: the limit ended
     // it all the same.
-    let over_cpu = cpu_limit_us.is_some_and(|l| {
-        cpu_us > l || matches!(waited.signal, Some(libc::SIGXCPU))
-    });
+    let over_cpu =
+        cpu_limit_us.is_some_and(|l| cpu_us > l || matches!(waited.signal, Some(libc::SIGXCPU)));
     let status = match reason {
         Some(r) => r,
         None if over_cpu => StageStatus::CpuLimit,

@@ -352,10 +352,17 @@ mod tests {
         fs::create_dir_all(root.path().join("dir/deep")).expect("mkdir");
         std::os::unix::fs::symlink("/etc", root.path().join("link")).expect("link");
         remove_owned_entries(root.path(), me + 1);
-        assert_eq!(fs::read_dir(root.path()).expect("ls").count(), 3, "not theirs");
+        assert_eq!(
+            fs::read_dir(root.path()).expect("ls").count(),
+            3,
+            "not theirs"
+        );
         remove_owned_entries(root.path(), me);
         assert_eq!(fs::read_dir(root.path()).expect("ls").count(), 0);
-        assert!(Path::new("/etc").is_dir(), "links are removed, not followed");
+        assert!(
+            Path::new("/etc").is_dir(),
+            "links are removed, not followed"
+        );
     }
 
     #[test]
@@ -374,7 +381,10 @@ mod tests {
         };
         let e = copy_dir(&src, &root.path().join("a"), uid, gid, &mut few).expect_err("entries");
         let why = std::error::Error::source(&e).map(|s| s.to_string());
-        assert!(why.as_deref().is_some_and(|w| w.contains("too large")), "{e}: {why:?}");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("too large")),
+            "{e}: {why:?}"
+        );
         let mut small = CopyBudget {
             entries: 100,
             bytes: 25,

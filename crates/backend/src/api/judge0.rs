@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use super::json::read_body;
 use super::AppState;
 use crate::judge0::request::{self, Ctx, FieldErrors, Request as J0Request};
-use crate::judge0::verdict::{self, Outcome, View};
+use crate::judge0::verdict::{self, View};
 use crate::judge0::worker::{self, label_for, language_label};
 use crate::judge0::{new_token, plausible_token, Judge0, JUDGE0_VERSION, STATUSES};
 use crate::limiter::LimitError;
@@ -328,27 +328,16 @@ fn render_row(
     fields: &[&str],
     base64: bool,
 ) -> Result<Value, Response> {
-    let req: J0Request = serde_json::from_str(&row.request).map_err(|e| {
-        tracing::error!(token = %row.token, "judge0: stored request unreadable: {e}");
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the stored submission cannot be read",
-        )
-    })?;
-    let outcome: Option<Outcome> = row
-        .result
-        .as_deref()
-        .and_then(|r| serde_json::from_str(r).ok());
-    let view = View {
-        token: &row.token,
-        status_id: row.status_id,
-        created_at: row.created_at,
-        finished_at: row.finished_at,
-        request: &req,
-        outcome: outcome.as_ref(),
-        language_name: label_for(state, req.language_id),
-    };
-    verdict::render(&view, fields, base64).map_err(|_| error(StatusCode::BAD_REQUEST, NOT_UTF8))
+    crate::judge0::worker::render_stored(state, row, fields, base64).map_err(|e| match e {
+        crate::judge0::worker::StoredError::Unreadable(why) => {
+            tracing::error!(token = %row.token, "judge0: stored request unreadable: {why}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the stored submission cannot be read",
+            )
+        }
+        crate::judge0::worker::StoredError::NotUtf8 => error(StatusCode::BAD_REQUEST, NOT_UTF8),
+    })
 }
 
 async fn create(State(state): State<Arc<AppState>>, Query(q): Params, req: Request) -> Response {
@@ -411,7 +400,7 @@ async fn create(State(state): State<Arc<AppState>>, Query(q): Params, req: Reque
     let run = {
         let (state, j0, token, sub) = (state.clone(), j0.clone(), token.clone(), sub.clone());
         tokio::spawn(async move {
-            worker::run_and_record(&state, &j0, &token, now, &sub, permit, queued).await
+            worker::run_and_record(&state, &j0, &token, &sub, permit, queued).await
         })
     };
     let recorded = run.await.ok().flatten();

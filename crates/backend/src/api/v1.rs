@@ -255,7 +255,10 @@ fn tests_out(job: &Job, results: &[StageResult]) -> (TestsOut, Option<usize>) {
             // Fewer answers than cases: the agent stopped early.
             (None, false) => Verdict::InternalError,
         },
-        passed: cases.iter().filter(|c| c.verdict == Verdict::Passed).count() as u32,
+        passed: cases
+            .iter()
+            .filter(|c| c.verdict == Verdict::Passed)
+            .count() as u32,
         total: job.tests.len() as u32,
         cases,
     };

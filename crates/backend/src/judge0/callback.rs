@@ -1,6 +1,8 @@
 //! `callback_url`: like Judge0, the finished submission (default fields, base64) is PUT there,
-//! tried up to `callbacks_max_tries` times with `callbacks_timeout` each. Only plain `http://`
-//! URLs to hosts in `[judge0] callback_hosts` are accepted; nothing else is ever contacted.
+//! tried up to `callbacks_max_tries` times with `callbacks_timeout` each, with a growing pause
+//! between tries (the attempts are recorded in the store: see `worker::deliver_callbacks`, so
+//! they survive a restart). Only plain `http://` URLs to hosts in `[judge0] callback_hosts` are
+//! accepted; nothing else is ever contacted.
 
 use std::time::Duration;
 
@@ -8,8 +10,18 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
-/// Pause between two attempts.
+/// Pause after the first failed attempt; it doubles with each further one.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Longest pause between two attempts.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
+
+/// The pause after the `tries`-th failed attempt.
+pub fn retry_after(tries: i32) -> Duration {
+    let doublings = u32::try_from(tries.saturating_sub(1).clamp(0, 16)).unwrap_or(0);
+    RETRY_PAUSE
+        .saturating_mul(1 << doublings)
+        .min(MAX_RETRY_PAUSE)
+}
 
 /// Host and port of an `http://host[:port]/path` URL.
 fn host_port(url: &str) -> Option<(String, u16, String)> {
@@ -49,8 +61,8 @@ pub fn check_url(url: &str, allowed: &[String]) -> Result<(), String> {
     }
 }
 
-/// One PUT; true on any HTTP answer (Judge0 does not look at the status either).
-async fn put_once(url: &str, body: &[u8], timeout: Duration) -> Result<u16, String> {
+/// One PUT; any HTTP answer counts as delivered (Judge0 does not look at the status either).
+pub async fn put(url: &str, body: &[u8], timeout: Duration) -> Result<u16, String> {
     let (host, port, path) = host_port(url).ok_or("bad URL")?;
     let attempt = async {
         let stream = tokio::net::TcpStream::connect((host.as_str(), port))
@@ -78,25 +90,6 @@ async fn put_once(url: &str, body: &[u8], timeout: Duration) -> Result<u16, Stri
         .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
 }
 
-/// Delivers `body` to `url`; returns the attempts made and whether one got an answer.
-pub async fn deliver(url: &str, body: &[u8], tries: u32, timeout: Duration) -> (u32, bool) {
-    for attempt in 1..=tries {
-        match put_once(url, body, timeout).await {
-            Ok(status) => {
-                tracing::info!(url, status, attempt, "callback delivered");
-                return (attempt, true);
-            }
-            Err(e) => {
-                tracing::warn!(url, attempt, tries, "callback failed: {e}");
-                if attempt < tries {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-            }
-        }
-    }
-    (tries, false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,9 +110,9 @@ mod tests {
         );
     }
 
-    /// A listener that drops the first connection unanswered, then answers: two attempts.
+    /// A listener that drops the first connection unanswered, then answers.
     #[tokio::test]
-    async fn retries_until_answered_and_gives_up() {
+    async fn a_put_is_delivered_or_fails() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -143,17 +136,26 @@ mod tests {
             String::from_utf8_lossy(&got).into_owned()
         });
         let url = format!("http://{addr}/hook");
-        let (n, ok) = deliver(&url, br#"{"token":"x"}"#, 3, Duration::from_secs(2)).await;
-        assert_eq!((n, ok), (2, true));
+        let body = br#"{"token":"x"}"#;
+        assert!(put(&url, body, Duration::from_secs(2)).await.is_err());
+        assert_eq!(put(&url, body, Duration::from_secs(2)).await, Ok(204));
         let got = server.await.expect("server");
         assert!(got.starts_with("PUT /hook HTTP/1.1"), "{got}");
-        // Nobody listens: every try fails, and it stops after the cap.
+        // Nobody listens: refused.
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let dead = format!("http://{}/", l.local_addr().expect("addr"));
         drop(l);
-        let (n, ok) = deliver(&dead, b"{}", 3, Duration::from_millis(200)).await;
-        assert_eq!((n, ok), (3, false));
+        assert!(put(&dead, b"{}", Duration::from_millis(200)).await.is_err());
+    }
+
+    #[test]
+    fn pauses_grow_to_a_cap() {
+        assert_eq!(retry_after(1), RETRY_PAUSE);
+        assert_eq!(retry_after(2), RETRY_PAUSE * 2);
+        assert_eq!(retry_after(4), RETRY_PAUSE * 8);
+        assert_eq!(retry_after(40), MAX_RETRY_PAUSE);
+        assert_eq!(retry_after(0), RETRY_PAUSE);
     }
 }

@@ -1,7 +1,9 @@
 //! The workers inside the server: a dispatcher that claims queued submissions from the store
 //! whenever a VM slot is free (the same `max_concurrent_vms` limiter as every other request),
 //! runs each through the executor while renewing its lease, records the result and makes the
-//! callback; a sweeper that requeues submissions whose server died and deletes old results.
+//! callback; a sweeper that requeues submissions whose server died and deletes old results; a
+//! callback sweeper that delivers the callbacks that are due (retries, and those a dead server
+//! had claimed).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -54,7 +56,19 @@ pub async fn start(state: Arc<AppState>, j0: Arc<Judge0>) {
         );
     }
     tokio::spawn(sweeper(j0.clone()));
+    tokio::spawn(callback_sweeper(state.clone(), j0.clone()));
     tokio::spawn(dispatcher(state, j0));
+}
+
+/// How often a server looks for callbacks that are due (a retry's time came, or the server
+/// that claimed one died).
+const CALLBACK_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+async fn callback_sweeper(state: Arc<AppState>, j0: Arc<Judge0>) {
+    while !j0.closing.load(Ordering::SeqCst) {
+        deliver_callbacks(&state, &j0, None).await;
+        tokio::time::sleep(CALLBACK_SWEEP_EVERY).await;
+    }
 }
 
 async fn sweeper(j0: Arc<Judge0>) {
@@ -168,12 +182,12 @@ async fn run_claimed(
                 message: Some(format!("the stored submission cannot be read: {e}")),
                 ..Outcome::default()
             };
-            record(state, j0, &row.token, row.created_at, None, &o).await;
+            record(state, j0, &row.token, None, &o).await;
             return;
         }
     };
     tracing::info!(token = %row.token, attempt = row.attempts, "judge0: running a queued submission");
-    let _ = run_and_record(state, j0, &row.token, row.created_at, &req, permit, queued).await;
+    let _ = run_and_record(state, j0, &row.token, &req, permit, queued).await;
 }
 
 /// Runs `req` (already claimed by this server as `token`), renewing the lease, then records
@@ -184,7 +198,6 @@ pub async fn run_and_record(
     state: &Arc<AppState>,
     j0: &Arc<Judge0>,
     token: &str,
-    created_at: i64,
     req: &Request,
     permit: Permit,
     queued: Duration,
@@ -217,7 +230,7 @@ pub async fn run_and_record(
         }
         return None;
     }
-    let finished = record(state, j0, token, created_at, Some(req), &outcome).await?;
+    let finished = record(state, j0, token, Some(req), &outcome).await?;
     Some((outcome, finished))
 }
 
@@ -226,15 +239,15 @@ async fn record(
     state: &Arc<AppState>,
     j0: &Arc<Judge0>,
     token: &str,
-    created_at: i64,
     req: Option<&Request>,
     o: &Outcome,
 ) -> Option<i64> {
     let now = now_ms();
     let json = serde_json::to_string(o).unwrap_or_else(|_| "{}".into());
+    let callback = req.is_some_and(|r| r.callback_url.is_some());
     match j0
         .store
-        .finish(token, &j0.owner, o.status_id, &json, now)
+        .finish(token, &j0.owner, o.status_id, &json, now, callback)
         .await
     {
         Ok(true) => {}
@@ -253,27 +266,113 @@ async fn record(
     state
         .metrics
         .execution("judge0", &super::status_label(o.status_id));
-    if let Some((req, url)) = req.and_then(|r| r.callback_url.as_deref().map(|u| (r, u))) {
-        let view = View {
-            token,
-            status_id: o.status_id,
-            created_at,
-            finished_at: Some(now),
-            request: req,
-            outcome: Some(o),
-            language_name: label_for(state, req.language_id),
-        };
-        if let Ok(body) = verdict::render(&view, &DEFAULT_FIELDS, true) {
-            let body = body.to_string().into_bytes();
-            let url = url.to_string();
-            let tries = j0.config.callbacks_max_tries;
-            let timeout = Duration::from_secs_f64(j0.config.callbacks_timeout);
-            tokio::spawn(async move {
-                super::callback::deliver(&url, &body, tries, timeout).await;
-            });
-        }
+    if callback {
+        // Stored as due with the result: if this server dies first, another delivers it.
+        let (state, j0, token) = (state.clone(), j0.clone(), token.to_string());
+        tokio::spawn(async move { deliver_callbacks(&state, &j0, Some(&token)).await });
     }
     Some(now)
+}
+
+/// Why a stored row cannot be shown.
+#[derive(Debug)]
+pub enum StoredError {
+    /// The stored request does not parse (written by another version, or damaged).
+    Unreadable(String),
+    /// Output that is not UTF-8, asked for without base64.
+    NotUtf8,
+}
+
+/// A stored submission as Judge0 clients read it (`fields`, `base64_encoded`).
+pub fn render_stored(
+    state: &AppState,
+    row: &Row,
+    fields: &[&str],
+    base64: bool,
+) -> Result<serde_json::Value, StoredError> {
+    let req: Request =
+        serde_json::from_str(&row.request).map_err(|e| StoredError::Unreadable(e.to_string()))?;
+    let outcome: Option<Outcome> = row
+        .result
+        .as_deref()
+        .and_then(|r| serde_json::from_str(r).ok());
+    let view = View {
+        token: &row.token,
+        status_id: row.status_id,
+        created_at: row.created_at,
+        finished_at: row.finished_at,
+        request: &req,
+        outcome: outcome.as_ref(),
+        language_name: label_for(state, req.language_id),
+    };
+    verdict::render(&view, fields, base64).map_err(|_| StoredError::NotUtf8)
+}
+
+/// Slack on a callback claim beyond one attempt's timeout.
+const CALLBACK_LEASE_SLACK: Duration = Duration::from_secs(5);
+
+/// Delivers due callbacks (only `token`'s, or any), one attempt per claim, until none is due:
+/// each answered or out of tries is cleared, each failed one set due again after a backoff.
+pub async fn deliver_callbacks(state: &Arc<AppState>, j0: &Arc<Judge0>, token: Option<&str>) {
+    let timeout = Duration::from_secs_f64(j0.config.callbacks_timeout);
+    let max_tries = i32::try_from(j0.config.callbacks_max_tries).unwrap_or(i32::MAX);
+    loop {
+        let now = now_ms();
+        let until = now.saturating_add(ms_i64(timeout + CALLBACK_LEASE_SLACK));
+        let row = match j0.store.claim_callback(token, now, until).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("judge0: cannot claim a callback: {e}");
+                return;
+            }
+        };
+        let url = serde_json::from_str::<Request>(&row.request)
+            .ok()
+            .and_then(|r| r.callback_url);
+        let body = render_stored(state, &row, &DEFAULT_FIELDS, true);
+        let (Some(url), Ok(body)) = (url, body) else {
+            tracing::error!(token = %row.token, "judge0: stored callback unreadable; dropped");
+            settle(j0, &row.token, None).await;
+            continue;
+        };
+        if row.callback_tries > max_tries {
+            tracing::warn!(token = %row.token, url, "judge0: callback given up after {max_tries} tries");
+            settle(j0, &row.token, None).await;
+            continue;
+        }
+        let body = body.to_string().into_bytes();
+        match super::callback::put(&url, &body, timeout).await {
+            Ok(status) => {
+                tracing::info!(token = %row.token, url, status, attempt = row.callback_tries, "judge0: callback delivered");
+                settle(j0, &row.token, None).await;
+            }
+            Err(e) if row.callback_tries >= max_tries => {
+                tracing::warn!(token = %row.token, url, "judge0: callback failed ({e}); given up after {max_tries} tries");
+                settle(j0, &row.token, None).await;
+            }
+            Err(e) => {
+                let pause = super::callback::retry_after(row.callback_tries);
+                tracing::warn!(token = %row.token, url, attempt = row.callback_tries, "judge0: callback failed ({e}); next try in {} ms", pause.as_millis());
+                settle(j0, &row.token, Some(now_ms().saturating_add(ms_i64(pause)))).await;
+                if token.is_none() {
+                    // The sweep moves on; this row is due again later.
+                    continue;
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+async fn settle(j0: &Judge0, token: &str, next: Option<i64>) {
+    if let Err(e) = j0.store.settle_callback(token, next).await {
+        tracing::warn!(token, "judge0: cannot record the callback's state: {e}");
+    }
+}
+
+fn ms_i64(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Runs a submission (its `number_of_runs` as test cases of one VM: compiled once) and gives

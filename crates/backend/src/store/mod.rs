@@ -6,6 +6,12 @@
 //! a final status (3..=14) with its result. A Processing row whose lease ran out (its server
 //! died) goes back to the queue, or is finished as Internal Error after `max_attempts` claims.
 //! Finished rows are deleted `keep_results_s` after they finished.
+//!
+//! Callbacks are durable too: a row finished with a `callback_url` gets `callback_due` (when its
+//! next delivery attempt is due) in the same update. A server delivering it first claims it
+//! (`callback_due` moved to a lease's end, `callback_tries` counted), then clears it once
+//! answered or out of tries, or sets the next attempt's time; a server that died mid-delivery
+//! leaves a lease that runs out, and any server's callback sweep takes it up.
 
 mod postgres;
 mod sqlite;
@@ -67,6 +73,10 @@ impl StoreConfig {
     }
 }
 
+/// The columns every query returns, in [`Row`]'s order.
+const COLUMNS: &str =
+    "token, status_id, request, result, created_at, finished_at, attempts, callback_tries";
+
 /// One stored submission.
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -80,6 +90,8 @@ pub struct Row {
     pub created_at: i64,
     pub finished_at: Option<i64>,
     pub attempts: i32,
+    /// Callback deliveries claimed so far.
+    pub callback_tries: i32,
 }
 
 /// A new row: the token is chosen by the caller.
@@ -249,7 +261,8 @@ impl Store {
         }
     }
 
-    /// Records the final status and result, if `owner` still holds the row.
+    /// Records the final status and result, if `owner` still holds the row; with `callback`
+    /// its first delivery is due at once.
     pub async fn finish(
         &self,
         token: &str,
@@ -257,14 +270,44 @@ impl Store {
         status_id: i32,
         result: &str,
         now: i64,
+        callback: bool,
     ) -> Result<bool, StoreError> {
+        let due = callback.then_some(now);
         match self {
             Store::Sqlite(s) => {
                 let (t, o, r) = (token.to_string(), owner.to_string(), result.to_string());
-                s.call(move |c| sqlite::finish(c, &t, &o, status_id, &r, now))
+                s.call(move |c| sqlite::finish(c, &t, &o, status_id, &r, now, due))
                     .await
             }
-            Store::Postgres(p) => p.finish(token, owner, status_id, result, now).await,
+            Store::Postgres(p) => p.finish(token, owner, status_id, result, now, due).await,
+        }
+    }
+
+    /// Claims a callback due by `now` (that of `token`, or the longest due) until `until`.
+    pub async fn claim_callback(
+        &self,
+        token: Option<&str>,
+        now: i64,
+        until: i64,
+    ) -> Result<Option<Row>, StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let t = token.map(str::to_string);
+                s.call(move |c| sqlite::claim_callback(c, t.as_deref(), now, until))
+                    .await
+            }
+            Store::Postgres(p) => p.claim_callback(token, now, until).await,
+        }
+    }
+
+    /// Ends a claimed callback: delivered or given up (`None`), or its next attempt's time.
+    pub async fn settle_callback(&self, token: &str, next: Option<i64>) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let t = token.to_string();
+                s.call(move |c| sqlite::settle_callback(c, &t, next)).await
+            }
+            Store::Postgres(p) => p.settle_callback(token, next).await,
         }
     }
 
@@ -325,6 +368,106 @@ mod tests {
         assert!(c.validate().is_err());
     }
 
+    /// Callbacks: due with the result, claimed by one deliverer at a time until its lease ends,
+    /// retried when set due again, gone once settled; a file from before callbacks were
+    /// stored gains the columns.
+    #[tokio::test]
+    async fn sqlite_callbacks_are_claimed_once_and_settled() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("old.sqlite3");
+        {
+            // The schema as it was before durable callbacks.
+            let c = rusqlite::Connection::open(&path).expect("open");
+            c.execute_batch(
+                "CREATE TABLE judge0_submissions (id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL UNIQUE,
+                 status_id INTEGER NOT NULL, request TEXT NOT NULL, result TEXT, created_at INTEGER NOT NULL,
+                 finished_at INTEGER, owner TEXT, lease_until INTEGER, attempts INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO judge0_submissions (token, status_id, request, created_at) VALUES ('old', 1, '{}', 1);",
+            )
+            .expect("old schema");
+        }
+        let store = Store::open(&cfg(format!("sqlite:{}", path.display())))
+            .await
+            .expect("open an old file");
+        let old = store.get(&["old".into()]).await.expect("get");
+        assert_eq!(old[0].callback_tries, 0);
+        for t in ["cb", "plain"] {
+            store
+                .insert_claimed(
+                    NewRow {
+                        token: t,
+                        request: "{}",
+                    },
+                    "s1",
+                    10,
+                    1000,
+                )
+                .await
+                .expect("insert");
+        }
+        assert!(store
+            .finish("cb", "s1", 3, "{}", 100, true)
+            .await
+            .expect("finish"));
+        assert!(store
+            .finish("plain", "s1", 3, "{}", 100, false)
+            .await
+            .expect("finish"));
+        assert!(
+            store
+                .claim_callback(None, 99, 500)
+                .await
+                .expect("claim")
+                .is_none(),
+            "not due yet"
+        );
+        let c = store
+            .claim_callback(None, 100, 500)
+            .await
+            .expect("claim")
+            .expect("due");
+        assert_eq!((c.token.as_str(), c.callback_tries), ("cb", 1));
+        // Claimed: nobody else gets it until the lease ends (a deliverer that died).
+        assert!(store
+            .claim_callback(None, 499, 900)
+            .await
+            .expect("claim")
+            .is_none());
+        assert!(store
+            .claim_callback(Some("plain"), 10_000, 20_000)
+            .await
+            .expect("claim")
+            .is_none());
+        let c = store
+            .claim_callback(Some("cb"), 500, 900)
+            .await
+            .expect("claim")
+            .expect("lease ended");
+        assert_eq!(c.callback_tries, 2);
+        // A failed try sets the next one's time; a delivered one is settled for good.
+        store
+            .settle_callback("cb", Some(950))
+            .await
+            .expect("settle");
+        assert!(store
+            .claim_callback(None, 940, 2000)
+            .await
+            .expect("claim")
+            .is_none());
+        let c = store
+            .claim_callback(None, 950, 2000)
+            .await
+            .expect("claim")
+            .expect("retry");
+        assert_eq!(c.callback_tries, 3);
+        store.settle_callback("cb", None).await.expect("settle");
+        assert!(store
+            .claim_callback(None, i64::MAX, i64::MAX)
+            .await
+            .expect("claim")
+            .is_none());
+    }
+
     /// The whole life cycle on SQLite: insert, claim, renew, finish, sweep, retention.
     #[tokio::test]
     async fn sqlite_life_cycle() {
@@ -354,7 +497,10 @@ mod tests {
         assert_eq!(b.token, "b");
         assert!(store.claim("s1", 100).await.expect("claim").is_none());
         // a finishes; b's server dies: its lease (100) ends.
-        assert!(store.finish("a", "s1", 3, "{}", 150).await.expect("finish"));
+        assert!(store
+            .finish("a", "s1", 3, "{}", 150, false)
+            .await
+            .expect("finish"));
         assert_eq!(
             store.sweep(150, 2).await.expect("sweep"),
             Swept {
@@ -369,7 +515,10 @@ mod tests {
             .expect("b again");
         assert_eq!(b.attempts, 2);
         // The stale owner can no longer finish it.
-        assert!(!store.finish("b", "s1", 3, "{}", 160).await.expect("stale"));
+        assert!(!store
+            .finish("b", "s1", 3, "{}", 160, false)
+            .await
+            .expect("stale"));
         // Second crash: max_attempts reached.
         assert_eq!(
             store.sweep(i64::MAX, 2).await.expect("sweep"),

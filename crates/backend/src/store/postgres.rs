@@ -6,8 +6,8 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 
 use super::{
-    abandoned_message, NewRow, Row, StoreError, Swept, STATUS_INTERNAL_ERROR, STATUS_IN_QUEUE,
-    STATUS_PROCESSING,
+    abandoned_message, NewRow, Row, StoreError, Swept, COLUMNS, STATUS_INTERNAL_ERROR,
+    STATUS_IN_QUEUE, STATUS_PROCESSING,
 };
 
 const SCHEMA: &str = "
@@ -25,9 +25,11 @@ CREATE TABLE IF NOT EXISTS judge0_submissions (
 );
 CREATE INDEX IF NOT EXISTS judge0_submissions_status ON judge0_submissions (status_id, id);
 CREATE INDEX IF NOT EXISTS judge0_submissions_finished ON judge0_submissions (finished_at);
+ALTER TABLE judge0_submissions ADD COLUMN IF NOT EXISTS callback_due BIGINT;
+ALTER TABLE judge0_submissions ADD COLUMN IF NOT EXISTS callback_tries INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS judge0_submissions_callback
+    ON judge0_submissions (callback_due) WHERE callback_due IS NOT NULL;
 ";
-
-const COLUMNS: &str = "token, status_id, request, result, created_at, finished_at, attempts";
 
 pub struct PgStore {
     url: String,
@@ -43,6 +45,7 @@ fn row(r: &tokio_postgres::Row) -> Row {
         created_at: r.get(4),
         finished_at: r.get(5),
         attempts: r.get(6),
+        callback_tries: r.get(7),
     }
 }
 
@@ -213,6 +216,7 @@ impl PgStore {
         status_id: i32,
         result: &str,
         now: i64,
+        callback_due: Option<i64>,
     ) -> Result<bool, StoreError> {
         let g = self.client().await?;
         let c = g
@@ -220,12 +224,50 @@ impl PgStore {
             .ok_or_else(|| StoreError("no connection".into()))?;
         let n = c
             .execute(
-                "UPDATE judge0_submissions SET status_id = $1, result = $2, finished_at = $3, owner = NULL, lease_until = NULL
+                "UPDATE judge0_submissions SET status_id = $1, result = $2, finished_at = $3, owner = NULL, lease_until = NULL, callback_due = $7
                  WHERE token = $4 AND owner = $5 AND status_id = $6",
-                &[&status_id, &result, &now, &token, &owner, &STATUS_PROCESSING],
+                &[&status_id, &result, &now, &token, &owner, &STATUS_PROCESSING, &callback_due],
             )
             .await?;
         Ok(n == 1)
+    }
+
+    pub async fn claim_callback(
+        &self,
+        token: Option<&str>,
+        now: i64,
+        until: i64,
+    ) -> Result<Option<Row>, StoreError> {
+        let g = self.client().await?;
+        let c = g
+            .as_ref()
+            .ok_or_else(|| StoreError("no connection".into()))?;
+        let r = c
+            .query_opt(
+                &format!(
+                    "UPDATE judge0_submissions SET callback_due = $1, callback_tries = callback_tries + 1
+                     WHERE id = (SELECT id FROM judge0_submissions
+                                 WHERE callback_due IS NOT NULL AND callback_due <= $2 AND ($3::TEXT IS NULL OR token = $3)
+                                 ORDER BY callback_due LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     RETURNING {COLUMNS}"
+                ),
+                &[&until, &now, &token],
+            )
+            .await?;
+        Ok(r.as_ref().map(row))
+    }
+
+    pub async fn settle_callback(&self, token: &str, next: Option<i64>) -> Result<(), StoreError> {
+        let g = self.client().await?;
+        let c = g
+            .as_ref()
+            .ok_or_else(|| StoreError("no connection".into()))?;
+        c.execute(
+            "UPDATE judge0_submissions SET callback_due = $1 WHERE token = $2",
+            &[&next, &token],
+        )
+        .await?;
+        Ok(())
     }
 
     pub async fn release(&self, token: &str, owner: &str) -> Result<bool, StoreError> {

@@ -12,7 +12,7 @@ use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    abandoned_message, Row, StoreError, Swept, STATUS_INTERNAL_ERROR, STATUS_IN_QUEUE,
+    abandoned_message, Row, StoreError, Swept, COLUMNS, STATUS_INTERNAL_ERROR, STATUS_IN_QUEUE,
     STATUS_PROCESSING,
 };
 
@@ -27,13 +27,22 @@ CREATE TABLE IF NOT EXISTS judge0_submissions (
     finished_at INTEGER,
     owner       TEXT,
     lease_until INTEGER,
-    attempts    INTEGER NOT NULL DEFAULT 0
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    callback_due   INTEGER,
+    callback_tries INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS judge0_submissions_status ON judge0_submissions (status_id, id);
 CREATE INDEX IF NOT EXISTS judge0_submissions_finished ON judge0_submissions (finished_at);
 ";
 
-const COLUMNS: &str = "token, status_id, request, result, created_at, finished_at, attempts";
+/// What a file made before durable callbacks lacks (SQLite has no `ADD COLUMN IF NOT EXISTS`).
+const CALLBACK_COLUMNS: &str = "
+ALTER TABLE judge0_submissions ADD COLUMN callback_due INTEGER;
+ALTER TABLE judge0_submissions ADD COLUMN callback_tries INTEGER NOT NULL DEFAULT 0;
+";
+
+const CALLBACK_INDEX: &str = "CREATE INDEX IF NOT EXISTS judge0_submissions_callback
+    ON judge0_submissions (callback_due) WHERE callback_due IS NOT NULL;";
 
 pub struct SqliteStore {
     pub path: PathBuf,
@@ -72,7 +81,21 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.execute_batch(SCHEMA)?;
+        {
+            // One writer at a time: two servers upgrading one file do not both add the columns.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA)?;
+            let has_callbacks: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('judge0_submissions') WHERE name = 'callback_due'",
+                [],
+                |r| r.get(0),
+            )?;
+            if has_callbacks == 0 {
+                tx.execute_batch(CALLBACK_COLUMNS)?;
+            }
+            tx.execute_batch(CALLBACK_INDEX)?;
+            tx.commit()?;
+        }
         let recovered = if alone {
             let swept = sweep(&mut conn, i64::MAX, max_attempts)?;
             lock.relock(FlockArg::LockShared).map_err(locked)?;
@@ -114,6 +137,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         created_at: r.get(4)?,
         finished_at: r.get(5)?,
         attempts: r.get(6)?,
+        callback_tries: r.get(7)?,
     })
 }
 
@@ -203,13 +227,48 @@ pub fn finish(
     status_id: i32,
     result: &str,
     now: i64,
+    callback_due: Option<i64>,
 ) -> Result<bool, StoreError> {
     let n = c.execute(
-        "UPDATE judge0_submissions SET status_id = ?1, result = ?2, finished_at = ?3, owner = NULL, lease_until = NULL
+        "UPDATE judge0_submissions SET status_id = ?1, result = ?2, finished_at = ?3, owner = NULL, lease_until = NULL, callback_due = ?7
          WHERE token = ?4 AND owner = ?5 AND status_id = ?6",
-        params![status_id, result, now, token, owner, STATUS_PROCESSING],
+        params![status_id, result, now, token, owner, STATUS_PROCESSING, callback_due],
     )?;
     Ok(n == 1)
+}
+
+pub fn claim_callback(
+    c: &mut Connection,
+    token: Option<&str>,
+    now: i64,
+    until: i64,
+) -> Result<Option<Row>, StoreError> {
+    let r = c
+        .query_row(
+            &format!(
+                "UPDATE judge0_submissions SET callback_due = ?1, callback_tries = callback_tries + 1
+                 WHERE id = (SELECT id FROM judge0_submissions
+                             WHERE callback_due IS NOT NULL AND callback_due <= ?2 AND (?3 IS NULL OR token = ?3)
+                             ORDER BY callback_due LIMIT 1)
+                 RETURNING {COLUMNS}"
+            ),
+            params![until, now, token],
+            row,
+        )
+        .optional()?;
+    Ok(r)
+}
+
+pub fn settle_callback(
+    c: &mut Connection,
+    token: &str,
+    next: Option<i64>,
+) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE judge0_submissions SET callback_due = ?1 WHERE token = ?2",
+        params![next, token],
+    )?;
+    Ok(())
 }
 
 pub fn release(c: &mut Connection, token: &str, owner: &str) -> Result<bool, StoreError> {
