@@ -482,7 +482,7 @@ fn judge0_restart_loses_nothing_sqlite() {
         std::slice::from_ref(&cb_token),
         Duration::from_secs(120),
     );
-    assert!(all_done(&done), "{done:?}");
+    assert_eq!(done, [(3, "durable callback\n".to_string())], "{done:?}");
     std::thread::sleep(Duration::from_secs(1));
     let tokens = submit_batch(&server, sleepers(5, 3));
     // Wait until some run and some wait.
