@@ -28,6 +28,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // published Judge0 client.
     "postgresql",
     "python3-venv",
+    // The PostgreSQL TLS test makes its CA and server certificate.
+    "openssl",
 ];
 
 /// The workspace root (the parent of xtask's manifest dir).

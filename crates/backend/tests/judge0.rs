@@ -611,8 +611,104 @@ fn pg_bin() -> Result<PathBuf, String> {
         .ok_or_else(|| "no /usr/lib/postgresql/*/bin/initdb (Debian package postgresql)".into())
 }
 
+/// A CA and a server certificate for 127.0.0.1 (openssl), owned by `nobody` (PostgreSQL's user).
+struct TestPki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    fn make() -> TestPki {
+        let dir = tempfile::Builder::new()
+            .prefix("cloude-test-pki-")
+            .tempdir()
+            .expect("tmp");
+        let d = dir.path();
+        std::fs::write(d.join("ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl (Debian package openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cloude test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        for f in ["server.crt", "server.key"] {
+            std::os::unix::fs::chown(d.join(f), Some(NOBODY), Some(NOBODY)).expect("chown");
+        }
+        std::fs::set_permissions(
+            d.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod key");
+        TestPki {
+            ca: d.join("ca.crt"),
+            cert: d.join("server.crt"),
+            key: d.join("server.key"),
+            _dir: dir,
+        }
+    }
+}
+
 impl Postgres {
     fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// With `tls`, the cluster serves TLS with that certificate and refuses clients without it.
+    fn start_with(tls: Option<&TestPki>) -> Postgres {
         let bin = pg_bin().unwrap_or_else(|e| panic!("judge0: {e}"));
         let dir = tempfile::Builder::new()
             .prefix("cloude-test-pg-")
@@ -650,16 +746,30 @@ impl Postgres {
         run(Command::new(bin.join("initdb"))
             .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"])
             .arg(&data));
+        let mut options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            sock.display()
+        );
+        if let Some(pki) = tls {
+            // Only TLS connections over TCP.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("pg_hba.conf");
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                pki.cert.display(),
+                pki.key.display()
+            ));
+        }
         run(Command::new(bin.join("pg_ctl"))
             .arg("-D")
             .arg(&data)
             .arg("-l")
             .arg(data.join("log"))
             .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
-                sock.display()
-            ))
+            .arg(&options)
             .args(["-w", "start"]));
         Postgres {
             bin,
@@ -747,7 +857,63 @@ fn store_config(url: String) -> cloude_server::store::StoreConfig {
         max_attempts: 2,
         poll_ms: 100,
         workers: 0,
+        pool_size: 4,
+        ca_file: String::new(),
     }
+}
+
+/// The store over TLS: a cluster that accepts only TLS clients, its certificate checked
+/// against the configured CA (the system bundle does not know it: refused), `sslmode=disable`
+/// refused by the cluster; the pool serves many calls at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "starts PostgreSQL; run with --include-ignored"]
+async fn judge0_postgres_store_over_tls() {
+    use cloude_server::store::{NewRow, Store};
+    let pki = TestPki::make();
+    let pg = Postgres::start_with(Some(&pki));
+    let mut cfg = store_config(format!("{}?sslmode=require", pg.url()));
+    cfg.ca_file = pki.ca.display().to_string();
+    let store = std::sync::Arc::new(Store::open(&cfg).await.expect("TLS with our CA"));
+    let tokens: Vec<String> = (0..32).map(|i| format!("tls{i:02}")).collect();
+    let rows: Vec<NewRow<'_>> = tokens
+        .iter()
+        .map(|t| NewRow {
+            token: t,
+            request: "{}",
+        })
+        .collect();
+    store.insert(&rows, 1).await.expect("insert");
+    // More callers than pooled connections, at once.
+    let mut calls = vec![];
+    for t in tokens.clone() {
+        let s = store.clone();
+        calls.push(tokio::spawn(async move {
+            s.get(&[t]).await.expect("get").len()
+        }));
+    }
+    for c in calls {
+        assert_eq!(c.await.expect("call"), 1);
+    }
+    // The system CA bundle does not know the test CA.
+    let mut system = cfg.clone();
+    system.ca_file = String::new();
+    let e = Store::open(&system)
+        .await
+        .err()
+        .expect("unknown issuer refused");
+    eprintln!("judge0: system CAs: {e}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    // Without TLS the cluster refuses the connection.
+    let mut plain = store_config(format!("{}?sslmode=disable", pg.url()));
+    plain.ca_file = cfg.ca_file.clone();
+    let e = Store::open(&plain).await.err().expect("plain refused");
+    assert!(e.to_string().contains("pg_hba.conf"), "{e}");
+    // A CA file that is not there is named.
+    let mut missing = cfg.clone();
+    missing.ca_file = "/nonexistent/ca.pem".into();
+    let e = Store::open(&missing).await.err().expect("missing CA file");
+    assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    drop(pg);
 }
 
 /// The PostgreSQL store itself: two stores (two servers) created at once, four claimers racing

@@ -42,6 +42,16 @@ pub struct StoreConfig {
     pub poll_ms: u64,
     /// Asynchronous submissions run at once by this server (0: `limits.max_concurrent_vms`).
     pub workers: usize,
+    /// PostgreSQL: connections kept open by this server.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// PostgreSQL: the CA(s) the database's TLS certificate must chain to (`""`: the system's).
+    #[serde(default)]
+    pub ca_file: String,
+}
+
+fn default_pool_size() -> usize {
+    4
 }
 
 impl StoreConfig {
@@ -60,6 +70,9 @@ impl StoreConfig {
         }
         if self.workers > 1024 {
             return Err("store.workers must be at most 1024".into());
+        }
+        if !(1..=64).contains(&self.pool_size) {
+            return Err("store.pool_size must be between 1 and 64".into());
         }
         let u = self.url.as_str();
         if !(u.is_empty()
@@ -112,12 +125,25 @@ impl From<rusqlite::Error> for StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // The plain Display of a server error is only "db error"; the source says what.
-        let detail = std::error::Error::source(&e)
-            .map(|s| format!(": {s}"))
-            .unwrap_or_default();
-        StoreError(format!("{e}{detail}"))
+        // The plain Display of a server error is only "db error"; the sources say what.
+        StoreError(causes(&e))
     }
+}
+
+/// An error and its sources, each said once (`a: b: c`), at most eight deep.
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    for _ in 0..8 {
+        let Some(s) = next else { break };
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = s.source();
+    }
+    text
 }
 
 /// What a sweep of expired leases did.
@@ -152,7 +178,10 @@ impl Store {
     pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         let url = config.url.trim();
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(Store::Postgres(postgres::PgStore::connect(url).await?));
+            let ca = (!config.ca_file.is_empty()).then(|| std::path::Path::new(&config.ca_file));
+            return Ok(Store::Postgres(
+                postgres::PgStore::connect(url, config.pool_size, ca).await?,
+            ));
         }
         let path = match url.strip_prefix("sqlite:") {
             Some(p) => std::path::PathBuf::from(p),
@@ -353,6 +382,8 @@ mod tests {
             max_attempts: 2,
             poll_ms: 100,
             workers: 0,
+            pool_size: 4,
+            ca_file: String::new(),
         }
     }
 

@@ -1,9 +1,13 @@
 //! The shared store: PostgreSQL by URL, for several servers on one database. Claims use
-//! `FOR UPDATE SKIP LOCKED`, so two servers never take the same submission; a broken connection
-//! is reopened on the next call.
+//! `FOR UPDATE SKIP LOCKED`, so two servers never take the same submission. Each server keeps a
+//! pool of `[store] pool_size` connections (deadpool; a broken one is replaced on the next
+//! call). TLS as the URL's `sslmode` asks (`prefer` by default, `require`, `disable`), the
+//! server's certificate checked against `[store] ca_file` or the system's CA bundle.
 
-use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use std::path::Path;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 
 use super::{
     abandoned_message, NewRow, Row, StoreError, Swept, COLUMNS, STATUS_INTERNAL_ERROR,
@@ -31,9 +35,14 @@ CREATE INDEX IF NOT EXISTS judge0_submissions_callback
     ON judge0_submissions (callback_due) WHERE callback_due IS NOT NULL;
 ";
 
+/// Longest wait for a free pooled connection, or for a new one to be opened.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+/// The system's CA bundle (Debian's ca-certificates), used when `[store] ca_file` is empty.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 pub struct PgStore {
     url: String,
-    client: Mutex<Option<Client>>,
+    pool: Pool,
 }
 
 fn row(r: &tokio_postgres::Row) -> Row {
@@ -49,30 +58,79 @@ fn row(r: &tokio_postgres::Row) -> Row {
     }
 }
 
-async fn open(url: &str) -> Result<Client, StoreError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!("postgresql connection closed: {e}");
+/// The TLS set-up: the server's certificate must chain to a CA of `ca_file` (PEM), or of the
+/// system bundle when none is given.
+fn tls(ca_file: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let (path, required) = match ca_file {
+        Some(p) => (p, true),
+        None => (Path::new(SYSTEM_CA_BUNDLE), false),
+    };
+    match rustls_pki_types::CertificateDer::pem_file_iter(path) {
+        Ok(certs) => {
+            for c in certs {
+                let c = c.map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(c)
+                    .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+            }
         }
-    });
-    Ok(client)
+        Err(e) if required => return Err(StoreError(format!("{}: {e}", path.display()))),
+        Err(_) => {}
+    }
+    if required && roots.is_empty() {
+        return Err(StoreError(format!(
+            "{}: no certificate in the file",
+            path.display()
+        )));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 impl PgStore {
-    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
-        let client = open(url).await?;
+    pub async fn connect(
+        url: &str,
+        pool_size: usize,
+        ca_file: Option<&Path>,
+    ) -> Result<PgStore, StoreError> {
+        let pg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError(format!("store.url: {e}")))?;
+        let manager = Manager::from_config(
+            pg,
+            tls(ca_file)?,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError(e.to_string()))?;
+        let store = PgStore {
+            url: url.to_string(),
+            pool,
+        };
         // Several servers may start at once: serialise the schema creation with a lock held
         // until the creating transaction commits.
-        client
+        store
+            .client()
+            .await?
             .batch_execute(&format!(
                 "BEGIN; SELECT pg_advisory_xact_lock(71113); {SCHEMA} COMMIT;"
             ))
             .await?;
-        Ok(PgStore {
-            url: url.to_string(),
-            client: Mutex::new(Some(client)),
-        })
+        Ok(store)
     }
 
     /// Host, port and database of the URL, without user or password.
@@ -98,20 +156,16 @@ impl PgStore {
         }
     }
 
-    /// The connection, reopened when the previous one broke.
-    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, StoreError> {
-        let mut g = self.client.lock().await;
-        if g.as_ref().is_none_or(Client::is_closed) {
-            *g = Some(open(&self.url).await?);
-        }
-        Ok(g)
+    /// A pooled connection (a new one when the pool has none free and room for more).
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError(format!("postgresql: {}", super::causes(&e))))
     }
 
     pub async fn insert(&self, rows: &[NewRow<'_>], now: i64) -> Result<(), StoreError> {
-        let mut g = self.client().await?;
-        let c = g
-            .as_mut()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let mut c = self.client().await?;
         let tx = c.transaction().await?;
         let st = tx
             .prepare("INSERT INTO judge0_submissions (token, status_id, request, created_at) VALUES ($1, $2, $3, $4)")
@@ -131,10 +185,7 @@ impl PgStore {
         now: i64,
         lease_until: i64,
     ) -> Result<(), StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         c.execute(
             "INSERT INTO judge0_submissions (token, status_id, request, created_at, owner, lease_until, attempts) VALUES ($1, $2, $3, $4, $5, $6, 1)",
             &[&r.token, &STATUS_PROCESSING, &r.request, &now, &owner, &lease_until],
@@ -144,10 +195,7 @@ impl PgStore {
     }
 
     pub async fn queued(&self) -> Result<u64, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         let n: i64 = c
             .query_one(
                 "SELECT COUNT(*) FROM judge0_submissions WHERE status_id = $1",
@@ -159,10 +207,7 @@ impl PgStore {
     }
 
     pub async fn get(&self, tokens: &[String]) -> Result<Vec<Row>, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         let rows = c
             .query(
                 &format!("SELECT {COLUMNS} FROM judge0_submissions WHERE token = ANY($1)"),
@@ -173,10 +218,7 @@ impl PgStore {
     }
 
     pub async fn claim(&self, owner: &str, lease_until: i64) -> Result<Option<Row>, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         let r = c
             .query_opt(
                 &format!(
@@ -196,10 +238,7 @@ impl PgStore {
         owner: &str,
         lease_until: i64,
     ) -> Result<bool, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         let n = c
             .execute(
                 "UPDATE judge0_submissions SET lease_until = $1 WHERE token = $2 AND owner = $3 AND status_id = $4",
@@ -218,10 +257,7 @@ impl PgStore {
         now: i64,
         callback_due: Option<i64>,
     ) -> Result<bool, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         let n = c
             .execute(
                 "UPDATE judge0_submissions SET status_id = $1, result = $2, finished_at = $3, owner = NULL, lease_until = NULL, callback_due = $7
@@ -238,10 +274,7 @@ impl PgStore {
         now: i64,
         until: i64,
     ) -> Result<Option<Row>, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         let r = c
             .query_opt(
                 &format!(
@@ -258,10 +291,7 @@ impl PgStore {
     }
 
     pub async fn settle_callback(&self, token: &str, next: Option<i64>) -> Result<(), StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         c.execute(
             "UPDATE judge0_submissions SET callback_due = $1 WHERE token = $2",
             &[&next, &token],
@@ -271,10 +301,7 @@ impl PgStore {
     }
 
     pub async fn release(&self, token: &str, owner: &str) -> Result<bool, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         let n = c
             .execute(
                 "UPDATE judge0_submissions SET status_id = $1, owner = NULL, lease_until = NULL, attempts = GREATEST(attempts - 1, 0)
@@ -286,10 +313,7 @@ impl PgStore {
     }
 
     pub async fn sweep(&self, now: i64, max_attempts: i32) -> Result<Swept, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         // Each update re-checks the lease, so two servers sweeping at once act once per row.
         let requeued = c
             .execute(
@@ -321,10 +345,7 @@ impl PgStore {
     }
 
     pub async fn delete_before(&self, before: i64) -> Result<u64, StoreError> {
-        let g = self.client().await?;
-        let c = g
-            .as_ref()
-            .ok_or_else(|| StoreError("no connection".into()))?;
+        let c = self.client().await?;
         let n = c
             .execute(
                 "DELETE FROM judge0_submissions WHERE finished_at IS NOT NULL AND finished_at < $1",
