@@ -4,17 +4,12 @@
 //! closed, so a crashed server or hypervisor leaves no tap behind.
 #![allow(unsafe_code)]
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 
 /// The fd number the hypervisor finds the tap on.
 pub const CHILD_TAP_FD: RawFd = 3;
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
 
 /// Address plan: a subnet cut into /30 blocks, one per VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,43 +117,14 @@ impl Tap {
 
 /// Creates (non-persistent) tap `name`; it lives as long as an fd to it is open.
 fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(|e| ctx(e, "cannot open /dev/net/tun"))?;
-    let mut ifr = ifreq(name)?;
-    ifr.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` that lives across the call; the fd is
-    // the tun control device.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut ifr) } < 0 {
-        return Err(ctx(
-            std::io::Error::last_os_error(),
-            &format!("cannot create tap {name}"),
-        ));
-    }
-    Ok(OwnedFd::from(file))
+    cloude_tap::open(name, false)
 }
 
 fn ctx(e: std::io::Error, what: &str) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-fn ifreq(name: &str) -> std::io::Result<libc::ifreq> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("interface name {name:?} must be 1-15 bytes"),
-        ));
-    }
-    // SAFETY: `ifreq` is a C struct of integers and unions of them; all-zero is valid.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    Ok(ifr)
-}
+use cloude_tap::ifreq;
 
 fn sockaddr(a: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {

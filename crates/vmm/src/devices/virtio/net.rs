@@ -1,10 +1,8 @@
 //! virtio-net on a Linux tap device (no offloads: plain Ethernet frames behind a 12-byte
 //! virtio-net header that the device strips and adds).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -28,33 +26,9 @@ const QUEUE_SIZES: [u16; 2] = [256, 256];
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const DATA_TAP: u32 = 2;
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: u16 = 0x0002;
-const IFF_NO_PI: u16 = 0x1000;
-
 /// Opens (creating if needed) the tap device `name`, non-blocking.
 pub fn open_tap(name: &str) -> std::io::Result<File> {
-    let tun = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")?;
-    let mut ifreq = [0u8; 40];
-    if name.is_empty() || name.len() >= 16 {
-        return Err(std::io::Error::new(
-            ErrorKind::InvalidInput,
-            "tap name must be 1-15 bytes",
-        ));
-    }
-    ifreq[..name.len()].copy_from_slice(name.as_bytes());
-    ifreq[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes on x86_64); `ifreq` is a
-    // 40-byte buffer that lives across the call, and the fd is the tun control device.
-    let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(tun)
+    cloude_tap::open(name, true).map(File::from)
 }
 
 /// Errors that fail the device.
