@@ -26,6 +26,17 @@ pub enum ClientError {
     BadAnswer(String),
 }
 
+/// Any answer of [`Client::raw`], whatever its status.
+#[derive(Clone, Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Largest body [`Client::raw`] reads.
+pub const MAX_RAW_BODY_BYTES: u64 = 256 << 20;
+
 /// A client for one server.
 pub struct Client {
     base: String,
@@ -82,6 +93,48 @@ impl Client {
                 .post(&format!("{}{path}", self.base))
                 .send_json(body),
         )
+    }
+
+    /// One request with a JSON (or empty) body, on a connection of its own; any status is an
+    /// answer (for tests and benchmarks that look at errors too). `Err` only when no answer
+    /// came.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<RawResponse, ClientError> {
+        let req = self
+            .agent
+            .request(method, &format!("{}{path}", self.base))
+            .set("Connection", "close");
+        let sent = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_bytes(b),
+            None => req.call(),
+        };
+        let resp = match sent {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => {
+                return Err(ClientError::Unreachable(format!("{}: {t}", self.base)))
+            }
+        };
+        let status = resp.status();
+        let headers = resp
+            .headers_names()
+            .into_iter()
+            .filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_string())))
+            .collect();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(resp.into_reader(), MAX_RAW_BODY_BYTES),
+            &mut body,
+        )
+        .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
     }
 
     fn decode<T: DeserializeOwned>(

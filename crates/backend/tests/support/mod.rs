@@ -1,10 +1,10 @@
-//! Test support: a real `cloude-server` process and a tiny blocking HTTP/1.1 client.
+//! Test support: a real `cloude-server` process, reached with the API crate's client.
 #![allow(dead_code)]
 
 pub mod netns;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -242,64 +242,19 @@ impl Response {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; decodes chunked bodies.
+/// One request on a connection of its own (the typed client's raw call), any status.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Vec<u8>>) -> Response {
-    let mut s = TcpStream::connect(addr).expect("connect to cloude-server");
-    s.set_read_timeout(Some(Duration::from_secs(600)))
-        .expect("timeout");
-    let body = body.unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
+    let client = cloude_api::client::Client::with_timeout(
+        &format!("http://{addr}"),
+        Some(Duration::from_secs(600)),
     );
-    s.write_all(head.as_bytes()).expect("write");
-    s.write_all(&body).expect("write");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    parse_response(&raw)
-}
-
-fn parse_response(raw: &[u8]) -> Response {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("header end");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| {
-            l.split_once(':')
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        })
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    if chunked {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
-                .unwrap_or(0);
-            if size == 0 {
-                break;
-            }
-            let start = eol + 2;
-            out.extend_from_slice(&rest[start..start + size]);
-            rest = &rest[start + size + 2..];
-        }
-        body = out;
-    }
+    let r = client
+        .raw(method, path, body.as_deref())
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     Response {
-        status,
-        headers,
-        body,
+        status: r.status,
+        headers: r.headers,
+        body: r.body,
     }
 }
 
