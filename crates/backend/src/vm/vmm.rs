@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cloude_protocol::vmm_wire;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
@@ -163,11 +164,11 @@ pub(crate) async fn boot(
 /// The hybrid-vsock handshake: a connection to the guest's agent port through `uds`.
 async fn connect_agent(uds: &Path) -> Result<UnixStream, VmError> {
     let mut s = UnixStream::connect(uds).await.map_err(VmError::Channel)?;
-    s.write_all(format!("CONNECT {}\n", cloude_protocol::AGENT_VSOCK_PORT).as_bytes())
+    s.write_all(vmm_wire::connect_line(cloude_protocol::AGENT_VSOCK_PORT).as_bytes())
         .await
         .map_err(VmError::Channel)?;
     let ok = read_line(&mut s, 64).await.map_err(VmError::Channel)?;
-    if !ok.starts_with("OK ") {
+    if !vmm_wire::is_connected(&ok) {
         return Err(VmError::Handshake(ok));
     }
     Ok(s)
@@ -201,11 +202,11 @@ pub(crate) async fn snapshot(
         let mut s = UnixStream::connect(&ctl)
             .await
             .map_err(|e| snap_err("control socket", &e))?;
-        s.write_all(format!("SNAPSHOT {}\n", vmm_out.display()).as_bytes())
+        s.write_all(vmm_wire::snapshot_line(&vmm_out).as_bytes())
             .await
             .map_err(VmError::Channel)?;
         let answer = read_line(&mut s, 512).await.map_err(VmError::Channel)?;
-        if answer.trim_end() != "OK" {
+        if !vmm_wire::control_ok(&answer) {
             return Err(VmError::Snapshot(format!("cloude-vmm: {answer}")));
         }
         for name in ["state", "memory"] {

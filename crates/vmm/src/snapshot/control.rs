@@ -11,6 +11,8 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cloude_protocol::vmm_wire;
+
 use super::{DevicesState, VmState, VMM_VERSION};
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialDevice;
@@ -33,7 +35,10 @@ pub const CREATE_FLAGS: i32 = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | l
 
 /// Parses one command line (without its newline): `SNAPSHOT <absolute dir>`.
 pub fn parse_command(line: &[u8]) -> Result<PathBuf, String> {
-    let Some(rest) = line.strip_prefix(b"SNAPSHOT ") else {
+    let Some(rest) = line
+        .strip_prefix(vmm_wire::SNAPSHOT_COMMAND.as_bytes())
+        .and_then(|r| r.strip_prefix(b" "))
+    else {
         return Err("unknown command (expected SNAPSHOT <dir>)".into());
     };
     let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
@@ -123,7 +128,7 @@ impl Snapshotter {
             let dir = match read_line(&mut stream).and_then(|l| parse_command(&l)) {
                 Ok(d) => d,
                 Err(e) => {
-                    answer(&mut stream, &format!("ERR {e}\n"));
+                    answer(&mut stream, &vmm_wire::control_error_line(&e));
                     continue;
                 }
             };
@@ -135,12 +140,12 @@ impl Snapshotter {
     fn take(&self, mut stream: UnixStream, dir: &Path) -> ! {
         let exit = match self.write_snapshot(dir) {
             Ok(()) => {
-                answer(&mut stream, "OK\n");
+                answer(&mut stream, vmm_wire::CONTROL_OK);
                 VmExit::Stopped("snapshot taken")
             }
             Err(e) => {
                 let e = e.replace('\n', " ");
-                answer(&mut stream, &format!("ERR {e}\n"));
+                answer(&mut stream, &vmm_wire::control_error_line(&e));
                 VmExit::Failed(format!("snapshot failed: {e}"))
             }
         };
@@ -313,7 +318,7 @@ mod tests {
                 let (mut s, _) = listener.accept().expect("accept");
                 let r = read_line(&mut s).and_then(|l| parse_command(&l));
                 if let Err(e) = r {
-                    answer(&mut s, &format!("ERR {e}\n"));
+                    answer(&mut s, &vmm_wire::control_error_line(&e));
                 }
                 answers += 1;
             }

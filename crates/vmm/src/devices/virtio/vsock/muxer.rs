@@ -211,7 +211,7 @@ impl Muxer {
             OP_RESPONSE if c.state == State::Connecting => {
                 c.state = State::Established;
                 c.readable = true;
-                let line = format!("OK {}\n", key.0);
+                let line = cloude_protocol::vmm_wire::connected_line(key.0);
                 match write_some(&mut c.stream, line.as_bytes()) {
                     Ok(n) if n == line.len() => self.want_rx(key),
                     _ => self.kill(key),
@@ -467,11 +467,8 @@ pub fn connect_nonblocking(path: &std::path::Path) -> std::io::Result<UnixStream
     Ok(stream)
 }
 
-/// Parses `CONNECT <port>` (without the newline).
-pub fn parse_connect(line: &[u8]) -> Option<u32> {
-    let s = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
-    s.strip_prefix("CONNECT ")?.parse().ok()
-}
+/// Parses `CONNECT <port>` (without the newline); the words live in the protocol crate.
+pub use cloude_protocol::vmm_wire::parse_connect;
 
 impl Drop for Muxer {
     fn drop(&mut self) {
