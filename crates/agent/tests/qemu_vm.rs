@@ -9,7 +9,7 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::Read as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,7 +42,7 @@ fn init_cpio(agent: &[u8]) -> Vec<u8> {
 
 struct Vm {
     qemu: Child,
-    conn: BufReader<UnixStream>,
+    conn: UnixStream,
 }
 
 impl Drop for Vm {
@@ -53,37 +53,11 @@ impl Drop for Vm {
 }
 
 impl Vm {
+    /// One request on the agent's virtio-serial connection (the API crate's one HTTP client).
     fn request(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        let s = self.conn.get_mut();
-        s.write_all(head.as_bytes()).expect("write");
-        s.write_all(body).expect("write");
-        let mut line = String::new();
-        self.conn.read_line(&mut line).expect("status line");
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status");
-        let mut len = 0;
-        loop {
-            line.clear();
-            self.conn.read_line(&mut line).expect("header");
-            if line.trim().is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().expect("length");
-                }
-            }
-        }
-        let mut body = vec![0u8; len];
-        self.conn.read_exact(&mut body).expect("body");
-        (status, body)
+        let a = cloude_api::client::exchange(&mut self.conn, method, path, Some(body))
+            .expect("agent answer");
+        (a.status, a.body)
     }
 
     fn run(&mut self, req: &RunRequest) -> StageResult {
@@ -183,12 +157,15 @@ fn agent_as_pid1_in_qemu_microvm() {
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
-    let mut vm = Vm {
-        qemu,
-        conn: BufReader::new(stream),
-    };
-    let mut ready = String::new();
-    vm.conn.read_line(&mut ready).expect("ready line");
+    let mut vm = Vm { qemu, conn: stream };
+    // Byte by byte: nothing past the line may be taken from the connection.
+    let mut ready = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        vm.conn.read_exact(&mut b).expect("ready line");
+        ready.push(b[0]);
+    }
+    let ready = String::from_utf8(ready).expect("ready line is text");
     assert_eq!(
         cloude_protocol::parse_ready_line(&ready),
         Some(cloude_protocol::PROTOCOL_VERSION)

@@ -6,7 +6,7 @@
 //! an initramfs that cannot fit its VM is refused with its sizes named, and a JDK whose root is
 //! most of its VM's memory runs from a block root.
 
-mod support;
+use cloude_testkit as support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;

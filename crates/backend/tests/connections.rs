@@ -1,7 +1,7 @@
 //! Client → server bounds that need no VM: the connection cap and the lingering close that lets
 //! a client which sends its whole oversized body before reading see the 413.
 
-mod support;
+use cloude_testkit as support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

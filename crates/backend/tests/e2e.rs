@@ -4,7 +4,7 @@
 //! printing its progress. If anything needed (kernel, images, agent, QEMU) is missing, this test
 //! FAILS with the server's explanation — it never passes silently.
 
-mod support;
+use cloude_testkit as support;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -10,7 +10,7 @@
 //!
 //! Needs root, `/dev/net/tun`, `ip` and `nft`; without them it says SKIPPED and why.
 
-mod support;
+use cloude_testkit as support;
 
 use std::io::Read as _;
 use std::net::{TcpListener, UdpSocket};

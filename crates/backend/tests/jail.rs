@@ -1,7 +1,7 @@
 //! The jail around every hypervisor, on the QEMU fallback here (cloude-vmm's side runs in the
 //! KVM lab: `vmm_lab.rs`). Real server, real requests, real VMs; the facts come from `/proc`.
 
-mod support;
+use cloude_testkit as support;
 
 use std::time::{Duration, Instant};
 

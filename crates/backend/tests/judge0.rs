@@ -7,7 +7,7 @@
 //! `--no-build`: the kernel and images must be in the cache (`cargo xtask test` builds them
 //! before the tests).
 
-mod support;
+use cloude_testkit as support;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! reported in v1 (`cpu_ms`, `memory_kib`), checked against what the program did (real server,
 //! real VMs under this host's driver).
 
-mod support;
+use cloude_testkit as support;
 
 use std::time::Duration;
 

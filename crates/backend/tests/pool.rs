@@ -3,7 +3,7 @@
 //! guest boot id each time: never reused), requests that do not fit the pooled VMs boot one, and
 //! shutdown leaves no VM behind.
 
-mod support;
+use cloude_testkit as support;
 
 use std::time::{Duration, Instant};
 

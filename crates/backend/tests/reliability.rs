@@ -4,7 +4,7 @@
 //! Two server start-ups: server A (hostile requests, hostile programs, faults), server B (load,
 //! memory, SIGTERM under load). Ends with a summary whose figures go into the README.
 
-mod support;
+use cloude_testkit as support;
 
 #[path = "reliability/checks.rs"]
 mod checks;

@@ -4,7 +4,7 @@
 //! request writes is seen by the next, and damaged or mismatched snapshots are refused with a
 //! clear log line while the request still succeeds through a cold boot.
 
-mod support;
+use cloude_testkit as support;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //!
 //! Needs root, `/dev/net/tun`, `ip` and `nft`; without them it says SKIPPED and why.
 
-mod support;
+use cloude_testkit as support;
 
 #[path = "reliability/checks.rs"]
 mod checks;

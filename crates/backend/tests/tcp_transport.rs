@@ -5,7 +5,7 @@
 //!
 //! Needs root (or CAP_NET_ADMIN), `/dev/net/tun` and `ip`; without them it says SKIPPED and why.
 
-mod support;
+use cloude_testkit as support;
 
 use std::process::Command;
 use std::thread;

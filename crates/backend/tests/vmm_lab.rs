@@ -8,7 +8,7 @@
 //! ```
 //! Elsewhere it prints `SKIPPED` (it cannot run on this host's kvm_pvm).
 
-mod support;
+use cloude_testkit as support;
 
 use std::path::PathBuf;
 use std::time::Duration;

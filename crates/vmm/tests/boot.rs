@@ -306,7 +306,7 @@ fn guest_sees_its_memory() {
 
 fn connect_port(uds: &Path, port: u32) -> UnixStream {
     let mut s = UnixStream::connect(uds).expect("connect vsock uds");
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
+    s.write_all(cloude_protocol::vmm_wire::connect_line(port).as_bytes())
         .expect("CONNECT");
     let mut line = Vec::new();
     let mut b = [0u8; 1];
@@ -714,7 +714,7 @@ fn snapshot_restores_two_clones_that_answer_over_vsock() {
 
     let started = Instant::now();
     let mut c = UnixStream::connect(&ctl).expect("control socket");
-    c.write_all(format!("SNAPSHOT {}\n", snap.display()).as_bytes())
+    c.write_all(cloude_protocol::vmm_wire::snapshot_line(&snap).as_bytes())
         .expect("command");
     let mut answer = String::new();
     c.read_to_string(&mut answer).expect("answer");
@@ -870,7 +870,7 @@ fn snapshot_restore_with_virtio_net_on_a_new_tap() {
         vm.wait_for("NET-READY");
         tcp_echo(Instant::now() + BOOT_TIMEOUT);
         let mut c = UnixStream::connect(&ctl).expect("control socket");
-        c.write_all(format!("SNAPSHOT {}\n", snap.display()).as_bytes())
+        c.write_all(cloude_protocol::vmm_wire::snapshot_line(&snap).as_bytes())
             .expect("command");
         let mut answer = String::new();
         c.read_to_string(&mut answer).expect("answer");
@@ -1085,7 +1085,7 @@ fn blk_snapshot_restore_keeps_reading_the_disk() {
     let tick = vm.wait_for("BLK-TICK-2 ");
     assert!(tick.contains(HELLO) && tick.contains(&big_md5), "{tick}");
     let mut c = UnixStream::connect(&ctl).expect("control socket");
-    c.write_all(format!("SNAPSHOT {}\n", snap.display()).as_bytes())
+    c.write_all(cloude_protocol::vmm_wire::snapshot_line(&snap).as_bytes())
         .expect("command");
     let mut answer = String::new();
     c.read_to_string(&mut answer).expect("answer");

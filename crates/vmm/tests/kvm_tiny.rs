@@ -458,7 +458,10 @@ fn snapshot_and_restore_continue_counting() {
     let before = vm.lines();
     assert!(vm.wait_lines(before + 5), "the guest stopped after garbage");
     let started = Instant::now();
-    let answer = snapshot_command(&ctl, format!("SNAPSHOT {}\n", snap.display()).as_bytes());
+    let answer = snapshot_command(
+        &ctl,
+        cloude_protocol::vmm_wire::snapshot_line(&snap).as_bytes(),
+    );
     let took = started.elapsed();
     if answer.starts_with("ERR KVM could not save") {
         println!("SKIPPED: this host's KVM cannot save vCPU/VM state ({answer:?})");
@@ -506,7 +509,10 @@ fn snapshot_and_restore_continue_counting() {
         panic!("the restored guest did not count: {err}");
     }
     eprintln!("tiny restore to 10 lines: {:?}", started.elapsed());
-    let answer = snapshot_command(&ctl2, format!("SNAPSHOT {}\n", snap2.display()).as_bytes());
+    let answer = snapshot_command(
+        &ctl2,
+        cloude_protocol::vmm_wire::snapshot_line(&snap2).as_bytes(),
+    );
     assert_eq!(answer, "OK\n", "stderr: {}", clone.stderr());
     assert!(clone.wait_exit().success());
     let second = clone.output();
@@ -665,7 +671,10 @@ fn two_vcpus_are_snapshotted_and_restored() {
         ctl.as_os_str(),
     ]);
     assert!(vm.wait_lines(5), "the guest did not count: {}", vm.stderr());
-    let answer = snapshot_command(&ctl, format!("SNAPSHOT {}\n", snap.display()).as_bytes());
+    let answer = snapshot_command(
+        &ctl,
+        cloude_protocol::vmm_wire::snapshot_line(&snap).as_bytes(),
+    );
     if answer.starts_with("ERR KVM could not save") {
         println!("SKIPPED: this host's KVM cannot save vCPU/VM state ({answer:?})");
         return;

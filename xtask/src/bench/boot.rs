@@ -4,13 +4,14 @@
 //! Runs where `/dev/kvm` boots Linux: inside the KVM lab on our machines (this module's
 //! `bench-boot` entry point is what the lab executes), directly on hosts with VT-x/AMD-V.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use cloude_protocol::vmm_wire;
 use serde_json::json;
 
 use super::stats::{percentile, r1};
@@ -180,7 +181,7 @@ pub fn run(a: BootArgs) -> anyhow::Result<i32> {
 /// restores from spawn until the agent answers `GET /v1/health` over vsock (stricter than the
 /// boot's serial marker: the answer needs the restored devices and the guest's vsock reset).
 fn restore_to_ready(a: &BootArgs) -> anyhow::Result<serde_json::Value> {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
     let dir = tempfile::tempdir()?;
     let snap = dir.path().join("snap");
@@ -215,11 +216,11 @@ fn restore_to_ready(a: &BootArgs) -> anyhow::Result<serde_json::Value> {
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     let t1 = Instant::now();
     let mut c = UnixStream::connect(&ctl)?;
-    writeln!(c, "SNAPSHOT {}", snap.display())?;
+    c.write_all(vmm_wire::snapshot_line(&snap).as_bytes())?;
     let mut answer = String::new();
     BufReader::new(&c).read_line(&mut answer)?;
     let _ = template.wait();
-    if answer.trim() != "OK" {
+    if !vmm_wire::control_ok(&answer) {
         bail!("the template answered {answer:?}");
     }
     let snapshot_ms = t1.elapsed().as_secs_f64() * 1000.0;
@@ -265,23 +266,26 @@ fn restore_to_ready(a: &BootArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-/// `CONNECT 1024` through the hybrid-vsock socket, then `GET /v1/health`: Ok once answered 200.
+/// `CONNECT <agent port>` through the hybrid-vsock socket, then `GET /v1/health`: Ok once
+/// answered 200.
 fn health_over_vsock(uds: &Path) -> anyhow::Result<()> {
-    use std::io::{BufRead, BufReader, Write};
     let mut s = std::os::unix::net::UnixStream::connect(uds)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"CONNECT 1024\n")?;
-    let mut r = BufReader::new(s.try_clone()?);
-    let mut ok = String::new();
-    r.read_line(&mut ok)?;
-    if !ok.starts_with("OK ") {
+    s.write_all(vmm_wire::connect_line(cloude_protocol::AGENT_VSOCK_PORT).as_bytes())?;
+    // Byte by byte: what follows the line belongs to the HTTP exchange.
+    let mut ok = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' && ok.len() < 64 {
+        s.read_exact(&mut b)?;
+        ok.push(b[0]);
+    }
+    let ok = String::from_utf8_lossy(&ok);
+    if !vmm_wire::is_connected(&ok) {
         bail!("vsock handshake answered {ok:?}");
     }
-    s.write_all(b"GET /v1/health HTTP/1.1\r\nhost: agent\r\n\r\n")?;
-    let mut status = String::new();
-    r.read_line(&mut status)?;
-    if !status.starts_with("HTTP/1.1 200") {
-        bail!("health answered {status:?}");
+    let a = cloude_api::client::exchange(&mut s, "GET", "/v1/health", None)?;
+    if a.status != 200 {
+        bail!("health answered {}", a.status);
     }
     Ok(())
 }

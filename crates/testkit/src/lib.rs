@@ -1,7 +1,11 @@
-//! Test support: a real `cloude-server` process, reached with the API crate's client.
-#![allow(dead_code)]
+//! Test support for the workspace's integration tests (a dev-dependency): a real
+//! `cloude-server` process reached with the API crate's typed client ([`Server`], [`http`]),
+//! network namespaces ([`netns`]), what `/proc` says about a jailed process ([`jail_facts`]), and
+//! [`vars`], the one list of the `CLOUDE_*` environment variables that connect `cargo xtask`,
+//! the tests and the programs.
 
 pub mod netns;
+pub mod vars;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -21,10 +25,7 @@ pub fn test_catalog(extra: &str) -> (tempfile::NamedTempFile, String) {
         .expect("catalogue file");
     std::fs::write(
         file.path(),
-        format!(
-            "{}{extra}",
-            include_str!("../../../../catalog/default.toml")
-        ),
+        format!("{}{extra}", include_str!("../../../catalog/default.toml")),
     )
     .expect("write the test catalogue");
     let path = file.path().to_str().expect("utf-8 temp path").to_string();
@@ -64,11 +65,12 @@ impl Server {
             .prefix("cloude-test-rt-")
             .tempdir()
             .map_err(|e| e.to_string())?;
-        let bin = env!("CARGO_BIN_EXE_cloude-server");
+        let bin = server_bin()?;
+        let bin = bin.as_path();
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).args(["--", bin]);
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(bin);
                 c
             }
             None => Command::new(bin),
@@ -80,7 +82,7 @@ impl Server {
             cmd.arg("--config").arg(p);
         }
         let mut child = cmd
-            .env("CLOUDE_RUNTIME_DIR", runtime_dir.path())
+            .env(vars::RUNTIME_DIR, runtime_dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -258,10 +260,31 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Vec<u8>>) -
     }
 }
 
+/// The `cloude-server` binary cargo built beside the running test: a test executable lives in
+/// `<target>/<profile>/deps/`, the package's binaries in `<target>/<profile>/` (cargo builds
+/// them for the package's integration tests).
+pub fn server_bin() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("the test's own path: {e}"))?;
+    let dir = exe.parent().ok_or("the test executable has no directory")?;
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    let p = dir.join("cloude-server");
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} is missing: run the tests with cargo (cargo test -p cloude-server)",
+            p.display()
+        ))
+    }
+}
+
 /// Path of a sibling workspace binary (built by `cargo test --workspace`).
 pub fn sibling_bin(name: &str) -> Result<PathBuf, String> {
-    let server = PathBuf::from(env!("CARGO_BIN_EXE_cloude-server"));
-    let p = server.with_file_name(name);
+    let p = server_bin()?.with_file_name(name);
     if p.is_file() {
         Ok(p)
     } else {
