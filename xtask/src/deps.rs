@@ -40,9 +40,15 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Directory of release binaries.
+/// Directory of release binaries: `target/x86_64-unknown-linux-gnu/release` under
+/// `CARGO_TARGET_DIR` when it is set, else under the workspace's `target`.
 pub fn release_dir() -> PathBuf {
-    root().join("target/x86_64-unknown-linux-gnu/release")
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|t| !t.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let target = std::path::absolute(&target).unwrap_or(target);
+    target.join("x86_64-unknown-linux-gnu").join("release")
 }
 
 /// Installs the missing Debian packages (root only; otherwise says what to install).

@@ -4,7 +4,6 @@
 //! Linux (e.g. `kvm_pvm`); hosts with VT-x/AMD-V do not need it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +12,8 @@ use anyhow::{bail, Context};
 use cloude_image::kernel::{self, Flavor};
 use cloude_image::paths;
 use cloude_image::progress::Progress;
+
+use crate::deps;
 
 mod rootfs;
 mod script;
@@ -91,7 +92,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<i32> {
         eprintln!("lab: guest kernel {}", guest_kernel.bzimage.display());
     }
 
-    let bin_dir = release_dir();
+    let bin_dir = deps::release_dir();
     if !args.no_build {
         build_release()?;
         step("release binaries built");
@@ -209,28 +210,10 @@ fn ensure_host_packages(progress: &Progress) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The workspace root (xtask lives one level below it).
-fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
-}
-
-/// `target/x86_64-unknown-linux-gnu/release` (honouring `CARGO_TARGET_DIR`).
-fn release_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .filter(|t| !t.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let target = std::path::absolute(&target).unwrap_or(target);
-    target.join("x86_64-unknown-linux-gnu").join("release")
-}
-
 /// `cargo build --release --keep-going` of every binary of the workspace but xtask. A package
 /// that does not compile does not stop the lab (its binary is missing or stale, and we say so).
 fn build_release() -> anyhow::Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
+    let status = deps::cargo()
         .args([
             "build",
             "--quiet",

@@ -14,7 +14,7 @@ use cloude_image::progress::Progress;
 use crate::api::{router, AppState};
 use crate::artifacts::Artifacts;
 use crate::config::{Config, HypervisorChoice, Transport};
-use crate::executor::{ExecSettings, Executor};
+use crate::executor::{ExecSettings, Executor, ExecutorParts};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -166,7 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config.images.format,
     ));
     let l = &config.limits;
-    let executor = Arc::new(Executor {
+    let executor = Arc::new(Executor::new(ExecutorParts {
         driver,
         runtime: runtime.clone(),
         artifacts: artifacts.clone(),
@@ -189,14 +189,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "the tcp transport is on (a restored VM cannot take a new IP address yet)".into()
             }),
         ),
-    });
-    match executor.snapshots.status() {
+    }));
+    match executor.snapshots().status() {
         None => tracing::info!("snapshots: on (requests are served by restored clones)"),
         Some(why) => tracing::info!("snapshots: off ({why}); every VM boots cold"),
     }
     if !args.lazy && !args.no_build {
         prepare(&artifacts, &catalog, &config.vm.prebuild).await;
-        if executor.snapshots.active() {
+        if executor.snapshots().active() {
             for l in catalog.languages.iter().filter(|l| {
                 config
                     .vm
@@ -212,7 +212,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let warm: Vec<_> = catalog
             .languages
             .iter()
-            .filter(|l| executor.pool.wants(&l.name))
+            .filter(|l| executor.pool_wants(&l.name))
             .collect();
         tracing::info!(
             "warm pool: {} VM(s) each for {}",
@@ -275,8 +275,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             j.closing.store(true, std::sync::atomic::Ordering::SeqCst);
             j.wake.notify_waiters();
         }
-        exec.limiter.close();
-        let pooled = exec.pool.close();
+        let pooled = exec.close();
         if pooled > 0 {
             tracing::info!("stopped {pooled} pooled VM(s)");
         }

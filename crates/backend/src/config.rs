@@ -97,6 +97,16 @@ pub enum Transport {
     Tcp,
 }
 
+impl Transport {
+    /// The configuration's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Vsock => "vsock",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotConfig {

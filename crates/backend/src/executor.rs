@@ -12,7 +12,7 @@ use crate::limiter::{LimitError, Limiter, Permit};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::snapshots::Snapshots;
-use crate::vm::{Driver, Kind, Runtime, Slot, Source, Vm, VmError, VmSpec};
+use crate::vm::{Driver, Runtime, Slot, Source, Vm, VmError, VmSpec};
 
 /// Memory the guest kernel and agent need on top of the program's limit.
 const VM_OVERHEAD_MIB: u64 = 128;
@@ -107,11 +107,34 @@ pub use cloude_api::Timings;
 /// What happened to a job that was admitted.
 #[derive(Debug)]
 pub struct Outcome {
-    /// The agent's answer, or why there is none (an internal error: VM crash, boot failure...).
-    pub result: Result<RunResponse, String>,
+    /// The agent's answer, or why there is none (an internal error).
+    pub result: Result<RunResponse, RunFailure>,
     pub timings: Timings,
     /// The limits the job ran under.
     pub limits: cloude_api::AppliedLimits,
+}
+
+/// Why an admitted job has no answer from its program: an internal error, reported to the
+/// client as `internal_error` with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum RunFailure {
+    #[error("the VM failed to start: {0}")]
+    Start(VmError),
+    /// The program's network could not be opened.
+    #[error("{0}")]
+    Network(crate::vm::fence::FenceError),
+    #[error("cannot talk to the VM's agent: {0}")]
+    NoAgent(String),
+    #[error("the agent did not answer within {0} ms")]
+    AgentTimeout(u128),
+    #[error(
+        "the guest kernel panicked while running the program ({panic}); the VM stopped ({status})"
+    )]
+    GuestPanic { panic: String, status: String },
+    #[error("the VM stopped unexpectedly ({0}) while running the program")]
+    VmStopped(String),
+    #[error("lost contact with the VM's agent: {0}")]
+    LostAgent(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +153,8 @@ pub struct ExecSettings {
     pub output_limit_bytes: u64,
 }
 
-pub struct Executor {
+/// What an [`Executor`] is made of (the server's start-up, and the router tests, assemble it).
+pub struct ExecutorParts {
     pub driver: Driver,
     pub runtime: Runtime,
     pub artifacts: Arc<Artifacts>,
@@ -143,6 +167,19 @@ pub struct Executor {
     pub snapshots: Snapshots,
 }
 
+/// Runs jobs in VMs. Its parts are the crate's own (the snapshot producer in `snapshots.rs`
+/// and the warm pool reach them); the rest of the server asks through the methods below.
+pub struct Executor {
+    pub(crate) driver: Driver,
+    pub(crate) runtime: Runtime,
+    pub(crate) artifacts: Arc<Artifacts>,
+    pub(crate) limiter: Limiter,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: ExecSettings,
+    pub(crate) pool: Pool,
+    pub(crate) snapshots: Snapshots,
+}
+
 /// Time limit of each stage of a template's warm-up run.
 const WARM_UP_TIMEOUT_MS: u64 = 30_000;
 
@@ -152,6 +189,70 @@ pub fn ms(d: Duration) -> u64 {
 }
 
 impl Executor {
+    pub fn new(p: ExecutorParts) -> Self {
+        Self {
+            driver: p.driver,
+            runtime: p.runtime,
+            artifacts: p.artifacts,
+            limiter: p.limiter,
+            metrics: p.metrics,
+            settings: p.settings,
+            pool: p.pool,
+            snapshots: p.snapshots,
+        }
+    }
+
+    /// VMs alive now (running a job, pooled or being made).
+    pub fn live_vms(&self) -> usize {
+        self.runtime.live_vms()
+    }
+
+    /// Pooled VMs ready to take a job.
+    pub fn pool_ready(&self) -> usize {
+        self.pool.ready()
+    }
+
+    /// True when the warm pool keeps VMs for `language`.
+    pub fn pool_wants(&self, language: &str) -> bool {
+        self.pool.wants(language)
+    }
+
+    /// Jobs waiting for a VM slot.
+    pub fn queued(&self) -> usize {
+        self.limiter.queued()
+    }
+
+    /// The jail around every hypervisor, described (None: unjailed).
+    pub fn jail(&self) -> Option<String> {
+        self.driver.jail.as_ref().map(|j| j.describe())
+    }
+
+    /// The host-side rules that fence guests' network traffic: None when no VM has a network
+    /// device (vsock transport), else whether they are installed and how.
+    pub fn host_rules(&self) -> Option<(bool, Option<String>)> {
+        let fence = self.runtime.fence();
+        self.runtime
+            .has_network()
+            .then(|| (fence.is_some(), fence.map(|f| f.describe())))
+    }
+
+    /// The snapshot registry (status for `/healthz` and start-up).
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.snapshots
+    }
+
+    /// The language images and kernels.
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.artifacts
+    }
+
+    /// Shutting down: refuses new jobs (queued ones fail fast) and stops the pooled VMs;
+    /// returns how many pooled VMs were stopped.
+    pub fn close(&self) -> usize {
+        self.limiter.close();
+        self.pool.close()
+    }
+
     /// Waits for a VM slot (bounded queue); fails fast when saturated or shutting down.
     pub async fn admit(&self) -> Result<(Permit, Duration), LimitError> {
         let t = Instant::now();
@@ -192,7 +293,7 @@ impl Executor {
 
     /// A VM for `job`: a pooled one when the pool has one that fits (returned with `true`), else
     /// one restored from the language's snapshot when the job fits its shape, else a fresh boot.
-    async fn acquire_vm(self: &Arc<Self>, job: &Job) -> Result<(Vm, bool), ExecError2> {
+    async fn acquire_vm(self: &Arc<Self>, job: &Job) -> Result<(Vm, bool), AcquireError> {
         let language = &job.language;
         let needed = job.memory_mib.map_or(0, |m| m + VM_OVERHEAD_MIB);
         if needed <= language.memory_mib {
@@ -219,7 +320,7 @@ impl Executor {
         self: &Arc<Self>,
         language: &Language,
         memory_mib: u64,
-    ) -> Result<Vm, ExecError2> {
+    ) -> Result<Vm, AcquireError> {
         if memory_mib == language.memory_mib {
             if let Some(vm) = self.restore_vm(language).await {
                 return Ok(vm);
@@ -251,15 +352,13 @@ impl Executor {
         let kernel = self.artifacts.kernel().await?;
         let image = self.artifacts.image(language).await?;
         Ok(VmSpec {
-            kernel: match self.driver.kind {
-                Kind::Qemu => kernel.bzimage,
-                Kind::CloudeVmm => kernel.vmlinux,
-            },
+            kernel: self.driver.kind.kernel(kernel.bzimage, kernel.vmlinux),
             initrd: image.initrd,
             root: image.root,
             warm_up: None,
             memory_mib,
             vcpus: self.settings.vcpus,
+            transport: self.runtime.transport(),
             boot_timeout: self.settings.boot_timeout,
         })
     }
@@ -275,7 +374,7 @@ impl Executor {
     }
 
     /// Boots a fresh VM with `memory_mib` for `language`.
-    async fn boot_vm(&self, language: &Language, memory_mib: u64) -> Result<Vm, ExecError2> {
+    async fn boot_vm(&self, language: &Language, memory_mib: u64) -> Result<Vm, AcquireError> {
         let spec = self.vm_spec(language, memory_mib).await?;
         let slot = self.new_slot().await?;
         let cid = slot.cid;
@@ -310,12 +409,12 @@ impl Executor {
         };
         let (mut vm, pooled) = match self.acquire_vm(&job).await {
             Ok(v) => v,
-            Err(ExecError2::Exec(e)) => return Err(e),
-            Err(ExecError2::Vm(e)) => {
+            Err(AcquireError::Exec(e)) => return Err(e),
+            Err(AcquireError::Vm(e)) => {
                 timings.boot_ms = ms(start.elapsed());
                 timings.total_ms = timings.queue_ms + ms(start.elapsed());
                 return Ok(Outcome {
-                    result: Err(format!("the VM failed to start: {e}")),
+                    result: Err(RunFailure::Start(e)),
                     timings,
                     limits,
                 });
@@ -347,7 +446,7 @@ impl Executor {
                 vm.shutdown(Duration::ZERO).await;
                 timings.total_ms = timings.queue_ms + ms(start.elapsed());
                 return Ok(Outcome {
-                    result: Err(e.to_string()),
+                    result: Err(RunFailure::Network(e)),
                     timings,
                     limits,
                 });
@@ -363,7 +462,7 @@ impl Executor {
             .saturating_mul(u32::try_from(runs.min(8)).unwrap_or(8));
         let run_start = Instant::now();
         let result = match vm.agent().await {
-            Err(e) => Err(format!("cannot talk to the VM's agent: {e}")),
+            Err(e) => Err(RunFailure::NoAgent(e.to_string())),
             Ok(mut client) => {
                 let talk = async {
                     match events {
@@ -386,10 +485,7 @@ impl Executor {
                 match answer {
                     Ok(Ok(r)) => Ok(r),
                     Ok(Err(e)) => Err(self.explain(&mut vm, e.to_string()).await),
-                    Err(_) => Err(format!(
-                        "the agent did not answer within {} ms",
-                        deadline.as_millis()
-                    )),
+                    Err(_) => Err(RunFailure::AgentTimeout(deadline.as_millis())),
                 }
             }
         };
@@ -411,20 +507,16 @@ impl Executor {
         })
     }
 
-    async fn explain(&self, vm: &mut Vm, err: String) -> String {
+    async fn explain(&self, vm: &mut Vm, err: String) -> RunFailure {
         match vm.exit_status_within(VM_EXIT_GRACE).await {
             Some(status) => {
                 self.metrics.vm_failed();
                 match panic_line(&vm.console_tail()) {
-                    Some(p) => format!(
-                        "the guest kernel panicked while running the program ({p}); the VM stopped ({status})"
-                    ),
-                    None => format!(
-                        "the VM stopped unexpectedly ({status}) while running the program"
-                    ),
+                    Some(panic) => RunFailure::GuestPanic { panic, status },
+                    None => RunFailure::VmStopped(status),
                 }
             }
-            None => format!("lost contact with the VM's agent: {err}"),
+            None => RunFailure::LostAgent(err),
         }
     }
 }
@@ -436,21 +528,22 @@ fn panic_line(console: &str) -> Option<String> {
     Some(line[start..].trim().chars().take(200).collect())
 }
 
-/// Internal split between "cannot even start" (artifacts) and "VM failed".
-enum ExecError2 {
+/// Why no VM could be had for a job: the job cannot run at all (its artifacts are missing: an
+/// error of the request), or a VM failed to start (an internal error, reported in the answer).
+enum AcquireError {
     Exec(ExecError),
     Vm(VmError),
 }
 
-impl From<ArtifactError> for ExecError2 {
+impl From<ArtifactError> for AcquireError {
     fn from(e: ArtifactError) -> Self {
-        ExecError2::Exec(ExecError::Artifact(e))
+        AcquireError::Exec(ExecError::Artifact(e))
     }
 }
 
-impl From<VmError> for ExecError2 {
+impl From<VmError> for AcquireError {
     fn from(e: VmError) -> Self {
-        ExecError2::Vm(e)
+        AcquireError::Vm(e)
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::OnceCell;
 
 use crate::executor::{ms, Executor};
 use crate::vm::snapshot::{self, Identity, Snapshot, SnapshotError};
-use crate::vm::{Kind, Vm, VmError, VmSpec};
+use crate::vm::{Vm, VmError, VmSpec};
 
 /// How long after a failed snapshot build the next one is tried.
 const RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -121,10 +121,7 @@ impl Executor {
         let identity = Identity {
             driver: self.driver.kind.name().to_string(),
             hypervisor_sha256: hyper,
-            accel: match self.driver.kind {
-                Kind::Qemu if !self.driver.qemu_kvm => "tcg".into(),
-                _ => "kvm".into(),
-            },
+            accel: self.driver.kind.accel().into(),
             kernel_sha256: recorded(&spec.kernel)?,
             image_sha256: recorded(&spec.initrd)?,
             root_sha256: spec.root.as_deref().map(recorded).transpose()?,

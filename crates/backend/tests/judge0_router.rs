@@ -14,7 +14,7 @@ use cloude_image::progress::Progress;
 use cloude_server::api::{router, AppState};
 use cloude_server::artifacts::Artifacts;
 use cloude_server::config::Config;
-use cloude_server::executor::{ExecSettings, Executor};
+use cloude_server::executor::{ExecSettings, Executor, ExecutorParts};
 use cloude_server::judge0::Judge0;
 use cloude_server::limiter::Limiter;
 use cloude_server::metrics::Metrics;
@@ -43,11 +43,10 @@ async fn setup_with(extra_config: &str, judge0_on: bool) -> T {
     .expect("config");
     let metrics = Arc::new(Metrics::default());
     let l = &config.limits;
-    let executor = Arc::new(Executor {
+    let executor = Arc::new(Executor::new(ExecutorParts {
         driver: Driver {
-            kind: Kind::Qemu,
+            kind: Kind::Qemu { kvm: false },
             binary: "/nonexistent/qemu".into(),
-            qemu_kvm: false,
             jail: None,
             console_bytes: cloude_server::vm::console::DEFAULT_CONSOLE_BYTES,
         },
@@ -66,7 +65,7 @@ async fn setup_with(extra_config: &str, judge0_on: bool) -> T {
         },
         pool: cloude_server::pool::Pool::off(),
         snapshots: cloude_server::snapshots::Snapshots::off(),
-    });
+    }));
     let store = Store::open(&config.store).await.expect("store");
     let j0 = Arc::new(Judge0::new(
         config.judge0.clone(),

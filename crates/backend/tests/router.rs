@@ -11,7 +11,7 @@ use cloude_image::progress::Progress;
 use cloude_server::api::{router, AppState};
 use cloude_server::artifacts::Artifacts;
 use cloude_server::config::Config;
-use cloude_server::executor::{ExecSettings, Executor};
+use cloude_server::executor::{ExecSettings, Executor, ExecutorParts};
 use cloude_server::limiter::Limiter;
 use cloude_server::metrics::Metrics;
 use cloude_server::vm::{Driver, Kind, Runtime};
@@ -37,11 +37,10 @@ fn state_with(config: Config) -> Arc<AppState> {
     empty_cache();
     let metrics = Arc::new(Metrics::default());
     let l = &config.limits;
-    let executor = Arc::new(Executor {
+    let executor = Arc::new(Executor::new(ExecutorParts {
         driver: Driver {
-            kind: Kind::Qemu,
+            kind: Kind::Qemu { kvm: false },
             binary: "/nonexistent/qemu".into(),
-            qemu_kvm: false,
             jail: None,
             console_bytes: cloude_server::vm::console::DEFAULT_CONSOLE_BYTES,
         },
@@ -60,7 +59,7 @@ fn state_with(config: Config) -> Arc<AppState> {
         },
         pool: cloude_server::pool::Pool::off(),
         snapshots: cloude_server::snapshots::Snapshots::off(),
-    });
+    }));
     Arc::new(AppState {
         config,
         catalog: Catalog::load_resolved(None).expect("the catalogue, versions from apt"),
@@ -490,7 +489,7 @@ async fn saturation_gives_429_with_retry_after() {
     )
     .await;
     assert!(h.contains_key("retry-after"));
-    st.executor.limiter.close();
+    st.executor.close();
     let (s, v) = post_json(&st, "/v1/executions", body).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"], "shutting_down");

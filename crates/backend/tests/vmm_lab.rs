@@ -28,7 +28,6 @@ fn driver_and_spec(initrd: PathBuf, boot_timeout: Duration) -> (Driver, VmSpec) 
     let driver = Driver {
         kind: Kind::CloudeVmm,
         binary: env_path("CLOUDE_VMM_BIN"),
-        qemu_kvm: false,
         jail: None,
         console_bytes: cloude_server::vm::console::DEFAULT_CONSOLE_BYTES,
     };
@@ -40,6 +39,7 @@ fn driver_and_spec(initrd: PathBuf, boot_timeout: Duration) -> (Driver, VmSpec) 
         memory_mib: 256,
         vcpus: 1,
         boot_timeout,
+        transport: cloude_server::vm::Transport::Vsock,
     };
     (driver, spec)
 }
@@ -270,9 +270,11 @@ async fn cloude_vmm_driver_over_tcp_in_a_netns() {
             .filter(|n| n.starts_with("cld"))
             .collect()
     };
-    let (driver, spec) = driver_and_spec(env_path("CLOUDE_INITRD"), Duration::from_secs(60));
+    let (driver, mut spec) = driver_and_spec(env_path("CLOUDE_INITRD"), Duration::from_secs(60));
     let plan = NetPlan::parse("10.201.0.0/16").expect("plan");
     let rt = Runtime::with_network(Some(plan)).expect("runtime");
+    spec.transport = rt.transport();
+    assert_eq!(spec.transport, cloude_server::vm::Transport::Tcp);
     let slot = rt.slot().expect("slot with a tap");
     let tap = slot.tap.as_ref().expect("tap").name.clone();
     assert_eq!(taps(), vec![tap.clone()], "the slot's tap exists");

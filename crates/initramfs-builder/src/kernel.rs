@@ -17,6 +17,47 @@ use crate::progress::Progress;
 const GUEST_CONFIG: &str = include_str!("../../../kernel/guest.config");
 const LAB_CONFIG: &str = include_str!("../../../kernel/lab.config");
 /// The Debian package whose tarball we build from.
+/// The host's KVM, as far as booting our guest kernel goes: the one answer to "can this
+/// `/dev/kvm` boot Linux", used by the server's hypervisor probe and by the bench.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostKvm {
+    pub dev_kvm: bool,
+    /// Loaded KVM vendor modules (`kvm_intel`, `kvm_amd`, `kvm_pvm`).
+    pub modules: Vec<String>,
+}
+
+impl HostKvm {
+    /// Reads `/dev/kvm` and `/sys/module`.
+    pub fn gather() -> Self {
+        HostKvm {
+            dev_kvm: Path::new("/dev/kvm").exists(),
+            modules: ["kvm_intel", "kvm_amd", "kvm_pvm"]
+                .iter()
+                .filter(|m| Path::new("/sys/module").join(m).exists())
+                .map(|m| m.to_string())
+                .collect(),
+        }
+    }
+
+    /// True when `/dev/kvm` is `kvm_pvm`: it takes the KVM API but cannot boot a stock Linux
+    /// guest.
+    pub fn is_pvm(&self) -> bool {
+        self.modules.iter().any(|m| m == "kvm_pvm")
+    }
+
+    /// The hardware virtualisation module (`kvm_intel` or `kvm_amd`) when `/dev/kvm` boots a
+    /// stock Linux guest; None without KVM, or with `kvm_pvm`.
+    pub fn linux_capable(&self) -> Option<&str> {
+        if !self.dev_kvm || self.is_pvm() {
+            return None;
+        }
+        self.modules
+            .iter()
+            .find(|m| *m == "kvm_intel" || *m == "kvm_amd")
+            .map(String::as_str)
+    }
+}
+
 pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// Debian packages the build needs.

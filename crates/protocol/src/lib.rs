@@ -347,7 +347,7 @@ pub enum StreamEvent {
 pub struct Health {
     pub protocol_version: u32,
     pub agent_version: String,
-    /// Seconds since the agent started (PID 1).
+    /// Milliseconds since the agent started (PID 1).
     pub uptime_ms: u64,
 }
 

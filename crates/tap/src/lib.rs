@@ -1,10 +1,12 @@
-//! Linux tap devices: `/dev/net/tun` and its `TUNSETIFF` ioctl, and the `struct ifreq` that
-//! names an interface — the one definition, used by `cloude-vmm` (a tap given by name) and by
-//! `cloude-server` (one tap per VM for the tcp transport).
+//! Linux tap devices: `/dev/net/tun` and its `TUNSETIFF` ioctl, the `struct ifreq` that names
+//! an interface, and the guest kernel's `ip=` argument for a tap-backed guest — the one
+//! definition, used by `cloude-vmm` (a tap given by name or fd) and by `cloude-server` (one tap
+//! per VM for the tcp transport).
 #![allow(unsafe_code)]
 
 use std::fs::OpenOptions;
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 
@@ -60,6 +62,17 @@ pub fn open(name: &str, nonblocking: bool) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
+/// The kernel `ip=` argument that gives a guest the static address `addr/prefix` on `eth0`
+/// with `host` as its gateway (no autoconfiguration): the one spelling, used by `cloude-vmm`
+/// (`--guest-ip`/`--host-ip`) and by the server for QEMU.
+pub fn kernel_ip_arg(addr: Ipv4Addr, prefix: u8, host: Ipv4Addr) -> String {
+    let mask = match prefix {
+        0 => 0,
+        p => u32::MAX << (32 - u32::from(p.min(32))),
+    };
+    format!("ip={addr}::{host}:{}::eth0:off", Ipv4Addr::from(mask))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +115,22 @@ mod tests {
         );
         drop(fd);
         assert!(!sys.exists(), "not persistent");
+    }
+
+    #[test]
+    fn ip_arg_spells_the_mask() {
+        let (g, h) = (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(
+            kernel_ip_arg(g, 30, h),
+            "ip=10.0.0.2::10.0.0.1:255.255.255.252::eth0:off"
+        );
+        assert_eq!(
+            kernel_ip_arg(g, 24, h),
+            "ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off"
+        );
+        assert_eq!(
+            kernel_ip_arg(g, 0, h),
+            "ip=10.0.0.2::10.0.0.1:0.0.0.0::eth0:off"
+        );
     }
 }

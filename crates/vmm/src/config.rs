@@ -423,15 +423,8 @@ fn check_tap_fd(fd: i32) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The kernel `ip=` argument for a static guest address.
-pub fn ip_arg(addr: Ipv4Addr, prefix: u8, host: Ipv4Addr) -> String {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    };
-    format!("ip={addr}::{host}:{}::eth0:off", Ipv4Addr::from(mask))
-}
+/// The kernel `ip=` argument for a static guest address (the tap crate's one spelling).
+pub use cloude_tap::kernel_ip_arg as ip_arg;
 
 #[cfg(test)]
 mod tests {

@@ -225,10 +225,9 @@ fn boot_to_ready(kernel: &str, initrd: &str, runs: usize) -> anyhow::Result<Valu
 }
 
 fn hardware_kvm() -> bool {
-    Path::new("/dev/kvm").exists()
-        && (Path::new("/sys/module/kvm_intel").exists()
-            || Path::new("/sys/module/kvm_amd").exists())
-        && !Path::new("/sys/module/kvm_pvm").exists()
+    cloude_image::kernel::HostKvm::gather()
+        .linux_capable()
+        .is_some()
 }
 
 fn machine() -> Value {
@@ -243,7 +242,7 @@ fn machine() -> Value {
         .unwrap_or(0);
     let kvm = if hardware_kvm() {
         "hardware"
-    } else if Path::new("/sys/module/kvm_pvm").exists() {
+    } else if cloude_image::kernel::HostKvm::gather().is_pvm() {
         "kvm_pvm (cannot boot Linux)"
     } else {
         "none"

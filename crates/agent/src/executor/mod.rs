@@ -111,10 +111,6 @@ impl Executor {
         }
     }
 
-    pub fn config(&self) -> &ExecutorConfig {
-        &self.cfg
-    }
-
     /// Validates `req`, writes its files, compiles (if asked) and runs it. With `sink`, output
     /// chunks are sent as they arrive (they are also in the returned result).
     pub async fn run(

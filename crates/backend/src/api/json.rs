@@ -24,10 +24,12 @@ pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiErro
         )));
     };
     read.map_err(|e| {
-        let too_big = std::error::Error::source(&e)
-            .map(|s| s.to_string().contains("length limit"))
-            .unwrap_or(false)
-            || e.to_string().contains("length limit");
+        // `to_bytes` reports the cap as http-body-util's `LengthLimitError` somewhere in the
+        // error's source chain.
+        let too_big = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .any(|e| e.is::<http_body_util::LengthLimitError>());
         if too_big {
             ApiError::too_large(
                 None,

@@ -52,9 +52,9 @@ impl AppState {
 
     fn gauges(&self) -> Gauges {
         Gauges {
-            vms_running: self.executor.runtime.live_vms(),
-            pool_ready: self.executor.pool.ready(),
-            queue_length: self.executor.limiter.queued(),
+            vms_running: self.executor.live_vms(),
+            pool_ready: self.executor.pool_ready(),
+            queue_length: self.executor.queued(),
             max_vms: self.config.limits.max_concurrent_vms,
         }
     }
@@ -95,7 +95,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let g = state.gauges();
-    let rt = &state.executor.runtime;
+    let jail = state.executor.jail();
+    let host_rules = state.executor.host_rules();
     Json(serde_json::json!({
         "status": "ok",
         "hypervisor": state.hypervisor,
@@ -104,14 +105,14 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
         "pool_ready": g.pool_ready,
         "queue_length": g.queue_length,
         "max_concurrent_vms": g.max_vms,
-        "jail": state.executor.driver.jail.is_some(),
-        "jail_detail": state.executor.driver.jail.as_ref().map(|j| j.describe()),
+        "jail": jail.is_some(),
+        "jail_detail": jail,
         // tcp transport only (null with vsock: no VM has a network device).
-        "host_rules": rt.has_network().then(|| rt.fence().is_some()),
-        "host_rules_detail": rt.fence().map(|f| f.describe()),
-        "snapshots": state.executor.snapshots.active(),
-        "snapshots_detail": state.executor.snapshots.status(),
-        "snapshots_ready": state.executor.snapshots.ready_count(),
+        "host_rules": host_rules.as_ref().map(|(on, _)| *on),
+        "host_rules_detail": host_rules.and_then(|(_, d)| d),
+        "snapshots": state.executor.snapshots().active(),
+        "snapshots_detail": state.executor.snapshots().status(),
+        "snapshots_ready": state.executor.snapshots().ready_count(),
     }))
 }
 

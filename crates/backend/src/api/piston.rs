@@ -291,7 +291,7 @@ fn internal(msg: String) -> PistonStage {
 
 pub fn piston_response(job: &Job, outcome: Outcome) -> (PistonResponse, &'static str) {
     let (run, compile, status) = match outcome.result {
-        Err(msg) => (internal(msg), None, "internal_error"),
+        Err(e) => (internal(e.to_string()), None, "internal_error"),
         Ok(r) => {
             let (status, _) = super::v1::overall_status(&r);
             let compile = r.compile.as_ref().map(piston_stage);

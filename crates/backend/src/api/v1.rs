@@ -287,8 +287,8 @@ pub fn response(job: &Job, request_id: &str, outcome: Outcome) -> ExecutionRespo
         tests: None,
     };
     match outcome.result {
-        Err(msg) => {
-            resp.message = Some(msg);
+        Err(e) => {
+            resp.message = Some(e.to_string());
             if !job.tests.is_empty() {
                 resp.tests = Some(TestsOut {
                     verdict: Verdict::InternalError,
@@ -496,7 +496,7 @@ pub async fn languages(State(state): State<Arc<AppState>>) -> Json<serde_json::V
             extensions: l.extensions.clone(),
             compiled: l.compile.is_some(),
             entry_file: l.file.clone(),
-            image_format: state.executor.artifacts.format_for(l).name().to_string(),
+            image_format: state.executor.artifacts().format_for(l).name().to_string(),
         })
         .collect();
     Json(serde_json::json!({ "languages": langs }))

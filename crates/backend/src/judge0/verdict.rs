@@ -95,7 +95,7 @@ fn joined(s: &StageResult) -> Option<Vec<u8>> {
 /// cases: compiled once, run in the same VM) the runs combined.
 pub fn verdict(req: &Request, outcome: executor::Outcome) -> Outcome {
     let r = match outcome.result {
-        Err(msg) => return internal(msg),
+        Err(e) => return internal(e.to_string()),
         Ok(r) => r,
     };
     if r.tests.is_empty() {
@@ -582,7 +582,7 @@ mod tests {
         let o = verdict(
             &r,
             executor::Outcome {
-                result: Err("the VM failed to start".into()),
+                result: Err(executor::RunFailure::NoAgent("refused".into())),
                 timings: Default::default(),
                 limits: cloude_api::AppliedLimits {
                     timeout_ms: 1,
@@ -595,7 +595,7 @@ mod tests {
         );
         assert_eq!(
             (o.status_id, o.message.as_deref()),
-            (13, Some("the VM failed to start"))
+            (13, Some("cannot talk to the VM's agent: refused"))
         );
         // stderr into stdout.
         let mut r2 = req(Some("ab"));

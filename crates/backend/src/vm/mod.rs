@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::process::Child;
 
+pub use crate::config::Transport;
+
 pub use probe::{choose, Choice};
 pub use runtime::{Runtime, Slot};
 
@@ -34,15 +36,32 @@ pub use runtime::{Runtime, Slot};
 pub enum Kind {
     /// Our own VMM on KVM.
     CloudeVmm,
-    /// QEMU `-M microvm`, with KVM acceleration when it works, else TCG.
-    Qemu,
+    /// QEMU `-M microvm`, with KVM acceleration (`kvm`) when it works, else TCG.
+    Qemu { kvm: bool },
 }
 
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::CloudeVmm => "cloude-vmm",
-            Kind::Qemu => "qemu",
+            Kind::Qemu { .. } => "qemu",
+        }
+    }
+
+    /// The accelerator the guest runs on: "kvm", or "tcg" (QEMU's software emulation).
+    pub fn accel(self) -> &'static str {
+        match self {
+            Kind::Qemu { kvm: false } => "tcg",
+            Kind::Qemu { kvm: true } | Kind::CloudeVmm => "kvm",
+        }
+    }
+
+    /// The kernel image this hypervisor loads: QEMU's microvm a bzImage, cloude-vmm the ELF
+    /// vmlinux.
+    pub fn kernel(self, bzimage: PathBuf, vmlinux: PathBuf) -> PathBuf {
+        match self {
+            Kind::Qemu { .. } => bzimage,
+            Kind::CloudeVmm => vmlinux,
         }
     }
 }
@@ -53,8 +72,6 @@ pub struct Driver {
     pub kind: Kind,
     /// The hypervisor binary.
     pub binary: PathBuf,
-    /// QEMU only: use `-accel kvm` instead of TCG.
-    pub qemu_kvm: bool,
     /// The jail around every hypervisor process (`None`: unjailed, `[jail] enabled = false`).
     pub jail: Option<Arc<jail::Jailer>>,
     /// Guest console kept per VM, bytes (`[vm] console_bytes`; `console.rs`); also the largest
@@ -110,6 +127,9 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// From spawn to the agent's ready line.
     pub boot_timeout: Duration,
+    /// How the host reaches the agent: vsock (or QEMU's virtio-serial), or TCP to the VM's own
+    /// address over a tap, which the slot must then carry (checked before every spawn).
+    pub transport: Transport,
     /// Run once in a snapshot template before it is sealed (`seal`): the language's commands on
     /// an empty program.
     pub warm_up: Option<cloude_protocol::RunRequest>,
@@ -337,8 +357,9 @@ impl Drop for Vm {
 impl Driver {
     /// Boots one fresh VM in `slot` and waits until its agent is ready.
     pub async fn boot(&self, spec: &VmSpec, slot: Slot) -> Result<Vm, VmError> {
+        check_transport(spec, &slot)?;
         match self.kind {
-            Kind::Qemu => qemu::boot(self, spec, slot, qemu::Mode::Boot).await,
+            Kind::Qemu { .. } => qemu::boot(self, spec, slot, qemu::Mode::Boot).await,
             Kind::CloudeVmm => vmm::boot(self, spec, slot, None).await,
         }
     }
@@ -353,14 +374,14 @@ impl Driver {
         tag: &str,
         out: &Path,
     ) -> Result<(Vec<&'static str>, Duration), VmError> {
-        if slot.tap.is_some() {
+        if spec.transport == Transport::Tcp {
             return Err(VmError::Snapshot(
                 "snapshots need the vsock transport (a restored VM cannot take a new IP address yet)"
                     .into(),
             ));
         }
         match self.kind {
-            Kind::Qemu => qemu::snapshot(self, spec, slot, out).await,
+            Kind::Qemu { .. } => qemu::snapshot(self, spec, slot, out).await,
             Kind::CloudeVmm => vmm::snapshot(self, spec, slot, tag, out).await,
         }
     }
@@ -373,7 +394,7 @@ impl Driver {
         snap: &snapshot::Snapshot,
         slot: Slot,
     ) -> Result<Vm, VmError> {
-        if slot.tap.is_some() {
+        if spec.transport == Transport::Tcp {
             return Err(VmError::Snapshot(
                 "snapshots need the vsock transport".into(),
             ));
@@ -381,7 +402,7 @@ impl Driver {
         snap.still_intact()
             .map_err(|e| VmError::Snapshot(e.to_string()))?;
         match self.kind {
-            Kind::Qemu => qemu::restore(self, spec, snap, slot).await,
+            Kind::Qemu { .. } => qemu::restore(self, spec, snap, slot).await,
             Kind::CloudeVmm => vmm::restore(self, spec, snap, slot).await,
         }
     }
@@ -390,11 +411,10 @@ impl Driver {
     /// `init_on_free=1`: pages the guest frees (the compressed initramfs, above all) are zeroed,
     /// so the snapshot skips them (QEMU's migration stream shrank from 132 to 80 MB for Python).
     pub fn snapshot_cmdline(&self, spec: &VmSpec) -> String {
-        let extra = match self.kind {
-            Kind::Qemu => SNAPSHOT_CMDLINE_EXTRA.to_string(),
-            Kind::CloudeVmm => format!("{} {SNAPSHOT_CMDLINE_EXTRA}", vmm::VMM_CMDLINE_EXTRA),
-        };
-        format!("{BASE_CMDLINE}{} {extra}", root_cmdline(spec))
+        match self.kind {
+            Kind::Qemu { .. } => cmdline(spec, &[SNAPSHOT_CMDLINE_EXTRA]),
+            Kind::CloudeVmm => cmdline(spec, &[vmm::VMM_CMDLINE_EXTRA, SNAPSHOT_CMDLINE_EXTRA]),
+        }
     }
 }
 
@@ -462,12 +482,32 @@ pub(crate) async fn wake(io: Box<dyn AgentIo>) -> Result<crate::agent::AgentClie
     Ok(client)
 }
 
-/// The kernel command line for `slot`: the shared base, the driver's extras and, with a tap, the
-/// guest's static address.
-pub(crate) fn cmdline(spec: &VmSpec, slot: &Slot, extra: &str) -> String {
+/// The kernel command line, built here only: [`BASE_CMDLINE`], the block root's arguments, then
+/// `extras` in order (the driver's own, a template's, QEMU's `ip=`; empty ones are skipped).
+pub(crate) fn cmdline(spec: &VmSpec, extras: &[&str]) -> String {
     let mut c = format!("{BASE_CMDLINE}{}", root_cmdline(spec));
-    cmdline_tail(&mut c, slot, extra);
+    for e in extras.iter().filter(|e| !e.is_empty()) {
+        c.push(' ');
+        c.push_str(e);
+    }
     c
+}
+
+/// Refuses a spec whose transport the slot cannot serve (tcp needs the slot's tap; vsock must
+/// not hand the guest a network device).
+fn check_transport(spec: &VmSpec, slot: &Slot) -> Result<(), VmError> {
+    match (spec.transport, slot.tap.is_some()) {
+        (Transport::Tcp, true) | (Transport::Vsock, false) => Ok(()),
+        (t, _) => Err(VmError::Channel(std::io::Error::other(format!(
+            "the {} transport does not match the VM's slot ({})",
+            t.name(),
+            if slot.tap.is_some() {
+                "a tap"
+            } else {
+                "no tap"
+            }
+        )))),
+    }
 }
 
 /// What a block root adds to the command line: the first disk (every driver attaches the root
@@ -477,17 +517,6 @@ fn root_cmdline(spec: &VmSpec) -> String {
     match spec.root {
         Some(_) => format!(" {ROOT_PARAM}=/dev/vda {ROOT_FSTYPE_PARAM}={ROOT_FSTYPE}"),
         None => String::new(),
-    }
-}
-
-fn cmdline_tail(c: &mut String, slot: &Slot, extra: &str) {
-    if !extra.is_empty() {
-        c.push(' ');
-        c.push_str(extra);
-    }
-    if let Some(tap) = &slot.tap {
-        c.push(' ');
-        c.push_str(&tap.kernel_ip_arg());
     }
 }
 
@@ -606,7 +635,7 @@ impl Driver {
 
     fn profile(&self) -> JailProfile {
         match self.kind {
-            Kind::Qemu => qemu::JAIL_PROFILE,
+            Kind::Qemu { .. } => qemu::JAIL_PROFILE,
             Kind::CloudeVmm => vmm::JAIL_PROFILE,
         }
     }
@@ -643,7 +672,7 @@ pub(crate) fn spawn(
             j.max_files = p.max_files;
             j.max_file_bytes = driver.console_bytes.max(extras.max_file_bytes.unwrap_or(0));
             j.max_procs = limits.pids;
-            j.keep_netns = slot.tap.is_some();
+            j.keep_netns = spec.transport == Transport::Tcp;
             j.bind_ro(&spec.kernel, JAIL_KERNEL)
                 .bind_ro(&spec.initrd, JAIL_INITRD)
                 .bind_rw(&slot.dir, JAIL_DIR);
@@ -658,7 +687,7 @@ pub(crate) fn spawn(
                 }
             }
             match driver.kind {
-                Kind::Qemu => qemu::jail(driver, &mut j),
+                Kind::Qemu { .. } => qemu::jail(driver, &mut j),
                 Kind::CloudeVmm => vmm::jail(&mut j),
             }
             j.exec = Some(driver.binary.clone());
@@ -710,6 +739,7 @@ pub(crate) struct Channels {
 /// After the ready line arrived on `ready`: with a tap the agent is reached over TCP on the VM's
 /// address (and `ready` is held open); otherwise `direct` makes the channel from `ready`.
 pub(crate) async fn channels<R, F, Fut>(
+    transport: Transport,
     slot: &Slot,
     ready: R,
     direct: F,
@@ -719,7 +749,7 @@ where
     F: FnOnce(R) -> Fut,
     Fut: std::future::Future<Output = Result<Box<dyn AgentIo>, VmError>>,
 {
-    if slot.tap.is_some() {
+    if transport == Transport::Tcp {
         let tcp = connect_tcp(slot).await?;
         return Ok(Channels {
             io: Box::new(tcp),

@@ -10,6 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// The fd number the hypervisor finds the tap on.
 pub const CHILD_TAP_FD: RawFd = 3;
+/// Each VM's link is a /30: the host's address and the guest's.
+pub const PREFIX_LEN: u8 = 30;
 
 /// Address plan: a subnet cut into /30 blocks, one per VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +76,8 @@ impl Tap {
     /// Creates tap `name` with `host`/30 on it and sets it up.
     pub fn create(name: &str, host: Ipv4Addr, guest: Ipv4Addr) -> std::io::Result<Self> {
         let fd = open_tap(name)?;
-        configure(name, host, 30).map_err(|e| ctx(e, &format!("cannot configure tap {name}")))?;
+        configure(name, host, PREFIX_LEN)
+            .map_err(|e| ctx(e, &format!("cannot configure tap {name}")))?;
         let g = guest.octets();
         Ok(Tap {
             name: name.to_string(),
@@ -109,9 +112,15 @@ impl Tap {
         super::fence::mac_string(self.mac)
     }
 
-    /// The kernel `ip=` argument for the guest.
+    /// The kernel `ip=` argument for the guest (QEMU's command line; cloude-vmm is given
+    /// [`Tap::guest_cidr`] and writes it itself, with the same function).
     pub fn kernel_ip_arg(&self) -> String {
-        format!("ip={}::{}:255.255.255.252::eth0:off", self.guest, self.host)
+        cloude_tap::kernel_ip_arg(self.guest, PREFIX_LEN, self.host)
+    }
+
+    /// The guest's address with its prefix (`10.x.y.z/30`), for `cloude-vmm --guest-ip`.
+    pub fn guest_cidr(&self) -> String {
+        format!("{}/{PREFIX_LEN}", self.guest)
     }
 }
 

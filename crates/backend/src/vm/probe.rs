@@ -1,6 +1,8 @@
 //! Chooses the hypervisor driver at start-up.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use cloude_image::kernel::HostKvm;
 
 use super::{Driver, Kind};
 use crate::config::HypervisorChoice;
@@ -23,37 +25,18 @@ pub enum ProbeError {
 /// What the host offers, gathered from the file system (pure data, unit-testable).
 #[derive(Clone, Debug, Default)]
 pub struct HostFacts {
-    pub dev_kvm: bool,
-    /// Loaded KVM vendor modules (`kvm_intel`, `kvm_amd`, `kvm_pvm`).
-    pub kvm_modules: Vec<String>,
+    pub kvm: HostKvm,
     pub vmm: Option<PathBuf>,
     pub qemu: Option<PathBuf>,
 }
 
 impl HostFacts {
     pub fn gather() -> Self {
-        let kvm_modules = ["kvm_intel", "kvm_amd", "kvm_pvm"]
-            .iter()
-            .filter(|m| Path::new("/sys/module").join(m).exists())
-            .map(|m| m.to_string())
-            .collect();
         HostFacts {
-            dev_kvm: Path::new("/dev/kvm").exists(),
-            kvm_modules,
+            kvm: HostKvm::gather(),
             vmm: cloude_image::paths::sibling_binary("cloude-vmm", "CLOUDE_VMM_BIN"),
             qemu: find_qemu(),
         }
-    }
-
-    /// Whether `/dev/kvm` can boot a stock Linux guest (hardware virtualisation, not kvm_pvm).
-    fn linux_capable_kvm(&self) -> Option<&str> {
-        if !self.dev_kvm || self.kvm_modules.iter().any(|m| m == "kvm_pvm") {
-            return None;
-        }
-        self.kvm_modules
-            .iter()
-            .find(|m| *m == "kvm_intel" || *m == "kvm_amd")
-            .map(String::as_str)
     }
 }
 
@@ -69,7 +52,7 @@ fn find_qemu() -> Option<PathBuf> {
 
 /// Picks a driver for `want` on a host described by `facts`.
 pub fn choose(want: HypervisorChoice, facts: &HostFacts) -> Result<Choice, ProbeError> {
-    let kvm = facts.linux_capable_kvm();
+    let kvm = facts.kvm.linux_capable();
     let qemu = |reason: String| -> Result<Choice, ProbeError> {
         let binary = facts
             .qemu
@@ -82,9 +65,8 @@ pub fn choose(want: HypervisorChoice, facts: &HostFacts) -> Result<Choice, Probe
         };
         Ok(Choice {
             driver: Driver {
-                kind: Kind::Qemu,
+                kind: Kind::Qemu { kvm: kvm.is_some() },
                 binary,
-                qemu_kvm: kvm.is_some(),
                 jail: None,
                 console_bytes: crate::vm::console::DEFAULT_CONSOLE_BYTES,
             },
@@ -97,7 +79,6 @@ pub fn choose(want: HypervisorChoice, facts: &HostFacts) -> Result<Choice, Probe
             driver: Driver {
                 kind: Kind::CloudeVmm,
                 binary,
-                qemu_kvm: false,
                 jail: None,
                 console_bytes: crate::vm::console::DEFAULT_CONSOLE_BYTES,
             },
@@ -112,8 +93,8 @@ pub fn choose(want: HypervisorChoice, facts: &HostFacts) -> Result<Choice, Probe
                 "/dev/kvm is backed by {m}, which boots Linux guests"
             )),
             (Some(_), None) => qemu("KVM works but cloude-vmm was not found".into()),
-            (None, _) if !facts.dev_kvm => qemu("no /dev/kvm on this host".into()),
-            (None, _) if facts.kvm_modules.iter().any(|m| m == "kvm_pvm") => {
+            (None, _) if !facts.kvm.dev_kvm => qemu("no /dev/kvm on this host".into()),
+            (None, _) if facts.kvm.is_pvm() => {
                 qemu("/dev/kvm is kvm_pvm, which cannot boot stock Linux guests".into())
             }
             (None, _) => {
@@ -129,8 +110,10 @@ mod tests {
 
     fn facts(modules: &[&str], vmm: bool) -> HostFacts {
         HostFacts {
-            dev_kvm: !modules.is_empty(),
-            kvm_modules: modules.iter().map(|s| s.to_string()).collect(),
+            kvm: HostKvm {
+                dev_kvm: !modules.is_empty(),
+                modules: modules.iter().map(|s| s.to_string()).collect(),
+            },
             vmm: vmm.then(|| PathBuf::from("/bin/cloude-vmm")),
             qemu: Some(PathBuf::from("/usr/bin/qemu-system-x86_64")),
         }
@@ -139,8 +122,7 @@ mod tests {
     #[test]
     fn pvm_falls_back_to_tcg() {
         let c = choose(HypervisorChoice::Auto, &facts(&["kvm_pvm"], true)).expect("choice");
-        assert_eq!(c.driver.kind, Kind::Qemu);
-        assert!(!c.driver.qemu_kvm);
+        assert_eq!(c.driver.kind, Kind::Qemu { kvm: false });
         assert!(c.reason.contains("kvm_pvm"), "{}", c.reason);
     }
 
@@ -149,10 +131,9 @@ mod tests {
         let c = choose(HypervisorChoice::Auto, &facts(&["kvm_intel"], true)).expect("choice");
         assert_eq!(c.driver.kind, Kind::CloudeVmm);
         let c = choose(HypervisorChoice::Auto, &facts(&["kvm_amd"], false)).expect("choice");
-        assert_eq!(c.driver.kind, Kind::Qemu);
-        assert!(c.driver.qemu_kvm);
+        assert_eq!(c.driver.kind, Kind::Qemu { kvm: true });
         let c = choose(HypervisorChoice::Qemu, &facts(&["kvm_amd"], true)).expect("choice");
-        assert_eq!(c.driver.kind, Kind::Qemu);
+        assert_eq!(c.driver.kind, Kind::Qemu { kvm: true });
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub(crate) fn jail(driver: &Driver, j: &mut cloude_jail::Spec) {
             Err(_) => {}
         }
     }
-    if driver.qemu_kvm {
+    if driver.kind.accel() == "kvm" {
         j.device("/dev/kvm", "/dev/kvm");
     }
 }
@@ -78,9 +78,12 @@ pub(crate) fn args(
     paths: &Paths,
     mode: Mode,
 ) -> Vec<String> {
-    let accel = if driver.qemu_kvm { "kvm" } else { "tcg" };
+    let accel = driver.kind.accel();
     let append = match mode {
-        Mode::Boot => cmdline(spec, slot, ""),
+        Mode::Boot => {
+            let ip = slot.tap.as_ref().map(|t| t.kernel_ip_arg());
+            cmdline(spec, &[ip.as_deref().unwrap_or("")])
+        }
         Mode::Template | Mode::Clone => driver.snapshot_cmdline(spec),
     };
     let sock = paths.file("agent.sock");
@@ -91,7 +94,7 @@ pub(crate) fn args(
         "-accel".into(),
         accel.into(),
         "-cpu".into(),
-        if driver.qemu_kvm {
+        if accel == "kvm" {
             "host".into()
         } else {
             "max".into()
@@ -212,7 +215,7 @@ pub(crate) async fn boot(
     let io = during_boot(child.child(), &slot, spec, started, async {
         let (mut stream, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut stream).await?;
-        channels(&slot, stream, |s| async move {
+        channels(spec.transport, &slot, stream, |s| async move {
             Ok(Box::new(s) as Box<dyn AgentIo>)
         })
         .await
@@ -356,9 +359,8 @@ mod tests {
         let rt = Runtime::new().expect("runtime");
         let slot = rt.slot().expect("slot");
         let d = Driver {
-            kind: Kind::Qemu,
+            kind: Kind::Qemu { kvm: false },
             binary: "qemu-system-x86_64".into(),
-            qemu_kvm: false,
             jail: None,
             console_bytes: crate::vm::console::DEFAULT_CONSOLE_BYTES,
         };
@@ -370,6 +372,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             boot_timeout: std::time::Duration::from_secs(1),
+            transport: crate::vm::Transport::Vsock,
         };
         let a = args(&d, &spec, &slot, &d.paths(&spec, &slot), Mode::Boot).join(" ");
         assert!(a.contains("-nic none"), "{a}");

@@ -98,6 +98,15 @@ impl Runtime {
         self.inner.net.is_some()
     }
 
+    /// The transport of this runtime's VMs: tcp when it hands out taps, else vsock.
+    pub fn transport(&self) -> super::Transport {
+        if self.has_network() {
+            super::Transport::Tcp
+        } else {
+            super::Transport::Vsock
+        }
+    }
+
     /// The host-side rules around the taps, when they are on.
     pub fn fence(&self) -> Option<&Arc<Fence>> {
         self.inner.fence.as_ref()

@@ -63,7 +63,7 @@ pub(crate) fn args(
             "--initrd".into(),
             paths.initrd.display().to_string(),
             "--cmdline".into(),
-            cmdline(spec, slot, VMM_CMDLINE_EXTRA),
+            cmdline(spec, &[VMM_CMDLINE_EXTRA]),
         ],
         Mode::Template(tag) => vec![
             "--kernel".into(),
@@ -111,6 +111,11 @@ pub(crate) fn args(
             CHILD_TAP_FD.to_string(),
             "--guest-mac".into(),
             tap.mac_string(),
+            // cloude-vmm writes the guest's `ip=` itself.
+            "--guest-ip".into(),
+            tap.guest_cidr(),
+            "--host-ip".into(),
+            tap.host.to_string(),
         ]);
     }
     a
@@ -149,7 +154,7 @@ pub(crate) async fn boot(
     let io = during_boot(child.child(), &slot, spec, started, async {
         let (mut ready, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut ready).await?;
-        channels(&slot, ready, |_| async {
+        channels(spec.transport, &slot, ready, |_| async {
             let s = connect_agent(&uds).await?;
             Ok(Box::new(s) as Box<dyn AgentIo>)
         })

@@ -32,7 +32,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -40,15 +39,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::device::DeviceCore;
 use super::queue::{self, Chain, ChainError, Desc};
-use super::{
-    ActivateError, Interrupt, VirtioDevice, MAX_CHAINS_PER_EVENT, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-};
+use super::{Interrupt, VirtioDevice, MAX_CHAINS_PER_EVENT, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 
 /// Bytes in a sector (the unit of `sector` and of the capacity).
 pub const SECTOR_SIZE: u64 = 512;
@@ -380,9 +375,7 @@ impl Disk {
 pub struct Block {
     disk: Disk,
     config: [u8; CONFIG_LEN],
-    irq: Arc<Interrupt>,
-    queue_evts: [EventFd; 1],
-    active: Option<(GuestMemoryMmap, Queue)>,
+    core: DeviceCore,
 }
 
 impl Block {
@@ -417,9 +410,7 @@ impl Block {
                 io_error_logged: false,
             },
             config,
-            irq,
-            queue_evts: [EventFd::new(EFD_NONBLOCK)?],
-            active: None,
+            core: DeviceCore::new(irq, QUEUE_SIZES.len())?,
         })
     }
 
@@ -438,15 +429,16 @@ impl Block {
 
     /// True after activation (and until a reset or a failure).
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.core.is_active()
     }
 
     /// Serves up to [`MAX_CHAINS_PER_EVENT`] pending requests (re-kicking itself when more may
     /// wait); returns how many were completed. An error means the ring or a chain is malformed.
     pub fn process_queue(&mut self) -> Result<usize, ChainError> {
-        let Some((mem, q)) = self.active.as_mut() else {
+        let Some(a) = self.core.active_mut() else {
             return Ok(0);
         };
+        let (mem, q) = (&a.mem, &mut a.queues[0]);
         let mut served = 0;
         while served < MAX_CHAINS_PER_EVENT {
             let Some(chain) = queue::pop(q, mem)? else {
@@ -456,24 +448,16 @@ impl Block {
             queue::add_used(q, mem, chain.head, used)?;
             served += 1;
         }
-        if served == MAX_CHAINS_PER_EVENT {
-            let _ = self.queue_evts[0].write(1);
-        }
+        self.core.rekick_if_capped(0, served);
         Ok(served)
     }
 
     /// Handles a queue notification: serves, then interrupts the guest, or fails the device.
     pub fn on_queue_event(&mut self) {
-        let _ = self.queue_evts[0].read();
-        match self.process_queue() {
-            Ok(0) => {}
-            Ok(_) => self.irq.signal_used(),
-            Err(e) => {
-                eprintln!("cloude-vmm: virtio-blk {} stopped: {e}", self.disk.name);
-                self.active = None;
-                self.irq.fail();
-            }
-        }
+        self.core.take_kick(0);
+        let served = self.process_queue();
+        let device = format!("virtio-blk {}", self.disk.name);
+        self.core.complete(&device, served);
     }
 }
 
@@ -499,49 +483,18 @@ impl VirtioDevice for Block {
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
-        _acked: u64,
-    ) -> Result<(), ActivateError> {
-        let q = queues
-            .pop()
-            .filter(|_| queues.is_empty())
-            .ok_or(ActivateError::QueueCount(queues.len() + 1, 1))?;
-        self.active = Some((mem, q));
-        Ok(())
-    }
-    fn reset(&mut self) {
-        self.active = None;
-    }
-    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.active
-            .as_ref()
-            .map(|(_, q)| super::queue_states(std::slice::from_ref(q)))
-    }
 }
 
-impl MutEventSubscriber for Block {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-            eprintln!(
-                "cloude-vmm: virtio-blk {} cannot watch its queue: {e:?}",
-                self.disk.name
-            );
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        self.on_queue_event();
-    }
-}
+mod event_handler;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,9 @@
-//! virtio over MMIO: the transport, the device trait, and the devices (block, rng, net, vsock).
+//! virtio over MMIO: the transport, the device trait, the state every device shares
+//! (`device`), and the devices (block, rng, net, vsock), each with its request processing in
+//! `<dev>.rs` and its event-loop glue in `<dev>/event_handler.rs`.
 
 pub mod block;
+pub mod device;
 pub mod fuzzing;
 pub mod mmio;
 pub mod net;
@@ -13,6 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use device::DeviceCore;
 
 /// Feature bit: modern (virtio 1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -103,7 +108,8 @@ pub enum ActivateError {
 }
 
 /// A virtio device behind the MMIO transport. Request processing lives in the device; the
-/// event-loop glue (its `MutEventSubscriber` impl) drives it.
+/// event-loop glue (its `MutEventSubscriber` impl, in `<dev>/event_handler.rs`) drives it; the
+/// queue eventfds, activation and failure are [`device::DeviceCore`]'s.
 pub trait VirtioDevice: Send {
     /// virtio device id.
     fn device_type(&self) -> u32;
@@ -111,28 +117,37 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Maximum size of each queue.
     fn queue_max_sizes(&self) -> &[u16];
-    /// One eventfd per queue, signalled when the guest notifies that queue.
-    fn queue_events(&self) -> &[EventFd];
     /// Reads device configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The state every device shares (interrupt, queue eventfds, activation).
+    fn core(&self) -> &DeviceCore;
+    fn core_mut(&mut self) -> &mut DeviceCore;
+    /// One eventfd per queue, signalled when the guest notifies that queue.
+    fn queue_events(&self) -> &[EventFd] {
+        self.core().queue_events()
+    }
     /// Starts the device with the driver's queues and negotiated features.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
-        acked: u64,
-    ) -> Result<(), ActivateError>;
-    /// Returns to the pre-activation state (drops queues and connections).
-    fn reset(&mut self);
+        _acked: u64,
+    ) -> Result<(), ActivateError> {
+        self.core_mut().activate(mem, queues)
+    }
+    /// Returns to the pre-activation state (drops queues, and a device's own connections).
+    fn reset(&mut self) {
+        self.core_mut().deactivate();
+    }
     /// The active queues' state (None before activation or after a failure), for a snapshot.
-    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.core().queue_states()
+    }
     /// Called after a restore re-activated the device: picks up work the guest left in the
     /// rings (by default every queue is kicked). Returns true when the device's configuration
     /// differs from the snapshotted one (the transport then bumps the config generation).
     fn restored(&mut self) -> bool {
-        for e in self.queue_events() {
-            let _ = e.write(1);
-        }
+        self.core().kick_all();
         false
     }
 }

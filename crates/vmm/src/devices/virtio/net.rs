@@ -5,12 +5,10 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::device::DeviceCore;
 use super::queue::{self, ChainError};
 use super::{
     ActivateError, Interrupt, VirtioDevice, MAX_CHAINS_PER_EVENT, TYPE_NET, VIRTIO_F_VERSION_1,
@@ -31,6 +29,8 @@ pub fn open_tap(name: &str) -> std::io::Result<File> {
     cloude_tap::open(name, true).map(File::from)
 }
 
+mod event_handler;
+
 /// Errors that fail the device.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -38,18 +38,11 @@ pub enum NetError {
     Chain(#[from] ChainError),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-}
-
 /// The network device.
 pub struct Net {
     tap: File,
     mac: [u8; 6],
-    irq: Arc<Interrupt>,
-    queue_evts: [EventFd; 2],
-    active: Option<Active>,
+    core: DeviceCore,
     /// A frame read from the tap that waits for a guest RX buffer.
     rx_frame: Option<usize>,
     rx_buf: Vec<u8>,
@@ -98,9 +91,7 @@ impl Net {
         Ok(Self {
             tap,
             mac,
-            irq,
-            queue_evts: [EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?],
-            active: None,
+            core: DeviceCore::new(irq, QUEUE_SIZES.len())?,
             rx_frame: None,
             rx_buf: vec![0u8; MAX_FRAME],
             tx_buf: vec![0u8; MAX_FRAME],
@@ -110,7 +101,7 @@ impl Net {
 
     /// Sends guest frames to the tap; returns chains consumed.
     pub fn process_tx(&mut self) -> Result<usize, NetError> {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active_mut() else {
             return Ok(0);
         };
         let mut n = 0;
@@ -136,15 +127,13 @@ impl Net {
             queue::add_used(&mut a.queues[TXQ], &a.mem, chain.head, 0)?;
             n += 1;
         }
-        if n == MAX_CHAINS_PER_EVENT {
-            let _ = self.queue_evts[TXQ].write(1);
-        }
+        self.core.rekick_if_capped(TXQ, n);
         Ok(n)
     }
 
     /// Moves tap frames into guest buffers; returns frames delivered.
     pub fn process_rx(&mut self) -> Result<usize, NetError> {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active_mut() else {
             return Ok(0);
         };
         let mut n = 0;
@@ -183,9 +172,7 @@ impl Net {
             queue::add_used(q, &a.mem, chain.head, (NET_HDR_SIZE + len) as u32)?;
             n += 1;
         }
-        if n == MAX_CHAINS_PER_EVENT {
-            let _ = self.queue_evts[RXQ].write(1);
-        }
+        self.core.rekick_if_capped(RXQ, n);
         Ok(n)
     }
 }
@@ -200,8 +187,11 @@ impl VirtioDevice for Net {
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.mac, offset, data);
@@ -212,56 +202,14 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         _acked: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount(queues.len(), QUEUE_SIZES.len()));
-        }
-        self.active = Some(Active { mem, queues });
-        let _ = self.queue_evts[RXQ].write(1);
+        self.core.activate(mem, queues)?;
+        // Frames that reached the tap before the driver was ready.
+        self.core.kick(RXQ);
         Ok(())
     }
     fn reset(&mut self) {
-        self.active = None;
+        self.core.deactivate();
         self.rx_frame = None;
-    }
-    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.active.as_ref().map(|a| super::queue_states(&a.queues))
-    }
-}
-
-impl MutEventSubscriber for Net {
-    fn init(&mut self, ops: &mut EventOps) {
-        for (i, e) in self.queue_evts.iter().enumerate() {
-            if let Err(err) = ops.add(Events::with_data(e, i as u32, EventSet::IN)) {
-                eprintln!("cloude-vmm: virtio-net cannot watch queue {i}: {err:?}");
-            }
-        }
-        let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
-        if let Err(err) = ops.add(Events::with_data(&self.tap, DATA_TAP, set)) {
-            eprintln!("cloude-vmm: virtio-net cannot watch the tap: {err:?}");
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut tx = Ok(0);
-        match events.data() {
-            d if d == TXQ as u32 => {
-                let _ = self.queue_evts[TXQ].read();
-                tx = self.process_tx();
-            }
-            d if d == RXQ as u32 => {
-                let _ = self.queue_evts[RXQ].read();
-            }
-            _ => {}
-        }
-        match tx.and_then(|t| self.process_rx().map(|r| t + r)) {
-            Ok(0) => {}
-            Ok(_) => self.irq.signal_used(),
-            Err(e) => {
-                eprintln!("cloude-vmm: virtio-net stopped: {e}");
-                self.active = None;
-                self.irq.fail();
-            }
-        }
     }
 }
 
@@ -272,6 +220,7 @@ mod tests {
     use std::os::unix::net::UnixDatagram;
     use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     /// A datagram socketpair behaves like a tap: one frame per read/write.
     fn rig() -> (Net, UnixDatagram, GuestMemoryMmap) {

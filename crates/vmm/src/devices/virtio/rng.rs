@@ -1,52 +1,45 @@
 //! virtio-rng: fills guest buffers from the host's getrandom(2).
 
+mod event_handler;
+
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
+use super::device::DeviceCore;
 use super::queue::{self, ChainError};
-use super::{ActivateError, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use super::{Interrupt, VirtioDevice, MAX_CHAINS_PER_EVENT, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 /// Most random bytes given for one request.
 pub const MAX_RNG_BYTES_PER_REQUEST: usize = 64 << 10;
-/// Most requests served per notification before yielding to other devices.
-pub const MAX_REQUESTS_PER_EVENT: usize = 256;
 const QUEUE_SIZES: [u16; 1] = [256];
 
 /// The entropy device.
 pub struct Rng {
-    irq: Arc<Interrupt>,
-    queue_evts: [EventFd; 1],
-    active: Option<(GuestMemoryMmap, Queue)>,
+    core: DeviceCore,
 }
 
 impl Rng {
     /// A new, inactive device.
     pub fn new(irq: Arc<Interrupt>) -> std::io::Result<Self> {
         Ok(Self {
-            irq,
-            queue_evts: [EventFd::new(EFD_NONBLOCK)?],
-            active: None,
+            core: DeviceCore::new(irq, QUEUE_SIZES.len())?,
         })
     }
 
     /// True after activation.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.core.is_active()
     }
 
-    /// Serves pending requests; returns how many were completed.
+    /// Serves up to [`MAX_CHAINS_PER_EVENT`] pending requests (re-kicking itself when more may
+    /// wait); returns how many were completed.
     pub fn process_queue(&mut self) -> Result<usize, ChainError> {
-        let Some((mem, q)) = self.active.as_mut() else {
+        let Some(a) = self.core.active_mut() else {
             return Ok(0);
         };
+        let (mem, q) = (&a.mem, &mut a.queues[0]);
         let mut served = 0;
         let mut buf = vec![0u8; MAX_RNG_BYTES_PER_REQUEST];
-        while served < MAX_REQUESTS_PER_EVENT {
+        while served < MAX_CHAINS_PER_EVENT {
             let Some(chain) = queue::pop(q, mem)? else {
                 break;
             };
@@ -56,6 +49,7 @@ impl Rng {
             queue::add_used(q, mem, chain.head, written as u32)?;
             served += 1;
         }
+        self.core.rekick_if_capped(0, served);
         Ok(served)
     }
 }
@@ -84,53 +78,14 @@ impl VirtioDevice for Rng {
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
-    }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
-        _acked: u64,
-    ) -> Result<(), ActivateError> {
-        let q = queues
-            .pop()
-            .filter(|_| queues.is_empty())
-            .ok_or(ActivateError::QueueCount(queues.len() + 1, 1))?;
-        self.active = Some((mem, q));
-        Ok(())
-    }
-    fn reset(&mut self) {
-        self.active = None;
-    }
-    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.active
-            .as_ref()
-            .map(|(_, q)| super::queue_states(std::slice::from_ref(q)))
-    }
-}
-
-impl MutEventSubscriber for Rng {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-            eprintln!("cloude-vmm: virtio-rng cannot watch its queue: {e:?}");
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.queue_evts[0].read();
-        match self.process_queue() {
-            Ok(0) => {}
-            Ok(_) => self.irq.signal_used(),
-            Err(e) => {
-                eprintln!("cloude-vmm: virtio-rng stopped: {e}");
-                self.active = None;
-                self.irq.fail();
-            }
-        }
     }
 }
 
@@ -138,7 +93,8 @@ impl MutEventSubscriber for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::queue::testing::*;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn setup() -> (GuestMemoryMmap, Arc<Interrupt>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mmap");

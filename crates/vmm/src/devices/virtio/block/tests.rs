@@ -9,6 +9,7 @@ use crate::devices::bus::lock;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::queue::testing::*;
 use crate::devices::BusDevice;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM: usize = 4 << 20;
 const SIZE: u16 = 256;
@@ -541,14 +542,14 @@ fn at_most_max_chains_per_event_then_a_rekick() {
     for _ in 0..SIZE {
         r.publish(0);
     }
-    let _ = r.dev.queue_evts[0].read();
+    let _ = r.dev.queue_events()[0].read();
     assert_eq!(r.dev.process_queue().expect("ok"), MAX_CHAINS_PER_EVENT);
-    assert_eq!(r.dev.queue_evts[0].read().expect("re-kicked"), 1);
+    assert_eq!(r.dev.queue_events()[0].read().expect("re-kicked"), 1);
     for _ in 0..5 {
         r.publish(0);
     }
     assert_eq!(r.dev.process_queue().expect("ok"), 5);
-    assert!(r.dev.queue_evts[0].read().is_err(), "no kick when done");
+    assert!(r.dev.queue_events()[0].read().is_err(), "no kick when done");
     assert_eq!(r.last_used().2, SIZE + 5);
     assert_eq!(r.dev.counters().reads, u64::from(SIZE) + 5);
 }

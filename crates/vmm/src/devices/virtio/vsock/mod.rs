@@ -1,22 +1,20 @@
 //! virtio-vsock with Firecracker-style hybrid host sockets.
 //!
 //! `packet` (header parsing) and `../queue` (chain walking) are the guest-facing parsers; `conn`
-//! and `muxer` hold host-side state; this file is the device and its event-loop glue.
+//! and `muxer` hold host-side state; this file is the device, `event_handler` its event-loop glue.
 
 pub mod conn;
+mod event_handler;
 pub mod muxer;
 pub mod packet;
 
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::device::DeviceCore;
 use super::queue::{self, ChainError};
 use super::{
     ActivateError, Interrupt, VirtioDevice, MAX_CHAINS_PER_EVENT, TYPE_VSOCK, VIRTIO_F_VERSION_1,
@@ -46,17 +44,10 @@ pub enum VsockError {
     SmallRxBuffer,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-}
-
 /// The vsock device.
 pub struct Vsock {
     cid: u64,
-    irq: Arc<Interrupt>,
-    queue_evts: [EventFd; 3],
-    active: Option<Active>,
+    core: DeviceCore,
     muxer: Muxer,
     buf: Vec<u8>,
     /// A transport reset event waits for a guest event-queue buffer.
@@ -73,13 +64,7 @@ impl Vsock {
     pub fn new(cid: u64, uds: &Path, irq: Arc<Interrupt>) -> std::io::Result<Self> {
         Ok(Self {
             cid,
-            irq,
-            queue_evts: [
-                EventFd::new(EFD_NONBLOCK)?,
-                EventFd::new(EFD_NONBLOCK)?,
-                EventFd::new(EFD_NONBLOCK)?,
-            ],
-            active: None,
+            core: DeviceCore::new(irq, QUEUE_SIZES.len())?,
             muxer: Muxer::new(cid, uds)?,
             buf: vec![0u8; MAX_PKT_PAYLOAD as usize],
             reset_event_pending: false,
@@ -98,7 +83,7 @@ impl Vsock {
 
     /// Delivers a pending transport reset event into the event queue; returns chains used.
     pub fn send_events(&mut self) -> Result<usize, VsockError> {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active_mut() else {
             return Ok(0);
         };
         if !self.reset_event_pending {
@@ -117,7 +102,7 @@ impl Vsock {
 
     /// Handles guest TX packets; returns how many were consumed.
     pub fn process_tx(&mut self) -> Result<usize, VsockError> {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active_mut() else {
             return Ok(0);
         };
         let mut n = 0;
@@ -140,9 +125,7 @@ impl Vsock {
             queue::add_used(&mut a.queues[TXQ], &a.mem, chain.head, 0)?;
             n += 1;
         }
-        if n == MAX_CHAINS_PER_EVENT {
-            let _ = self.queue_evts[TXQ].write(1);
-        }
+        self.core.rekick_if_capped(TXQ, n);
         Ok(n)
     }
 
@@ -151,7 +134,7 @@ impl Vsock {
         if self.awaiting_reset_ack {
             return Ok(0);
         }
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active_mut() else {
             return Ok(0);
         };
         let mut n = 0;
@@ -175,30 +158,18 @@ impl Vsock {
             queue::add_used(q, &a.mem, chain.head, (HDR_SIZE + len) as u32)?;
             n += 1;
         }
-        if n == MAX_CHAINS_PER_EVENT && self.muxer.has_work() {
-            let _ = self.queue_evts[RXQ].write(1);
+        if self.muxer.has_work() {
+            self.core.rekick_if_capped(RXQ, n);
         }
         Ok(n)
     }
 
-    fn apply_registrations(&mut self, ops: &mut EventOps) {
-        for s in self.muxer.take_dead() {
-            let _ = ops.remove(Events::empty(&s));
+    /// Ends one event's work: interrupts the guest when something was used, or fails the
+    /// device (and drops its host connections) on a malformed ring or packet.
+    fn complete(&mut self, served: Result<usize, VsockError>) {
+        if !self.core.complete("virtio-vsock", served) {
+            self.muxer.reset();
         }
-        for fd in self.muxer.take_added() {
-            let set =
-                EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-            if let Err(e) = ops.add(Events::with_data_raw(fd, DATA_CONN, set)) {
-                eprintln!("cloude-vmm: vsock cannot watch a connection: {e:?}");
-            }
-        }
-    }
-
-    fn fail(&mut self, e: &VsockError) {
-        eprintln!("cloude-vmm: virtio-vsock stopped: {e}");
-        self.active = None;
-        self.muxer.reset();
-        self.irq.fail();
     }
 }
 
@@ -212,8 +183,11 @@ impl VirtioDevice for Vsock {
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
@@ -224,22 +198,16 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         _acked: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount(queues.len(), QUEUE_SIZES.len()));
-        }
-        self.active = Some(Active { mem, queues });
+        self.core.activate(mem, queues)?;
         // Deliver anything that arrived before the driver was ready.
-        let _ = self.queue_evts[RXQ].write(1);
+        self.core.kick(RXQ);
         Ok(())
     }
     fn reset(&mut self) {
-        self.active = None;
+        self.core.deactivate();
         self.muxer.reset();
         self.reset_event_pending = false;
         self.awaiting_reset_ack = false;
-    }
-    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.active.as_ref().map(|a| super::queue_states(&a.queues))
     }
     /// After a restore: the guest's connections belong to the old process (and maybe the old
     /// CID), so it gets `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (it then drops its connections and
@@ -250,55 +218,12 @@ impl VirtioDevice for Vsock {
         self.muxer.set_port_base(std::process::id());
         // TX and RX pick up what the guest left in the rings; the event queue is not kicked
         // here: its next notification is the guest's sign that it handled the reset.
-        let _ = self.queue_evts[TXQ].write(1);
-        let _ = self.queue_evts[RXQ].write(1);
+        self.core.kick(TXQ);
+        self.core.kick(RXQ);
         self.reset_event_pending = true;
-        match self.send_events() {
-            Ok(0) => {}
-            Ok(_) => self.irq.signal_used(),
-            Err(e) => self.fail(&e),
-        }
+        let sent = self.send_events();
+        self.complete(sent);
         true
-    }
-}
-
-impl MutEventSubscriber for Vsock {
-    fn init(&mut self, ops: &mut EventOps) {
-        for (i, e) in self.queue_evts.iter().enumerate() {
-            if let Err(err) = ops.add(Events::with_data(e, i as u32, EventSet::IN)) {
-                eprintln!("cloude-vmm: vsock cannot watch queue {i}: {err:?}");
-            }
-        }
-        let l = self.muxer.listener().as_raw_fd();
-        if let Err(err) = ops.add(Events::with_data_raw(l, DATA_LISTENER, EventSet::IN)) {
-            eprintln!("cloude-vmm: vsock cannot watch its socket: {err:?}");
-        }
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut tx = Ok(0);
-        match events.data() {
-            d if d == RXQ as u32 => {
-                let _ = self.queue_evts[RXQ].read();
-            }
-            d if d == EVQ as u32 => {
-                let _ = self.queue_evts[EVQ].read();
-                tx = self.event_queue_kicked();
-            }
-            d if d == TXQ as u32 => {
-                let _ = self.queue_evts[TXQ].read();
-                tx = self.process_tx();
-            }
-            DATA_LISTENER => self.muxer.accept(),
-            _ => self.muxer.on_fd(events.fd(), events.event_set()),
-        }
-        let result = tx.and_then(|t| self.process_rx().map(|r| t + r));
-        match result {
-            Ok(0) => {}
-            Ok(_) => self.irq.signal_used(),
-            Err(e) => self.fail(&e),
-        }
-        self.apply_registrations(ops);
     }
 }
 
@@ -310,6 +235,8 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::epoll::EventSet;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const CID: u64 = 3;
 
@@ -562,7 +489,7 @@ mod tests {
     #[test]
     fn a_guest_flooding_the_tx_ring_gets_at_most_the_device_share() {
         use crate::devices::pace;
-        use event_manager::SubscriberOps;
+        use event_manager::{MutEventSubscriber, SubscriberOps};
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Mutex;
         use std::time::{Duration, Instant};
@@ -580,7 +507,7 @@ mod tests {
                 )
                 .expect("ring");
         }
-        let kick = r.dev.queue_evts[TXQ].try_clone().expect("eventfd");
+        let kick = r.dev.queue_events()[TXQ].try_clone().expect("eventfd");
         let mem = r.mem.clone();
         let dev: Arc<Mutex<dyn MutEventSubscriber + Send>> = Arc::new(Mutex::new(r.dev));
         let mut events =
