@@ -9,13 +9,13 @@ use serde_json::json;
 use tokio::io::AsyncReadExt as _;
 use tokio::net::UnixListener;
 
+use super::launch::{
+    channels, cmdline, during_boot, seal, spawn, wait_ready, wake, within_snapshot_timeout, Extras,
+};
 use super::net::CHILD_TAP_FD;
 use super::qmp::Qmp;
 use super::snapshot::Snapshot;
-use super::{
-    channels, cmdline, during_boot, seal, spawn, wait_ready, wake, within_snapshot_timeout,
-    AgentIo, Driver, Extras, JailProfile, Paths, Slot, Vm, VmError, VmSpec,
-};
+use super::{AgentIo, Driver, JailProfile, Paths, Slot, Vm, VmError, VmSpec};
 
 /// How a QEMU process starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,13 +7,13 @@ use cloude_protocol::vmm_wire;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 
+use super::launch::{
+    channels, cmdline, during_boot, read_line, seal, spawn, wait_ready, wake,
+    within_snapshot_timeout, Extras,
+};
 use super::net::CHILD_TAP_FD;
 use super::snapshot::Snapshot;
-use super::{
-    channels, cmdline, during_boot, read_line, seal, spawn, wait_ready, wake,
-    within_snapshot_timeout, AgentIo, Driver, Extras, JailProfile, Paths, Slot, Vm, VmError,
-    VmSpec,
-};
+use super::{AgentIo, Driver, JailProfile, Paths, Slot, Vm, VmError, VmSpec};
 
 /// The snapshot directory of a restore, inside the jail.
 const JAIL_SNAPSHOT: &str = "/snapshot";
