@@ -240,9 +240,10 @@ fn machine() -> Value {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let kvm = if hardware_kvm() {
+    let host = cloude_image::kernel::HostKvm::gather();
+    let kvm = if host.linux_capable().is_some() {
         "hardware"
-    } else if cloude_image::kernel::HostKvm::gather().is_pvm() {
+    } else if host.is_pvm() {
         "kvm_pvm (cannot boot Linux)"
     } else {
         "none"

@@ -457,6 +457,30 @@ pub(crate) async fn during_boot<T>(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_transport_the_slot_cannot_serve_is_refused() {
+        let rt = Runtime::new().expect("runtime");
+        let slot = rt.slot().expect("slot");
+        let mut spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            root: None,
+            warm_up: None,
+            memory_mib: 256,
+            vcpus: 1,
+            boot_timeout: Duration::from_secs(1),
+            transport: Transport::Vsock,
+        };
+        assert!(check_transport(&spec, &slot).is_ok());
+        spec.transport = Transport::Tcp;
+        let e = check_transport(&spec, &slot).expect_err("tcp without a tap");
+        assert!(
+            e.to_string()
+                .contains("the tcp transport does not match the VM's slot (no tap)"),
+            "{e}"
+        );
+    }
+
     #[tokio::test]
     async fn ready_line_after_noise() {
         let (mut a, mut b) = tokio::io::duplex(256);
