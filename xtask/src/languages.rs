@@ -121,6 +121,18 @@ fn toml_from_str<T: serde::de::DeserializeOwned>(s: &str) -> anyhow::Result<T> {
     Ok(toml::from_str(s)?)
 }
 
+/// The entry file's name and code as a client would send them: `test.<ext>`; a Java program's
+/// public class `Main` becomes `Solution`, in `Solution.java` (users name their classes).
+fn client_named(l: &Language, code: &str) -> (String, String) {
+    if extension(&l.file) == "java" && code.contains("public class Main") {
+        return (
+            "Solution.java".into(),
+            code.replace("public class Main", "public class Solution"),
+        );
+    }
+    (format!("test.{}", extension(&l.file)), code.to_string())
+}
+
 /// The extension of the entry file (`Main.java` → `java`).
 fn extension(file: &str) -> &str {
     file.rsplit_once('.').map_or("", |(_, e)| e)
@@ -527,6 +539,39 @@ fn conform(
                 );
             }
         }
+    }
+    // The same program as a Piston client sends it: its entry named `test.<ext>` (Java: the
+    // public class renamed and the file `Solution.java`), through v1 `files`.
+    let (client_file, client_code) = client_named(l, &code);
+    let body = json!({
+        "language": l.name,
+        "files": [{"name": client_file, "content": client_code}],
+        "stdin": expect.stdin,
+        "args": expect.args,
+        "timeout_ms": RUN_TIMEOUT_MS,
+        "compile_timeout_ms": COMPILE_TIMEOUT_MS,
+    });
+    match request(server, &body) {
+        Err(e) => fail(&mut row, format!("as {client_file}: request: {e}")),
+        Ok(v)
+            if v["stdout"] != expect.stdout.as_str()
+                || v["exit_code"].as_i64() != Some(expect.exit_code) =>
+        {
+            fail(
+                &mut row,
+                format!(
+                    "as {client_file}: stdout {:?}, exit code {} (want {:?}, {}); status {}, stderr {:?}, compile output {:?}",
+                    v["stdout"].as_str().map(cut).unwrap_or_default(),
+                    v["exit_code"],
+                    expect.stdout,
+                    expect.exit_code,
+                    v["status"],
+                    v["stderr"].as_str().map(cut).unwrap_or_default(),
+                    v["compile"]["stderr"].as_str().map(cut).unwrap_or_default(),
+                ),
+            );
+        }
+        Ok(_) => {}
     }
     if l.compile.is_some() {
         let bad = dir.join(format!("compile_error.{}", extension(&l.file)));

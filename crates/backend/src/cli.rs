@@ -93,7 +93,7 @@ pub fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
-    raise_fd_limit(config.limits.max_connections);
+    config.limits.max_connections = raise_fd_limit(config.limits.max_connections);
     if let Some(l) = args.listen {
         config.listen = l;
     }
@@ -280,12 +280,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!("stopped {pooled} pooled VM(s)");
         }
     });
-    let serve = crate::serve::serve(
-        listener,
-        router(state),
-        stop_rx.clone(),
-        config.limits.max_connections,
-    );
+    let conns = crate::serve::ConnTable::new(crate::serve::ConnLimits {
+        max_total: config.limits.max_connections,
+        max_per_ip: config.limits.max_connections_per_ip,
+        idle_timeout: crate::serve::HEADER_READ_TIMEOUT,
+        min_idle_timeout: crate::serve::MIN_IDLE_TIMEOUT,
+    });
+    let serve = crate::serve::serve(listener, router(state), stop_rx.clone(), conns);
     tokio::pin!(serve);
     tokio::select! {
         () = &mut serve => {}
@@ -369,20 +370,27 @@ async fn prepare(artifacts: &Artifacts, catalog: &Catalog, which: &[String]) {
 }
 
 /// Raises the soft open-files limit to the hard one (each connection costs two fds, each VM a
-/// few), and warns when even that is short of what `limits.max_connections` needs.
-fn raise_fd_limit(max_connections: usize) {
+/// few) and returns the connection cap that limit holds: `max_connections`, or less with a
+/// warning.
+fn raise_fd_limit(max_connections: usize) -> usize {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    /// Descriptors kept for everything but client connections (VMs, store, logs).
+    const RESERVED_FDS: u64 = 256;
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
+        return max_connections;
     };
     if soft < hard {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
     let have = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
-    let need = 2 * max_connections as u64 + 256;
-    if have < need {
+    let fits = usize::try_from(have.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX);
+    if fits < max_connections {
+        let cap = fits.max(1);
         tracing::warn!(
-            "open-files limit {have} is below the {need} that limits.max_connections = {max_connections} needs; raise it (ulimit -n) or lower the limit"
+            "open-files limit {have} holds {cap} connections, below limits.max_connections = \
+             {max_connections}; serving at most {cap} (raise the hard limit, ulimit -Hn, for more)"
         );
+        return cap;
     }
+    max_connections
 }

@@ -60,6 +60,7 @@ pub struct Limits {
     pub max_concurrent_vms: usize,
     pub max_queue: usize,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub queue_timeout_ms: u64,
     pub boot_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
@@ -192,6 +193,9 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if l.max_concurrent_vms == 0 {
             return bad("limits.max_concurrent_vms must be at least 1");
+        }
+        if l.max_connections_per_ip == 0 {
+            return bad("limits.max_connections_per_ip must be at least 1");
         }
         if l.max_connections == 0 {
             return bad("limits.max_connections must be at least 1");

@@ -59,23 +59,12 @@ pub struct TestCase {
 
 /// The run order a job sends to its VM's agent, with the server's output cap.
 pub fn run_request(job: &Job, output_limit_bytes: u64) -> RunRequest {
-    let subst = |argv: &[String]| -> Vec<String> {
-        let entry = &job.files[0].name;
-        argv.iter()
-            .map(|a| {
-                if *a == job.language.file {
-                    entry.clone()
-                } else {
-                    a.clone()
-                }
-            })
-            .collect()
-    };
+    let staged = stage_entry(job);
     RunRequest {
         protocol_version: PROTOCOL_VERSION,
-        files: job.files.clone(),
-        compile: job.language.compile.as_deref().map(subst),
-        run: subst(&job.language.run),
+        files: staged.files,
+        compile: staged.compile,
+        run: staged.run,
         args: job.args.clone(),
         stdin: cloude_protocol::Bytes(job.stdin.clone()),
         env: job.language.env.clone(),
@@ -98,6 +87,78 @@ pub fn run_request(job: &Job, output_limit_bytes: u64) -> RunRequest {
                 stdin: cloude_protocol::Bytes(t.stdin.clone()),
             })
             .collect(),
+    }
+}
+
+/// The files and commands a job's VM gets once its entry file is placed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Staged {
+    pub files: Vec<FileSpec>,
+    pub compile: Option<Vec<String>>,
+    pub run: Vec<String>,
+}
+
+/// Places the entry file (the first) so that the catalogue's commands work whatever the client
+/// called it (Piston clients send `test.ts`, `test.pp`, `Solution.java`):
+/// - an interpreted language runs the client's name: every argument that *is* the catalogue's
+///   file name (`python3 main.py`) names the client's file instead, so `argv`, `__file__` and
+///   tracebacks say what the client sent;
+/// - where a command needs the catalogue's name (a compiler whose outputs derive from its
+///   input's name, `tsc main.ts` → `main.js`, `fpc main.pas` → `main`; a name inside a longer
+///   argument, `.read main.sql`, `sh -c "nasm … main.asm"`), a copy of the entry is also
+///   staged under the catalogue's name and the commands run as written. The client's own file
+///   stays beside it. Compile messages then name the catalogue's file (as Judge0's always do).
+/// - if the client also sent a file under the catalogue's name (or a copy would not fit the
+///   agent's caps), that file is left alone and only whole-argument names are replaced.
+pub fn stage_entry(job: &Job) -> Staged {
+    let mut files = job.files.clone();
+    let cat = &job.language.file;
+    let entry = files[0].clone();
+    let subst = |argv: &[String]| -> Vec<String> {
+        argv.iter()
+            .map(|a| {
+                if a == cat {
+                    entry.name.clone()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect()
+    };
+    if entry.name == *cat {
+        return Staged {
+            files,
+            compile: job.language.compile.clone(),
+            run: job.language.run.clone(),
+        };
+    }
+    // No room for a copy within the agent's caps: whole-argument names only.
+    let total: usize = files.iter().map(|f| f.content.len()).sum();
+    let no_room = files.len() >= cloude_protocol::MAX_FILES
+        || total + entry.content.len() > cloude_protocol::MAX_FILES_BYTES;
+    let taken = no_room || files.iter().any(|f| f.name == *cat);
+    let compiled = job.language.compile.is_some();
+    let run = subst(&job.language.run);
+    let named_inside = run.iter().any(|a| a.contains(cat.as_str()));
+    if taken || !(compiled || named_inside) {
+        return Staged {
+            files,
+            compile: job.language.compile.as_deref().map(subst),
+            run,
+        };
+    }
+    files.push(FileSpec {
+        name: cat.clone(),
+        ..entry
+    });
+    Staged {
+        files,
+        compile: job.language.compile.clone(),
+        run: if compiled {
+            job.language.run.clone()
+        } else {
+            run
+        },
     }
 }
 
@@ -549,7 +610,88 @@ impl From<VmError> for AcquireError {
 
 #[cfg(test)]
 mod tests {
-    use super::panic_line;
+    use super::{panic_line, stage_entry, Job};
+    use cloude_protocol::{Encoding, FileSpec};
+
+    fn job(lang: &str, names: &[&str]) -> Job {
+        let catalog = cloude_image::catalog::Catalog::default_catalog();
+        let language = catalog
+            .languages
+            .iter()
+            .find(|l| l.name == lang)
+            .expect("language")
+            .clone();
+        Job {
+            language,
+            files: names
+                .iter()
+                .map(|n| FileSpec {
+                    name: (*n).to_string(),
+                    content: format!("content of {n}"),
+                    encoding: Encoding::Utf8,
+                })
+                .collect(),
+            stdin: vec![],
+            args: vec![],
+            run_timeout_ms: 1000,
+            compile_timeout_ms: 1000,
+            memory_mib: None,
+            network: false,
+            pids_limit: None,
+            cpu_limit_ms: None,
+            stack_limit_kib: None,
+            file_size_limit_kib: None,
+            merge_stderr: false,
+            tests: vec![],
+        }
+    }
+
+    fn names(files: &[FileSpec]) -> Vec<&str> {
+        files.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    #[test]
+    fn an_interpreted_entry_runs_under_the_clients_name() {
+        let s = stage_entry(&job("python", &["test.py"]));
+        assert_eq!(names(&s.files), ["test.py"]);
+        assert_eq!(s.run, ["python3", "test.py"]);
+    }
+
+    #[test]
+    fn compiled_entries_get_the_catalogue_name_too() {
+        for (lang, file, cat) in [
+            ("typescript", "test.ts", "main.ts"),
+            ("pascal", "test.pp", "main.pas"),
+            ("nasm", "test.nasm.asm", "main.asm"),
+            ("java", "Solution.java", "Main.java"),
+        ] {
+            let j = job(lang, &[file]);
+            let s = stage_entry(&j);
+            assert_eq!(names(&s.files), [file, cat], "{lang}");
+            assert_eq!(s.files[1].content, s.files[0].content, "{lang}");
+            assert_eq!(s.compile, j.language.compile, "{lang}");
+            assert_eq!(s.run, j.language.run, "{lang}");
+        }
+    }
+
+    #[test]
+    fn a_name_inside_an_argument_gets_the_copy_and_whole_names_the_client_file() {
+        let s = stage_entry(&job("sqlite3", &["test.sql"]));
+        assert_eq!(names(&s.files), ["test.sql", "main.sql"]);
+        assert!(s.run.iter().any(|a| a == ".read main.sql"), "{:?}", s.run);
+    }
+
+    #[test]
+    fn a_client_file_under_the_catalogue_name_is_never_overwritten() {
+        let s = stage_entry(&job("c", &["test.c", "main.c"]));
+        assert_eq!(names(&s.files), ["test.c", "main.c"]);
+        assert!(
+            s.compile.expect("compile").iter().any(|a| a == "test.c"),
+            "whole-argument names only"
+        );
+        let s = stage_entry(&job("c", &["main.c", "util.h"]));
+        assert_eq!(names(&s.files), ["main.c", "util.h"]);
+    }
 
     #[test]
     fn panic_line_is_found_and_trimmed() {

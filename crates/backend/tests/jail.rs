@@ -32,17 +32,10 @@ fn v1_memory_limit(cg: &str) -> Option<u64> {
 }
 
 fn cloude_cgroups(server_rt: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for c in ["memory", "pids", "cpu", ""] {
-        let d = std::path::Path::new("/sys/fs/cgroup")
-            .join(c)
-            .join("cloude")
-            .join(server_rt);
-        if d.exists() {
-            out.push(d.display().to_string());
-        }
-    }
-    out
+    cloude_testkit::server_cgroup_dirs(server_rt)
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect()
 }
 
 /// Two requests at once on the QEMU fallback: each hypervisor runs under its own uid, with no

@@ -107,42 +107,175 @@ pub struct Limits {
     pub cpu_millis: u64,
 }
 
-/// One server's cgroups: `<root>/cloude/<name>` under every controller root.
+/// One server's cgroups: `<root>/cloude/<name>.<owner>` under every controller root, where
+/// `<owner>` ([`Owner`]) names the server process, so that a later server can tell whether the
+/// server that made a directory is still alive.
 #[derive(Debug)]
 pub struct Cgroups {
     hierarchy: Hierarchy,
     name: String,
+    /// Processes of dead servers' VMs that the start-up sweep killed.
+    swept: usize,
 }
+
+/// The process that owns a server directory: its pid namespace (inode of `/proc/self/ns/pid`),
+/// pid and start time (clock ticks since boot, field 22 of `/proc/<pid>/stat`), spelled
+/// `<ns>-<pid>-<start>`. A pid alone could be reused; with the start time it cannot, and the
+/// namespace keeps a server in another pid namespace from judging this one by a pid it
+/// cannot see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid_ns: u64,
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Owner {
+    /// This process.
+    pub fn current() -> Option<Owner> {
+        Some(Owner {
+            pid_ns: own_pid_ns()?,
+            pid: std::process::id(),
+            start: start_time(std::process::id())?,
+        })
+    }
+
+    /// Parses the `<owner>` part of a directory name `<base>.<owner>`.
+    pub fn from_dir_name(name: &str) -> Option<Owner> {
+        let (_, owner) = name.rsplit_once('.')?;
+        let mut it = owner.split('-');
+        let o = Owner {
+            pid_ns: it.next()?.parse().ok()?,
+            pid: it.next()?.parse().ok()?,
+            start: it.next()?.parse().ok()?,
+        };
+        it.next().is_none().then_some(o)
+    }
+
+    /// Whether the owner still runs. `None` when this process cannot tell (another pid
+    /// namespace).
+    pub fn alive(&self) -> Option<bool> {
+        if own_pid_ns()? != self.pid_ns {
+            return None;
+        }
+        Some(start_time(self.pid) == Some(self.start))
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}-{}", self.pid_ns, self.pid, self.start)
+    }
+}
+
+fn own_pid_ns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
+/// Field 22 of `/proc/<pid>/stat` (after the parenthesised command, which may hold spaces).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (state); field 22 is the 20th of it.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// How long a start-up sweep waits for the processes of a dead server's VM to exit.
+const SWEEP_KILL_WAIT: Duration = Duration::from_secs(2);
 
 impl Cgroups {
     /// Creates this server's directories (enabling the v2 controllers on the way down), after
-    /// removing what servers that ended without cleaning up (killed) left: every empty
-    /// directory under `cloude/` (a directory with a live process in it cannot be removed).
-    pub fn new(hierarchy: Hierarchy, name: &str) -> Result<Cgroups, CgroupError> {
-        let me = Cgroups {
-            hierarchy,
-            name: name.to_string(),
+    /// removing what servers that ended without cleaning up (killed) left: the directories of
+    /// every server that is gone, with whatever still runs in them killed first, and any other
+    /// empty directory older than [`SWEEP_AGE`].
+    pub fn new(hierarchy: Hierarchy, base: &str) -> Result<Cgroups, CgroupError> {
+        let name = match Owner::current() {
+            Some(o) => format!("{base}.{o}"),
+            None => base.to_string(),
         };
-        me.sweep();
+        let mut me = Cgroups {
+            hierarchy,
+            name,
+            swept: 0,
+        };
+        me.swept = me.sweep();
         me.ensure()?;
         Ok(me)
     }
 
-    /// Removes empty server and VM directories of other servers (see [`Cgroups::new`]).
-    fn sweep(&self) {
+    /// How many processes left by dead servers the start-up sweep killed.
+    pub fn swept(&self) -> usize {
+        self.swept
+    }
+
+    /// This server's directory name under `cloude/`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Cleans up after other servers (see [`Cgroups::new`]). Returns how many processes it
+    /// killed.
+    pub fn sweep(&self) -> usize {
+        let mut killed = 0;
         for root in self.hierarchy.roots() {
             let Ok(servers) = std::fs::read_dir(root.join(TOP)) else {
                 continue;
             };
-            for server in servers.flatten().filter(|e| stale(&e.path())) {
-                if let Ok(vms) = std::fs::read_dir(server.path()) {
-                    for vm in vms.flatten().filter(|e| stale(&e.path())) {
-                        let _ = std::fs::remove_dir(vm.path());
-                    }
+            for server in servers.flatten() {
+                let name = server.file_name().to_string_lossy().into_owned();
+                if name == self.name || !server.path().is_dir() {
+                    continue;
                 }
-                let _ = std::fs::remove_dir(server.path());
+                let dead = Owner::from_dir_name(&name).and_then(|o| o.alive()) == Some(false);
+                if dead {
+                    killed += self.sweep_dead(&name);
+                } else if stale(&server.path()) {
+                    if let Ok(vms) = std::fs::read_dir(server.path()) {
+                        for vm in vms.flatten().filter(|e| stale(&e.path())) {
+                            let _ = std::fs::remove_dir(vm.path());
+                        }
+                    }
+                    let _ = std::fs::remove_dir(server.path());
+                }
             }
         }
+        killed
+    }
+
+    /// Kills every process left in the VM groups of the dead server `name` (under every
+    /// controller), then removes its directories.
+    fn sweep_dead(&self, name: &str) -> usize {
+        let mut vms: Vec<String> = Vec::new();
+        for root in self.hierarchy.roots() {
+            if let Ok(entries) = std::fs::read_dir(root.join(TOP).join(name)) {
+                for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                    let vm = e.file_name().to_string_lossy().into_owned();
+                    if !vms.contains(&vm) {
+                        vms.push(vm);
+                    }
+                }
+            }
+        }
+        let mut killed = 0;
+        for vm in vms {
+            let mut group = Group {
+                dirs: self
+                    .hierarchy
+                    .roots()
+                    .iter()
+                    .map(|r| r.join(TOP).join(name).join(&vm))
+                    .filter(|d| d.is_dir())
+                    .collect(),
+                v2: matches!(self.hierarchy, Hierarchy::V2 { .. }),
+            };
+            killed += group.pids().len();
+            let _ = group.remove(SWEEP_KILL_WAIT);
+        }
+        for root in self.hierarchy.roots() {
+            let _ = std::fs::remove_dir(root.join(TOP).join(name));
+        }
+        killed
     }
 
     /// Makes sure this server's directories exist (another server's sweep may have removed

@@ -1,6 +1,8 @@
 //! `cloude-jail`: the step between the server and every hypervisor process (both drivers), in the
 //! spirit of Firecracker's jailer. The server runs `cloude-jail [OPTIONS] -- ARGS...`; the jailer
 //!
+//! 0. arms `PR_SET_PDEATHSIG` (SIGKILL) and checks that its starter is still its parent, so
+//!    that it never outlives the server, even one killed with SIGKILL,
 //! 1. joins the VM's cgroup(s) (made by the server, see [`cgroup`]; children inherit them),
 //! 2. opens the hypervisor binary, then unshares mount, pid, ipc and uts namespaces (and network,
 //!    unless the VM has an inherited tap),
@@ -16,7 +18,8 @@
 //!      capability sets empty (effective, permitted, inheritable, bounding, ambient),
 //!      `PR_SET_NO_NEW_PRIVS`, and `PR_SET_PDEATHSIG` so that it dies with the jailer;
 //!    - `fexecve`s the hypervisor with only the environment it was given;
-//! 4. the parent drops to the same uid, forwards `SIGTERM`/`SIGINT`, waits, and ends the way the
+//! 4. the parent drops to the same uid, re-arms its parent-death signal (every credential
+//!    change clears it) and checks its parent again, forwards `SIGTERM`/`SIGINT`, waits, and ends the way the
 //!    hypervisor ended (the same exit code, or the same signal — `SIGSYS` from a seccomp kill
 //!    reaches the server as such).
 //!

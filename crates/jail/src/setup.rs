@@ -29,8 +29,14 @@ fn step<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, StepE
 }
 
 pub(crate) fn run(spec: &Spec) -> i32 {
+    // Whoever started the jailer (the server) is the one it must not outlive.
+    let starter = nix::unistd::getppid();
+    if let Err(StepError(e)) = die_with(starter) {
+        eprintln!("cloude-jail: {e}");
+        return SETUP_FAILED;
+    }
     match prepare(spec) {
-        Ok((exe, pipe_r, pipe_w)) => fork_and_wait(spec, exe, pipe_r, pipe_w),
+        Ok((exe, pipe_r, pipe_w)) => fork_and_wait(spec, exe, pipe_r, pipe_w, starter),
         Err(StepError(e)) => {
             eprintln!("cloude-jail: {e}");
             SETUP_FAILED
@@ -65,7 +71,30 @@ fn prepare(spec: &Spec) -> Result<(Option<File>, OwnedFd, OwnedFd), StepError> {
     Ok((exe, r, w))
 }
 
-fn fork_and_wait(spec: &Spec, exe: Option<File>, pipe_r: OwnedFd, pipe_w: OwnedFd) -> i32 {
+/// Arms `PR_SET_PDEATHSIG` (SIGKILL) and checks that the process that started us is still our
+/// parent: if it died before the signal was armed, we were re-parented and no signal will come.
+/// Every credential change (setresuid, setresgid, setgroups) clears the parent-death signal,
+/// so this runs again after each one.
+fn die_with(starter: Pid) -> Result<(), StepError> {
+    step(
+        "set the parent-death signal",
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL),
+    )?;
+    if nix::unistd::getppid() != starter {
+        return Err(StepError(format!(
+            "the process that started the jailer ({starter}) has exited"
+        )));
+    }
+    Ok(())
+}
+
+fn fork_and_wait(
+    spec: &Spec,
+    exe: Option<File>,
+    pipe_r: OwnedFd,
+    pipe_w: OwnedFd,
+    starter: Pid,
+) -> i32 {
     // SAFETY: the jailer is single-threaded, so the child may run any code after fork.
     match unsafe { nix::unistd::fork() } {
         Err(e) => {
@@ -82,7 +111,7 @@ fn fork_and_wait(spec: &Spec, exe: Option<File>, pipe_r: OwnedFd, pipe_w: OwnedF
         Ok(ForkResult::Parent { child }) => {
             drop(pipe_r);
             drop(exe);
-            parent(spec, child, pipe_w)
+            parent(spec, child, pipe_w, starter)
         }
     }
 }
@@ -98,14 +127,17 @@ extern "C" fn forward(sig: libc::c_int) {
 }
 
 /// The jailer's parent half: forwards termination signals, waits, and ends as the child ended.
-fn parent(spec: &Spec, child: Pid, pipe_w: OwnedFd) -> i32 {
+fn parent(spec: &Spec, child: Pid, pipe_w: OwnedFd, starter: Pid) -> i32 {
     CHILD.store(child.as_raw(), Ordering::Relaxed);
     for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         // SAFETY: the handler only calls kill(2), which is async-signal-safe.
         let _ = unsafe { signal::signal(sig, SigHandler::Handler(forward)) };
     }
     // The parent has nothing left to do as root either.
-    if let Err(StepError(e)) = drop_privileges(spec) {
+    // Dropping the uid cleared the parent-death signal: re-arm it, so that the jailer (and with
+    // it the hypervisor, whose own parent-death signal points at the jailer) dies with the
+    // server even when the server is killed with SIGKILL.
+    if let Err(StepError(e)) = drop_privileges(spec).and_then(|()| die_with(starter)) {
         eprintln!("cloude-jail: (waiting parent) {e}");
         let _ = signal::kill(child, Signal::SIGKILL);
     }

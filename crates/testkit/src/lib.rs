@@ -436,3 +436,22 @@ pub fn cmdline_args(pid: u32) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A server's cgroup directories under every hierarchy (v1 controllers or v2):
+/// `/sys/fs/cgroup/[<controller>/]cloude/<runtime dir name>.<owner>`
+/// (`cloude_jail::cgroup::Cgroups`).
+pub fn server_cgroup_dirs(runtime_name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for c in ["memory", "pids", "cpu", ""] {
+        let top = Path::new("/sys/fs/cgroup").join(c).join("cloude");
+        for e in std::fs::read_dir(&top).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if (n == runtime_name || n.starts_with(&format!("{runtime_name}.")))
+                && e.path().is_dir()
+            {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}

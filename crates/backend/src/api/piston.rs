@@ -173,11 +173,16 @@ pub fn job_from_body(
     let max_mem_bytes = limits.max_memory_mib * 1024 * 1024;
     let run_mem = constraint(body, "run_memory_limit", Some(max_mem_bytes))?;
     constraint(body, "compile_memory_limit", Some(max_mem_bytes))?;
-    let stdin = match body.get("stdin") {
+    let mut stdin = match body.get("stdin") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err(bad("stdin must be a string")),
     };
+    // Piston's rule: stdin always ends with a newline (none at all becomes "\n"), so that
+    // `{print "OK"}` in awk, or a `readline()`, sees one line even with no input.
+    if !stdin.ends_with('\n') {
+        stdin.push('\n');
+    }
     let args = match body.get("args") {
         None | Some(Value::Null) => vec![],
         Some(Value::Array(a)) => a

@@ -64,6 +64,13 @@ impl Jailer {
             .unwrap_or("cloude-server")
             .to_string();
         let cgroups = Cgroups::new(hierarchy, &name).map_err(JailError::Cgroup)?;
+        if cgroups.swept() > 0 {
+            tracing::warn!(
+                "killed {} hypervisor or jailer process(es) left in the cgroups of servers that \
+                 are gone (killed without cleaning up)",
+                cgroups.swept()
+            );
+        }
         let [first, last] = cfg.uid_range;
         let jailer = Arc::new(Jailer {
             binary,

@@ -281,6 +281,7 @@ pub(crate) fn spawn(
         }
     };
     inherit_fds(&mut cmd, slot, &extras.fds)?;
+    die_with_server(&mut cmd);
     let child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(stdout)
@@ -293,6 +294,34 @@ pub(crate) fn spawn(
         child: Some(child),
         lease,
     })
+}
+
+/// Makes the spawned process (the jailer, or an unjailed hypervisor) get SIGKILL when the
+/// server dies, even by SIGKILL, and exit at once if the server is already gone by the time
+/// the signal is armed. The jailer re-arms it after dropping its uid (which clears it).
+///
+/// The parent-death signal follows the *thread* that forked: VMs are spawned from the tokio
+/// runtime's worker threads, which live as long as the server (no `block_in_place` anywhere).
+#[allow(unsafe_code)]
+fn die_with_server(cmd: &mut tokio::process::Command) {
+    let server = std::process::id() as libc::pid_t;
+    let hook = move || {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid are plain system calls on this process's
+        // own state, async-signal-safe as `pre_exec` requires; nothing is allocated.
+        let armed = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        if armed != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != server {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: the hook is async-signal-safe (two system calls, no allocation).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
 }
 
 /// How a hypervisor process ended, in words; a seccomp kill is named as such, with the system

@@ -66,14 +66,8 @@ impl LeakProbe {
         let Some(name) = self.server_rt.file_name() else {
             return vec![];
         };
-        ["memory", "pids", "cpu", ""]
-            .iter()
-            .map(|c| {
-                Path::new("/sys/fs/cgroup")
-                    .join(c)
-                    .join("cloude")
-                    .join(name)
-            })
+        cloude_testkit::server_cgroup_dirs(&name.to_string_lossy())
+            .into_iter()
             .flat_map(|d| {
                 list(&d)
                     .into_iter()
