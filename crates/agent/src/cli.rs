@@ -107,7 +107,7 @@ async fn serve_host(args: ServeArgs) -> anyhow::Result<()> {
     let state = AgentState::new(Executor::new(cfg), !args.no_poweroff);
     let mut tasks = Vec::new();
     for addr in &args.tcp {
-        let (local, task) = serve::start_tcp(*addr, state.clone(), Peers::Any)
+        let (local, task) = serve::start_tcp(*addr, state.clone(), Peers::Any, None)
             .await
             .with_context(|| format!("listening on {addr}"))?;
         println!("listening tcp {local}");

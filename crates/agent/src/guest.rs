@@ -79,7 +79,10 @@ async fn guest_main() {
     };
     if tcp::has_ipv4_interface() {
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, AGENT_TCP_PORT));
-        match serve::start_tcp(addr, state.clone(), Peers::HostOnly).await {
+        let token = std::fs::read_to_string("/proc/cmdline")
+            .ok()
+            .and_then(|c| cloude_protocol::agent_token_of(&c));
+        match serve::start_tcp(addr, state.clone(), Peers::HostOnly, token).await {
             Ok(_) => transports += 1,
             Err(e) => tracing::error!("cannot listen on {addr}: {e}"),
         }

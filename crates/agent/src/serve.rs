@@ -56,8 +56,46 @@ pub enum Peers {
     HostOnly,
 }
 
-/// Accepts TCP connections forever.
-pub fn spawn_tcp(listener: TcpListener, state: Arc<AgentState>, peers: Peers) -> JoinHandle<()> {
+/// How long a TCP peer has to send its `AUTH` line.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads the first line of a TCP connection (byte by byte: nothing after it is consumed), at
+/// most [`cloude_protocol::AGENT_AUTH_LINE_MAX`] bytes, and checks it carries `token`.
+async fn authenticated<R: AsyncRead + Unpin>(r: &mut R, token: &str) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut line = Vec::new();
+    let read = async {
+        loop {
+            let b = r.read_u8().await.ok()?;
+            if b == b'\n' {
+                return Some(());
+            }
+            if line.len() >= cloude_protocol::AGENT_AUTH_LINE_MAX {
+                return None;
+            }
+            line.push(b);
+        }
+    };
+    matches!(tokio::time::timeout(AUTH_TIMEOUT, read).await, Ok(Some(())))
+        && cloude_protocol::agent_auth_ok(&String::from_utf8_lossy(&line), token)
+}
+
+/// Accepts TCP connections forever. With `peers` = [`Peers::HostOnly`] a connection is served
+/// only if it comes from the host (the gateway) *and* its first line is `AUTH <token>` with the
+/// VM's secret from the kernel command line; without a token every connection is refused.
+pub fn spawn_tcp(
+    listener: TcpListener,
+    state: Arc<AgentState>,
+    peers: Peers,
+    token: Option<String>,
+) -> JoinHandle<()> {
+    if peers == Peers::HostOnly && token.is_none() {
+        tracing::error!(
+            "no {} on the kernel command line: every TCP connection will be refused",
+            cloude_protocol::AGENT_TOKEN_PARAM
+        );
+    }
+    let token: Option<Arc<str>> = token.map(Arc::from);
     let gateway = std::fs::read_to_string("/proc/net/route")
         .ok()
         .and_then(|t| crate::transport::tcp::default_gateway(&t));
@@ -76,7 +114,22 @@ pub fn spawn_tcp(listener: TcpListener, state: Arc<AgentState>, peers: Peers) ->
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_connection(stream, state.clone()));
+                    if peers == Peers::Any {
+                        tokio::spawn(serve_connection(stream, state.clone()));
+                        continue;
+                    }
+                    let (state, token) = (state.clone(), token.clone());
+                    tokio::spawn(async move {
+                        let mut stream = stream;
+                        match token {
+                            Some(t) if authenticated(&mut stream, &t).await => {
+                                serve_connection(stream, state).await;
+                            }
+                            _ => tracing::warn!(
+                                "refused a TCP connection from {peer}: no valid AUTH line"
+                            ),
+                        }
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("tcp accept failed: {e}");
@@ -142,8 +195,42 @@ pub async fn start_tcp(
     addr: SocketAddr,
     state: Arc<AgentState>,
     peers: Peers,
+    token: Option<String>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    Ok((local, spawn_tcp(listener, state, peers)))
+    Ok((local, spawn_tcp(listener, state, peers, token)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authenticated;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn only_the_right_auth_line_opens_a_connection_and_nothing_after_it_is_eaten() {
+        let token = "ab".repeat(32);
+        let (mut host, mut agent) = tokio::io::duplex(4096);
+        host.write_all(format!("AUTH {token}\nGET / HTTP/1.1\r\n").as_bytes())
+            .await
+            .expect("write");
+        assert!(authenticated(&mut agent, &token).await);
+        let mut rest = [0u8; 5];
+        agent.read_exact(&mut rest).await.expect("rest");
+        assert_eq!(&rest, b"GET /");
+        for first in [
+            format!("AUTH {}\n", "cd".repeat(32)),
+            "GET /v1/health HTTP/1.1\r\n".to_string(),
+            format!("AUTH {token}{}\n", "x".repeat(200)),
+        ] {
+            let (mut host, mut agent) = tokio::io::duplex(4096);
+            host.write_all(first.as_bytes()).await.expect("write");
+            assert!(!authenticated(&mut agent, &token).await, "{first:?}");
+        }
+        // A peer that says nothing is dropped after the timeout.
+        let (_host, mut agent) = tokio::io::duplex(64);
+        let t = std::time::Instant::now();
+        assert!(!authenticated(&mut agent, &token).await);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
 }

@@ -43,6 +43,7 @@ async fn start(tag: &str) -> Option<(Server, Arc<AgentState>)> {
         "127.0.0.1:0".parse().expect("addr"),
         state.clone(),
         serve::Peers::Any,
+        None,
     )
     .await
     .expect("bind");
@@ -354,6 +355,7 @@ async fn host_only_mode_refuses_connections_from_inside() {
         "127.0.0.1:0".parse().expect("addr"),
         state,
         serve::Peers::HostOnly,
+        Some("ab".repeat(32)),
     )
     .await
     .expect("bind");

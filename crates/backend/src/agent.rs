@@ -208,6 +208,8 @@ impl AgentClient {
         // scanned once, not once per frame).
         let mut scanned = 0;
         let mut streamed = 0usize;
+        let mut blank = 0usize;
+        let mut pace = Pace::new();
         while let Some(frame) = body.frame().await {
             let frame = frame?;
             let Some(data) = frame.data_ref() else {
@@ -217,7 +219,14 @@ impl AgentClient {
             while let Some(off) = buf[scanned..].iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=scanned + off).collect();
                 scanned = 0;
+                pace.event().await;
                 if line.iter().all(u8::is_ascii_whitespace) {
+                    blank += 1;
+                    if blank > MAX_BLANK_LINES {
+                        return Err(AgentError::Body(format!(
+                            "the agent sent more than {MAX_BLANK_LINES} blank stream lines"
+                        )));
+                    }
                     continue;
                 }
                 match serde_json::from_slice::<StreamEvent>(&line)? {
@@ -228,6 +237,14 @@ impl AgentClient {
                     StreamEvent::Error { message } => return Err(AgentError::Reported(message)),
                     ev @ StreamEvent::Output { .. } => {
                         if let StreamEvent::Output { data, .. } = &ev {
+                            // The agent never reports an empty read: an empty event is a
+                            // hostile agent looping (it costs us a line each and counts no
+                            // byte against the output cap).
+                            if data.0.is_empty() {
+                                return Err(AgentError::Body(
+                                    "the agent sent an empty output event".into(),
+                                ));
+                            }
                             streamed += data.0.len();
                         }
                         if streamed > limits.streamed {
@@ -254,6 +271,39 @@ impl AgentClient {
     }
 }
 
+/// Blank lines a stream may hold (an honest agent sends none).
+const MAX_BLANK_LINES: usize = 1024;
+/// Stream events handled per second from one agent; past it the reader waits for the next
+/// second (a guest writing one byte at a time is slowed, not failed: its events are bounded by
+/// the output cap, each carrying at least one byte).
+const MAX_EVENTS_PER_SECOND: u32 = 50_000;
+
+/// Paces the events of one stream ([`MAX_EVENTS_PER_SECOND`]).
+struct Pace {
+    window: tokio::time::Instant,
+    count: u32,
+}
+
+impl Pace {
+    fn new() -> Self {
+        Pace {
+            window: tokio::time::Instant::now(),
+            count: 0,
+        }
+    }
+
+    async fn event(&mut self) {
+        self.count += 1;
+        if self.count <= MAX_EVENTS_PER_SECOND {
+            return;
+        }
+        let next = self.window + std::time::Duration::from_secs(1);
+        tokio::time::sleep_until(next).await;
+        self.window = tokio::time::Instant::now();
+        self.count = 1;
+    }
+}
+
 async fn collect(body: hyper::body::Incoming, max: usize) -> Result<Bytes, AgentError> {
     Limited::new(body, max)
         .collect()
@@ -264,7 +314,7 @@ async fn collect(body: hyper::body::Incoming, max: usize) -> Result<Bytes, Agent
 
 /// Fills `buf` from the kernel's CSPRNG (`getrandom(2)`).
 #[allow(unsafe_code)]
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
@@ -369,6 +419,91 @@ mod tests {
         let mut c = hostile_agent(head, Vec::new(), 0).await;
         let e = c.run(&request(4096)).await.expect_err("refused");
         assert!(e.to_string().contains("over the limit"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_million_empty_events_are_refused_at_once() {
+        let line = br#"{"type":"output","stage":"run","stream":"stdout","data":""}"#;
+        let chunk: Vec<u8> = format!("{:x}\r\n", line.len() + 1)
+            .into_bytes()
+            .into_iter()
+            .chain(line.iter().copied())
+            .chain(*b"\n\r\n")
+            .collect();
+        let mut c = hostile_agent(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            chunk,
+            1_000_000,
+        )
+        .await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let t = std::time::Instant::now();
+        let e = c
+            .run_stream(&request(1 << 20), &tx)
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("empty output event"), "{e}");
+        assert!(rx.try_recv().is_err(), "nothing passed on to the client");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_million_blank_lines_are_refused() {
+        let mut c = hostile_agent(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"1\r\n\n\r\n".to_vec(),
+            1_000_000,
+        )
+        .await;
+        let (tx, _rx) = mpsc::channel(16);
+        let e = c
+            .run_stream(&request(1 << 20), &tx)
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("blank stream lines"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn one_byte_events_are_paced_not_failed() {
+        let line = br#"{"type":"output","stage":"run","stream":"stdout","data":"eA=="}"#;
+        let chunk: Vec<u8> = format!("{:x}\r\n", line.len() + 1)
+            .into_bytes()
+            .into_iter()
+            .chain(line.iter().copied())
+            .chain(*b"\n\r\n")
+            .collect();
+        let mut c = hostile_agent(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            chunk,
+            120_000,
+        )
+        .await;
+        let (tx, mut rx) = mpsc::channel(1024);
+        let counted = tokio::spawn(async move {
+            let mut n = 0;
+            while rx.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        });
+        let t = std::time::Instant::now();
+        // The hostile agent ends its body without a result (and without a last chunk).
+        let e = c
+            .run_stream(&request(1 << 20), &tx)
+            .await
+            .expect_err("no result line");
+        drop(tx);
+        assert_eq!(
+            counted.await.expect("counter"),
+            120_000,
+            "every event passed: {e}"
+        );
+        // 120,000 events at 50,000 a second: at least two seconds.
+        assert!(
+            t.elapsed() >= std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -279,3 +279,141 @@ done; wait; echo scanned"#;
     );
     assert!(failures.is_empty(), "tcp_transport failures: {failures:?}");
 }
+
+/// The uid a process runs as (`/proc/PID/status`).
+fn uid_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("Uid")
+}
+
+/// The guest address QEMU hands its kernel (`ip=<guest>::<host>:…`).
+fn guest_ip_of(qemu: u32) -> Option<String> {
+    support::cmdline_args(qemu).iter().find_map(|a| {
+        a.split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix("ip="))
+            .and_then(|v| v.split(':').next())
+            .map(str::to_string)
+    })
+}
+
+/// Runs `script` under bash (its `/dev/tcp`) with a time limit; returns (success, stdout).
+fn bash(prefix: &[&str], script: &str) -> (bool, String) {
+    let mut cmd = Command::new(prefix[0]);
+    cmd.args(&prefix[1..])
+        .args(["timeout", "5", "bash", "-c", script]);
+    let out = cmd.output().expect("spawn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// An escaped hypervisor of VM A (its uid, in its namespaces) reaches neither VM B's agent nor
+/// the server; with the host's network and A's uid the host rules drop it (only the server's
+/// uid may open connections to agents); and even root on the host, without B's secret, gets no
+/// answer from B's agent. Both VMs' programs still finish normally.
+#[test]
+fn an_escaped_hypervisor_reaches_no_agent() {
+    if let Some(why) = skip_reason() {
+        eprintln!("tcp_transport: SKIPPED: {why}");
+        return;
+    }
+    let ns = Netns::create().unwrap_or_else(|e| panic!("cannot create the test namespace: {e}"));
+    let config = "[vm]\ntransport = \"tcp\"\nprebuild = [\"bash\"]\n\
+                  [limits]\nmax_concurrent_vms = 4\n";
+    let server = Server::start_in(
+        Some(&ns.name),
+        &format!("{}:0", ns.inner_ip),
+        &["--hypervisor", "qemu"],
+        Some(config),
+        FIRST_START,
+    )
+    .unwrap_or_else(|e| panic!("tcp_transport: {e}"));
+    let runs: Vec<_> = (0..2)
+        .map(|i| {
+            exec_in_background(
+                &server,
+                json!({"language": "bash", "code": format!("sleep 12; echo run-{i}"), "timeout_ms": 60000}),
+            )
+        })
+        .collect();
+    // Both jailers' hypervisors, booted far enough to have their agents listening.
+    let t = std::time::Instant::now();
+    let qemus: Vec<u32> = loop {
+        let q: Vec<u32> = server
+            .children()
+            .into_iter()
+            .filter_map(|j| support::children_of(j).first().copied())
+            .filter(|&q| guest_ip_of(q).is_some())
+            .collect();
+        if q.len() == 2 {
+            break q;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "two VMs: {q:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    let (a, b) = (qemus[0], qemus[1]);
+    let ua = uid_of(a).to_string();
+    let b_ip = guest_ip_of(b).expect("B's address");
+    let to_b = format!("exec 3<>/dev/tcp/{b_ip}/8080 && echo CONNECTED");
+    let to_server = format!(
+        "exec 3<>/dev/tcp/{}/{} && echo CONNECTED",
+        server.addr.ip(),
+        server.addr.port()
+    );
+    let a_pid = a.to_string();
+    let as_a = [
+        "setpriv",
+        "--reuid",
+        &ua,
+        "--regid",
+        &ua,
+        "--clear-groups",
+        "--",
+    ];
+    // 1. In A's own namespaces (its network namespace is empty) with A's uid.
+    let in_a: Vec<&str> = ["nsenter", "-t", &a_pid, "-n", "--"]
+        .into_iter()
+        .chain(as_a)
+        .collect();
+    for (what, script) in [("B's agent", &to_b), ("the server", &to_server)] {
+        let (ok, out) = bash(&in_a, script);
+        assert!(
+            !ok && !out.contains("CONNECTED"),
+            "from A's namespaces as A's uid, {what} was reached: {out}"
+        );
+    }
+    // 2. With the server's network (as if A kept it) and A's uid: the host rules drop it.
+    let netns = format!("--net=/run/netns/{}", ns.name);
+    let host_as_a: Vec<&str> = ["nsenter", netns.as_str(), "--"]
+        .into_iter()
+        .chain(as_a)
+        .collect();
+    let (ok, out) = bash(&host_as_a, &to_b);
+    assert!(
+        !ok && !out.contains("CONNECTED"),
+        "A's uid on the server's network reached B's agent: {out}"
+    );
+    // 3. Root on the server's network, without B's secret: the agent answers nothing.
+    let (_, out) = bash(
+        &["nsenter", netns.as_str(), "--"],
+        &format!(
+            "exec 3<>/dev/tcp/{b_ip}/8080 && printf 'GET /v1/health HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+        ),
+    );
+    assert!(
+        !out.contains("HTTP/1"),
+        "B's agent answered a peer without its secret: {out}"
+    );
+    // The server itself still reaches both (with their secrets).
+    for (i, r) in runs.into_iter().enumerate() {
+        let v = r.join().expect("run");
+        assert_eq!(stdout(&v), format!("run-{i}\n"), "{v}");
+    }
+    eprintln!("tcp_transport: an escaped hypervisor reached nothing; both runs answered");
+}

@@ -35,6 +35,44 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 pub const READY_VSOCK_PORT: u32 = 1025;
 /// TCP port the agent's HTTP server listens on when the VM has an IP address.
 pub const AGENT_TCP_PORT: u16 = 8080;
+
+/// tcp transport: the kernel command-line parameter that gives the agent its VM's secret
+/// (`cloude.agent_token=<64 hex digits>`, fresh per VM). The agent serves a TCP connection only
+/// after its first line is `AUTH <token>\n`: an address alone (the host's end of the tap) does
+/// not prove the peer is the server (an escaped hypervisor on the host could use it too).
+pub const AGENT_TOKEN_PARAM: &str = "cloude.agent_token";
+/// Hex digits of an agent token (32 random bytes).
+pub const AGENT_TOKEN_HEX: usize = 64;
+/// Longest first line a TCP peer may send before it is refused.
+pub const AGENT_AUTH_LINE_MAX: usize = 128;
+
+/// The kernel command-line word that hands the agent `token`.
+pub fn agent_token_arg(token: &str) -> String {
+    format!("{AGENT_TOKEN_PARAM}={token}")
+}
+
+/// The token on a kernel command line, if one is there and well-formed.
+pub fn agent_token_of(cmdline: &str) -> Option<String> {
+    cmdline.split_ascii_whitespace().find_map(|w| {
+        let t = w.strip_prefix(AGENT_TOKEN_PARAM)?.strip_prefix('=')?;
+        (t.len() == AGENT_TOKEN_HEX && t.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| t.to_ascii_lowercase())
+    })
+}
+
+/// The first line of every host → agent TCP connection.
+pub fn agent_auth_line(token: &str) -> String {
+    format!("AUTH {token}\n")
+}
+
+/// Whether `line` (without its newline) carries `token`; compared in constant time.
+pub fn agent_auth_ok(line: &str, token: &str) -> bool {
+    let Some(got) = line.strip_prefix("AUTH ") else {
+        return false;
+    };
+    let (a, b) = (got.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 /// Name of the virtio-serial port used as the agent channel when there is no vsock.
 pub const SERIAL_PORT_NAME: &str = "cloude.agent";
 /// What `cloude-vmm` writes to its console (stderr) when its seccomp filter stops a system call,
@@ -509,6 +547,24 @@ impl RunRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_tokens_parse_and_authenticate() {
+        let t = "ab".repeat(32);
+        let cmdline = format!("quiet {} ip=1.2.3.4", agent_token_arg(&t));
+        assert_eq!(agent_token_of(&cmdline), Some(t.clone()));
+        assert_eq!(agent_token_of("cloude.agent_token=abc"), None);
+        assert_eq!(
+            agent_token_of(&format!("cloude.agent_token={}", "zz".repeat(32))),
+            None
+        );
+        assert_eq!(agent_token_of("quiet"), None);
+        let line = agent_auth_line(&t);
+        assert!(agent_auth_ok(line.trim_end(), &t));
+        assert!(!agent_auth_ok(&format!("AUTH {}", "cd".repeat(32)), &t));
+        assert!(!agent_auth_ok("AUTH ", &t));
+        assert!(!agent_auth_ok("POST /v1/run HTTP/1.1", &t));
+    }
 
     #[test]
     fn wake_requests_are_checked() {

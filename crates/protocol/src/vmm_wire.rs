@@ -34,6 +34,10 @@ pub fn is_connected(line: &str) -> bool {
 
 /// The snapshot command word.
 pub const SNAPSHOT_COMMAND: &str = "SNAPSHOT";
+/// The largest `state` file a snapshot may have: a 24-byte header plus a body of at most 8 MiB
+/// (cloude-vmm refuses a larger body; the server refuses a larger file).
+pub const SNAPSHOT_STATE_BODY_MAX_BYTES: u64 = 8 << 20;
+pub const SNAPSHOT_STATE_FILE_MAX_BYTES: u64 = SNAPSHOT_STATE_BODY_MAX_BYTES + 24;
 
 /// The order to snapshot into `dir`, newline included.
 pub fn snapshot_line(dir: &Path) -> String {

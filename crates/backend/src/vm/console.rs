@@ -57,6 +57,9 @@ impl Ring {
 /// The copying thread of one VM's console.
 pub struct Pump {
     thread: Option<JoinHandle<()>>,
+    /// The ring's file, for reading its end (never reopened by path: the VM's directory is its
+    /// hypervisor's to change).
+    log: File,
 }
 
 impl Pump {
@@ -64,12 +67,8 @@ impl Pump {
     /// hypervisor's stdout and stderr). The pump ends when every write end is closed.
     pub fn start(path: &Path, limit: u64) -> std::io::Result<(Pump, std::io::PipeWriter)> {
         // Read access too: a compaction reads the newest half back.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+        let file = super::hostile::create_new(path)?;
+        let log = file.try_clone()?;
         let (mut reader, writer) = std::io::pipe()?;
         let mut ring = Ring {
             file,
@@ -97,9 +96,15 @@ impl Pump {
         Ok((
             Pump {
                 thread: Some(thread),
+                log,
             },
             writer,
         ))
+    }
+
+    /// The last `max` bytes of the console, read through the ring's own descriptor.
+    pub fn tail(&self, max: u64) -> String {
+        super::hostile::tail(&self.log, max)
     }
 
     /// After the hypervisor exited: waits (at most `max`) until everything it wrote is in the

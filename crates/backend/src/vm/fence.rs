@@ -15,7 +15,7 @@
 //!   - `forward`: nothing is forwarded into the tap unless it belongs to a connection the guest
 //!     opened (no VM, host or outside peer opens a connection to a VM through the host); what
 //!     the guest sends to be forwarded goes through `from_guest`;
-//!   - `output`: to the tap, only tcp to the agent's port and packets of established
+//!   - `output`: to the tap, only tcp to the agent's port from the server's own uid (`meta skuid`) and packets of established
 //!     connections;
 //!   - `from_guest` (a regular chain) holds one `drop`: the VM is offline. A request with
 //!     `network: true` (allowed by `[network] allow`) flushes it ([`Rules::opener`]): the
@@ -349,6 +349,7 @@ impl Drop for Rules {
 fn ruleset(table: &str, tap: &str, mac: &str, guest: Ipv4Addr) -> Vec<Value> {
     let guest = guest.to_string();
     let port = cloude_protocol::AGENT_TCP_PORT;
+    let server_uid = nix::unistd::geteuid().as_raw();
     let is =
         |left: Value, right: Value| json!({"match": {"op": "==", "left": left, "right": right}});
     let payload =
@@ -425,6 +426,9 @@ fn ruleset(table: &str, tap: &str, mac: &str, guest: Ipv4Addr) -> Vec<Value> {
                 to_tap.clone(),
                 is(meta("l4proto"), json!("tcp")),
                 is(payload("tcp", "dport"), json!(port)),
+                // Only the server's own uid opens connections to agents: not a hypervisor's
+                // (an escaped one), not any other local user.
+                is(meta("skuid"), json!(server_uid)),
                 accept.clone(),
             ],
         ),
@@ -532,6 +536,10 @@ mod tests {
         assert!(text.contains("\"dev\":\"cld3\""));
         assert!(text.contains("\"policy\":\"drop\""));
         assert!(text.contains("\"right\":8080"));
+        assert!(
+            text.contains("\"skuid\""),
+            "only the server's uid reaches agents"
+        );
         assert!(text.contains("10.201.0.2"));
         assert_eq!(mac_string([6, 0, 10, 201, 0, 2]), "06:00:0a:c9:00:02");
     }

@@ -183,6 +183,11 @@ pub(crate) struct Process {
 }
 
 impl Process {
+    /// The hypervisor's uid when jailed (`None`: it runs as the server).
+    pub fn uid(&self) -> Option<u32> {
+        self.lease.as_ref().map(|l| l.uid)
+    }
+
     pub fn child(&mut self) -> &mut Child {
         self.child
             .as_mut()
@@ -255,7 +260,10 @@ pub(crate) fn spawn(
             j.max_files = p.max_files;
             j.max_file_bytes = driver.console_bytes.max(extras.max_file_bytes.unwrap_or(0));
             j.max_procs = limits.pids;
-            j.keep_netns = spec.transport == Transport::Tcp;
+            // Never the host's network namespace, not even with a tap: the tap's descriptor
+            // works from any namespace, and a hypervisor a guest has taken over must not reach
+            // other VMs' agents or the host's loopback services.
+            j.keep_netns = false;
             j.bind_ro(&spec.kernel, JAIL_KERNEL)
                 .bind_ro(&spec.initrd, JAIL_INITRD)
                 .bind_rw(&slot.dir, JAIL_DIR);
@@ -415,10 +423,17 @@ async fn connect_tcp(slot: &Slot) -> Result<tokio::net::TcpStream, VmError> {
         return Err(VmError::Channel(std::io::Error::other("the VM has no tap")));
     };
     let addr = std::net::SocketAddr::from((tap.guest, cloude_protocol::AGENT_TCP_PORT));
-    let s = tokio::net::TcpStream::connect(addr)
+    let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| VmError::Channel(std::io::Error::new(e.kind(), format!("{addr}: {e}"))))?;
     let _ = s.set_nodelay(true);
+    // The agent serves nothing before this line: the VM's secret, from its command line.
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        cloude_protocol::agent_auth_line(&tap.token).as_bytes(),
+    )
+    .await
+    .map_err(VmError::Channel)?;
     Ok(s)
 }
 

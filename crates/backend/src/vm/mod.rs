@@ -9,6 +9,7 @@
 
 pub mod console;
 pub mod fence;
+pub(crate) mod hostile;
 pub mod jail;
 mod launch;
 pub mod net;

@@ -66,6 +66,9 @@ pub struct Tap {
     pub guest: Ipv4Addr,
     /// Guest MAC (locally administered, from the guest address).
     pub mac: [u8; 6],
+    /// The secret the VM's agent asks of every TCP peer (`cloude_protocol::AGENT_TOKEN_PARAM`),
+    /// fresh from the kernel's CSPRNG for each VM.
+    pub token: String,
     fd: OwnedFd,
     /// The host-side rules around the tap (dropped after `fd`: they are removed once the tap is
     /// gone, see `fence`).
@@ -79,11 +82,14 @@ impl Tap {
         configure(name, host, PREFIX_LEN)
             .map_err(|e| ctx(e, &format!("cannot configure tap {name}")))?;
         let g = guest.octets();
+        let mut secret = [0u8; cloude_protocol::AGENT_TOKEN_HEX / 2];
+        crate::agent::fill_random(&mut secret)?;
         Ok(Tap {
             name: name.to_string(),
             host,
             guest,
             mac: [0x06, 0x00, g[0], g[1], g[2], g[3]],
+            token: secret.iter().map(|b| format!("{b:02x}")).collect(),
             fd,
             rules: None,
         })

@@ -82,7 +82,14 @@ pub(crate) fn args(
     let append = match mode {
         Mode::Boot => {
             let ip = slot.tap.as_ref().map(|t| t.kernel_ip_arg());
-            cmdline(spec, &[ip.as_deref().unwrap_or("")])
+            let token = slot
+                .tap
+                .as_ref()
+                .map(|t| cloude_protocol::agent_token_arg(&t.token));
+            cmdline(
+                spec,
+                &[ip.as_deref().unwrap_or(""), token.as_deref().unwrap_or("")],
+            )
         }
         Mode::Template | Mode::Clone => driver.snapshot_cmdline(spec),
     };
@@ -177,7 +184,7 @@ pub(crate) fn args(
 fn with_stderr(slot: &Slot, e: VmError) -> VmError {
     match e {
         VmError::ExitedDuringBoot { status, console } => {
-            let err = std::fs::read_to_string(slot.path("qemu.stderr")).unwrap_or_default();
+            let err = slot.stderr_tail();
             let console = if err.trim().is_empty() {
                 console
             } else {
@@ -198,7 +205,9 @@ pub(crate) async fn boot(
     let sock = slot.path("agent.sock");
     let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
-    let stderr = std::fs::File::create(slot.path("qemu.stderr")).map_err(VmError::RuntimeDir)?;
+    let stderr = slot
+        .stderr_file("qemu.stderr")
+        .map_err(VmError::RuntimeDir)?;
     let console = slot
         .start_console(driver.console_bytes)
         .map_err(VmError::RuntimeDir)?;
@@ -248,18 +257,18 @@ pub(crate) async fn snapshot(
         // The agent answers and stays on this connection, idle between two requests: that is
         // the state every clone starts from (the clone's host then sends the wake on it).
         let agent = seal(&mut vm, spec).await?;
-        let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(5))
-            .await
-            .map_err(|e| snap_err("monitor", &e))?;
+        let mut qmp = Qmp::connect(
+            &qmp_path,
+            vm.jail().map(|(uid, _)| uid),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| snap_err("monitor", &e))?;
         qmp.execute("stop", json!({}))
             .await
             .map_err(|e| snap_err("stop", &e))?;
-        let listener = UnixListener::bind(&mig_path).map_err(VmError::RuntimeDir)?;
-        // A jailed QEMU runs as the VM's uid: the socket is its to connect to.
-        if let Some((uid, _)) = vm.jail() {
-            std::os::unix::fs::chown(&mig_path, Some(uid), Some(uid))
-                .map_err(VmError::RuntimeDir)?;
-        }
+        let listener =
+            bind_for(&mig_path, vm.jail().map(|(uid, _)| uid)).map_err(VmError::RuntimeDir)?;
         let mut file = tokio::fs::File::create(out.join("state"))
             .await
             .map_err(VmError::RuntimeDir)?;
@@ -317,7 +326,9 @@ pub(crate) async fn restore(
     let sock = slot.path("agent.sock");
     let listener = UnixListener::bind(&sock).map_err(VmError::RuntimeDir)?;
     let started = Instant::now();
-    let stderr = std::fs::File::create(slot.path("qemu.stderr")).map_err(VmError::RuntimeDir)?;
+    let stderr = slot
+        .stderr_file("qemu.stderr")
+        .map_err(VmError::RuntimeDir)?;
     let console = slot
         .start_console(driver.console_bytes)
         .map_err(VmError::RuntimeDir)?;
@@ -347,6 +358,37 @@ pub(crate) async fn restore(
     drop(listener);
     let _ = std::fs::remove_file(&sock);
     Ok(Vm::restored(child, slot, client, started))
+}
+
+/// Binds a Unix socket at `path` (in the VM's directory) that the hypervisor of `uid` may
+/// connect to. The socket is bound and handed to `uid` in the server's own runtime directory
+/// (which no hypervisor can reach), then renamed into place: the server never changes an owner
+/// through a path the hypervisor controls (a symlink swapped in there would hand it any host
+/// file), and a rename replaces whatever entry is at the target without following it.
+fn bind_for(path: &Path, uid: Option<u32>) -> std::io::Result<UnixListener> {
+    let Some(uid) = uid else {
+        return UnixListener::bind(path);
+    };
+    let vm_dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
+    let runtime = vm_dir.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
+    let name = path.file_name().ok_or(std::io::ErrorKind::InvalidInput)?;
+    let private = runtime.join(format!(
+        ".{}-{}",
+        vm_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        name.to_string_lossy()
+    ));
+    let _ = std::fs::remove_file(&private);
+    let listener = UnixListener::bind(&private)?;
+    let handed = std::os::unix::fs::lchown(&private, Some(uid), Some(uid))
+        .and_then(|()| std::fs::rename(&private, path));
+    if let Err(e) = handed {
+        let _ = std::fs::remove_file(&private);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 #[cfg(test)]

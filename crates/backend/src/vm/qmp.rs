@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::UnixStream;
 
 /// Longest line QEMU may send.
 const MAX_LINE_BYTES: usize = 64 * 1024;
@@ -30,11 +29,17 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects (retrying while QEMU creates the socket, up to `within`) and negotiates.
-    pub async fn connect(path: &Path, within: Duration) -> Result<Self, QmpError> {
+    /// Connects (retrying while QEMU creates the socket, up to `within`) and negotiates. The
+    /// socket must be one that QEMU (uid `owner`; `None`: unjailed, the server's uid) made:
+    /// never a symlink to another socket on the host (`hostile::connect_socket`).
+    pub async fn connect(
+        path: &Path,
+        owner: Option<u32>,
+        within: Duration,
+    ) -> Result<Self, QmpError> {
         let start = std::time::Instant::now();
         let stream = loop {
-            match UnixStream::connect(path).await {
+            match super::hostile::connect_socket(path, owner).await {
                 Ok(s) => break s,
                 Err(e) if start.elapsed() < within => {
                     tracing::trace!("QMP not up yet: {e}");
@@ -137,7 +142,7 @@ mod tests {
             }
         })
         .await;
-        let mut q = Qmp::connect(&path, Duration::from_secs(2))
+        let mut q = Qmp::connect(&path, None, Duration::from_secs(2))
             .await
             .expect("connect");
         let e = q.execute("stop", json!({})).await.expect_err("refused");
@@ -154,7 +159,7 @@ mod tests {
             }
         })
         .await;
-        let mut q = Qmp::connect(&path, Duration::from_secs(2))
+        let mut q = Qmp::connect(&path, None, Duration::from_secs(2))
             .await
             .expect("connect");
         let e = q.execute("stop", json!({})).await.expect_err("refused");
@@ -172,7 +177,7 @@ mod tests {
             let _ = s.read_to_end(&mut sink).await;
         })
         .await;
-        let mut q = Qmp::connect(&path, Duration::from_secs(2))
+        let mut q = Qmp::connect(&path, None, Duration::from_secs(2))
             .await
             .expect("connect");
         let e = q.execute("stop", json!({})).await.expect_err("error");

@@ -13,6 +13,8 @@ const FIRST_CID: u32 = 3;
 const LAST_CID: u32 = 0x00ff_ffff;
 /// Bytes of the console log shown in error messages.
 const CONSOLE_TAIL_BYTES: u64 = 2048;
+/// Bytes of a hypervisor's own stderr shown in error messages.
+const STDERR_TAIL_BYTES: u64 = 4096;
 
 struct Inner {
     dir: tempfile::TempDir,
@@ -136,6 +138,7 @@ impl Runtime {
             block: None,
             tap: None,
             console: None,
+            stderr_log: None,
         };
         std::fs::create_dir(&slot.dir)?;
         if let Some(plan) = self.inner.net {
@@ -207,6 +210,8 @@ pub struct Slot {
     pub tap: Option<Tap>,
     /// Copies the hypervisor's output into `console.log` (bounded).
     console: Option<super::console::Pump>,
+    /// The hypervisor's own stderr file (QEMU), read only through this descriptor.
+    stderr_log: Option<std::fs::File>,
 }
 
 impl Slot {
@@ -246,17 +251,29 @@ impl Slot {
         }
     }
 
-    /// The end of the guest console log.
+    /// Creates `name` in the VM's directory for the hypervisor's stderr and keeps a descriptor
+    /// to read its end later ([`Slot::stderr_tail`]); returns the file to hand to the child.
+    pub fn stderr_file(&mut self, name: &str) -> std::io::Result<std::fs::File> {
+        let f = super::hostile::create_new(&self.path(name))?;
+        self.stderr_log = Some(f.try_clone()?);
+        Ok(f)
+    }
+
+    /// The end (at most `STDERR_TAIL_BYTES`) of the hypervisor's stderr, if it has one.
+    pub fn stderr_tail(&self) -> String {
+        self.stderr_log
+            .as_ref()
+            .map(|f| super::hostile::tail(f, STDERR_TAIL_BYTES))
+            .unwrap_or_default()
+    }
+
+    /// The end of the guest console log, read through the console's own descriptor (never by
+    /// path: the hypervisor may have swapped the entry for a FIFO or a symlink).
     pub fn console_tail(&self) -> String {
-        use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut f) = std::fs::File::open(self.console_path()) else {
+        let Some(pump) = &self.console else {
             return String::from("(no console output)");
         };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)));
-        let mut buf = Vec::new();
-        let _ = f.take(CONSOLE_TAIL_BYTES).read_to_end(&mut buf);
-        let text = String::from_utf8_lossy(&buf).trim().to_string();
+        let text = pump.tail(CONSOLE_TAIL_BYTES).trim().to_string();
         if text.is_empty() {
             String::from("(no console output)")
         } else {

@@ -13,7 +13,7 @@
 //! or opened by the server). They are fully hashed once per server (`load`); before each restore
 //! `Snapshot::still_intact` re-checks inode, size, mode and modification time of every file.
 
-use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -306,10 +306,21 @@ pub fn publish(
     for name in files {
         let path = sdir.join(name);
         // Root-owned, read-only for everyone else: hypervisors (other uids) may read, not write.
-        std::os::unix::fs::chown(&path, Some(0), Some(0)).map_err(io)?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        // Through a descriptor of a regular file, never following a link.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
             .map_err(io)?;
-        let bytes = std::fs::metadata(&path).map_err(io)?.len();
+        let m = f.metadata().map_err(io)?;
+        if !m.file_type().is_file() {
+            return Err(SnapshotError::Io(
+                path,
+                "not a regular file; refusing to publish it".into(),
+            ));
+        }
+        super::hostile::seal(&f).map_err(io)?;
+        let bytes = m.len();
         let sha256 = cloude_image::integrity::sha256_file(&path)
             .map_err(|e| SnapshotError::Io(sdir.clone(), e.to_string()))?;
         digests.push(FileDigest {

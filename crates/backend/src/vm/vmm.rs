@@ -63,7 +63,17 @@ pub(crate) fn args(
             "--initrd".into(),
             paths.initrd.display().to_string(),
             "--cmdline".into(),
-            cmdline(spec, &[VMM_CMDLINE_EXTRA]),
+            cmdline(
+                spec,
+                &[
+                    VMM_CMDLINE_EXTRA,
+                    &slot
+                        .tap
+                        .as_ref()
+                        .map(|t| cloude_protocol::agent_token_arg(&t.token))
+                        .unwrap_or_default(),
+                ],
+            ),
         ],
         Mode::Template(tag) => vec![
             "--kernel".into(),
@@ -151,11 +161,12 @@ pub(crate) async fn boot(
         console.into(),
         &extras,
     )?;
+    let owner = child.uid();
     let io = during_boot(child.child(), &slot, spec, started, async {
         let (mut ready, _) = listener.accept().await.map_err(VmError::Channel)?;
         wait_ready(&mut ready).await?;
         channels(spec.transport, &slot, ready, |_| async {
-            let s = connect_agent(&uds).await?;
+            let s = connect_agent(&uds, owner).await?;
             Ok(Box::new(s) as Box<dyn AgentIo>)
         })
         .await
@@ -166,9 +177,12 @@ pub(crate) async fn boot(
     Ok(Vm::ready(child, slot, io, started))
 }
 
-/// The hybrid-vsock handshake: a connection to the guest's agent port through `uds`.
-async fn connect_agent(uds: &Path) -> Result<UnixStream, VmError> {
-    let mut s = UnixStream::connect(uds).await.map_err(VmError::Channel)?;
+/// The hybrid-vsock handshake: a connection to the guest's agent port through `uds`, a socket
+/// cloude-vmm (uid `owner`) made (`hostile::connect_socket`: never a symlink elsewhere).
+async fn connect_agent(uds: &Path, owner: Option<u32>) -> Result<UnixStream, VmError> {
+    let mut s = super::hostile::connect_socket(uds, owner)
+        .await
+        .map_err(VmError::Channel)?;
     s.write_all(vmm_wire::connect_line(cloude_protocol::AGENT_VSOCK_PORT).as_bytes())
         .await
         .map_err(VmError::Channel)?;
@@ -199,12 +213,9 @@ pub(crate) async fn snapshot(
     let work = async {
         // The vsock connection goes with the clone's transport reset anyway.
         drop(seal(&mut vm, spec).await?);
-        std::fs::create_dir(&host_out).map_err(VmError::RuntimeDir)?;
-        if let Some((uid, _)) = vm.jail() {
-            std::os::unix::fs::chown(&host_out, Some(uid), Some(uid))
-                .map_err(VmError::RuntimeDir)?;
-        }
-        let mut s = UnixStream::connect(&ctl)
+        let owner = vm.jail().map(|(uid, _)| uid);
+        super::hostile::mkdir_for(&host_out, owner).map_err(VmError::RuntimeDir)?;
+        let mut s = super::hostile::connect_socket(&ctl, owner)
             .await
             .map_err(|e| snap_err("control socket", &e))?;
         s.write_all(vmm_wire::snapshot_line(&vmm_out).as_bytes())
@@ -214,10 +225,7 @@ pub(crate) async fn snapshot(
         if !vmm_wire::control_ok(&answer) {
             return Err(VmError::Snapshot(format!("cloude-vmm: {answer}")));
         }
-        for name in ["state", "memory"] {
-            move_file(&host_out.join(name), &out.join(name)).map_err(VmError::RuntimeDir)?;
-        }
-        Ok::<_, VmError>(())
+        Ok::<_, VmError>(owner)
     };
     let r = within_snapshot_timeout(work).await;
     // Say how cloude-vmm ended when the order failed (a kill, a seccomp trap, a refusal).
@@ -232,19 +240,23 @@ pub(crate) async fn snapshot(
         ok => ok,
     };
     vm.shutdown(Duration::from_secs(2)).await;
-    r.map(|()| (vec!["state", "memory"], booted))
-}
-
-/// Renames `from` to `to`, copying across file systems (the runtime directory may be a tmpfs).
-fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    match std::fs::rename(from, to) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(from, to)?;
-            std::fs::remove_file(from)
-        }
-        Err(e) => Err(e),
+    let owner = r?;
+    // Only now, with the VMM gone, take its files: each must be a regular file it wrote (its
+    // uid, one link, within its size), never a symlink to a host file or a FIFO; moved (or
+    // copied from the checked descriptor across file systems) and sealed root-owned 0444.
+    let uid = owner.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+    for (name, max_bytes) in [
+        ("state", vmm_wire::SNAPSHOT_STATE_FILE_MAX_BYTES),
+        ("memory", spec.memory_mib << 20),
+    ] {
+        super::hostile::import(
+            &host_out.join(name),
+            &out.join(name),
+            super::hostile::Expect { uid, max_bytes },
+        )
+        .map_err(|e| VmError::Snapshot(format!("cloude-vmm's {name} file: {e}")))?;
     }
+    Ok((vec!["state", "memory"], booted))
 }
 
 /// Starts a clone of `snap` (bound read-only into the jail; cloude-vmm maps its memory file
@@ -275,11 +287,12 @@ pub(crate) async fn restore(
         console.into(),
         &extras,
     )?;
+    let owner = child.uid();
     let client = during_boot(child.child(), &slot, spec, started, async {
         // The socket appears once cloude-vmm has restored the devices; the guest answers once
         // it has handled the transport reset.
         let s = loop {
-            match connect_agent(&uds).await {
+            match connect_agent(&uds, owner).await {
                 Ok(s) => break s,
                 Err(e) => {
                     tracing::trace!("restored VM not reachable yet: {e}");

@@ -66,7 +66,7 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Header size: magic, version, body length, CRC-32.
 pub const HEADER_LEN: usize = 24;
 /// Largest state body accepted (a real one is well under 100 KiB per vCPU).
-pub const MAX_STATE_BYTES: u64 = 8 << 20;
+pub const MAX_STATE_BYTES: u64 = cloude_protocol::vmm_wire::SNAPSHOT_STATE_BODY_MAX_BYTES;
 /// Longest `--snapshot-tag`.
 pub const MAX_TAG_LEN: usize = 256;
 /// Most MSRs saved per vCPU.
