@@ -173,7 +173,11 @@ fn judge0_api_and_published_client() {
     let _turn = one_at_a_time();
     let dir = test_dir();
     let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
-    let server = start(&config_with(&url, "callback_hosts = [\"127.0.0.1\"]\n", ""));
+    let server = start(&config_with(
+        &url,
+        "callback_hosts = [\"127.0.0.1:*\"]\n",
+        "",
+    ));
     let mut failures = vec![];
     let mut check = |name: &str, ok: bool, detail: String| {
         eprintln!("judge0: {} {name}", if ok { "ok  " } else { "FAIL" });
@@ -461,7 +465,7 @@ fn judge0_restart_loses_nothing_sqlite() {
     let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
     let cfg = config_with(
         &url,
-        "callback_hosts = [\"127.0.0.1\"]\ncallbacks_max_tries = 10\n",
+        "callback_hosts = [\"127.0.0.1:*\"]\ncallbacks_max_tries = 10\n",
         "",
     );
     let server = start(&cfg);

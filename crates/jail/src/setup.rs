@@ -418,7 +418,11 @@ fn drop_privileges(spec: &Spec) -> Result<(), StepError> {
     step("drop supplementary groups", nix::unistd::setgroups(&[]))?;
     let gid = Gid::from_raw(spec.gid);
     step("set the gid", nix::unistd::setresgid(gid, gid, gid))?;
-    if Uid::effective().is_root() {
+    // Root, or a non-root server holding CAP_SETPCAP (the documented capability set): either
+    // may empty the bounding set, and must, before the uid change.
+    let setpcap = caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_SETPCAP)
+        .unwrap_or(false);
+    if Uid::effective().is_root() || setpcap {
         step(
             "clear the bounding capabilities",
             caps::clear(None, caps::CapSet::Bounding),
@@ -433,7 +437,8 @@ fn drop_privileges(spec: &Spec) -> Result<(), StepError> {
         caps::clear(None, caps::CapSet::Ambient),
     )?;
     let uid = Uid::from_raw(spec.uid);
-    // From root to an all-nonzero uid: the kernel clears the permitted and effective sets.
+    // From root to an all-nonzero uid the kernel clears the permitted and effective sets; from
+    // a non-root server with capabilities it keeps them, so both are emptied explicitly below.
     step("set the uid", nix::unistd::setresuid(uid, uid, uid))?;
     step(
         "clear the effective capabilities",

@@ -61,16 +61,44 @@ impl Server {
         config: Option<&str>,
         ready_within: Duration,
     ) -> Result<Server, String> {
+        let wrapper = netns.map(|ns| {
+            vec![
+                format!("nsenter"),
+                format!("--net=/run/netns/{ns}"),
+                "--".into(),
+            ]
+        });
+        Self::start_wrapped(
+            wrapper.as_deref().unwrap_or(&[]),
+            None,
+            listen,
+            args,
+            config,
+            ready_within,
+        )
+    }
+
+    /// Like [`Server::start_in`], with the server's command line after `wrapper` (e.g.
+    /// `setpriv … --`, which execs it: its pid is the server's) and, with `owner`, the harness
+    /// directory and config file handed to that uid first (a non-root server).
+    pub fn start_wrapped(
+        wrapper: &[String],
+        owner: Option<u32>,
+        listen: &str,
+        args: &[&str],
+        config: Option<&str>,
+        ready_within: Duration,
+    ) -> Result<Server, String> {
         let runtime_dir = tempfile::Builder::new()
             .prefix("cloude-test-rt-")
             .tempdir()
             .map_err(|e| e.to_string())?;
         let bin = server_bin()?;
         let bin = bin.as_path();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(bin);
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
                 c
             }
             None => Command::new(bin),
@@ -80,6 +108,17 @@ impl Server {
             let p = runtime_dir.path().join("config.toml");
             std::fs::write(&p, text).map_err(|e| e.to_string())?;
             cmd.arg("--config").arg(p);
+        }
+        if let Some(uid) = owner {
+            for e in std::fs::read_dir(runtime_dir.path())
+                .map_err(|e| e.to_string())?
+                .flatten()
+            {
+                std::os::unix::fs::chown(e.path(), Some(uid), Some(uid))
+                    .map_err(|e| e.to_string())?;
+            }
+            std::os::unix::fs::chown(runtime_dir.path(), Some(uid), Some(uid))
+                .map_err(|e| e.to_string())?;
         }
         let mut child = cmd
             .env(vars::RUNTIME_DIR, runtime_dir.path())

@@ -391,4 +391,113 @@ mod tests {
             "status {status:#x}"
         );
     }
+
+    /// Runs `call` in a child process under `kind`'s filter (built before the fork: the child of
+    /// a multi-threaded test process must not allocate); returns the child's wait status. The
+    /// child exits 0 when `call` returned true, 4 when false, 3 when the filter did not install.
+    fn under_filter(kind: ThreadKind, call: &dyn Fn() -> bool) -> i32 {
+        let prog = filter(kind).expect("compiles");
+        // SAFETY: the test process forks; the child only makes raw calls and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let ok = install_reporter().is_ok() && seccompiler::apply_filter(&prog).is_ok();
+            let code = if !ok {
+                3
+            } else if call() {
+                0
+            } else {
+                4
+            };
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_sigsys(status: i32) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    fn exited_ok(status: i32) -> bool {
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+
+    /// Each thread's own rules, driven: what its allowlist names passes, the same call with
+    /// another argument dies by SIGSYS.
+    #[test]
+    fn each_thread_kind_refuses_what_its_rules_do_not_name() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let state =
+            std::ffi::CString::new(tmp.path().join("state").to_str().expect("utf-8 temp path"))
+                .expect("path");
+        let passwd = std::ffi::CString::new("/etc/passwd").expect("path");
+        let create = crate::snapshot::control::CREATE_FLAGS;
+        let unix_socket = || {
+            // SAFETY: a plain system call on constants; nothing is allocated after the fork.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) >= 0 }
+        };
+        let inet_socket = || {
+            // SAFETY: as above.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) >= 0 }
+        };
+        let fionbio = || {
+            let mut on: libc::c_int = 1;
+            // SAFETY: an ioctl on fd 0 with a pointer to a live local.
+            unsafe { libc::ioctl(0, libc::FIONBIO, &mut on) == 0 }
+        };
+        let winsize = || {
+            let mut ws = libc::winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: an ioctl on fd 0 with a pointer to a live local.
+            unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
+            true
+        };
+        let create_state = || {
+            // SAFETY: openat with a NUL-terminated path made before the fork.
+            unsafe { libc::openat(libc::AT_FDCWD, state.as_ptr(), create, 0o600) >= 0 }
+        };
+        let read_passwd = || {
+            // SAFETY: as above.
+            unsafe { libc::openat(libc::AT_FDCWD, passwd.as_ptr(), libc::O_RDONLY) >= 0 }
+        };
+        let cases: [(ThreadKind, &str, &dyn Fn() -> bool, bool); 8] = [
+            (ThreadKind::Devices, "socket(AF_UNIX)", &unix_socket, true),
+            (ThreadKind::Devices, "socket(AF_INET)", &inet_socket, false),
+            (ThreadKind::Devices, "ioctl(FIONBIO)", &fionbio, true),
+            (ThreadKind::Devices, "ioctl(TIOCGWINSZ)", &winsize, false),
+            (
+                ThreadKind::Snapshot,
+                "openat(CREATE_FLAGS)",
+                &create_state,
+                true,
+            ),
+            (
+                ThreadKind::Snapshot,
+                "openat(O_RDONLY)",
+                &read_passwd,
+                false,
+            ),
+            (ThreadKind::Vcpu, "ioctl(FIONBIO)", &fionbio, false),
+            (ThreadKind::Main, "openat(O_RDONLY)", &read_passwd, false),
+        ];
+        for (kind, what, call, allowed) in cases {
+            let status = under_filter(kind, call);
+            if allowed {
+                assert!(exited_ok(status), "{kind:?}: {what} status {status:#x}");
+            } else {
+                assert!(
+                    killed_by_sigsys(status),
+                    "{kind:?}: {what} not killed by SIGSYS (status {status:#x})"
+                );
+            }
+        }
+    }
 }

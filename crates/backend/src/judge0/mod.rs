@@ -239,6 +239,8 @@ pub struct Judge0 {
     pub wake: Notify,
     /// Set at shutdown: no new claims; interrupted runs go back to the queue.
     pub closing: AtomicBool,
+    /// `callback_hosts` with their addresses resolved at start (callbacks go only there).
+    pub callback_pins: callback::Pins,
 }
 
 impl Judge0 {
@@ -247,7 +249,9 @@ impl Judge0 {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "host".into());
+        let callback_pins = callback::Pins::resolve(&config.callback_hosts);
         Judge0 {
+            callback_pins,
             config,
             store_config,
             store,

@@ -774,7 +774,7 @@ mod tests {
         );
         let long_url = format!("http://127.0.0.1/{}", "a".repeat(MAX_CALLBACK_URL_BYTES));
         let (catalog, mut config) = ctx_parts();
-        config.judge0.callback_hosts = vec!["127.0.0.1".into()];
+        config.judge0.callback_hosts = vec!["127.0.0.1:*".into()];
         let ctx = Ctx {
             catalog: &catalog,
             config: &config,

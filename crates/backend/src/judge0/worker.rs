@@ -342,7 +342,7 @@ pub async fn deliver_callbacks(state: &Arc<AppState>, j0: &Arc<Judge0>, token: O
             continue;
         }
         let body = body.to_string().into_bytes();
-        match super::callback::put(&url, &body, timeout).await {
+        match super::callback::put(&j0.callback_pins, &url, &body, timeout).await {
             Ok(status) => {
                 tracing::info!(token = %row.token, url, status, attempt = row.callback_tries, "judge0: callback delivered");
                 settle(j0, &row.token, None).await;

@@ -242,8 +242,10 @@ impl Drop for Lease {
     }
 }
 
-/// Makes `dir` (the VM's directory) the jail's: owned by its uid, private, with `root/` (the
-/// jail's mount point) in it. Every entry the server made in it (its listening sockets) is
+/// Makes `dir` (the VM's directory) the jail's: owned by its uid, mode 0711 (only its owner
+/// lists or writes it; the server can still reach `root/` in it without CAP_DAC_READ_SEARCH
+/// when it runs as a non-root user; nobody else can reach the server's 0700 runtime directory
+/// above it), with `root/` (the jail's mount point) in it. Every entry the server made in it (its listening sockets) is
 /// handed to the uid too, so that the hypervisor can connect to them.
 pub fn prepare_dir(dir: &Path, uid: u32) -> Result<PathBuf, JailError> {
     use std::os::unix::fs::PermissionsExt;
@@ -253,7 +255,7 @@ pub fn prepare_dir(dir: &Path, uid: u32) -> Result<PathBuf, JailError> {
         std::os::unix::fs::lchown(e.path(), Some(uid), Some(uid)).map_err(JailError::Dir)?;
     }
     std::os::unix::fs::chown(dir, Some(uid), Some(uid)).map_err(JailError::Dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
         .map_err(JailError::Dir)?;
     Ok(root)
 }

@@ -284,6 +284,18 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        // Take the directory back from the VM's uid first (a non-root server could neither
+        // list nor empty it otherwise); the entry itself sits in the server's own 0700
+        // directory, where no hypervisor can swap it.
+        let _ = std::os::unix::fs::lchown(
+            &self.dir,
+            Some(nix::unistd::geteuid().as_raw()),
+            Some(nix::unistd::getegid().as_raw()),
+        );
+        let _ = std::fs::set_permissions(
+            &self.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
         let mut st = self
             .runtime
