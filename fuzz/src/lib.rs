@@ -51,8 +51,20 @@ pub fn agent_protocol(data: &[u8]) {
             let _ = f.bytes();
         }
     }
+    if let Ok(req) = serde_json::from_slice::<cloude_protocol::sandbox::ExecRequest>(data) {
+        let _ = req.validate();
+    }
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = cloude_protocol::validate_file_name(s);
         let _ = cloude_protocol::parse_ready_line(s);
+        // Sandbox paths, the tcp transport's agent token and AUTH line.
+        let _ = cloude_protocol::sandbox::validate_sandbox_path(s);
+        if let Some(t) = cloude_protocol::agent_token_of(s) {
+            assert!(cloude_protocol::agent_auth_ok(
+                cloude_protocol::agent_auth_line(&t).trim_end(),
+                &t
+            ));
+        }
+        let _ = cloude_protocol::agent_auth_ok(s, &"ab".repeat(32));
     }
 }

@@ -152,6 +152,12 @@ impl StageCgroup {
     }
 
     /// Kills what is left, waits (bounded) until the cgroup is empty and removes it.
+    /// Leaves the cgroup and what runs in it as they are (a sandbox command's background
+    /// processes); the VM's end takes them.
+    pub fn keep(mut self) {
+        self.removed = true;
+    }
+
     pub fn kill_and_remove(mut self) {
         self.kill();
         let start = Instant::now();

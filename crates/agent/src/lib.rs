@@ -7,6 +7,7 @@
 pub mod cgroup;
 pub mod cli;
 pub mod executor;
+pub mod files;
 pub mod guest;
 pub mod init;
 pub mod logging;

@@ -74,6 +74,8 @@ pub enum ApiError {
     Sealed,
     #[error("{0}")]
     Wake(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error("internal error")]
     Internal,
 }
@@ -85,6 +87,7 @@ impl IntoResponse for ApiError {
             ApiError::Body(_, s) => *s,
             ApiError::Busy | ApiError::Sealed => StatusCode::CONFLICT,
             ApiError::Wake(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let body = ErrorBody {
@@ -113,8 +116,31 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/run/stream", post(run_stream))
         .route("/v1/snapshot/prepare", post(prepare_snapshot))
         .route("/v1/wake", post(wake))
+        .route("/v1/exec", post(exec))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .route(
+            "/v1/files",
+            get(crate::files::get)
+                .put(crate::files::put)
+                .delete(crate::files::delete)
+                .layer(DefaultBodyLimit::max(
+                    cloude_protocol::sandbox::MAX_SANDBOX_FILE_BYTES as usize,
+                )),
+        )
         .with_state(state)
+}
+
+/// `POST /v1/exec`: one sandbox command (its background processes keep running). Several may
+/// run at once; none while the agent is sealed.
+async fn exec(
+    State(state): State<Arc<AgentState>>,
+    body: RunBody,
+) -> Result<Json<cloude_protocol::StageResult>, ApiError> {
+    let RunBody(body) = body;
+    let req: cloude_protocol::sandbox::ExecRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid exec request: {e}")))?;
+    check_unsealed(&state)?;
+    Ok(Json(state.executor.exec(&req).await?))
 }
 
 async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
@@ -186,7 +212,7 @@ async fn wake(
 }
 
 /// Refuses runs while the agent is sealed for a snapshot.
-fn check_unsealed(state: &AgentState) -> Result<(), ApiError> {
+pub(crate) fn check_unsealed(state: &AgentState) -> Result<(), ApiError> {
     if state.sealed.load(Ordering::SeqCst) {
         return Err(ApiError::Sealed);
     }

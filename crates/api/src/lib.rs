@@ -6,6 +6,7 @@
 //! [`Status`] and the signal names are defined here.
 
 pub mod client;
+pub mod sandbox;
 
 use serde::{Deserialize, Serialize};
 

@@ -130,11 +130,24 @@ impl AgentClient {
         path: &str,
         body: Vec<u8>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
-        let req = hyper::Request::post(path)
+        self.send(hyper::Method::POST, path, "application/json", body)
+            .await
+    }
+
+    async fn send(
+        &mut self,
+        method: hyper::Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header("host", "agent")
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(Full::new(Bytes::from(body)))
-            .expect("static request parts are valid");
+            .map_err(|e| AgentError::Body(format!("cannot build the request: {e}")))?;
         self.sender.ready().await?;
         let resp = self.sender.send_request(req).await?;
         if !resp.status().is_success() {
@@ -179,6 +192,80 @@ impl AgentClient {
             ));
         }
         Ok(w)
+    }
+
+    /// `POST /v1/exec`: one sandbox command. Its answer is bounded like a run's stage.
+    pub async fn exec(
+        &mut self,
+        req: &cloude_protocol::sandbox::ExecRequest,
+    ) -> Result<cloude_protocol::StageResult, AgentError> {
+        let output = usize::try_from(req.output_limit_bytes).unwrap_or(usize::MAX);
+        let max = (output.saturating_add(2) / 3 * 4)
+            .saturating_mul(2)
+            .saturating_add(ANSWER_SLACK_BYTES);
+        let resp = self.post("/v1/exec", serde_json::to_vec(req)?).await?;
+        let body = collect(resp.into_body(), max).await?;
+        let r: cloude_protocol::StageResult = serde_json::from_slice(&body)?;
+        let n = r.stdout.0.len() + r.stderr.0.len();
+        if n > output {
+            return Err(AgentError::Body(format!(
+                "a command carries {n} bytes of output, over the limit of {output}"
+            )));
+        }
+        Ok(r)
+    }
+
+    /// `GET /v1/files?path=`: a file's bytes (at most `max`) or a directory's listing.
+    pub async fn file_get(&mut self, path: &str, max: u64) -> Result<FileAnswer, AgentError> {
+        let uri = format!("/v1/files?path={}&max={max}", query_escape(path));
+        let resp = self
+            .send(hyper::Method::GET, &uri, "application/octet-stream", Vec::new())
+            .await?;
+        let json = resp
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        if json {
+            let body = collect(resp.into_body(), MAX_LISTING_BODY_BYTES).await?;
+            return Ok(FileAnswer::Listing(serde_json::from_slice(&body)?));
+        }
+        // The agent refuses a file over `max` itself; one that sends more anyway is cut.
+        let cap = usize::try_from(max).unwrap_or(usize::MAX);
+        let body = collect(resp.into_body(), cap).await?;
+        Ok(FileAnswer::File(body.to_vec()))
+    }
+
+    /// `PUT /v1/files?path=&user=&mode=`.
+    pub async fn file_put(
+        &mut self,
+        path: &str,
+        user: cloude_protocol::sandbox::SandboxUser,
+        mode: Option<u32>,
+        data: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let user = match user {
+            cloude_protocol::sandbox::SandboxUser::User => "user",
+            cloude_protocol::sandbox::SandboxUser::Root => "root",
+        };
+        let mut uri = format!("/v1/files?path={}&user={user}", query_escape(path));
+        if let Some(m) = mode {
+            uri.push_str(&format!("&mode={m:o}"));
+        }
+        let resp = self
+            .send(hyper::Method::PUT, &uri, "application/octet-stream", data)
+            .await?;
+        let _ = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
+        Ok(())
+    }
+
+    /// `DELETE /v1/files?path=`.
+    pub async fn file_delete(&mut self, path: &str) -> Result<(), AgentError> {
+        let uri = format!("/v1/files?path={}", query_escape(path));
+        let resp = self
+            .send(hyper::Method::DELETE, &uri, "application/octet-stream", Vec::new())
+            .await?;
+        let _ = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
+        Ok(())
     }
 
     /// `POST /v1/run`.
@@ -302,6 +389,29 @@ impl Pace {
         self.window = tokio::time::Instant::now();
         self.count = 1;
     }
+}
+
+/// A file read from a sandbox, or a directory's listing.
+#[derive(Debug)]
+pub enum FileAnswer {
+    File(Vec<u8>),
+    Listing(cloude_protocol::sandbox::Listing),
+}
+
+/// Largest directory listing answer read from an agent.
+const MAX_LISTING_BODY_BYTES: usize = 8 << 20;
+
+/// Percent-encodes a query value (every byte but unreserved ones and `/`).
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 async fn collect(body: hyper::body::Incoming, max: usize) -> Result<Bytes, AgentError> {

@@ -239,6 +239,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let sandboxes = config.sandboxes.enabled.then(|| {
+        let s = crate::sandbox::Sandboxes::new(executor.clone(), config.sandboxes.clone());
+        s.start_reaper();
+        tracing::info!(
+            "sandboxes: on (at most {} running, idle timeout {} s by default)",
+            config.sandboxes.max_running,
+            config.sandboxes.default_timeout_s
+        );
+        s
+    });
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     let state = Arc::new(AppState {
         config: config.clone(),
@@ -248,6 +258,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         hypervisor: choice.driver.kind.name().to_string(),
         hypervisor_reason: choice.reason.clone(),
         judge0: judge0.clone(),
+        sandboxes: sandboxes.clone(),
     });
     if let Some(j) = &judge0 {
         crate::judge0::worker::start(state.clone(), j.clone()).await;
@@ -278,6 +289,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let pooled = exec.close();
         if pooled > 0 {
             tracing::info!("stopped {pooled} pooled VM(s)");
+        }
+        if let Some(s) = &sandboxes {
+            let n = s.close().await;
+            if n > 0 {
+                tracing::info!("stopped {n} sandbox(es)");
+            }
         }
     });
     let conns = crate::serve::ConnTable::new(crate::serve::ConnLimits {

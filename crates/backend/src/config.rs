@@ -19,6 +19,8 @@ pub struct Config {
     pub jail: JailConfig,
     pub snapshot: SnapshotConfig,
     pub images: ImagesConfig,
+    /// VMs that live across calls (`sandbox.rs`, `api/sandboxes.rs`).
+    pub sandboxes: SandboxConfig,
     /// The Judge0-compatible API (`judge0`, `api/judge0.rs`).
     pub judge0: crate::judge0::Judge0Config,
     /// Where Judge0 submissions are kept (`store`).
@@ -108,6 +110,21 @@ impl Transport {
     }
 }
 
+/// `[sandboxes]`: VMs kept across calls.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    pub enabled: bool,
+    /// Sandboxes running at once (each also holds one of `max_concurrent_vms`).
+    pub max_running: usize,
+    /// Idle time before a sandbox is killed when its creation names none, seconds.
+    pub default_timeout_s: u64,
+    /// Longest idle timeout a sandbox may ask for, seconds.
+    pub max_timeout_s: u64,
+    /// Largest file read or written in one call, bytes.
+    pub max_file_bytes: u64,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotConfig {
@@ -193,6 +210,16 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if l.max_concurrent_vms == 0 {
             return bad("limits.max_concurrent_vms must be at least 1");
+        }
+        let s = &self.sandboxes;
+        if s.max_timeout_s == 0 || s.default_timeout_s == 0 || s.default_timeout_s > s.max_timeout_s
+        {
+            return bad("sandboxes: timeouts must be at least 1 s and default_timeout_s at most max_timeout_s");
+        }
+        if s.max_file_bytes == 0
+            || s.max_file_bytes > cloude_protocol::sandbox::MAX_SANDBOX_FILE_BYTES
+        {
+            return bad("sandboxes.max_file_bytes must be between 1 and the agent's 64 MiB");
         }
         if l.max_connections_per_ip == 0 {
             return bad("limits.max_connections_per_ip must be at least 1");

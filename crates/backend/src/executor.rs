@@ -390,6 +390,22 @@ impl Executor {
         self.boot_vm(language, memory_mib).await
     }
 
+    /// A VM of `language` for a sandbox: restored from its snapshot when one is ready, else
+    /// booted; it is the caller's to keep (and to kill).
+    pub async fn sandbox_vm(self: &Arc<Self>, language: &Language) -> Result<Vm, String> {
+        self.start_vm(language, language.memory_mib)
+            .await
+            .map_err(|e| match e {
+                AcquireError::Exec(e) => e.to_string(),
+                AcquireError::Vm(e) => e.to_string(),
+            })
+    }
+
+    /// vCPUs of every VM.
+    pub fn vcpus(&self) -> u32 {
+        self.settings.vcpus
+    }
+
     /// Boots what the pool lacks for `language`, in the background.
     pub fn refill(self: &Arc<Self>, language: &Language) {
         for _ in 0..self.pool.reserve(&language.name) {

@@ -14,6 +14,7 @@ pub mod judge0;
 pub mod limiter;
 pub mod metrics;
 pub mod pool;
+pub mod sandbox;
 pub mod serve;
 pub mod snapshots;
 pub mod store;

@@ -80,6 +80,7 @@ async fn setup_with(extra_config: &str, judge0_on: bool) -> T {
         hypervisor: "qemu".into(),
         hypervisor_reason: "test".into(),
         judge0: judge0_on.then_some(j0),
+        sandboxes: None,
     });
     T { state, _dir: dir }
 }

@@ -68,6 +68,7 @@ fn state_with(config: Config) -> Arc<AppState> {
         hypervisor: "qemu".into(),
         hypervisor_reason: "test".into(),
         judge0: None,
+        sandboxes: None,
     })
 }
 

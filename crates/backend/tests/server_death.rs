@@ -102,10 +102,8 @@ fn a_killed_server_leaves_no_vm_behind() {
     );
     std::thread::sleep(Duration::from_secs(2));
     let before = vm_processes(&name);
-    assert!(
-        before.len() >= 2 * jailers,
-        "jailers and hypervisors: {before:#?}"
-    );
+    // At least the pool's VM and the two requests' (a template may have come and gone).
+    assert!(before.len() >= 6, "jailers and hypervisors: {before:#?}");
     eprintln!(
         "{} VM processes ({jailers} jailers) before SIGKILL",
         before.len()

@@ -79,6 +79,10 @@ pub struct Language {
     /// first is the one `GET /languages` lists first); empty: not offered there.
     #[serde(default)]
     pub judge0_ids: Vec<u32>,
+    /// The program that runs this language, as Piston's `GET /api/v2/runtimes` names it
+    /// (`node` for javascript, `gcc` for c and c++, `mono` for csharp); empty: none is listed.
+    #[serde(default)]
+    pub runtime: Option<String>,
 }
 
 fn default_memory() -> u64 {
@@ -306,6 +310,31 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every name and alias Piston lists (its packages' metadata, `catalog/piston-names.toml`)
+    /// that names a language served here resolves to it; the ones not served say why.
+    #[test]
+    fn pistons_names_resolve() {
+        #[derive(serde::Deserialize)]
+        struct Names {
+            served: std::collections::BTreeMap<String, String>,
+            not_served: std::collections::BTreeMap<String, String>,
+        }
+        let names: Names = toml::from_str(include_str!("../../../catalog/piston-names.toml"))
+            .expect("piston-names.toml");
+        let c = Catalog::default_catalog();
+        for (piston, ours) in &names.served {
+            let found = c.find(piston, None).map(|l| l.name.as_str());
+            assert_eq!(found, Some(ours.as_str()), "Piston's {piston:?}");
+        }
+        for (piston, why) in &names.not_served {
+            assert!(!why.trim().is_empty(), "{piston}: say why it is not served");
+            assert!(
+                !names.served.contains_key(piston),
+                "{piston} is both served and not"
+            );
+        }
+    }
 
     #[test]
     fn default_catalogue_is_valid_and_complete() {

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 mod limits;
 pub use limits::*;
+pub mod sandbox;
 pub mod vmm_wire;
 
 /// Version of this wire protocol; the agent rejects requests of another major version.

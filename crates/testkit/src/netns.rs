@@ -30,7 +30,10 @@ pub struct Netns {
 
 impl Netns {
     pub fn create() -> Result<Netns, String> {
-        let id = std::process::id() % 60_000;
+        // Unique per test process and per call: tests of one binary run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = (std::process::id().wrapping_mul(8).wrapping_add(n)) % 60_000;
         let name = format!("cloude-tcp-{id}");
         let host_if = format!("ctcp{id}h");
         let peer_if = format!("ctcp{id}n");

@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cloude_protocol::sandbox::{ExecRequest, SandboxUser, SANDBOX_HOME, SANDBOX_USER};
 use cloude_protocol::{
-    ProtocolError, RunRequest, RunResponse, Stage, StageStatus, StreamEvent, MAX_OUTPUT_LIMIT_BYTES,
+    ProtocolError, RunRequest, RunResponse, Stage, StageResult, StageStatus, StreamEvent,
+    MAX_OUTPUT_LIMIT_BYTES,
 };
 use tokio::sync::mpsc;
 
@@ -38,12 +40,17 @@ pub enum ExecError {
     Zero(&'static str),
     #[error(transparent)]
     WorkDir(#[from] WorkDirError),
+    #[error("cannot prepare the sandbox home {0}: {1}")]
+    Home(String, std::io::Error),
 }
 
 impl ExecError {
     /// True when the request itself is at fault (HTTP 400), false for agent-side failures.
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, ExecError::WorkDir(WorkDirError::Io(..)))
+        !matches!(
+            self,
+            ExecError::WorkDir(WorkDirError::Io(..)) | ExecError::Home(..)
+        )
     }
 }
 
@@ -64,6 +71,8 @@ pub struct ExecutorConfig {
     /// program's user left there between two test cases, so that no case sees another's
     /// files. Empty on the host, where those directories are not ours.
     pub scratch_dirs: Vec<PathBuf>,
+    /// The sandbox user's home ([`SANDBOX_HOME`] in the guest; a temp directory in tests).
+    pub sandbox_home: PathBuf,
 }
 
 impl ExecutorConfig {
@@ -78,6 +87,7 @@ impl ExecutorConfig {
             memory_limit_mib: default_memory_limit_mib(&meminfo),
             pids_limit: DEFAULT_PIDS_LIMIT,
             scratch_dirs: Vec::new(),
+            sandbox_home: PathBuf::from(SANDBOX_HOME),
         }
     }
 }
@@ -109,6 +119,11 @@ impl Executor {
             cfg,
             seq: AtomicU64::new(0),
         }
+    }
+
+    /// The program user's uid and gid (the sandbox user's too).
+    pub fn program_ids(&self) -> (u32, u32) {
+        (self.cfg.uid, self.cfg.gid)
     }
 
     /// Validates `req`, writes its files, compiles (if asked) and runs it. With `sink`, output
@@ -181,6 +196,7 @@ impl Executor {
                 rlimits: if run { run_rlimits } else { Rlimits::default() },
                 merge_stderr: run && req.merge_stderr,
                 sink: sink.clone(),
+                keep_background: false,
             }
         };
 
@@ -252,6 +268,73 @@ impl Executor {
         drop(wd);
         Ok(response)
     }
+}
+
+impl Executor {
+    /// Runs one sandbox command (`POST /v1/exec`): in `cwd` (default [`SANDBOX_HOME`], made
+    /// and handed to the sandbox user on first use), as the sandbox user or root, in a cgroup
+    /// of its own with the default memory and task limits, killed whole at its timeout or
+    /// output cap. What it leaves running in the background keeps running.
+    pub async fn exec(&self, req: &ExecRequest) -> Result<StageResult, ExecError> {
+        req.validate()?;
+        let cfg = &self.cfg;
+        let home = cfg.sandbox_home.clone();
+        ensure_home(&home, cfg.uid, cfg.gid)
+            .map_err(|e| ExecError::Home(home.display().to_string(), e))?;
+        let (uid, gid, user, user_home) = match req.user {
+            SandboxUser::Root => (0, 0, "root", PathBuf::from("/root")),
+            SandboxUser::User => (cfg.uid, cfg.gid, SANDBOX_USER, home.clone()),
+        };
+        let cwd = req.cwd.as_ref().map_or(home, PathBuf::from);
+        let mut env = vec![
+            ("PATH".to_string(), DEFAULT_PATH.to_string()),
+            stage::home_env(&user_home),
+            ("TMPDIR".into(), "/tmp".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("USER".into(), user.into()),
+            ("LOGNAME".into(), user.into()),
+            ("SHELL".into(), "/bin/bash".into()),
+        ];
+        for (k, v) in &req.env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let spec = StageSpec {
+            stage: Stage::Run,
+            argv: req.argv.clone(),
+            stdin: Arc::new(req.stdin.0.clone()),
+            env,
+            cwd,
+            timeout: Duration::from_millis(req.timeout_ms),
+            output_limit: req.output_limit_bytes.min(MAX_OUTPUT_LIMIT_BYTES),
+            limits: Limits {
+                memory_bytes: cfg.memory_limit_mib.map(|m| m.saturating_mul(1 << 20)),
+                pids: Some(cfg.pids_limit),
+            },
+            cgroup_root: cfg.cgroup_root.clone(),
+            cgroup_name: format!("exec-{}-{n}", std::process::id()),
+            uid,
+            gid,
+            new_netns: crate::sys::has_external_interface(),
+            cpu_limit: None,
+            rlimits: Rlimits::default(),
+            merge_stderr: false,
+            sink: None,
+            keep_background: true,
+        };
+        Ok(run_stage(spec).await)
+    }
+}
+
+/// Makes the sandbox user's home (mode 0755, theirs) if it is not there yet.
+fn ensure_home(home: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    if home.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(home)?;
+    std::os::unix::fs::chown(home, Some(uid), Some(gid))?;
+    std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o755))
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub struct StageSpec {
     /// One pipe for stdout and stderr (reported as stdout).
     pub merge_stderr: bool,
     pub sink: Option<mpsc::Sender<StreamEvent>>,
+    /// A sandbox command: when its main process ends by itself, what it started in the
+    /// background keeps running in its cgroup (which stays); a limit still kills them all.
+    pub keep_background: bool,
 }
 
 /// A result for a stage that could not start.
@@ -152,8 +155,12 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         }
     };
     let wall = start.elapsed();
-    // The stage ends with its main process: whatever it left behind goes too.
-    kill_all(cgroup.as_ref(), pid);
+    // The stage ends with its main process: whatever it left behind goes too (a sandbox
+    // command's background processes stay, unless a limit stopped the command).
+    let keep = spec.keep_background && reason.is_none();
+    if !keep {
+        kill_all(cgroup.as_ref(), pid);
+    }
     if let Some(t) = stdin_task {
         t.abort();
     }
@@ -166,7 +173,11 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
     grace.abort();
     let stats = cgroup.as_ref().map(StageCgroup::stats).unwrap_or_default();
     if let Some(cg) = cgroup {
-        let _ = tokio::task::spawn_blocking(move || cg.kill_and_remove()).await;
+        if keep {
+            cg.keep();
+        } else {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_and_remove()).await;
+        }
     }
 
     let Some(waited) = waited else {

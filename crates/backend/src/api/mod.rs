@@ -6,6 +6,7 @@ pub mod json;
 pub mod judge0;
 pub mod piston;
 pub mod request_id;
+pub mod sandboxes;
 pub mod types;
 pub mod v1;
 pub mod validate;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub hypervisor_reason: String,
     /// The Judge0-compatible API's store and workers (`None`: its routes answer 404).
     pub judge0: Option<Arc<crate::judge0::Judge0>>,
+    /// Sandboxes (`None`: `[sandboxes] enabled = false`, their routes answer 404).
+    pub sandboxes: Option<Arc<crate::sandbox::Sandboxes>>,
 }
 
 impl AppState {
@@ -70,6 +73,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ("/healthz", get(healthz)),
         ("/metrics", get(metrics)),
     ];
+    routes.extend(sandboxes::routes());
     // Judge0's routes, each behind its optional API key.
     for (path, method) in judge0::routes() {
         let auth = axum::middleware::from_fn_with_state(state.clone(), judge0::auth);
@@ -113,6 +117,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
         "snapshots": state.executor.snapshots().active(),
         "snapshots_detail": state.executor.snapshots().status(),
         "snapshots_ready": state.executor.snapshots().ready_count(),
+        "sandboxes_running": state.sandboxes.as_ref().map(|s| s.running()),
     }))
 }
 

@@ -54,6 +54,9 @@ pub struct PistonRuntime {
     pub language: String,
     pub version: String,
     pub aliases: Vec<String>,
+    /// The program that runs it (`node`, `gcc`, `mono`), where Piston names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -70,6 +73,7 @@ pub async fn runtimes(State(state): State<Arc<AppState>>) -> Json<Vec<PistonRunt
                 language: l.name.clone(),
                 version: l.version.clone(),
                 aliases: l.aliases.clone(),
+                runtime: l.runtime.clone(),
             })
             .collect(),
     )

@@ -228,6 +228,21 @@ pub(crate) async fn snapshot(
         Ok::<_, VmError>(owner)
     };
     let r = within_snapshot_timeout(work).await;
+    // cloude-vmm exits once its files are written. Only then, with nothing of the VM's uid
+    // left running, take them: each must be a regular file it wrote (its uid, one link,
+    // within its size), never a symlink to a host file or a FIFO; moved (or copied from the
+    // checked descriptor across file systems) and sealed root-owned 0444. (Before the VM is
+    // shut down: that removes its directory.)
+    let r = match r {
+        Ok(owner) => match vm.exit_status_within(VMM_EXIT_AFTER_SNAPSHOT).await {
+            None => Err(VmError::Snapshot(format!(
+                "cloude-vmm did not exit within {} s of writing its snapshot",
+                VMM_EXIT_AFTER_SNAPSHOT.as_secs()
+            ))),
+            Some(_) => import_snapshot(&host_out, out, owner, spec.memory_mib),
+        },
+        Err(e) => Err(e),
+    };
     // Say how cloude-vmm ended when the order failed (a kill, a seccomp trap, a refusal).
     let r = match r {
         Err(e) => match vm.exit_status_within(Duration::from_millis(500)).await {
@@ -240,14 +255,24 @@ pub(crate) async fn snapshot(
         ok => ok,
     };
     vm.shutdown(Duration::from_secs(2)).await;
-    let owner = r?;
-    // Only now, with the VMM gone, take its files: each must be a regular file it wrote (its
-    // uid, one link, within its size), never a symlink to a host file or a FIFO; moved (or
-    // copied from the checked descriptor across file systems) and sealed root-owned 0444.
+    r.map(|()| (vec!["state", "memory"], booted))
+}
+
+/// How long cloude-vmm may take to exit after answering `OK` to its snapshot order.
+const VMM_EXIT_AFTER_SNAPSHOT: Duration = Duration::from_secs(10);
+
+/// Takes cloude-vmm's `state` and `memory` from its directory into `out` (see
+/// `hostile::import`); `owner` is its uid when jailed.
+fn import_snapshot(
+    host_out: &Path,
+    out: &Path,
+    owner: Option<u32>,
+    memory_mib: u64,
+) -> Result<(), VmError> {
     let uid = owner.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
     for (name, max_bytes) in [
         ("state", vmm_wire::SNAPSHOT_STATE_FILE_MAX_BYTES),
-        ("memory", spec.memory_mib << 20),
+        ("memory", memory_mib << 20),
     ] {
         super::hostile::import(
             &host_out.join(name),
@@ -256,7 +281,7 @@ pub(crate) async fn snapshot(
         )
         .map_err(|e| VmError::Snapshot(format!("cloude-vmm's {name} file: {e}")))?;
     }
-    Ok((vec!["state", "memory"], booted))
+    Ok(())
 }
 
 /// Starts a clone of `snap` (bound read-only into the jail; cloude-vmm maps its memory file

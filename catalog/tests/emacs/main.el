@@ -1,0 +1,7 @@
+(let ((n (string-to-number (read-from-minibuffer ""))))
+  (princ (format "%d\n" (* n 2))))
+(dolist (a command-line-args-left)
+  (princ (format "%s\n" a)))
+(setq command-line-args-left nil)
+(message "conformance-stderr")
+(kill-emacs 3)
