@@ -37,7 +37,9 @@ fn checked(q: &FileQuery) -> Result<PathBuf, ApiError> {
 
 fn io_error(path: &Path, e: std::io::Error) -> ApiError {
     match e.kind() {
-        std::io::ErrorKind::NotFound => ApiError::NotFound(format!("{}: no such file", path.display())),
+        std::io::ErrorKind::NotFound => {
+            ApiError::NotFound(format!("{}: no such file", path.display()))
+        }
         _ => ApiError::BadRequest(format!("{}: {e}", path.display())),
     }
 }
@@ -57,7 +59,10 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     check_unsealed(&state)?;
     let path = checked(&q)?;
-    let max = q.max.unwrap_or(MAX_SANDBOX_FILE_BYTES).min(MAX_SANDBOX_FILE_BYTES);
+    let max = q
+        .max
+        .unwrap_or(MAX_SANDBOX_FILE_BYTES)
+        .min(MAX_SANDBOX_FILE_BYTES);
     blocking(move || {
         let meta = std::fs::metadata(&path).map_err(|e| io_error(&path, e))?;
         if meta.is_dir() {
@@ -80,11 +85,7 @@ pub async fn get(
         if data.len() as u64 > max {
             return Err(too_large(&path, data.len() as u64, max));
         }
-        Ok((
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            data,
-        )
-            .into_response())
+        Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
     })
     .await
 }

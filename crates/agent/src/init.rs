@@ -276,8 +276,10 @@ fn fix_std_fds() {
 /// Adds the run user to `/etc/passwd` and `/etc/group` when they lack it, so that `whoami`,
 /// `getpwuid` and friends work; numeric ids work without it anyway.
 fn ensure_user() {
-    let passwd_line = format!("cloude:x:{RUN_UID}:{RUN_GID}:cloude:{WORK_ROOT}:/bin/sh\n");
-    let group_line = format!("cloude:x:{RUN_GID}:\n");
+    use cloude_protocol::sandbox::{SANDBOX_HOME, SANDBOX_USER};
+    let passwd_line =
+        format!("{SANDBOX_USER}:x:{RUN_UID}:{RUN_GID}:{SANDBOX_USER}:{SANDBOX_HOME}:/bin/sh\n");
+    let group_line = format!("{SANDBOX_USER}:x:{RUN_GID}:\n");
     mkdir("/etc");
     for (file, line, id) in [
         ("/etc/passwd", passwd_line, RUN_UID),

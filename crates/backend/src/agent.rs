@@ -219,7 +219,12 @@ impl AgentClient {
     pub async fn file_get(&mut self, path: &str, max: u64) -> Result<FileAnswer, AgentError> {
         let uri = format!("/v1/files?path={}&max={max}", query_escape(path));
         let resp = self
-            .send(hyper::Method::GET, &uri, "application/octet-stream", Vec::new())
+            .send(
+                hyper::Method::GET,
+                &uri,
+                "application/octet-stream",
+                Vec::new(),
+            )
             .await?;
         let json = resp
             .headers()
@@ -262,7 +267,12 @@ impl AgentClient {
     pub async fn file_delete(&mut self, path: &str) -> Result<(), AgentError> {
         let uri = format!("/v1/files?path={}", query_escape(path));
         let resp = self
-            .send(hyper::Method::DELETE, &uri, "application/octet-stream", Vec::new())
+            .send(
+                hyper::Method::DELETE,
+                &uri,
+                "application/octet-stream",
+                Vec::new(),
+            )
             .await?;
         let _ = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
         Ok(())

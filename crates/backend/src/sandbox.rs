@@ -321,12 +321,7 @@ impl Sandboxes {
             req.env = env;
         }
         self.call(id, within, |agent| {
-            Box::pin(async move {
-                agent
-                    .exec(&req)
-                    .await
-                    .map_err(agent_error)
-            })
+            Box::pin(async move { agent.exec(&req).await.map_err(agent_error) })
         })
         .await
     }

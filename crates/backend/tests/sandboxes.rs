@@ -13,16 +13,18 @@ use support::Server;
 const FIRST_START: Duration = Duration::from_secs(3600);
 
 fn server(extra: &str) -> Server {
-    let config = format!(
-        "[vm]\nprebuild = [\"python\"]\n[limits]\nmax_concurrent_vms = 4\n{extra}"
-    );
+    let config =
+        format!("[vm]\nprebuild = [\"python\"]\n[limits]\nmax_concurrent_vms = 4\n{extra}");
     Server::start(&["--hypervisor", "qemu"], Some(&config), FIRST_START)
         .unwrap_or_else(|e| panic!("sandboxes: {e}"))
 }
 
 fn create(s: &Server, body: Value) -> (u16, Value) {
     let r = s.post("/v1/sandboxes", &body);
-    (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
 }
 
 fn exec(s: &Server, id: &str, body: Value) -> Value {
@@ -45,23 +47,37 @@ fn vm_processes(s: &Server) -> usize {
 fn a_sandbox_keeps_its_state_across_calls() {
     let s = server("");
     let t = Instant::now();
-    let (st, sb) = create(&s, json!({"template": "python", "timeout_s": 120, "metadata": {"owner": "test"}, "env": {"GREETING": "hello"}}));
+    let (st, sb) = create(
+        &s,
+        json!({"template": "python", "timeout_s": 120, "metadata": {"owner": "test"}, "env": {"GREETING": "hello"}}),
+    );
     assert_eq!(st, 201, "{sb}");
     let id = sb["id"].as_str().expect("id").to_string();
     eprintln!("sandbox {id} created in {:?}", t.elapsed());
     assert_eq!(sb["state"], "running");
     assert_eq!(sb["template"], "python");
     assert_eq!(sb["metadata"]["owner"], "test");
-    assert!(sb["expires_at"].as_str().is_some_and(|e| e.ends_with('Z')), "{sb}");
+    assert!(
+        sb["expires_at"].as_str().is_some_and(|e| e.ends_with('Z')),
+        "{sb}"
+    );
 
     // Files and the working directory persist; the env given at creation applies.
-    let v = exec(&s, &id, json!({"cmd": "pwd; whoami; echo $GREETING > greeting.txt; x=41; echo $((x+1)) > answer"}));
+    let v = exec(
+        &s,
+        &id,
+        json!({"cmd": "pwd; whoami; echo $GREETING > greeting.txt; x=41; echo $((x+1)) > answer"}),
+    );
     assert_eq!(v["stdout"], "/home/user\nuser\n", "{v}");
     assert_eq!(v["exit_code"], 0, "{v}");
     let v = exec(&s, &id, json!({"cmd": "cat greeting.txt answer"}));
     assert_eq!(v["stdout"], "hello\n42\n", "{v}");
     // A background process lives on after the call that started it.
-    let v = exec(&s, &id, json!({"cmd": "nohup sleep 300 >/dev/null 2>&1 & echo $!"}));
+    let v = exec(
+        &s,
+        &id,
+        json!({"cmd": "nohup sleep 300 >/dev/null 2>&1 & echo $!"}),
+    );
     let pid = v["stdout"].as_str().expect("pid").trim().to_string();
     assert!(pid.parse::<u32>().is_ok(), "{v}");
     let t = Instant::now();
@@ -69,8 +85,16 @@ fn a_sandbox_keeps_its_state_across_calls() {
     assert_eq!(v["exit_code"], 0, "the background process is alive: {v}");
     assert!(t.elapsed() < Duration::from_secs(10));
     // stdin, root, a non-zero exit, a timeout.
-    let v = exec(&s, &id, json!({"argv": ["python3", "-c", "import sys; print(sys.stdin.read().upper()); sys.exit(4)"], "stdin": "abc"}));
-    assert_eq!((v["stdout"].as_str(), v["exit_code"].as_i64()), (Some("ABC\n"), Some(4)), "{v}");
+    let v = exec(
+        &s,
+        &id,
+        json!({"argv": ["python3", "-c", "import sys; print(sys.stdin.read().upper()); sys.exit(4)"], "stdin": "abc"}),
+    );
+    assert_eq!(
+        (v["stdout"].as_str(), v["exit_code"].as_i64()),
+        (Some("ABC\n"), Some(4)),
+        "{v}"
+    );
     let v = exec(&s, &id, json!({"cmd": "id -u", "user": "root"}));
     assert_eq!(v["stdout"], "0\n", "{v}");
     let v = exec(&s, &id, json!({"cmd": "sleep 30", "timeout_ms": 1000}));
@@ -89,7 +113,12 @@ fn a_sandbox_keeps_its_state_across_calls() {
     assert_eq!(r.body, data, "the file comes back byte for byte");
     let v = exec(&s, &id, json!({"cmd": "stat -c '%U %s' dir/sub/blob.bin"}));
     assert_eq!(v["stdout"], "user 100000\n", "{v}");
-    let r = raw(&s, "GET", &format!("/v1/sandboxes/{id}/files?path=/home/user/dir/sub"), None);
+    let r = raw(
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{id}/files?path=/home/user/dir/sub"),
+        None,
+    );
     let listing = r.json();
     assert_eq!(listing["entries"][0]["name"], "blob.bin", "{listing}");
     assert_eq!(listing["entries"][0]["size"], 100_000, "{listing}");
@@ -101,7 +130,14 @@ fn a_sandbox_keeps_its_state_across_calls() {
 
     // Listed, then deleted: its VM is gone.
     let l = s.get("/v1/sandboxes").json();
-    assert!(l["sandboxes"].as_array().expect("list").iter().any(|x| x["id"] == id.as_str()), "{l}");
+    assert!(
+        l["sandboxes"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|x| x["id"] == id.as_str()),
+        "{l}"
+    );
     let before = vm_processes(&s);
     assert!(before >= 1, "the sandbox's jailer is a child of the server");
     let r = raw(&s, "DELETE", &format!("/v1/sandboxes/{id}"), None);
@@ -110,7 +146,10 @@ fn a_sandbox_keeps_its_state_across_calls() {
     while vm_processes(&s) >= before && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(vm_processes(&s) < before, "the deleted sandbox's VM is gone");
+    assert!(
+        vm_processes(&s) < before,
+        "the deleted sandbox's VM is gone"
+    );
     let r = raw(&s, "GET", &format!("/v1/sandboxes/{id}"), None);
     assert_eq!(r.status, 404);
 }
@@ -130,7 +169,16 @@ fn sandboxes_time_out_and_every_cap_answers() {
         assert_eq!(st, status, "{body}: {v}");
         assert!(v.to_string().contains(word), "{body}: {v}");
     }
-    assert_eq!(raw(&s, "GET", "/v1/sandboxes/sbx_000000000000000000000000", None).status, 404);
+    assert_eq!(
+        raw(
+            &s,
+            "GET",
+            "/v1/sandboxes/sbx_000000000000000000000000",
+            None
+        )
+        .status,
+        404
+    );
     assert_eq!(raw(&s, "GET", "/v1/sandboxes/../etc", None).status, 404);
 
     let (st, sb) = create(&s, json!({"timeout_s": 3}));
@@ -142,18 +190,39 @@ fn sandboxes_time_out_and_every_cap_answers() {
     assert!(r.text().contains("max_running"), "{}", r.text());
     assert!(r.header("retry-after").is_some());
     // File caps.
-    let r = raw(&s, "PUT", &format!("/v1/sandboxes/{id}/files?path=/tmp/big"), Some(vec![b'x'; 1001]));
+    let r = raw(
+        &s,
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files?path=/tmp/big"),
+        Some(vec![b'x'; 1001]),
+    );
     assert_eq!(r.status, 413, "{}", r.text());
-    let r = raw(&s, "PUT", &format!("/v1/sandboxes/{id}/files?path=relative"), Some(vec![b'x']));
+    let r = raw(
+        &s,
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files?path=relative"),
+        Some(vec![b'x']),
+    );
     assert_eq!(r.status, 422, "{}", r.text());
     let v = exec(&s, &id, json!({"cmd": "head -c 5000 /dev/zero > /tmp/big"}));
     assert_eq!(v["exit_code"], 0, "{v}");
-    let r = raw(&s, "GET", &format!("/v1/sandboxes/{id}/files?path=/tmp/big"), None);
+    let r = raw(
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{id}/files?path=/tmp/big"),
+        None,
+    );
     assert_eq!(r.status, 413, "reading a file over the cap: {}", r.text());
     // Exec caps.
-    let r = s.post(&format!("/v1/sandboxes/{id}/exec"), &json!({"cmd": "true", "argv": ["true"]}));
+    let r = s.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &json!({"cmd": "true", "argv": ["true"]}),
+    );
     assert_eq!(r.status, 422, "{}", r.text());
-    let r = s.post(&format!("/v1/sandboxes/{id}/exec"), &json!({"cmd": "true", "timeout_ms": 99_999_999}));
+    let r = s.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &json!({"cmd": "true", "timeout_ms": 99_999_999}),
+    );
     assert_eq!(r.status, 422, "{}", r.text());
     // Idle for its timeout: killed, its VM gone, and a new one may start.
     let t = Instant::now();
@@ -162,7 +231,11 @@ fn sandboxes_time_out_and_every_cap_answers() {
         if r.status == 404 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "not timed out: {}", r.text());
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "not timed out: {}",
+            r.text()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     let t = Instant::now();

@@ -67,7 +67,11 @@ impl ExecRequest {
             ));
         }
         let bytes: usize = self.argv.iter().map(String::len).sum::<usize>()
-            + self.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         if bytes > MAX_EXEC_ARG_BYTES {
             return Err(ProtocolError::TooLarge(
                 "arguments and environment",
@@ -80,7 +84,9 @@ impl ExecRequest {
         }
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(ProtocolError::NulByte("an environment variable (or '=' in its name)"));
+                return Err(ProtocolError::NulByte(
+                    "an environment variable (or '=' in its name)",
+                ));
             }
         }
         if self.stdin.0.len() > MAX_STDIN_BYTES {
@@ -109,7 +115,12 @@ impl ExecRequest {
 /// A path in a sandbox: absolute, at most [`MAX_SANDBOX_PATH_BYTES`], no NUL, no `..`
 /// component (inside the VM any path is the guest's own; this keeps answers unambiguous).
 pub fn validate_sandbox_path(p: &str) -> Result<(), ProtocolError> {
-    let bad = |why| Err(ProtocolError::BadFileName(p.chars().take(200).collect(), why));
+    let bad = |why| {
+        Err(ProtocolError::BadFileName(
+            p.chars().take(200).collect(),
+            why,
+        ))
+    };
     if !p.starts_with('/') {
         return bad("must be an absolute path");
     }

@@ -165,8 +165,8 @@ impl Executor {
             stage::home_env(wd.path()),
             ("TMPDIR".into(), "/tmp".into()),
             ("LANG".into(), "C.UTF-8".into()),
-            ("USER".into(), "cloude".into()),
-            ("LOGNAME".into(), "cloude".into()),
+            ("USER".into(), SANDBOX_USER.into()),
+            ("LOGNAME".into(), SANDBOX_USER.into()),
         ];
         env.extend(req.env.iter().cloned());
         let cwd = wd.path().to_path_buf();

@@ -70,7 +70,10 @@ fn checked_id(id: &str) -> Result<&str, ApiError> {
     if plausible_id(id) {
         Ok(id)
     } else {
-        Err(ApiError::gone_or_missing(format!("no sandbox {:?}", id.chars().take(64).collect::<String>())))
+        Err(ApiError::gone_or_missing(format!(
+            "no sandbox {:?}",
+            id.chars().take(64).collect::<String>()
+        )))
     }
 }
 
@@ -96,17 +99,29 @@ async fn create(
     let sbx = sandboxes(&state)?;
     let cfg = sbx.config();
     let name = req.template.as_deref().unwrap_or(DEFAULT_TEMPLATE);
-    let name = if name == "base" { DEFAULT_TEMPLATE } else { name };
+    let name = if name == "base" {
+        DEFAULT_TEMPLATE
+    } else {
+        name
+    };
     let language = state
         .catalog
         .find(name, None)
-        .ok_or_else(|| ApiError::invalid("template", format!("unknown template {name:?}: a language of GET /v1/languages, or base")))?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "template",
+                format!("unknown template {name:?}: a language of GET /v1/languages, or base"),
+            )
+        })?
         .clone();
     let timeout_s = req.timeout_s.unwrap_or(cfg.default_timeout_s);
     if timeout_s == 0 || timeout_s > cfg.max_timeout_s {
         return Err(ApiError::invalid(
             "timeout_s",
-            format!("{timeout_s} is out of range: 1 to {} s ([sandboxes] max_timeout_s)", cfg.max_timeout_s),
+            format!(
+                "{timeout_s} is out of range: 1 to {} s ([sandboxes] max_timeout_s)",
+                cfg.max_timeout_s
+            ),
         ));
     }
     let env: Vec<(String, String)> = req.env.unwrap_or_default().into_iter().collect();
@@ -215,7 +230,10 @@ async fn exec(
     if stdin.len() > l.max_stdin_bytes {
         return Err(ApiError::too_large(
             Some("stdin".into()),
-            format!("stdin is over {} bytes (limits.max_stdin_bytes)", l.max_stdin_bytes),
+            format!(
+                "stdin is over {} bytes (limits.max_stdin_bytes)",
+                l.max_stdin_bytes
+            ),
         ));
     }
     let env: Vec<(String, String)> = req.env.unwrap_or_default().into_iter().collect();
@@ -224,7 +242,10 @@ async fn exec(
     if timeout_ms == 0 || timeout_ms > l.max_timeout_ms {
         return Err(ApiError::invalid(
             "timeout_ms",
-            format!("{timeout_ms} is out of range: 1 to {} ms (limits.max_timeout_ms)", l.max_timeout_ms),
+            format!(
+                "{timeout_ms} is out of range: 1 to {} ms (limits.max_timeout_ms)",
+                l.max_timeout_ms
+            ),
         ));
     }
     if let Some(c) = &req.cwd {
@@ -283,11 +304,9 @@ async fn read_file(
     let id = checked_id(&id)?;
     let path = checked_path(&q)?;
     Ok(match sbx.read(id, path).await? {
-        crate::agent::FileAnswer::File(data) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            data,
-        )
-            .into_response(),
+        crate::agent::FileAnswer::File(data) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response()
+        }
         crate::agent::FileAnswer::Listing(l) => Json(l).into_response(),
     })
 }
