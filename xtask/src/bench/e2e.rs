@@ -184,6 +184,58 @@ pub fn latency(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// Sandboxes (`/v1/sandboxes`): `n` creations (restore + wake, each deleted again), then in one
+/// live sandbox `n` execs of `true` as an argv and `n` through `/bin/bash -lc` (what `cmd`
+/// runs), each a round trip through the server and the agent.
+pub fn sandbox(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
+    let call = |method: &str,
+                path: &str,
+                body: Option<&str>|
+     -> anyhow::Result<(f64, serde_json::Value)> {
+        let t = Instant::now();
+        let r = http::request(server.addr, method, path, body, REQUEST_TIMEOUT)?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if !(200..300).contains(&r.status) {
+            bail!("{method} {path}: HTTP {}: {}", r.status, r.body);
+        }
+        let v = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null);
+        Ok((ms, v))
+    };
+    let mut create = Vec::with_capacity(n);
+    let mut id = String::new();
+    for i in 0..n {
+        let (ms, v) = call("POST", "/v1/sandboxes", Some(r#"{"template": "python"}"#))?;
+        create.push(ms);
+        let this = v["id"].as_str().context("no sandbox id")?.to_string();
+        if i + 1 < n {
+            call("DELETE", &format!("/v1/sandboxes/{this}"), None)?;
+        } else {
+            id = this;
+        }
+    }
+    let exec = |body: &str| -> anyhow::Result<Vec<f64>> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (ms, out) = call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(body))?;
+            if out["exit_code"] != 0 {
+                bail!("exec {body}: {out}");
+            }
+            v.push(ms);
+        }
+        Ok(v)
+    };
+    let argv = exec(r#"{"argv": ["true"]}"#)?;
+    let bash = exec(r#"{"cmd": "true"}"#)?;
+    call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+    let p = |s: &[f64], q| percentile(s, q).map(r1);
+    Ok(json!({
+        "create_p50": p(&create, 50.0), "create_p90": p(&create, 90.0), "create_p99": p(&create, 99.0),
+        "exec_true_argv_p50": p(&argv, 50.0), "exec_true_argv_p90": p(&argv, 90.0), "exec_true_argv_p99": p(&argv, 99.0),
+        "exec_true_bash_p50": p(&bash, 50.0), "exec_true_bash_p90": p(&bash, 90.0), "exec_true_bash_p99": p(&bash, 99.0),
+        "calls": n, "create_samples": create, "exec_argv_samples": argv, "exec_bash_samples": bash,
+    }))
+}
+
 /// Sequential latency with a warm pool: before each (timed) request, waits (untimed) until the
 /// pool holds a booted python VM again — the latency a client sees when requests arrive no faster
 /// than the pool refills.

@@ -104,6 +104,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         let server = e2e::start_server(&server_bin, 4)?;
         results["hypervisor"] = json!(server.hypervisor);
         results["e2e_hello_python_ms"] = e2e::latency(&server, requests)?;
+        // Sandboxes beside one-shot executions: a creation against a request's restore to
+        // ready (`boot_ms_p50` above), an exec against a whole request.
+        results["sandbox_ms"] = e2e::sandbox(&server, requests)
+            .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
         results["throughput"] = json!(e2e::throughput(&server, levels, window));
         results["memory_snapshot"] =
             e2e::memory(&server, 4, 8).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
