@@ -541,15 +541,20 @@ mod tests {
         assert!(e.to_string().contains("over the limit"), "{e}");
     }
 
-    #[tokio::test]
-    async fn a_million_empty_events_are_refused_at_once() {
-        let line = br#"{"type":"output","stage":"run","stream":"stdout","data":""}"#;
-        let chunk: Vec<u8> = format!("{:x}\r\n", line.len() + 1)
+    /// `line` and its newline as one HTTP/1.1 chunk.
+    fn chunked_line(line: &[u8]) -> Vec<u8> {
+        format!("{:x}\r\n", line.len() + 1)
             .into_bytes()
             .into_iter()
             .chain(line.iter().copied())
             .chain(*b"\n\r\n")
-            .collect();
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_million_empty_events_are_refused_at_once() {
+        let line = br#"{"type":"output","stage":"run","stream":"stdout","data":""}"#;
+        let chunk = chunked_line(line);
         let mut c = hostile_agent(
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
             chunk,
@@ -586,12 +591,7 @@ mod tests {
     #[tokio::test]
     async fn one_byte_events_are_paced_not_failed() {
         let line = br#"{"type":"output","stage":"run","stream":"stdout","data":"eA=="}"#;
-        let chunk: Vec<u8> = format!("{:x}\r\n", line.len() + 1)
-            .into_bytes()
-            .into_iter()
-            .chain(line.iter().copied())
-            .chain(*b"\n\r\n")
-            .collect();
+        let chunk = chunked_line(line);
         let mut c = hostile_agent(
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
             chunk,

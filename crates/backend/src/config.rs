@@ -340,6 +340,29 @@ mod tests {
         assert!(Config::parse("[jail]\nenabled = false\n").is_ok());
         assert!(Config::embedded().network.host_rules);
         assert!(Config::parse("[network]\nhost_rules = false\n").is_ok());
+        // Sandbox and connection caps are refused with the key named.
+        for (bad, key) in [
+            ("[sandboxes]\nmax_timeout_s = 0\n", "sandboxes"),
+            (
+                "[sandboxes]\ndefault_timeout_s = 900\nmax_timeout_s = 600\n",
+                "sandboxes",
+            ),
+            (
+                "[sandboxes]\nmax_file_bytes = 0\n",
+                "sandboxes.max_file_bytes",
+            ),
+            (
+                "[sandboxes]\nmax_file_bytes = 1000000000\n",
+                "sandboxes.max_file_bytes",
+            ),
+            (
+                "[limits]\nmax_connections_per_ip = 0\n",
+                "max_connections_per_ip",
+            ),
+        ] {
+            let e = Config::parse(bad).expect_err(bad);
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 
     fn c_default_jail_on() -> bool {

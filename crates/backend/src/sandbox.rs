@@ -187,26 +187,16 @@ impl Sandboxes {
         env: Vec<(String, String)>,
         metadata: serde_json::Map<String, serde_json::Value>,
     ) -> Result<Info, SandboxError> {
-        {
+        // Counted as starting until this returns or is dropped (a client that goes away).
+        let _starting = {
             let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
             let running = self.running() + *starting;
             if running >= self.cfg.max_running {
                 return Err(SandboxError::Full(running));
             }
             *starting += 1;
-        }
-        let r = self.start(language, timeout, env, metadata).await;
-        *self.starting.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        r
-    }
-
-    async fn start(
-        &self,
-        language: &Language,
-        timeout: Duration,
-        env: Vec<(String, String)>,
-        metadata: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Info, SandboxError> {
+            Starting(&self.starting)
+        };
         let (permit, _) = self.exec.admit().await?;
         let mut vm = self
             .exec
@@ -403,6 +393,15 @@ impl Sandboxes {
             sb.kill().await;
         }
         n
+    }
+}
+
+/// Counts a creation under way until dropped.
+struct Starting<'a>(&'a Mutex<usize>);
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
     }
 }
 

@@ -82,6 +82,9 @@ fn a_killed_server_leaves_no_vm_behind() {
             json!({"language": "bash", "code": format!("echo {i}; sleep 100"), "timeout_ms": 60000}),
         );
     }
+    // A sandbox (a VM kept across calls) dies with the server too.
+    let sb = server.post("/v1/sandboxes", &json!({"template": "bash"}));
+    assert_eq!(sb.status, 201, "{}", sb.text());
     // Python is not prebuilt: its first request boots cold and makes its snapshot's template
     // in the background.
     post_in_background(
