@@ -10,6 +10,7 @@ pub mod executor;
 pub mod files;
 pub mod guest;
 pub mod init;
+pub mod interactive;
 pub mod logging;
 pub mod output;
 pub mod power;

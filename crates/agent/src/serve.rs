@@ -35,9 +35,16 @@ where
     let app = router(state.clone()).layer(Extension(ctx.clone()));
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+        // Interactive runs take the connection over (`GET /v1/run/interactive`).
+        .with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!("connection ended: {e}");
+    }
+    // An interactive run owns the stream now: the serial port is reopened only after it.
+    let session = ctx.session.lock().ok().and_then(|mut s| s.take());
+    if let Some(done) = session {
+        let _ = done.await;
     }
     if ctx.poweroff.load(Ordering::SeqCst) {
         power::power_off(state.poweroff_enabled).await;

@@ -42,6 +42,11 @@ pub struct AgentState {
 }
 
 impl AgentState {
+    /// The one-run-at-a-time lock, held until the guard is dropped.
+    pub(crate) fn busy_lock(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
+        self.busy.clone().try_lock_owned().map_err(|_| ApiError::Busy)
+    }
+
     pub fn new(executor: Executor, poweroff_enabled: bool) -> Arc<Self> {
         Arc::new(AgentState {
             executor,
@@ -57,6 +62,8 @@ impl AgentState {
 #[derive(Clone, Debug, Default)]
 pub struct ConnCtx {
     pub poweroff: Arc<AtomicBool>,
+    /// Set when an interactive run took the connection over: ends with its session.
+    pub session: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
 }
 
 /// Every error answer of the agent.
@@ -117,6 +124,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/snapshot/prepare", post(prepare_snapshot))
         .route("/v1/wake", post(wake))
         .route("/v1/exec", post(exec))
+        .route("/v1/run/interactive", get(crate::interactive::start))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .route(
             "/v1/files",

@@ -277,6 +277,54 @@ pub enum StreamLine {
         error: String,
         message: String,
     },
+    /// `/v1/executions/ws` only: a stage began.
+    Stage { stage: Stage },
+    /// `/v1/executions/ws` only: a stage ended (its output came before it, as `output`).
+    Exit {
+        stage: Stage,
+        exit_code: Option<i32>,
+        signal: Option<String>,
+        signal_number: Option<i32>,
+        status: StageStatus,
+        wall_ms: u64,
+        cpu_ms: u64,
+        memory_kib: u64,
+    },
+}
+
+/// A client's message on `/v1/executions/ws` after its first one (the
+/// [`ExecutionRequest`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WsInput {
+    /// Standard input for the program: `data` as text, or `data_base64`.
+    Stdin {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_base64: Option<String>,
+    },
+    /// End of the program's standard input.
+    CloseStdin,
+    /// A signal for the running stage's processes, by name (`SIGINT`) or number.
+    Signal { signal: SignalRef },
+}
+
+/// A signal by name or number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SignalRef {
+    Number(i32),
+    Name(String),
+}
+
+impl SignalRef {
+    pub fn number(&self) -> Option<i32> {
+        match self {
+            SignalRef::Number(n) => Some(*n),
+            SignalRef::Name(s) => signal_number(s),
+        }
+    }
 }
 
 /// One entry of `GET /v1/languages`.

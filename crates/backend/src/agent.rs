@@ -6,6 +6,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
+use cloude_protocol::interactive::Input;
 use cloude_protocol::{RunRequest, RunResponse, StreamEvent, WakeRequest, WakeResponse};
 
 use crate::vm::AgentIo;
@@ -118,7 +119,8 @@ impl AgentClient {
     pub async fn handshake(io: Box<dyn AgentIo>) -> Result<Self, AgentError> {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         let conn = tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // Interactive runs take the connection over (an HTTP upgrade).
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!("agent connection ended: {e}");
             }
         });
@@ -151,14 +153,7 @@ impl AgentClient {
         self.sender.ready().await?;
         let resp = self.sender.send_request(req).await?;
         if !resp.status().is_success() {
-            let status = resp.status().as_u16();
-            let body = collect(resp.into_body(), MAX_ERROR_BODY_BYTES)
-                .await
-                .unwrap_or_default();
-            let msg = serde_json::from_slice::<cloude_protocol::ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(AgentError::Status(status, msg));
+            return Err(refusal(resp).await);
         }
         Ok(resp)
     }
@@ -298,73 +293,191 @@ impl AgentClient {
         let resp = self
             .post("/v1/run/stream", serde_json::to_vec(req)?)
             .await?;
-        let limits = AnswerLimits::for_request(req);
+        let mut lines = EventLines::new(AnswerLimits::for_request(req));
         let mut body = resp.into_body();
-        let mut buf: Vec<u8> = Vec::new();
-        // Bytes of `buf` already searched for a newline (a long line sent in small frames is
-        // scanned once, not once per frame).
-        let mut scanned = 0;
-        let mut streamed = 0usize;
-        let mut blank = 0usize;
-        let mut pace = Pace::new();
         while let Some(frame) = body.frame().await {
             let frame = frame?;
             let Some(data) = frame.data_ref() else {
                 continue;
             };
-            buf.extend_from_slice(data);
-            while let Some(off) = buf[scanned..].iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=scanned + off).collect();
-                scanned = 0;
-                pace.event().await;
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    blank += 1;
-                    if blank > MAX_BLANK_LINES {
-                        return Err(AgentError::Body(format!(
-                            "the agent sent more than {MAX_BLANK_LINES} blank stream lines"
-                        )));
-                    }
-                    continue;
-                }
-                match serde_json::from_slice::<StreamEvent>(&line)? {
-                    StreamEvent::Result { result } => {
-                        limits.check(&result)?;
-                        return Ok(result);
-                    }
-                    StreamEvent::Error { message } => return Err(AgentError::Reported(message)),
-                    ev @ StreamEvent::Output { .. } => {
-                        if let StreamEvent::Output { data, .. } = &ev {
-                            // The agent never reports an empty read: an empty event is a
-                            // hostile agent looping (it costs us a line each and counts no
-                            // byte against the output cap).
-                            if data.0.is_empty() {
-                                return Err(AgentError::Body(
-                                    "the agent sent an empty output event".into(),
-                                ));
-                            }
-                            streamed += data.0.len();
-                        }
-                        if streamed > limits.streamed {
-                            return Err(AgentError::Body(format!(
-                                "the agent streamed {streamed} bytes of output, over the limit of {}",
-                                limits.streamed
-                            )));
-                        }
-                        if tx.send(ev).await.is_err() {
-                            return Err(AgentError::Body("the client went away".into()));
-                        }
-                    }
-                }
-            }
-            scanned = buf.len();
-            if buf.len() > limits.line {
-                return Err(AgentError::Body(format!(
-                    "a stream line is longer than {} bytes",
-                    limits.line
-                )));
+            if let Some(result) = lines.push(data, tx).await? {
+                return Ok(result);
             }
         }
         Err(AgentError::NoResult)
+    }
+
+    /// `GET /v1/run/interactive` (an upgrade): sends the request, then every [`Input`] from
+    /// `input` as it comes, while forwarding the agent's events to `tx`; returns the final
+    /// result. `input` ending ends the program's standard input (the agent sees our side
+    /// close); a closed `tx` (the client went away) ends the call early.
+    pub async fn run_interactive(
+        &mut self,
+        req: &RunRequest,
+        tx: &mpsc::Sender<StreamEvent>,
+        mut input: mpsc::Receiver<Input>,
+    ) -> Result<RunResponse, AgentError> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let upgrade = hyper::Request::builder()
+            .method(hyper::Method::GET)
+            .uri("/v1/run/interactive")
+            .header("host", "agent")
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(hyper::header::UPGRADE, cloude_protocol::interactive::UPGRADE)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| AgentError::Body(format!("cannot build the request: {e}")))?;
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(upgrade).await?;
+        if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(refusal(resp).await);
+        }
+        let io = TokioIo::new(hyper::upgrade::on(resp).await?);
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let mut first = serde_json::to_vec(req)?;
+        first.push(b'\n');
+        wr.write_all(&first).await.map_err(io_error)?;
+        let mut lines = EventLines::new(AnswerLimits::for_request(req));
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut open = true;
+        loop {
+            tokio::select! {
+                n = rd.read(&mut buf) => {
+                    let n = n.map_err(io_error)?;
+                    if n == 0 {
+                        return Err(AgentError::NoResult);
+                    }
+                    if let Some(result) = lines.push(&buf[..n], tx).await? {
+                        return Ok(result);
+                    }
+                }
+                i = input.recv(), if open => match i {
+                    Some(i) => {
+                        let mut line = serde_json::to_vec(&i)?;
+                        line.push(b'\n');
+                        wr.write_all(&line).await.map_err(io_error)?;
+                    }
+                    None => {
+                        open = false;
+                        wr.shutdown().await.map_err(io_error)?;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// An agent's refusal: its status and the message of its error body.
+async fn refusal(resp: hyper::Response<hyper::body::Incoming>) -> AgentError {
+    let status = resp.status().as_u16();
+    let body = collect(resp.into_body(), MAX_ERROR_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    let msg = serde_json::from_slice::<cloude_protocol::ErrorBody>(&body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+    AgentError::Status(status, msg)
+}
+
+fn io_error(e: std::io::Error) -> AgentError {
+    AgentError::Body(format!("the agent's connection failed: {e}"))
+}
+
+/// Stage events (`started`, `ended`) one stream may carry: two per stage.
+const MAX_STAGE_EVENTS: usize = 4;
+
+/// The NDJSON events of one streamed or interactive run, read under the run's bounds: line
+/// length, output bytes, blank lines, stage events and the pace of events.
+struct EventLines {
+    limits: AnswerLimits,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already searched for a newline (a long line sent in small frames is
+    /// scanned once, not once per frame).
+    scanned: usize,
+    streamed: usize,
+    blank: usize,
+    stage_events: usize,
+    pace: Pace,
+}
+
+impl EventLines {
+    fn new(limits: AnswerLimits) -> Self {
+        EventLines {
+            limits,
+            buf: Vec::new(),
+            scanned: 0,
+            streamed: 0,
+            blank: 0,
+            stage_events: 0,
+            pace: Pace::new(),
+        }
+    }
+
+    /// Takes the next bytes from the agent, forwards complete events to `tx`, and returns the
+    /// result once it has come.
+    async fn push(
+        &mut self,
+        data: &[u8],
+        tx: &mpsc::Sender<StreamEvent>,
+    ) -> Result<Option<RunResponse>, AgentError> {
+        self.buf.extend_from_slice(data);
+        while let Some(off) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=self.scanned + off).collect();
+            self.scanned = 0;
+            self.pace.event().await;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                self.blank += 1;
+                if self.blank > MAX_BLANK_LINES {
+                    return Err(AgentError::Body(format!(
+                        "the agent sent more than {MAX_BLANK_LINES} blank stream lines"
+                    )));
+                }
+                continue;
+            }
+            let ev = serde_json::from_slice::<StreamEvent>(&line)?;
+            match ev {
+                StreamEvent::Result { result } => {
+                    self.limits.check(&result)?;
+                    return Ok(Some(result));
+                }
+                StreamEvent::Error { message } => return Err(AgentError::Reported(message)),
+                StreamEvent::Output { ref data, .. } => {
+                    // The agent never reports an empty read: an empty event is a hostile
+                    // agent looping (it costs us a line each and counts no byte against the
+                    // output cap).
+                    if data.0.is_empty() {
+                        return Err(AgentError::Body(
+                            "the agent sent an empty output event".into(),
+                        ));
+                    }
+                    self.streamed += data.0.len();
+                    if self.streamed > self.limits.streamed {
+                        return Err(AgentError::Body(format!(
+                            "the agent streamed {} bytes of output, over the limit of {}",
+                            self.streamed, self.limits.streamed
+                        )));
+                    }
+                }
+                StreamEvent::Started { .. } | StreamEvent::Ended { .. } => {
+                    self.stage_events += 1;
+                    if self.stage_events > MAX_STAGE_EVENTS {
+                        return Err(AgentError::Body(format!(
+                            "the agent sent more than {MAX_STAGE_EVENTS} stage events"
+                        )));
+                    }
+                }
+            }
+            if tx.send(ev).await.is_err() {
+                return Err(AgentError::Body("the client went away".into()));
+            }
+        }
+        self.scanned = self.buf.len();
+        if self.buf.len() > self.limits.line {
+            return Err(AgentError::Body(format!(
+                "a stream line is longer than {} bytes",
+                self.limits.line
+            )));
+        }
+        Ok(None)
     }
 }
 

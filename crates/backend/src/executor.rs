@@ -464,13 +464,13 @@ impl Executor {
         Ok(vm)
     }
 
-    /// Runs an admitted job. `events` receives output as it happens (streaming variant).
+    /// Runs an admitted job, talking to its program the way `talk` says.
     pub async fn execute(
         self: &Arc<Self>,
         _permit: Permit,
         job: Job,
         queue: Duration,
-        events: Option<mpsc::Sender<StreamEvent>>,
+        talk: Talk,
     ) -> Result<Outcome, ExecError> {
         let start = Instant::now();
         let mut timings = Timings {
@@ -542,9 +542,12 @@ impl Executor {
             Err(e) => Err(RunFailure::NoAgent(e.to_string())),
             Ok(mut client) => {
                 let talk = async {
-                    match events {
-                        Some(tx) => client.run_stream(&req, &tx).await,
-                        None => client.run(&req).await,
+                    match talk {
+                        Talk::Whole => client.run(&req).await,
+                        Talk::Stream(tx) => client.run_stream(&req, &tx).await,
+                        Talk::Interactive { events, input } => {
+                            client.run_interactive(&req, &events, input).await
+                        }
                     }
                 };
                 let talk = tokio::time::timeout(deadline, talk);
@@ -603,6 +606,20 @@ fn panic_line(console: &str) -> Option<String> {
     let line = console.lines().find(|l| l.contains("Kernel panic"))?;
     let start = line.find("Kernel panic")?;
     Some(line[start..].trim().chars().take(200).collect())
+}
+
+/// How a run's program is talked to.
+pub enum Talk {
+    /// Everything at once: the answer when it has ended.
+    Whole,
+    /// Output events sent to the channel as they happen, then the answer.
+    Stream(mpsc::Sender<StreamEvent>),
+    /// Output (and each stage's start and end) as it happens, while standard input and
+    /// signals arrive from `input`; the answer when it has ended.
+    Interactive {
+        events: mpsc::Sender<StreamEvent>,
+        input: mpsc::Receiver<cloude_protocol::interactive::Input>,
+    },
 }
 
 /// Why no VM could be had for a job: the job cannot run at all (its artifacts are missing: an

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 mod limits;
 pub use limits::*;
+pub mod interactive;
 pub mod sandbox;
 pub mod vmm_wire;
 
@@ -378,6 +379,21 @@ pub enum StreamEvent {
     },
     Error {
         message: String,
+    },
+    /// A stage began (interactive runs: Piston's `stage` message). At most one per stage.
+    Started {
+        stage: Stage,
+    },
+    /// A stage ended (interactive runs: Piston's `exit` message, before the next stage starts).
+    Ended {
+        stage: Stage,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        status: StageStatus,
+        message: Option<String>,
+        wall_ms: u64,
+        cpu_ms: u64,
+        memory_kib: u64,
     },
 }
 

@@ -16,12 +16,12 @@ use cloude_protocol::{
 };
 use tokio::sync::mpsc;
 
-pub use stage::error_result;
+pub use stage::{error_result, Controls, StdinChunk};
 pub use workdir::{WorkDir, WorkDirError};
 
 use crate::cgroup::Limits;
 use crate::sys::Rlimits;
-use stage::{run_stage, StageSpec};
+use stage::{run_stage, StageSpec, Stdin};
 
 /// Search path given to programs unless the request sets its own `PATH`.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -40,6 +40,8 @@ pub enum ExecError {
     Zero(&'static str),
     #[error(transparent)]
     WorkDir(#[from] WorkDirError),
+    #[error("an interactive run has no test cases")]
+    Interactive,
     #[error("cannot prepare the sandbox home {0}: {1}")]
     Home(String, std::io::Error),
 }
@@ -133,7 +135,22 @@ impl Executor {
         req: &RunRequest,
         sink: Option<mpsc::Sender<StreamEvent>>,
     ) -> Result<RunResponse, ExecError> {
+        self.run_with(req, sink, None).await
+    }
+
+    /// [`Executor::run`] for an interactive run: the run stage's standard input and every
+    /// stage's signals come from `controls` (test cases are refused), and each stage's start
+    /// and end are sent to `sink`.
+    pub async fn run_with(
+        &self,
+        req: &RunRequest,
+        sink: Option<mpsc::Sender<StreamEvent>>,
+        controls: Option<Arc<Controls>>,
+    ) -> Result<RunResponse, ExecError> {
         req.validate()?;
+        if controls.is_some() && !req.tests.is_empty() {
+            return Err(ExecError::Interactive);
+        }
         if req.memory_limit_mib == Some(0) {
             return Err(ExecError::Zero("memory_limit_mib"));
         }
@@ -181,7 +198,10 @@ impl Executor {
             StageSpec {
                 stage,
                 argv,
-                stdin: Arc::new(stdin),
+                stdin: match (&controls, run) {
+                    (Some(c), true) => Stdin::Live(c.clone()),
+                    _ => Stdin::Bytes(Arc::new(stdin)),
+                },
                 env: env.clone(),
                 cwd: cwd.clone(),
                 timeout: Duration::from_millis(timeout_ms),
@@ -197,6 +217,7 @@ impl Executor {
                 merge_stderr: run && req.merge_stderr,
                 sink: sink.clone(),
                 keep_background: false,
+                controls: controls.clone(),
             }
         };
 
@@ -303,7 +324,7 @@ impl Executor {
         let spec = StageSpec {
             stage: Stage::Run,
             argv: req.argv.clone(),
-            stdin: Arc::new(req.stdin.0.clone()),
+            stdin: Stdin::Bytes(Arc::new(req.stdin.0.clone())),
             env,
             cwd,
             timeout: Duration::from_millis(req.timeout_ms),
@@ -322,6 +343,7 @@ impl Executor {
             merge_stderr: false,
             sink: None,
             keep_background: true,
+            controls: None,
         };
         Ok(run_stage(spec).await)
     }

@@ -30,7 +30,7 @@ const CPU_POLL: Duration = Duration::from_millis(10);
 pub struct StageSpec {
     pub stage: Stage,
     pub argv: Vec<String>,
-    pub stdin: Arc<Vec<u8>>,
+    pub stdin: Stdin,
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
     pub timeout: Duration,
@@ -51,6 +51,54 @@ pub struct StageSpec {
     /// A sandbox command: when its main process ends by itself, what it started in the
     /// background keeps running in its cgroup (which stays); a limit still kills them all.
     pub keep_background: bool,
+    /// An interactive run's signals (delivered to the stage's process group) and the
+    /// `started`/`ended` events sent to `sink`.
+    pub controls: Option<Arc<Controls>>,
+}
+
+/// Where a stage's standard input comes from.
+#[derive(Debug)]
+pub enum Stdin {
+    /// All of it, known up front.
+    Bytes(Arc<Vec<u8>>),
+    /// An interactive run's: written as it arrives until `close_stdin` or the end of the
+    /// host's side.
+    Live(Arc<Controls>),
+}
+
+/// One piece of an interactive run's standard input.
+#[derive(Debug)]
+pub enum StdinChunk {
+    Data(Vec<u8>),
+    Close,
+}
+
+/// What the host sends into an interactive run while it runs. The channels are unbounded
+/// because their producer is bounded: the agent's reader refuses standard input past
+/// [`cloude_protocol::interactive::MAX_INTERACTIVE_STDIN_BYTES`] and signals past
+/// [`cloude_protocol::interactive::MAX_SIGNALS`] (a program that does not read must not stop
+/// the reader, or a signal sent after the input could never arrive).
+#[derive(Debug)]
+pub struct Controls {
+    pub stdin: tokio::sync::Mutex<mpsc::UnboundedReceiver<StdinChunk>>,
+    pub signals: tokio::sync::Mutex<mpsc::UnboundedReceiver<i32>>,
+}
+
+impl Controls {
+    /// The controls and the senders that feed them.
+    pub fn new() -> (
+        Arc<Controls>,
+        mpsc::UnboundedSender<StdinChunk>,
+        mpsc::UnboundedSender<i32>,
+    ) {
+        let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
+        let (sig_tx, sig_rx) = mpsc::unbounded_channel();
+        let c = Controls {
+            stdin: tokio::sync::Mutex::new(stdin_rx),
+            signals: tokio::sync::Mutex::new(sig_rx),
+        };
+        (Arc::new(c), stdin_tx, sig_tx)
+    }
 }
 
 /// A result for a stage that could not start.
@@ -97,6 +145,15 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
     };
     drop(cmd);
     let pid = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
+    let announce = |ev: StreamEvent| {
+        let tx = spec.sink.clone().filter(|_| spec.controls.is_some());
+        async move {
+            if let Some(tx) = tx {
+                let _ = tx.send(ev).await;
+            }
+        }
+    };
+    announce(StreamEvent::Started { stage: spec.stage }).await;
     let cap = OutputCap::new(spec.output_limit);
     let (stop_tx, stop_rx) = watch::channel(false);
     let sink = |_| {
@@ -121,10 +178,18 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         sink(1),
         stop_rx,
     ));
-    let stdin_task = child
-        .stdin
-        .take()
-        .map(|w| tokio::spawn(feed(OwnedFd::from(w), spec.stdin.clone())));
+    let stdin_task = child.stdin.take().map(|w| {
+        let fd = OwnedFd::from(w);
+        match &spec.stdin {
+            Stdin::Bytes(data) => tokio::spawn(feed(fd, data.clone())),
+            Stdin::Live(c) => tokio::spawn(feed_live(fd, c.clone())),
+        }
+    });
+    // Held for the whole stage: signals that arrive between two stages wait for the next.
+    let mut signals = match &spec.controls {
+        Some(c) => Some(c.signals.lock().await),
+        None => None,
+    };
 
     let deadline = tokio::time::sleep(spec.timeout);
     tokio::pin!(deadline);
@@ -152,8 +217,13 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
                 reason = Some(StageStatus::OutputLimit);
                 kill_all(cgroup.as_ref(), pid);
             }
+            sig = next_signal(&mut signals), if signals.is_some() => match sig {
+                Some(n) => deliver(n, cgroup.as_ref(), pid),
+                None => signals = None,
+            },
         }
     };
+    drop(signals);
     let wall = start.elapsed();
     // The stage ends with its main process: whatever it left behind goes too (a sandbox
     // command's background processes stay, unless a limit stopped the command).
@@ -206,7 +276,7 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         StageStatus::MemoryLimit => Some("killed by the memory limit".to_string()),
         _ => None,
     };
-    StageResult {
+    let result = StageResult {
         stdout: stdout.into(),
         stderr: stderr.into(),
         exit_code: waited.code,
@@ -216,7 +286,19 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         wall_ms: u64::try_from(wall.as_millis()).unwrap_or(u64::MAX),
         cpu_ms: cpu_us / 1000,
         memory_kib: stats.memory_peak_kib.unwrap_or(waited.maxrss_kib),
-    }
+    };
+    announce(StreamEvent::Ended {
+        stage: spec.stage,
+        exit_code: result.exit_code,
+        signal: result.signal,
+        status: result.status,
+        message: result.message.clone(),
+        wall_ms: result.wall_ms,
+        cpu_ms: result.cpu_ms,
+        memory_kib: result.memory_kib,
+    })
+    .await;
+    result
 }
 
 /// The stage's command, and with `merge_stderr` the read end of the one pipe its stdout and
@@ -286,6 +368,44 @@ async fn feed(fd: OwnedFd, data: Arc<Vec<u8>>) {
     // A program that does not read its input (EPIPE) is not an error.
     let _ = w.write_all(&data).await;
     let _ = w.shutdown().await;
+}
+
+/// Writes an interactive run's standard input as it arrives; closes it at `close_stdin` or
+/// when the host's side ends. Data the program no longer reads (EPIPE) is dropped.
+async fn feed_live(fd: OwnedFd, controls: Arc<Controls>) {
+    let Ok(mut w) = pipe::Sender::from_owned_fd(fd) else {
+        return;
+    };
+    let mut rx = controls.stdin.lock().await;
+    let mut open = true;
+    while let Some(StdinChunk::Data(d)) = rx.recv().await {
+        if open && w.write_all(&d).await.is_err() {
+            open = false;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// The next signal of an interactive run (`None`: the host will send no more).
+async fn next_signal(
+    rx: &mut Option<tokio::sync::MutexGuard<'_, mpsc::UnboundedReceiver<i32>>>,
+) -> Option<i32> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends a client's signal to the stage's process group; `SIGKILL` takes its whole cgroup.
+fn deliver(signal: i32, cgroup: Option<&StageCgroup>, pid: Pid) {
+    let Ok(sig) = Signal::try_from(signal) else {
+        return;
+    };
+    if sig == Signal::SIGKILL {
+        kill_all(cgroup, pid);
+    } else {
+        let _ = killpg(pid, sig);
+    }
 }
 
 /// The working directory path as given to the program (`HOME` too).

@@ -2,6 +2,7 @@
 
 pub mod conn;
 pub mod error;
+pub mod interactive;
 pub mod json;
 pub mod judge0;
 pub mod piston;
@@ -10,6 +11,7 @@ pub mod sandboxes;
 pub mod types;
 pub mod v1;
 pub mod validate;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,6 +72,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         ("/v1/languages", get(v1::languages)),
         ("/api/v2/execute", post(piston::execute)),
         ("/api/v2/runtimes", get(piston::runtimes)),
+        ("/api/v2/connect", get(piston::connect::connect)),
+        ("/v1/executions/ws", get(v1::ws::connect)),
         ("/healthz", get(healthz)),
         ("/metrics", get(metrics)),
     ];

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 
 use crate::api::conn::ConnWatch;
+use crate::api::ws::Handover;
 
 mod table;
 pub use table::{ConnLimits, ConnStats, ConnTable, Refusal, Ticket};
@@ -144,8 +145,13 @@ async fn connection(
     let conn_watch = ConnWatch::watch(&stream);
     let kicked = ticket.kicked.clone();
     let ticket = Arc::new(ticket);
+    let handover = Handover::default();
+    let svc_ticket = ticket.clone();
+    let svc_handover = handover.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let ticket = &svc_ticket;
         req.extensions_mut().insert(conn_watch.clone());
+        req.extensions_mut().insert(svc_handover.clone());
         // The request is in flight until its response body has been sent (or dropped).
         let busy = ticket.busy();
         let call = router.clone().oneshot(req.map(axum::body::Body::new));
@@ -185,6 +191,14 @@ async fn connection(
         conn.poll_without_shutdown(cx).map_err(Some)
     })
     .await;
+    // A WebSocket handler answered 101: the session runs here, on the same socket, with the
+    // connection busy (never evicted as idle) until it ends.
+    if let (Ok(()), Some(session)) = (&r, handover.take()) {
+        let parts = conn.into_parts();
+        let _busy = ticket.busy();
+        Handover::run(session, parts.io.into_inner(), parts.read_buf).await;
+        return;
+    }
     match r {
         Ok(()) if !stopped => linger(conn.into_parts().io.into_inner()).await,
         Ok(()) => {}

@@ -1,5 +1,7 @@
 //! The native API: `/v1/executions`, `/v1/executions/stream`, `/v1/languages`.
 
+pub mod ws;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +22,7 @@ use super::types::{
 };
 use super::validate::{build_job, decode_content, find_language, Draft, RawFile};
 use super::AppState;
-use crate::executor::{ExecError, Job, Outcome, TestCase};
+use crate::executor::{ExecError, Job, Outcome, Talk, TestCase};
 use cloude_api::{TestOut, TestsOut, Verdict};
 
 /// Events buffered between the VM task and a slow streaming client.
@@ -374,7 +376,7 @@ pub async fn execute(
         let (permit, queued) = state.executor.admit().await?;
         state
             .executor
-            .execute(permit, job.clone(), queued, None)
+            .execute(permit, job.clone(), queued, Talk::Whole)
             .await
             .map_err(exec_error)
     })
@@ -434,7 +436,7 @@ pub async fn execute_stream(
             };
             let exec = state
                 .executor
-                .execute(permit, job.clone(), queued, Some(ev_tx));
+                .execute(permit, job.clone(), queued, Talk::Stream(ev_tx));
             let closed = line_tx.clone();
             // A client that goes away cancels the run: dropping `exec` kills the VM.
             let result = tokio::select! {

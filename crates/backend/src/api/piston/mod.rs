@@ -1,4 +1,5 @@
-//! Piston v2 compatibility: `POST /api/v2/execute`, `GET /api/v2/runtimes`.
+//! Piston v2 compatibility: `POST /api/v2/execute`, `GET /api/v2/runtimes`, and the
+//! interactive WebSocket `GET /api/v2/connect` (`connect.rs`).
 //!
 //! Field names, defaults and error messages follow Piston's v2 API, so that clients written
 //! against Piston work unchanged; errors are `{"message": ...}`.
@@ -12,6 +13,8 @@ use cloude_protocol::{StageResult, StageStatus};
 use serde::Serialize;
 use serde_json::Value;
 
+pub mod connect;
+
 use super::conn::ConnWatch;
 use super::error::ApiError;
 use super::json::read_body;
@@ -19,7 +22,7 @@ use super::types::signal_name;
 use super::v1::{exec_error, unless_gone};
 use super::validate::{build_job, decode_content, Draft, RawFile};
 use super::AppState;
-use crate::executor::{Job, Outcome};
+use crate::executor::{Job, Outcome, Talk};
 
 /// Piston's default run timeout (ms).
 const DEFAULT_RUN_TIMEOUT_MS: u64 = 3000;
@@ -344,7 +347,7 @@ pub async fn execute(
             .map_err(|e| ApiError::from(e).piston())?;
         state
             .executor
-            .execute(permit, job.clone(), queued, None)
+            .execute(permit, job.clone(), queued, Talk::Whole)
             .await
             .map_err(|e| exec_error(e).piston())
     })

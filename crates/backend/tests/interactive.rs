@@ -1,0 +1,340 @@
+//! Interactive runs end to end on the QEMU fallback (real jailed VMs): Piston's WebSocket
+//! (`/api/v2/connect`, every close code) and the native one (`/v1/executions/ws`). Standard
+//! input reaches a program while it runs, turn by turn; signals arrive by message; stages come
+//! in order; a client that never reads holds the server's memory down; a client that goes away
+//! takes its VM with it.
+
+use cloude_testkit as support;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::Server;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// Kernel build plus the images when nothing is cached yet.
+const FIRST_START: Duration = Duration::from_secs(3600);
+/// One message, at most (a VM start under emulation plus a compile).
+const WAIT: Duration = Duration::from_secs(120);
+
+fn server(extra: &str) -> Server {
+    let config = format!(
+        "[vm]\nprebuild = [\"python\", \"c\", \"bash\"]\n[limits]\nmax_concurrent_vms = 3\n{extra}"
+    );
+    Server::start(&["--hypervisor", "qemu"], Some(&config), FIRST_START)
+        .unwrap_or_else(|e| panic!("interactive: {e}"))
+}
+
+type Socket = tungstenite::WebSocket<TcpStream>;
+
+struct Ws {
+    ws: Socket,
+    /// The close frame's code, once it came.
+    closed: Option<u16>,
+}
+
+impl Ws {
+    fn connect(s: &Server, path: &str) -> Ws {
+        let stream = TcpStream::connect(s.addr).expect("connect");
+        let (ws, resp) = tungstenite::client(format!("ws://{}{path}", s.addr), stream)
+            .unwrap_or_else(|e| panic!("WebSocket handshake on {path}: {e}"));
+        assert_eq!(resp.status(), 101);
+        Ws { ws, closed: None }
+    }
+
+    fn send(&mut self, v: &Value) {
+        self.ws
+            .send(Message::Text(v.to_string()))
+            .unwrap_or_else(|e| panic!("send {v}: {e}"));
+    }
+
+    /// The next JSON message within `within`; `None` once the server closed (the code is then
+    /// in `closed`).
+    fn recv(&mut self, within: Duration) -> Option<Value> {
+        self.ws
+            .get_mut()
+            .set_read_timeout(Some(within))
+            .expect("timeout");
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).expect("JSON")),
+                Ok(Message::Close(f)) => {
+                    self.closed = Some(f.map_or(1005, |f| u16::from(f.code)));
+                    return None;
+                }
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return None
+                }
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("no message within {within:?}")
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// Messages until one of `kind` (returned) or the close.
+    fn until(&mut self, kind: &str, seen: &mut Vec<Value>) -> Option<Value> {
+        while let Some(m) = self.recv(WAIT) {
+            if m["type"] == kind {
+                return Some(m);
+            }
+            seen.push(m);
+        }
+        None
+    }
+
+    /// Reads to the close and returns its code.
+    fn close_code(&mut self) -> u16 {
+        while self.recv(WAIT).is_some() {}
+        self.closed.expect("a close frame")
+    }
+}
+
+/// The text of every `data` message of `stream` in `msgs`.
+fn text_of(msgs: &[Value], stream: &str) -> String {
+    msgs.iter()
+        .filter(|m| m["type"] == "data" && m["stream"] == stream)
+        .filter_map(|m| m["data"].as_str())
+        .collect()
+}
+
+const ECHO_PY: &str = r#"import sys
+for line in sys.stdin:
+    print("echo:" + line.strip(), flush=True)
+"#;
+
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn piston_connect_talks_to_a_running_program() {
+    let s = server("");
+
+    // Python: each line is answered before the next is sent (turn by turn, not at the end).
+    let mut ws = Ws::connect(&s, "/api/v2/connect");
+    ws.send(&json!({"type": "init", "language": "python", "version": "*",
+        "files": [{"name": "echo.py", "content": ECHO_PY}], "run_timeout": 60000}));
+    let rt = ws.recv(WAIT).expect("runtime");
+    assert_eq!(rt["type"], "runtime", "{rt}");
+    assert_eq!(rt["language"], "python");
+    let mut seen = vec![];
+    let stage = ws.until("stage", &mut seen).expect("stage");
+    assert_eq!(stage["stage"], "run");
+    let mut rtts = vec![];
+    for word in ["one", "two", "three", "four", "five"] {
+        let t = Instant::now();
+        ws.send(&json!({"type": "data", "stream": "stdin", "data": format!("{word}\n")}));
+        let mut got = String::new();
+        while !got.contains('\n') {
+            let m = ws.recv(WAIT).expect("data");
+            assert_eq!(m["type"], "data", "{m}");
+            got.push_str(m["data"].as_str().unwrap_or_default());
+        }
+        rtts.push(t.elapsed());
+        assert_eq!(got, format!("echo:{word}\n"));
+    }
+    eprintln!("line round trips over /api/v2/connect: {rtts:?}");
+    // A signal by message ends it; Piston reports the signal's name.
+    ws.send(&json!({"type": "signal", "signal": "SIGKILL"}));
+    let exit = ws.until("exit", &mut seen).expect("exit");
+    assert_eq!(exit["stage"], "run");
+    assert_eq!(exit["signal"], "SIGKILL", "{exit}");
+    assert_eq!(exit["code"], Value::Null);
+    assert_eq!(ws.close_code(), 4999);
+
+    // C: compile stage then run stage, in order, with stdin sent at once (before the VM is
+    // even up): it is kept for the run stage, never given to the compiler, never lost.
+    let c = r#"#include <stdio.h>
+int main(void) { int a, b; if (scanf("%d %d", &a, &b) != 2) return 9;
+  printf("sum=%d\n", a + b); fflush(stdout); return 3; }
+"#;
+    let mut ws = Ws::connect(&s, "/api/v2/connect");
+    ws.send(&json!({"type": "init", "language": "c", "version": "*",
+        "files": [{"name": "sum.c", "content": c}], "run_timeout": 30000}));
+    ws.send(&json!({"type": "data", "stream": "stdin", "data": "20 "}));
+    ws.send(&json!({"type": "data", "stream": "stdin", "data": "22\n"}));
+    let mut msgs = vec![];
+    while let Some(m) = ws.recv(WAIT) {
+        msgs.push(m);
+    }
+    assert_eq!(ws.closed, Some(4999), "{msgs:?}");
+    let kinds: Vec<String> = msgs
+        .iter()
+        .filter(|m| m["type"] != "data")
+        .map(|m| format!("{}:{}", m["type"].as_str().unwrap_or(""), m["stage"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["runtime:", "stage:compile", "exit:compile", "stage:run", "exit:run"],
+        "{msgs:?}"
+    );
+    assert_eq!(text_of(&msgs, "stdout"), "sum=42\n", "{msgs:?}");
+    let exit = msgs.iter().rfind(|m| m["type"] == "exit").expect("exit");
+    assert_eq!(exit["code"], 3, "{exit}");
+    assert_eq!(exit["status"], "RE", "{exit}");
+    assert_eq!(exit["stdout"], "sum=42\n", "{exit}");
+
+    // SIGINT reaches the program (Python turns it into KeyboardInterrupt).
+    let mut ws = Ws::connect(&s, "/api/v2/connect");
+    ws.send(&json!({"type": "init", "language": "python", "version": "*",
+        "files": [{"content": "import time\nprint('ready', flush=True)\ntry:\n    time.sleep(100)\nexcept KeyboardInterrupt:\n    print('interrupted', flush=True)\n"}],
+        "run_timeout": 60000}));
+    let mut seen = vec![];
+    while !text_of(&seen, "stdout").contains("ready") {
+        seen.push(ws.recv(WAIT).expect("ready"));
+    }
+    ws.send(&json!({"type": "signal", "signal": "SIGINT"}));
+    let exit = ws.until("exit", &mut seen).expect("exit");
+    assert!(text_of(&seen, "stdout").contains("interrupted"), "{seen:?}");
+    assert_eq!(exit["code"], 0, "{exit}");
+    assert_eq!(ws.close_code(), 4999);
+}
+
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn piston_connect_close_codes() {
+    let s = server("");
+    // 4001: no init within a second.
+    let mut ws = Ws::connect(&s, "/api/v2/connect");
+    let t = Instant::now();
+    assert_eq!(ws.close_code(), 4001);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // 4003: data before init.
+    let mut ws = Ws::connect(&s, "/api/v2/connect");
+    ws.send(&json!({"type": "data", "stream": "stdin", "data": "x"}));
+    assert_eq!(ws.close_code(), 4003);
+    // 4002: an error message first (an unknown language), then the close.
+    let mut ws = Ws::connect(&s, "/api/v2/connect");
+    ws.send(&json!({"type": "init", "language": "cobol-9000", "version": "*", "files": [{"content": "x"}]}));
+    let m = ws.recv(WAIT).expect("error");
+    assert_eq!(m["type"], "error", "{m}");
+    assert!(m["message"].as_str().unwrap_or("").contains("runtime is unknown"), "{m}");
+    assert_eq!(ws.close_code(), 4002);
+    // 4000, 4004, 4005 on an initialised job (each kills its VM).
+    for (msg, code) in [
+        (json!({"type": "init", "language": "bash", "version": "*", "files": [{"content": "x"}]}), 4000),
+        (json!({"type": "data", "stream": "stdout", "data": "x"}), 4004),
+        (json!({"type": "signal", "signal": "SIGNOPE"}), 4005),
+    ] {
+        let mut ws = Ws::connect(&s, "/api/v2/connect");
+        ws.send(&json!({"type": "init", "language": "bash", "version": "*",
+            "files": [{"content": "echo up; sleep 60"}], "run_timeout": 60000}));
+        let mut seen = vec![];
+        while !text_of(&seen, "stdout").contains("up") {
+            seen.push(ws.recv(WAIT).expect("up"));
+        }
+        ws.send(&msg);
+        assert_eq!(ws.close_code(), code, "{msg}");
+    }
+    // The VMs of closed sockets are gone.
+    let t = Instant::now();
+    while !s.children().is_empty() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.children().is_empty(), "VM processes left: {:?}", s.children());
+    // A plain GET is told to upgrade.
+    assert_eq!(s.get("/api/v2/connect").status, 426);
+}
+
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn native_websocket_runs_stdin_signals_and_result() {
+    let s = server("output_limit_bytes = 67108864\n");
+    // Initial stdin from the request, more while it runs, then end of input.
+    let py = "import sys\nn = 0\nfor line in sys.stdin:\n    n += int(line)\n    print('total', n, flush=True)\nprint('eof', n)\n";
+    let mut ws = Ws::connect(&s, "/v1/executions/ws");
+    ws.send(&json!({"language": "python", "code": py, "stdin": "1\n", "timeout_ms": 60000}));
+    let mut seen = vec![];
+    let st = ws.until("stage", &mut seen).expect("stage");
+    assert_eq!(st["stage"], "run");
+    let out = |seen: &[Value]| -> String {
+        seen.iter()
+            .filter(|m| m["type"] == "output" && m["stream"] == "stdout")
+            .filter_map(|m| m["data"].as_str())
+            .collect()
+    };
+    while !out(&seen).contains("total 1\n") {
+        seen.push(ws.recv(WAIT).expect("total 1"));
+    }
+    ws.send(&json!({"type": "stdin", "data": "2\n"}));
+    ws.send(&json!({"type": "stdin", "data_base64": "Mwo="}));
+    while !out(&seen).contains("total 6\n") {
+        seen.push(ws.recv(WAIT).expect("total 6"));
+    }
+    ws.send(&json!({"type": "close_stdin"}));
+    let exit = ws.until("exit", &mut seen).expect("exit");
+    assert_eq!(exit["exit_code"], 0, "{exit}");
+    let result = ws.until("result", &mut seen).expect("result");
+    assert_eq!(result["result"]["status"], "ok", "{result}");
+    assert_eq!(
+        result["result"]["run"]["stdout"], "total 1\ntotal 3\ntotal 6\neof 6\n",
+        "{result}"
+    );
+    assert_eq!(ws.close_code(), 1000);
+
+    // Bad messages are refused with an error line and 1008; unknown fields too.
+    let mut ws = Ws::connect(&s, "/v1/executions/ws");
+    ws.send(&json!({"language": "python", "code": "x", "bogus": 1}));
+    let m = ws.recv(WAIT).expect("error");
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(ws.close_code(), 1008);
+
+    // A client that never reads: the program writes 48 MiB, the server's memory stays flat
+    // (output is paced by the socket, never buffered without limit).
+    let rss = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = rss(s.pid());
+    let mut ws = Ws::connect(&s, "/v1/executions/ws");
+    ws.send(&json!({"language": "bash", "code": "head -c 50331648 /dev/zero | tr '\\0' x; echo done >&2", "timeout_ms": 120000}));
+    let mut peak = before;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(250));
+        peak = peak.max(rss(s.pid()));
+    }
+    eprintln!("server RSS with a client that does not read: {before} KiB -> peak {peak} KiB");
+    assert!(
+        peak < before + 48 * 1024,
+        "the server buffered output for a client that does not read: {before} -> {peak} KiB"
+    );
+    // Reading now gets everything, in order, and the result.
+    let mut total = 0usize;
+    let result = loop {
+        let m = ws.recv(WAIT).expect("more");
+        if m["type"] == "output" && m["stream"] == "stdout" {
+            total += m["data"].as_str().map_or(0, str::len);
+        }
+        if m["type"] == "result" {
+            break m;
+        }
+    };
+    assert_eq!(total, 50331648, "{result}");
+    assert_eq!(result["result"]["status"], "ok", "{result}");
+
+    // A client that goes away mid-run takes its VM with it.
+    let mut ws = Ws::connect(&s, "/v1/executions/ws");
+    ws.send(&json!({"language": "bash", "code": "echo up; sleep 100", "timeout_ms": 120000}));
+    let mut seen = vec![];
+    while !out(&seen).contains("up") {
+        seen.push(ws.recv(WAIT).expect("up"));
+    }
+    assert!(!s.children().is_empty(), "a VM runs");
+    drop(ws);
+    let t = Instant::now();
+    while !s.children().is_empty() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.children().is_empty(), "VM processes left: {:?}", s.children());
+    eprintln!("VM gone {:?} after the client left", t.elapsed());
+}
