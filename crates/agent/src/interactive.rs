@@ -138,7 +138,9 @@ async fn read_inputs<R: AsyncBufRead + Unpin>(
             Ok(Input::Stdin { data }) => {
                 stdin_bytes = stdin_bytes.saturating_add(data.0.len());
                 if stdin_bytes > MAX_INTERACTIVE_STDIN_BYTES {
-                    tracing::warn!("interactive stdin over {MAX_INTERACTIVE_STDIN_BYTES} bytes: closed");
+                    tracing::warn!(
+                        "interactive stdin over {MAX_INTERACTIVE_STDIN_BYTES} bytes: closed"
+                    );
                     return;
                 }
                 let _ = stdin.send(StdinChunk::Data(data.0));

@@ -44,7 +44,10 @@ pub struct AgentState {
 impl AgentState {
     /// The one-run-at-a-time lock, held until the guard is dropped.
     pub(crate) fn busy_lock(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
-        self.busy.clone().try_lock_owned().map_err(|_| ApiError::Busy)
+        self.busy
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| ApiError::Busy)
     }
 
     pub fn new(executor: Executor, poweroff_enabled: bool) -> Arc<Self> {

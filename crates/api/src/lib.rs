@@ -278,7 +278,9 @@ pub enum StreamLine {
         message: String,
     },
     /// `/v1/executions/ws` only: a stage began.
-    Stage { stage: Stage },
+    Stage {
+        stage: Stage,
+    },
     /// `/v1/executions/ws` only: a stage ended (its output came before it, as `output`).
     Exit {
         stage: Stage,

@@ -323,7 +323,10 @@ impl AgentClient {
             .uri("/v1/run/interactive")
             .header("host", "agent")
             .header(hyper::header::CONNECTION, "upgrade")
-            .header(hyper::header::UPGRADE, cloude_protocol::interactive::UPGRADE)
+            .header(
+                hyper::header::UPGRADE,
+                cloude_protocol::interactive::UPGRADE,
+            )
             .body(Full::new(Bytes::new()))
             .map_err(|e| AgentError::Body(format!("cannot build the request: {e}")))?;
         self.sender.ready().await?;

@@ -1,6 +1,7 @@
 //! `cloude`: a thin client for cloude-server.
 #![forbid(unsafe_code)]
 
+mod interactive;
 mod run;
 
 use std::process::ExitCode;

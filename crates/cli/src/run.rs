@@ -36,6 +36,10 @@ pub struct RunArgs {
     /// CPU-time limit in milliseconds (apart from the wall-clock timeout).
     #[arg(long)]
     cpu_limit_ms: Option<u64>,
+    /// Connect this terminal (or pipe) to the program while it runs: input goes as it is
+    /// typed, output comes as it is written (over the server's WebSocket).
+    #[arg(short, long)]
+    interactive: bool,
     /// Arguments passed to the program (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -87,6 +91,15 @@ pub fn run(client: &Client, args: RunArgs, raw_json: bool) -> anyhow::Result<u8>
             }
         }
         (None, None) => anyhow::bail!("give a FILE to run, or -c CODE with -l LANGUAGE"),
+    }
+    if args.interactive {
+        let resp = crate::interactive::run(client.base(), &req)?;
+        if raw_json {
+            println!("{}", serde_json::to_string(&resp)?);
+        } else if let Some(line) = status_line(&resp) {
+            eprintln!("cloude: {line}");
+        }
+        return Ok(exit_code(&resp));
     }
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {

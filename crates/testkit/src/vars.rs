@@ -63,6 +63,8 @@ vars! {
         "On the guest kernel command line: the agent as PID 1 does not power off when it ends.";
     TEST_SECCOMP_VIOLATION_MS = "CLOUDE_TEST_SECCOMP_VIOLATION_MS", Program,
         "Test hook read by the server: cloude-vmm makes a forbidden system call after N ms.";
+    PISTON_SRC = "CLOUDE_PISTON_SRC", Test,
+        "A checkout or git directory of engineer-man/piston: its own CLI is run unchanged against the server (crates/backend/tests/interactive.rs; unset: SKIPPED, the CLI is not on npm).";
     BOOT_TESTS = "CLOUDE_BOOT_TESTS", Test,
         "=1: run the VMM's Linux boot tests (crates/vmm/tests/boot.rs; in the KVM lab).";
     VMM_LAB_TESTS = "CLOUDE_VMM_LAB_TESTS", Test,

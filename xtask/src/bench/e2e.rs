@@ -406,3 +406,66 @@ fn hypervisors() -> Vec<(u32, u64, u64)> {
         })
         .collect()
 }
+
+/// Interactive runs: one WebSocket session (`/v1/executions/ws`) with a Python program that
+/// echoes each line; `n` lines, each timed from our send to its echo (stdin → program →
+/// stdout → client), beside the whole one-shot request measured by `latency`.
+pub fn interactive(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
+    use tungstenite::Message;
+    let stream = std::net::TcpStream::connect(server.addr)?;
+    let (mut ws, _) = tungstenite::client(format!("ws://{}/v1/executions/ws", server.addr), stream)
+        .context("WebSocket handshake")?;
+    stream_timeout(&ws)?;
+    let code =
+        "import sys\nfor line in sys.stdin:\n    sys.stdout.write(line)\n    sys.stdout.flush()\n";
+    let start = json!({"language": "python", "code": code, "timeout_ms": 120000});
+    let t = Instant::now();
+    ws.send(Message::Text(start.to_string()))?;
+    let mut next = || -> anyhow::Result<serde_json::Value> {
+        loop {
+            match ws.read()? {
+                Message::Text(t) => return Ok(serde_json::from_str(&t)?),
+                Message::Close(f) => bail!("closed: {f:?}"),
+                _ => continue,
+            }
+        }
+    };
+    while next()?["type"] != "stage" {}
+    let ready_ms = t.elapsed().as_secs_f64() * 1000.0;
+    drop(next);
+    let mut rtt = Vec::with_capacity(n);
+    for i in 0..n {
+        let line = format!("line {i}\n");
+        let t = Instant::now();
+        ws.send(Message::Text(
+            json!({"type": "stdin", "data": line}).to_string(),
+        ))?;
+        let mut got = String::new();
+        while !got.ends_with('\n') {
+            let text = match ws.read()? {
+                Message::Text(t) => t,
+                Message::Close(f) => bail!("closed: {f:?}"),
+                _ => continue,
+            };
+            let m: serde_json::Value = serde_json::from_str(&text)?;
+            if m["type"] == "output" {
+                got.push_str(m["data"].as_str().unwrap_or_default());
+            }
+        }
+        rtt.push(t.elapsed().as_secs_f64() * 1000.0);
+        if got != line {
+            bail!("echoed {got:?} for {line:?}");
+        }
+    }
+    ws.send(Message::Text(json!({"type": "close_stdin"}).to_string()))?;
+    let p = |s: &[f64], q| percentile(s, q).map(r1);
+    Ok(json!({
+        "line_rtt_p50": p(&rtt, 50.0), "line_rtt_p90": p(&rtt, 90.0), "line_rtt_p99": p(&rtt, 99.0),
+        "session_ready_ms": r1(ready_ms), "lines": n, "samples": rtt,
+    }))
+}
+
+fn stream_timeout(ws: &tungstenite::WebSocket<std::net::TcpStream>) -> anyhow::Result<()> {
+    ws.get_ref().set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    Ok(())
+}

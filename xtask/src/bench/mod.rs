@@ -108,6 +108,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         // ready (`boot_ms_p50` above), an exec against a whole request.
         results["sandbox_ms"] = e2e::sandbox(&server, requests)
             .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+        // Interactive: one line's round trip through a running program, beside a whole
+        // one-shot request (`e2e_hello_python_ms`).
+        results["interactive_ms"] = e2e::interactive(&server, requests)
+            .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
         results["throughput"] = json!(e2e::throughput(&server, levels, window));
         results["memory_snapshot"] =
             e2e::memory(&server, 4, 8).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));

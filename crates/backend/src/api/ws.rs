@@ -24,11 +24,11 @@ use super::error::ApiError;
 /// Largest message a client may send (a Piston `init` or a native start carries the code);
 /// longer ones end the connection (tungstenite's `Capacity` error).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
-/// Bytes of frames queued for a client that does not read, beyond which sending waits.
+/// Bytes of frames queued for a client that does not read, beyond which sending waits (each
+/// send waits for the queue to drain below it). The queue holds at most this plus one message;
+/// the largest message is a run's final result, whose size the output limit bounds (and which
+/// the server holds in memory anyway), so tungstenite's hard cap on the queue is left open.
 const WRITE_BUFFER_BYTES: usize = 128 * 1024;
-/// Hard cap on the send queue (tungstenite refuses to queue more; never reached while every
-/// send waits for the previous to flush).
-const MAX_WRITE_BUFFER_BYTES: usize = 1 << 20;
 
 /// A WebSocket session once the connection has been handed over.
 pub type Session = Box<dyn FnOnce(Socket) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
@@ -60,7 +60,7 @@ impl Handover {
             max_message_size: Some(MAX_MESSAGE_BYTES),
             max_frame_size: Some(MAX_MESSAGE_BYTES),
             write_buffer_size: WRITE_BUFFER_BYTES,
-            max_write_buffer_size: MAX_WRITE_BUFFER_BYTES,
+            max_write_buffer_size: usize::MAX,
             ..Default::default()
         };
         let ws =
@@ -85,10 +85,8 @@ where
 {
     let has = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case(token))
-            })
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
     if !has(header::UPGRADE, "websocket") {
@@ -99,8 +97,11 @@ where
         return ApiError::bad_request(None, "missing Sec-WebSocket-Key").into_response();
     };
     if method != Method::GET || !has(header::CONNECTION, "upgrade") {
-        return ApiError::bad_request(None, "a WebSocket handshake is a GET with Connection: upgrade")
-            .into_response();
+        return ApiError::bad_request(
+            None,
+            "a WebSocket handshake is a GET with Connection: upgrade",
+        )
+        .into_response();
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -126,7 +127,10 @@ where
 }
 
 /// Sends one JSON text message.
-pub async fn send_json<T: serde::Serialize>(ws: &mut Socket, v: &T) -> Result<(), tungstenite::Error> {
+pub async fn send_json<T: serde::Serialize>(
+    ws: &mut Socket,
+    v: &T,
+) -> Result<(), tungstenite::Error> {
     let text = serde_json::to_string(v).unwrap_or_default();
     ws.send(Message::Text(text)).await
 }
@@ -157,7 +161,9 @@ pub async fn next_text(ws: &mut Socket) -> Option<Result<String, String>> {
         match ws.next().await? {
             Ok(Message::Text(t)) => return Some(Ok(t)),
             Ok(Message::Binary(b)) => {
-                return Some(String::from_utf8(b).map_err(|_| "a binary message is not UTF-8".into()))
+                return Some(
+                    String::from_utf8(b).map_err(|_| "a binary message is not UTF-8".into()),
+                )
             }
             Ok(Message::Close(_)) => return None,
             Ok(_) => continue,

@@ -398,7 +398,11 @@ pub async fn execute(
             }
         }
     };
-    match state.executor.execute(permit, job, queued, crate::executor::Talk::Whole).await {
+    match state
+        .executor
+        .execute(permit, job, queued, crate::executor::Talk::Whole)
+        .await
+    {
         Ok(outcome) => verdict::verdict(req, outcome),
         Err(e) => Outcome {
             status_id: 13,

@@ -244,9 +244,15 @@ mod tests {
                 "{m}"
             );
         }
-        assert!(matches!(client_message(r#"{"type":"init"}"#), Ok(Client::Init)));
+        assert!(matches!(
+            client_message(r#"{"type":"init"}"#),
+            Ok(Client::Init)
+        ));
         assert!(matches!(client_message("{"), Err(Refuse::Error(_))));
-        assert!(matches!(client_message(r#"{"type":"x"}"#), Ok(Client::Other)));
+        assert!(matches!(
+            client_message(r#"{"type":"x"}"#),
+            Ok(Client::Other)
+        ));
     }
 
     #[test]

@@ -100,18 +100,41 @@ async fn session(state: Arc<AppState>, rid: String, mut ws: Socket) {
                         None => continue,
                     },
                     Step::Done(Ok(outcome)) => {
-                        let resp = response(&job, &rid, outcome);
+                        let mut resp = response(&job, &rid, outcome);
+                        without_output(&mut resp);
                         state.record("v1_ws", resp.status.as_str(), t);
-                        let _ = ws::send_json(&mut ws, &StreamLine::Result { result: Box::new(resp) }).await;
+                        let last = StreamLine::Result { result: Box::new(resp) };
+                        if let Err(e) = ws::send_json(&mut ws, &last).await {
+                            tracing::info!("websocket ended before the result: {e}");
+                            return;
+                        }
                         return ws::close(&mut ws, 1000, "done").await;
                     }
                     Step::Done(Err(e)) => return refuse(&mut ws, 1011, e.code, e.message).await,
                 };
-                if ws::send_json(&mut ws, &line).await.is_err() {
+                if let Err(e) = ws::send_json(&mut ws, &line).await {
+                    tracing::info!("websocket ended: {e}");
                     return;
                 }
             },
         }
+    }
+}
+
+/// The final answer without the output the client already has from `output` lines: a result
+/// must stay one modest message (WebSocket clients cap messages: 1 MiB in Python's
+/// `websockets`, 16 MiB frames in tungstenite), whatever the output limit.
+fn without_output(resp: &mut cloude_api::ExecutionResponse) {
+    for (out, b64) in [
+        (&mut resp.stdout, &mut resp.stdout_base64),
+        (&mut resp.stderr, &mut resp.stderr_base64),
+    ] {
+        out.clear();
+        *b64 = None;
+    }
+    if let Some(c) = &mut resp.compile {
+        c.stdout.clear();
+        c.stderr.clear();
     }
 }
 
