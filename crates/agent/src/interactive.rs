@@ -207,10 +207,16 @@ mod tests {
     #[tokio::test]
     async fn lines_are_bounded() {
         let mut r = tokio::io::BufReader::with_capacity(4, &b"ab\ncdefgh\nlast"[..]);
-        assert_eq!(read_line(&mut r, 5).await.unwrap(), Some(b"ab".to_vec()));
+        assert_eq!(
+            read_line(&mut r, 5).await.expect("read"),
+            Some(b"ab".to_vec())
+        );
         assert!(read_line(&mut r, 5).await.is_err());
         let mut r = tokio::io::BufReader::new(&b"last"[..]);
-        assert_eq!(read_line(&mut r, 5).await.unwrap(), Some(b"last".to_vec()));
-        assert_eq!(read_line(&mut r, 5).await.unwrap(), None);
+        assert_eq!(
+            read_line(&mut r, 5).await.expect("read"),
+            Some(b"last".to_vec())
+        );
+        assert_eq!(read_line(&mut r, 5).await.expect("read"), None);
     }
 }

@@ -460,3 +460,49 @@ fn pistons_own_cli_runs_interactively() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `cloude run -i`: the CLI's standard input reaches the program line by line while it runs
+/// (each answer read before the next line is written), end of input closes the program's, and
+/// the CLI exits with the program's code.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn cli_run_interactive_talks_turn_by_turn() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::process::{Command, Stdio};
+    let s = server("");
+    let code = "import sys\nfor line in sys.stdin:\n    print(int(line) * 2, flush=True)\nprint('done')\nsys.exit(5)\n";
+    let mut child = Command::new(support::sibling_bin("cloude").expect("cloude binary"))
+        .args(["--server", &s.url, "run", "-i", "-l", "python", "-c", code])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cloude");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    for (n, want) in [(3, "6"), (21, "42"), (50, "100")] {
+        writeln!(stdin, "{n}").expect("write");
+        stdin.flush().expect("flush");
+        let got = rx
+            .recv_timeout(WAIT)
+            .expect("an answer before the next line");
+        assert_eq!(got, want);
+    }
+    drop(stdin);
+    assert_eq!(rx.recv_timeout(WAIT).expect("done"), "done");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(t.elapsed() < WAIT, "cloude run -i did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(5));
+}

@@ -421,18 +421,8 @@ pub fn interactive(server: &Server, n: usize) -> anyhow::Result<serde_json::Valu
     let start = json!({"language": "python", "code": code, "timeout_ms": 120000});
     let t = Instant::now();
     ws.send(Message::Text(start.to_string()))?;
-    let mut next = || -> anyhow::Result<serde_json::Value> {
-        loop {
-            match ws.read()? {
-                Message::Text(t) => return Ok(serde_json::from_str(&t)?),
-                Message::Close(f) => bail!("closed: {f:?}"),
-                _ => continue,
-            }
-        }
-    };
-    while next()?["type"] != "stage" {}
+    while read_json(&mut ws)?["type"] != "stage" {}
     let ready_ms = t.elapsed().as_secs_f64() * 1000.0;
-    drop(next);
     let mut rtt = Vec::with_capacity(n);
     for i in 0..n {
         let line = format!("line {i}\n");
@@ -442,12 +432,7 @@ pub fn interactive(server: &Server, n: usize) -> anyhow::Result<serde_json::Valu
         ))?;
         let mut got = String::new();
         while !got.ends_with('\n') {
-            let text = match ws.read()? {
-                Message::Text(t) => t,
-                Message::Close(f) => bail!("closed: {f:?}"),
-                _ => continue,
-            };
-            let m: serde_json::Value = serde_json::from_str(&text)?;
+            let m = read_json(&mut ws)?;
             if m["type"] == "output" {
                 got.push_str(m["data"].as_str().unwrap_or_default());
             }
@@ -463,6 +448,19 @@ pub fn interactive(server: &Server, n: usize) -> anyhow::Result<serde_json::Valu
         "line_rtt_p50": p(&rtt, 50.0), "line_rtt_p90": p(&rtt, 90.0), "line_rtt_p99": p(&rtt, 99.0),
         "session_ready_ms": r1(ready_ms), "lines": n, "samples": rtt,
     }))
+}
+
+/// The next JSON text message of a WebSocket.
+fn read_json(
+    ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+) -> anyhow::Result<serde_json::Value> {
+    loop {
+        match ws.read()? {
+            tungstenite::Message::Text(t) => return Ok(serde_json::from_str(&t)?),
+            tungstenite::Message::Close(f) => bail!("closed: {f:?}"),
+            _ => continue,
+        }
+    }
 }
 
 fn stream_timeout(ws: &tungstenite::WebSocket<std::net::TcpStream>) -> anyhow::Result<()> {
