@@ -427,3 +427,103 @@ async fn a_sealed_agent_runs_nothing_until_woken() {
     let r: RunResponse = serde_json::from_slice(&body).expect("run json");
     assert_eq!(r.run.expect("run").stdout.0, b"yes\n");
 }
+
+/// `GET /v1/run/interactive`: after the upgrade, input lines reach the program while it runs
+/// (each answered before the next is sent), a signal reaches its process group, the stage
+/// events frame the output, and the result comes last.
+#[tokio::test]
+async fn interactive_run_reads_input_as_it_comes() {
+    use cloude_protocol::interactive::{Input, UPGRADE};
+    use tokio::io::AsyncBufReadExt as _;
+    let Some((srv, _)) = start("http-interactive").await else {
+        return;
+    };
+    let mut c = tcp_client(srv.addr).await;
+    c.ready().await.expect("ready");
+    // Without the Upgrade header: refused.
+    let (status, _, _) = call(&mut c, Method::GET, "/v1/run/interactive", Vec::new()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let stream = TcpStream::connect(srv.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn.with_upgrades());
+    let up = Request::builder()
+        .method(Method::GET)
+        .uri("/v1/run/interactive")
+        .header("host", "agent")
+        .header("connection", "upgrade")
+        .header("upgrade", UPGRADE)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(up).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
+    let (rd, mut wr) = tokio::io::split(io);
+    let mut lines = tokio::io::BufReader::new(rd).lines();
+    let req = sh("trap 'echo got-usr1' USR1; while read -r l; do echo \"echo:$l\"; done; echo eof; sleep 30 & wait");
+    let mut first = json(&req);
+    first.push(b'\n');
+    wr.write_all(&first).await.expect("request line");
+    let send = |i: Input| {
+        let mut l = serde_json::to_vec(&i).expect("input");
+        l.push(b'\n');
+        l
+    };
+    async fn next_event<R: tokio::io::AsyncBufRead + Unpin>(
+        lines: &mut tokio::io::Lines<R>,
+    ) -> StreamEvent {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("an event in time")
+            .expect("read")
+            .expect("a line");
+        serde_json::from_str::<StreamEvent>(&line).expect("event")
+    }
+    assert!(matches!(
+        next_event(&mut lines).await,
+        StreamEvent::Started { .. }
+    ));
+    for word in ["a", "b", "c"] {
+        wr.write_all(&send(Input::Stdin {
+            data: format!("{word}\n").as_str().into(),
+        }))
+        .await
+        .expect("stdin");
+        match next_event(&mut lines).await {
+            StreamEvent::Output { data, .. } => {
+                assert_eq!(data.0, format!("echo:{word}\n").into_bytes())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    wr.write_all(&send(Input::CloseStdin)).await.expect("close");
+    match next_event(&mut lines).await {
+        StreamEvent::Output { data, .. } => assert_eq!(data.0, b"eof\n"),
+        other => panic!("{other:?}"),
+    }
+    // SIGUSR1 (10) reaches the shell's trap, then SIGKILL ends the stage.
+    wr.write_all(&send(Input::Signal { signal: 10 }))
+        .await
+        .expect("usr1");
+    match next_event(&mut lines).await {
+        StreamEvent::Output { data, .. } => assert_eq!(data.0, b"got-usr1\n"),
+        other => panic!("{other:?}"),
+    }
+    wr.write_all(&send(Input::Signal { signal: 9 }))
+        .await
+        .expect("kill");
+    match next_event(&mut lines).await {
+        StreamEvent::Ended { signal, .. } => assert_eq!(signal, Some(9)),
+        other => panic!("{other:?}"),
+    }
+    match next_event(&mut lines).await {
+        StreamEvent::Result { result } => {
+            let run = result.run.expect("run");
+            assert_eq!(run.signal, Some(9));
+            assert_eq!(run.stdout.0, b"echo:a\necho:b\necho:c\neof\ngot-usr1\n");
+        }
+        other => panic!("{other:?}"),
+    }
+}
