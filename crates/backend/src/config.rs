@@ -21,10 +21,21 @@ pub struct Config {
     pub images: ImagesConfig,
     /// VMs that live across calls (`sandbox.rs`, `api/sandboxes.rs`).
     pub sandboxes: SandboxConfig,
+    /// The MCP face (`api/mcp`).
+    pub mcp: McpConfig,
     /// The Judge0-compatible API (`judge0`, `api/judge0.rs`).
     pub judge0: crate::judge0::Judge0Config,
     /// Where Judge0 submissions are kept (`store`).
     pub store: crate::store::StoreConfig,
+}
+
+/// The MCP face (`api/mcp`, `/mcp`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// `Host` headers `/mcp` accepts besides loopback ones (`localhost`, `127.0.0.1`, `::1`):
+    /// a browser on a malicious page must not reach it through DNS rebinding.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// The jail around every hypervisor process (`vm::jail`).

@@ -396,36 +396,7 @@ fn judge0_api_and_published_client() {
 /// `tests/judge0_client/run.py` against `url`.
 fn judge0_sdk(url: &str) -> Result<(), String> {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("judge0-sdk-venv");
-    let python = venv.join("bin/python");
-    let have = Command::new(&python)
-        .args(["-c", "import judge0"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        let st = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .map_err(|e| format!("python3 -m venv: {e} (install python3 and python3-venv)"))?;
-        if !st.success() {
-            return Err("python3 -m venv failed (install python3-venv)".into());
-        }
-        let st = Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "judge0==0.0.8",
-            ])
-            .status()
-            .map_err(|e| format!("pip: {e}"))?;
-        if !st.success() {
-            return Err(
-                "pip install judge0==0.0.8 failed (is the package index reachable?)".into(),
-            );
-        }
-    }
+    let python = support::python_venv(&venv, "judge0", "judge0==0.0.8")?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/judge0_client/run.py");
     let out = Command::new(&python)
         .arg(script)

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod interactive;
+mod mcp;
 mod run;
 
 use std::process::ExitCode;
@@ -31,6 +32,9 @@ enum Command {
     Run(run::RunArgs),
     /// List the languages the server offers.
     Languages,
+    /// Serve the Model Context Protocol over stdio (what an AI agent launches), carried to the
+    /// server's /mcp.
+    Mcp,
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&client, args, cli.json),
         Command::Languages => run::languages(&client, cli.json),
+        Command::Mcp => mcp::run(&cli.server),
     };
     match result {
         Ok(code) => ExitCode::from(code),

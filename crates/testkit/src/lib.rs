@@ -494,3 +494,40 @@ pub fn server_cgroup_dirs(runtime_name: &str) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A Python venv at `dir` with `requirement` installed from the package index (made once; kept
+/// while `import` succeeds in it). Returns its `python`.
+pub fn python_venv(dir: &Path, import: &str, requirement: &str) -> Result<PathBuf, String> {
+    let python = dir.join("bin/python");
+    let have = Command::new(&python)
+        .args(["-c", &format!("import {import}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if have {
+        return Ok(python);
+    }
+    let st = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(dir)
+        .status()
+        .map_err(|e| format!("python3 -m venv: {e} (install python3 and python3-venv)"))?;
+    if !st.success() {
+        return Err("python3 -m venv failed (install python3-venv)".into());
+    }
+    let st = Command::new(dir.join("bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            requirement,
+        ])
+        .status()
+        .map_err(|e| format!("pip: {e}"))?;
+    if !st.success() {
+        return Err(format!(
+            "pip install {requirement} failed (is the package index reachable?)"
+        ));
+    }
+    Ok(python)
+}

@@ -5,6 +5,7 @@ pub mod error;
 pub mod interactive;
 pub mod json;
 pub mod judge0;
+pub mod mcp;
 pub mod piston;
 pub mod request_id;
 pub mod sandboxes;
@@ -91,6 +92,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             .route(path, method.clone())
             .route(&format!("{path}/"), method);
     }
+    r = r.route(
+        "/mcp",
+        axum::routing::any(mcp::handle).with_state(state.clone()),
+    );
     r.method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() })
         .fallback(|| async { error::ApiError::not_found() })
         .layer(DefaultBodyLimit::disable())

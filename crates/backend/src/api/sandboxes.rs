@@ -58,7 +58,7 @@ impl From<SandboxError> for ApiError {
     }
 }
 
-fn sandboxes(state: &AppState) -> Result<&Arc<Sandboxes>, ApiError> {
+pub(crate) fn sandboxes(state: &AppState) -> Result<&Arc<Sandboxes>, ApiError> {
     state
         .sandboxes
         .as_ref()
@@ -66,7 +66,7 @@ fn sandboxes(state: &AppState) -> Result<&Arc<Sandboxes>, ApiError> {
 }
 
 /// An id that we could have issued; anything else is 404 without a lookup.
-fn checked_id(id: &str) -> Result<&str, ApiError> {
+pub(crate) fn checked_id(id: &str) -> Result<&str, ApiError> {
     if plausible_id(id) {
         Ok(id)
     } else {
@@ -96,7 +96,16 @@ async fn create(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<SandboxCreate>,
 ) -> Result<Response, ApiError> {
-    let sbx = sandboxes(&state)?;
+    let info = create_sandbox(&state, req).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+/// Validates and creates a sandbox (`POST /v1/sandboxes`, the MCP `create_sandbox` tool).
+pub(crate) async fn create_sandbox(
+    state: &AppState,
+    req: SandboxCreate,
+) -> Result<SandboxInfo, ApiError> {
+    let sbx = sandboxes(state)?;
     let cfg = sbx.config();
     let name = req.template.as_deref().unwrap_or(DEFAULT_TEMPLATE);
     let name = if name == "base" {
@@ -137,7 +146,7 @@ async fn create(
     let info = sbx
         .create(&language, Duration::from_secs(timeout_s), env, metadata)
         .await?;
-    Ok((StatusCode::CREATED, Json(show_info(info))).into_response())
+    Ok(show_info(info))
 }
 
 fn check_env(env: &[(String, String)], field: &str) -> Result<(), ApiError> {
@@ -213,8 +222,13 @@ async fn exec(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecIn>,
 ) -> Result<Json<ExecOut>, ApiError> {
-    let sbx = sandboxes(&state)?;
-    let id = checked_id(&id)?;
+    Ok(Json(exec_in(&state, &id, req).await?))
+}
+
+/// Validates and runs one command in a sandbox (`POST …/exec`, the MCP `run_command` tool).
+pub(crate) async fn exec_in(state: &AppState, id: &str, req: ExecIn) -> Result<ExecOut, ApiError> {
+    let sbx = sandboxes(state)?;
+    let id = checked_id(id)?;
     let l = &state.config.limits;
     let argv = match (req.cmd, req.argv) {
         (Some(cmd), None) => vec!["/bin/bash".into(), "-lc".into(), cmd],
@@ -268,7 +282,7 @@ async fn exec(
     let stdout_base64 = std::str::from_utf8(&r.stdout.0)
         .is_err()
         .then(|| base64::engine::general_purpose::STANDARD.encode(&r.stdout.0));
-    Ok(Json(ExecOut {
+    Ok(ExecOut {
         stdout: String::from_utf8_lossy(&r.stdout.0).into_owned(),
         stderr: String::from_utf8_lossy(&r.stderr.0).into_owned(),
         stdout_base64,
@@ -279,7 +293,7 @@ async fn exec(
         wall_ms: r.wall_ms,
         cpu_ms: r.cpu_ms,
         memory_kib: r.memory_kib,
-    }))
+    })
 }
 
 #[derive(Debug, Deserialize)]

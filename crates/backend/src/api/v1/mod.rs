@@ -371,19 +371,29 @@ pub async fn execute(
     ApiJson(req): ApiJson<ExecutionRequest>,
 ) -> Result<Json<ExecutionResponse>, ApiError> {
     let t = Instant::now();
-    let job = to_job(&state, req)?;
-    let outcome = unless_gone(&state, "v1", conn, t, async {
-        let (permit, queued) = state.executor.admit().await?;
-        state
-            .executor
-            .execute(permit, job.clone(), queued, Talk::Whole)
-            .await
-            .map_err(exec_error)
-    })
-    .await?;
-    let resp = response(&job, &rid.0, outcome);
-    state.record("v1", resp.status.as_str(), t);
+    let resp = unless_gone(&state, "v1", conn, t, run_once(&state, req, &rid.0, "v1")).await?;
     Ok(Json(resp))
+}
+
+/// Validates, admits and runs one execution to its answer (`POST /v1/executions`, the MCP
+/// `run_code` tool), recorded in the metrics under `endpoint`. Dropping it kills the VM.
+pub(crate) async fn run_once(
+    state: &AppState,
+    req: ExecutionRequest,
+    request_id: &str,
+    endpoint: &str,
+) -> Result<ExecutionResponse, ApiError> {
+    let t = Instant::now();
+    let job = to_job(state, req)?;
+    let (permit, queued) = state.executor.admit().await?;
+    let outcome = state
+        .executor
+        .execute(permit, job.clone(), queued, Talk::Whole)
+        .await
+        .map_err(exec_error)?;
+    let resp = response(&job, request_id, outcome);
+    state.record(endpoint, resp.status.as_str(), t);
+    Ok(resp)
 }
 
 pub async fn execute_stream(
