@@ -169,7 +169,11 @@ pub fn check_job(job: &Job, config: &Config) {
     if let Some(m) = job.memory_mib {
         assert!((16..=l.max_memory_mib).contains(&m), "memory_mib {m}");
     }
-    assert_ne!(job.pids_limit, Some(0), "the agent refuses a zero pids limit");
+    assert_ne!(
+        job.pids_limit,
+        Some(0),
+        "the agent refuses a zero pids limit"
+    );
     // The run order the executor sends.
     let order = cloude_server::executor::run_request(&job, l.output_limit_bytes);
     if let Err(e) = order.validate() {

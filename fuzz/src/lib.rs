@@ -14,6 +14,7 @@ pub const TARGETS: &[&str] = &[
     "agent_protocol",
     "api_request",
     "cpio_reader",
+    "interactive_messages",
     "judge0_request",
     "judge0_zip",
     "oci_layers",
@@ -29,6 +30,7 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         "agent_protocol" => agent_protocol(data),
         "api_request" => api::run_v1(data),
         "cpio_reader" => cpio::run(data),
+        "interactive_messages" => interactive_messages(data),
         "judge0_request" => api::run_judge0(data),
         "judge0_zip" => api::run_judge0_zip(data),
         "oci_layers" => oci::run(data),
@@ -41,6 +43,26 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         _ => return false,
     }
     true
+}
+
+/// Interactive runs: a hostile agent's event stream read by the host (bounded, never a panic),
+/// the agent's reading of the host's input lines, and both WebSocket faces' client messages.
+pub fn interactive_messages(data: &[u8]) {
+    cloude_server::agent::fuzz_event_lines(data);
+    if let Ok(i) = serde_json::from_slice::<cloude_protocol::interactive::Input>(data) {
+        let line = serde_json::to_vec(&i).expect("an input serialises");
+        let back: cloude_protocol::interactive::Input =
+            serde_json::from_slice(&line).expect("an input reads back");
+        assert_eq!(back, i);
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        cloude_server::api::piston::connect::fuzz_client_message(text);
+        if let Ok(cloude_api::WsInput::Signal { signal }) =
+            serde_json::from_str::<cloude_api::WsInput>(text)
+        {
+            let _ = signal.number();
+        }
+    }
 }
 
 /// The agent's request decoding: any bytes -> `RunRequest` -> validate, never a panic.

@@ -68,7 +68,7 @@ fn api_seeds_reach_both_outcomes() {
     let p = |n| {
         cloude_server::api::piston::decode_piston(&seed("piston_request", n), &r.catalog, &r.config)
     };
-    assert!(p("basic").is_ok());
+    assert!(p("basic").is_ok(), "{:?}", p("basic").err());
     assert!(p("full").is_ok(), "{:?}", p("full").err());
     assert!(p("bad").is_err());
     let j = |n, base64| {

@@ -484,6 +484,63 @@ impl EventLines {
     }
 }
 
+/// Fuzzing (`fuzz/fuzz_targets/interactive_messages.rs`): `data` as a hostile agent's event
+/// stream, cut into reads at every `0xFF` byte, read under small caps (1 KiB of output per
+/// stage). Never panics; what it forwards stays within the caps. (Past 50,000 lines the pace
+/// makes it wait a second: fuzz inputs are far shorter.)
+#[doc(hidden)]
+pub fn fuzz_event_lines(data: &[u8]) {
+    let limits = AnswerLimits {
+        output: 1024,
+        test_output: 0,
+        tests: 0,
+        body: 16 * 1024,
+        line: 16 * 1024,
+        streamed: 2048,
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        let (tx, mut rx) = mpsc::channel(data.len() + 1);
+        let mut lines = EventLines::new(limits);
+        for chunk in data.split(|b| *b == 0xFF) {
+            match lines.push(chunk, &tx).await {
+                Ok(None) => continue,
+                Ok(Some(r)) => {
+                    limits
+                        .check(&r)
+                        .expect("a result over the caps was accepted");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        drop(tx);
+        let (mut out, mut stages) = (0, 0);
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                StreamEvent::Output { data, .. } => {
+                    assert!(!data.0.is_empty(), "an empty output event was forwarded");
+                    out += data.0.len();
+                }
+                StreamEvent::Started { .. } | StreamEvent::Ended { .. } => stages += 1,
+                StreamEvent::Result { .. } | StreamEvent::Error { .. } => {
+                    panic!("a result or error was forwarded as an event")
+                }
+            }
+        }
+        assert!(out <= limits.streamed, "{out} bytes of output forwarded");
+        assert!(
+            stages <= MAX_STAGE_EVENTS,
+            "{stages} stage events forwarded"
+        );
+    });
+}
+
 /// Blank lines a stream may hold (an honest agent sends none).
 const MAX_BLANK_LINES: usize = 1024;
 /// Stream events handled per second from one agent; past it the reader waits for the next

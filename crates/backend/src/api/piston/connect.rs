@@ -114,6 +114,18 @@ async fn session(state: Arc<AppState>, mut ws: Socket) {
     }
 }
 
+/// Fuzzing (`fuzz/fuzz_targets/interactive_messages.rs`): a Piston client's message after
+/// `init`; never panics, and a signal it accepts is one the guest may receive.
+#[doc(hidden)]
+pub fn fuzz_client_message(text: &str) {
+    if let Ok(Client::Signal(n)) = client_message(text) {
+        assert!(
+            cloude_protocol::interactive::signal_allowed(n),
+            "signal {n}"
+        );
+    }
+}
+
 /// A client message after `init`.
 enum Client {
     Init,
