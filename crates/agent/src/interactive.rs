@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
-use crate::executor::{Controls, StdinChunk};
+use crate::executor::{Control, Controls, StdinChunk};
 use crate::power;
 use crate::server::{check_unsealed, AgentState, ApiError, ConnCtx};
 
@@ -121,7 +121,7 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(state: &AgentState
 async fn read_inputs<R: AsyncBufRead + Unpin>(
     mut rd: R,
     stdin: mpsc::UnboundedSender<StdinChunk>,
-    signals: mpsc::UnboundedSender<i32>,
+    control: mpsc::UnboundedSender<Control>,
 ) {
     let mut stdin_bytes = 0usize;
     let mut signal_count = 0usize;
@@ -154,7 +154,16 @@ async fn read_inputs<R: AsyncBufRead + Unpin>(
                     tracing::warn!("interactive signal {signal} refused (#{signal_count})");
                     return;
                 }
-                let _ = signals.send(signal);
+                let _ = control.send(Control::Signal(signal));
+            }
+            Ok(Input::Resize { rows, cols }) => {
+                signal_count += 1;
+                let size = cloude_protocol::TtySize { rows, cols };
+                if signal_count > MAX_SIGNALS || size.validate().is_err() {
+                    tracing::warn!("interactive resize {rows}x{cols} refused (#{signal_count})");
+                    return;
+                }
+                let _ = control.send(Control::Resize(rows, cols));
             }
             Err(e) => {
                 tracing::warn!("interactive input ended: invalid line: {e}");

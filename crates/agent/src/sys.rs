@@ -32,6 +32,9 @@ pub struct ChildSetup {
     pub new_netns: bool,
     /// Resource limits set (soft and hard) before `exec`.
     pub rlimits: Rlimits,
+    /// Standard input is a terminal's slave end: make it the new session's controlling
+    /// terminal (`TIOCSCTTY`), so that Ctrl-C and job control reach the foreground program.
+    pub controlling_tty: bool,
 }
 
 /// `setrlimit` values for a child, each `None` when left as inherited.
@@ -50,8 +53,8 @@ pub struct Rlimits {
 /// file, file capabilities), whatever the image holds.
 pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
     let hook = move || -> io::Result<()> {
-        // SAFETY: only async-signal-safe calls (signal, write, setsid, setrlimit, prctl, fchown,
-        // setgroups, setgid, setuid) on values copied into the closure; no allocation.
+        // SAFETY: only async-signal-safe calls (signal, write, setsid, ioctl, setrlimit, prctl,
+        // fchown, setgroups, setgid, setuid) on values copied into the closure; no allocation.
         unsafe {
             for sig in IGNORED_SIGNALS.iter().chain(&[libc::SIGPIPE]) {
                 libc::signal(*sig, libc::SIG_DFL);
@@ -63,6 +66,9 @@ pub fn prepare_child(cmd: &mut Command, setup: ChildSetup) {
                 }
             }
             if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if setup.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             let no_core = libc::rlimit {
@@ -316,6 +322,7 @@ mod tests {
                 gid: nix::unistd::getegid().as_raw(),
                 new_netns: false,
                 rlimits: Rlimits::default(),
+                controlling_tty: false,
             },
         );
         let out = cmd.output().expect("run sh");
@@ -346,6 +353,7 @@ mod tests {
                     file_size_bytes: Some(100 << 10),
                     cpu_seconds: Some(7),
                 },
+                controlling_tty: false,
             },
         );
         let out = cmd.output().expect("run sh");
@@ -398,5 +406,23 @@ pub fn add_entropy_and_reseed(bytes: &[u8]) -> io::Result<()> {
     unsafe { rnd_add_entropy(f.as_raw_fd(), &info) }.map_err(io::Error::from)?;
     // SAFETY: RNDRESEEDCRNG takes no argument.
     unsafe { rnd_reseed_crng(f.as_raw_fd()) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Sets a terminal's size (`TIOCSWINSZ` on its master end): the kernel sends `SIGWINCH` to the
+/// terminal's foreground process group.
+pub fn set_winsize(master: std::os::fd::BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, a stack value that outlives the
+    // call; the descriptor is borrowed, so it is open.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }

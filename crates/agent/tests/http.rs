@@ -462,7 +462,7 @@ async fn interactive_run_reads_input_as_it_comes() {
     let io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
     let (rd, mut wr) = tokio::io::split(io);
     let mut lines = tokio::io::BufReader::new(rd).lines();
-    let req = sh("trap 'echo got-usr1' USR1; while read -r l; do echo \"echo:$l\"; done; echo eof; sleep 30 & wait");
+    let req = sh("trap 'echo got-usr1' USR1; while read -r l; do echo \"echo:$l\"; done; echo eof; sleep 30 & wait; sleep 30");
     let mut first = json(&req);
     first.push(b'\n');
     wr.write_all(&first).await.expect("request line");
@@ -526,4 +526,97 @@ async fn interactive_run_reads_input_as_it_comes() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// An interactive run with a `tty`: the program's streams are a terminal (`tty` names a pts,
+/// `stty size` the size asked, then the size of a `resize`), Ctrl-C typed as `\x03` interrupts
+/// the foreground program and the shell lives on, typed input is echoed and read by lines.
+#[tokio::test]
+async fn interactive_run_on_a_terminal() {
+    use cloude_protocol::interactive::{Input, UPGRADE};
+    use tokio::io::AsyncBufReadExt as _;
+    let Some((srv, _)) = start("http-tty").await else {
+        return;
+    };
+    let stream = TcpStream::connect(srv.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn.with_upgrades());
+    let up = Request::builder()
+        .method(Method::GET)
+        .uri("/v1/run/interactive")
+        .header("host", "agent")
+        .header("connection", "upgrade")
+        .header("upgrade", UPGRADE)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(up).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
+    let (rd, mut wr) = tokio::io::split(io);
+    let mut lines = tokio::io::BufReader::new(rd).lines();
+    let mut req =
+        sh("trap 'echo INT' INT; tty; stty size; sleep 100; stty size; read x; echo got:$x");
+    req.tty = Some(cloude_protocol::TtySize { rows: 24, cols: 80 });
+    let mut first = json(&req);
+    first.push(b'\n');
+    wr.write_all(&first).await.expect("request line");
+    let send = |i: Input| {
+        let mut l = serde_json::to_vec(&i).expect("input");
+        l.push(b'\n');
+        l
+    };
+    let mut text = String::new();
+    // Reads events until the output so far contains `want`.
+    async fn until<R: tokio::io::AsyncBufRead + Unpin>(
+        lines: &mut tokio::io::Lines<R>,
+        text: &mut String,
+        want: &str,
+    ) -> Option<RunResponse> {
+        while !text.contains(want) {
+            let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no {want:?} in {text:?}"))
+                .expect("read")
+                .expect("a line");
+            match serde_json::from_str::<StreamEvent>(&line).expect("event") {
+                StreamEvent::Output { data, stream, .. } => {
+                    assert_eq!(stream, StreamKind::Stdout, "a terminal is one stream");
+                    text.push_str(&String::from_utf8_lossy(&data.0));
+                }
+                StreamEvent::Result { result } => return Some(result),
+                _ => {}
+            }
+        }
+        None
+    }
+    until(&mut lines, &mut text, "24 80").await;
+    assert!(text.contains("/dev/pts/"), "{text:?}");
+    wr.write_all(&send(Input::Resize {
+        rows: 30,
+        cols: 100,
+    }))
+    .await
+    .expect("resize");
+    wr.write_all(&send(Input::Stdin {
+        data: "\x03".into(),
+    }))
+    .await
+    .expect("ctrl-c");
+    until(&mut lines, &mut text, "30 100").await;
+    assert!(text.contains("INT"), "the shell's trap ran: {text:?}");
+    wr.write_all(&send(Input::Stdin {
+        data: "hello\n".into(),
+    }))
+    .await
+    .expect("line");
+    until(&mut lines, &mut text, "got:hello").await;
+    // The typed line was echoed by the terminal before the program answered.
+    assert!(text.find("hello").expect("echo") < text.find("got:hello").expect("answer"));
+    let result = until(&mut lines, &mut text, "\u{0}never")
+        .await
+        .expect("the result");
+    let run = result.run.expect("run");
+    assert_eq!(run.exit_code, Some(0), "{run:?}");
 }

@@ -45,7 +45,14 @@ pub struct ExecutionRequest {
     /// unset; the answer has a `tests` section with a verdict per case and overall.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tests: Option<Vec<TestIn>>,
+    /// `/v1/executions/ws` only: run the program on a pseudo-terminal of this size (`{rows,
+    /// cols}`): a prompt, echo, Ctrl-C (`\u0003` as input) interrupting the foreground program,
+    /// curses; its output is one stream (`stdout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
 }
+
+pub use cloude_protocol::TtySize;
 
 /// One test case of a request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +317,8 @@ pub enum WsInput {
     CloseStdin,
     /// A signal for the running stage's processes, by name (`SIGINT`) or number.
     Signal { signal: SignalRef },
+    /// The terminal's new size (a run with `tty`).
+    Resize { rows: u16, cols: u16 },
 }
 
 /// A signal by name or number.

@@ -656,6 +656,7 @@ mod tests {
             file_size_limit_kib: None,
             merge_stderr: false,
             tests: vec![],
+            tty: None,
         }
     }
 

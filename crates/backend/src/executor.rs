@@ -47,6 +47,8 @@ pub struct Job {
     pub merge_stderr: bool,
     /// Test cases (compiled once, one run per case in the same VM); empty: one plain run.
     pub tests: Vec<TestCase>,
+    /// A pseudo-terminal for the run stage (interactive runs only, `/v1/executions/ws`).
+    pub tty: Option<cloude_protocol::TtySize>,
 }
 
 /// One test case of a [`Job`].
@@ -87,6 +89,7 @@ pub fn run_request(job: &Job, output_limit_bytes: u64) -> RunRequest {
                 stdin: cloude_protocol::Bytes(t.stdin.clone()),
             })
             .collect(),
+        tty: job.tty,
     }
 }
 
@@ -349,6 +352,7 @@ impl Executor {
             file_size_limit_kib: None,
             merge_stderr: false,
             tests: vec![],
+            tty: None,
         }
     }
 
@@ -676,6 +680,7 @@ mod tests {
             file_size_limit_kib: None,
             merge_stderr: false,
             tests: vec![],
+            tty: None,
         }
     }
 

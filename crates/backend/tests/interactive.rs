@@ -506,3 +506,115 @@ fn cli_run_interactive_talks_turn_by_turn() {
     };
     assert_eq!(status.code(), Some(5));
 }
+
+/// The native WebSocket with a terminal: an interactive bash in the VM shows its prompt,
+/// `tty` names a pts, Ctrl-C (typed as `\x03`) stops `sleep 100` and the shell lives on, a
+/// resize is seen by `stty size`, and `exit 7` ends the run with that code.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn native_websocket_terminal_runs_an_interactive_shell() {
+    let s = server("");
+    let mut ws = Ws::connect(&s, "/v1/executions/ws");
+    ws.send(
+        &json!({"language": "bash", "code": "exec bash -i", "timeout_ms": 60000,
+        "tty": {"rows": 24, "cols": 80}}),
+    );
+    let mut text = String::new();
+    /// Messages until the terminal's output contains `want` (or the result, returned).
+    fn until(ws: &mut Ws, text: &mut String, want: &str) -> Option<Value> {
+        while !text.contains(want) {
+            let m = ws
+                .recv(WAIT)
+                .unwrap_or_else(|| panic!("closed before {want:?}: {text:?}"));
+            match m["type"].as_str() {
+                Some("output") => {
+                    assert_eq!(m["stream"], "stdout", "a terminal is one stream");
+                    text.push_str(m["data"].as_str().unwrap_or_default());
+                }
+                Some("result") => return Some(m),
+                Some("error") => panic!("{m}"),
+                _ => {}
+            }
+        }
+        None
+    }
+    until(&mut ws, &mut text, "$ ");
+    ws.send(&json!({"type": "stdin", "data": "tty; stty size\n"}));
+    until(&mut ws, &mut text, "24 80");
+    assert!(text.contains("/dev/pts/"), "{text:?}");
+    ws.send(&json!({"type": "stdin", "data": "sleep 100; echo slept\n"}));
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    ws.send(&json!({"type": "stdin", "data": "\u{3}"}));
+    ws.send(&json!({"type": "resize", "rows": 30, "cols": 100}));
+    ws.send(&json!({"type": "stdin", "data": "echo alive; stty size\n"}));
+    until(&mut ws, &mut text, "30 100");
+    eprintln!("Ctrl-C to the next answer: {:?}", t.elapsed());
+    assert!(text.contains("alive"), "{text:?}");
+    // The typed command is echoed; its own output line "slept" must never come.
+    assert!(
+        !text.contains("\r\nslept\r\n"),
+        "sleep ran to its end: {text:?}"
+    );
+    ws.send(&json!({"type": "stdin", "data": "exit 7\n"}));
+    let result = until(&mut ws, &mut text, "\u{0}never").expect("the result");
+    assert_eq!(result["result"]["exit_code"], 7, "{result}");
+    assert_eq!(ws.close_code(), 1000);
+    // A terminal on the plain route is refused with a sentence.
+    let r = s.post(
+        "/v1/executions",
+        &json!({"language": "bash", "code": "true", "tty": {"rows": 24, "cols": 80}}),
+    );
+    assert_eq!(r.status, 422, "{}", r.text());
+}
+
+/// `cloude run -i` on a real terminal (`script` gives it a pseudo-terminal): the program gets a
+/// terminal in the guest (an interactive bash shows its prompt and runs what is typed), our
+/// terminal is raw while it runs, and the CLI exits with the shell's code.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn cli_run_interactive_on_a_terminal() {
+    use std::io::{Read as _, Write as _};
+    use std::process::{Command, Stdio};
+    let s = server("");
+    let cloude = support::sibling_bin("cloude").expect("cloude binary");
+    let cmd = format!(
+        "{} --server {} run -i -l bash -c 'exec bash -i'",
+        cloude.display(),
+        s.url
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = stdout.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    stdin.write_all(b"echo hi-$((6*7)); tty\n").expect("type");
+    std::thread::sleep(Duration::from_secs(3));
+    stdin.write_all(b"exit 3\n").expect("type");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(t.elapsed() < WAIT, "cloude run -i did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(stdin);
+    let out = reader.join().expect("reader");
+    assert!(out.contains("$ "), "a prompt: {out:?}");
+    assert!(out.contains("hi-42"), "{out:?}");
+    assert!(
+        out.contains("/dev/pts/"),
+        "the program's streams are a terminal: {out:?}"
+    );
+    assert_eq!(status.code(), Some(3), "{out:?}");
+}

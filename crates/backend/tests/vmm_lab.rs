@@ -104,6 +104,7 @@ async fn cloude_vmm_driver_runs_a_program() {
         file_size_limit_kib: None,
         merge_stderr: false,
         tests: vec![],
+        tty: None,
     };
     let resp = client.run(&req).await.expect("run");
     let run = resp.run.expect("run stage");
@@ -143,6 +144,7 @@ fn python(code: &str, timeout_ms: u64) -> RunRequest {
         file_size_limit_kib: None,
         merge_stderr: false,
         tests: vec![],
+        tty: None,
     }
 }
 

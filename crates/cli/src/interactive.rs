@@ -1,6 +1,8 @@
 //! `cloude run -i`: the program's standard input and output connected to this terminal (or
-//! pipe) while it runs, over `/v1/executions/ws`. Input goes line by line as it is typed (end
-//! of input closes the program's); output appears as the program writes it.
+//! pipe) while it runs, over `/v1/executions/ws`. On a pipe, input goes line by line (end of
+//! input closes the program's). On a terminal the program gets a terminal of the same size in
+//! the guest and ours is put in raw mode (restored on exit, whatever the exit): every key goes
+//! as typed, so Ctrl-C interrupts the program's foreground job, not this client.
 
 use std::io::BufRead as _;
 use std::net::TcpStream;
@@ -16,8 +18,22 @@ const POLL: Duration = Duration::from_millis(20);
 
 type Socket = Arc<Mutex<WebSocket<TcpStream>>>;
 
-/// Runs `req` interactively; the final answer, or the server's error.
+/// Runs `req` interactively (on a terminal when ours is one); the final answer, or the
+/// server's error.
 pub fn run(server: &str, req: &ExecutionRequest) -> anyhow::Result<ExecutionResponse> {
+    use std::io::IsTerminal as _;
+    let mut req = req.clone();
+    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let _raw = if tty {
+        req.tty = Some(terminal_size().unwrap_or(cloude_api::TtySize { rows: 24, cols: 80 }));
+        Some(RawMode::enter()?)
+    } else {
+        None
+    };
+    talk(server, &req, tty)
+}
+
+fn talk(server: &str, req: &ExecutionRequest, tty: bool) -> anyhow::Result<ExecutionResponse> {
     let hostport = server
         .strip_prefix("http://")
         .context("interactive runs need an http:// server URL")?
@@ -30,7 +46,13 @@ pub fn run(server: &str, req: &ExecutionRequest) -> anyhow::Result<ExecutionResp
     ws.get_mut().set_read_timeout(Some(POLL))?;
     let ws: Socket = Arc::new(Mutex::new(ws));
     let input = ws.clone();
-    std::thread::spawn(move || forward_stdin(&input));
+    std::thread::spawn(move || {
+        if tty {
+            forward_keys(&input)
+        } else {
+            forward_stdin(&input)
+        }
+    });
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     loop {
@@ -63,6 +85,7 @@ pub fn run(server: &str, req: &ExecutionRequest) -> anyhow::Result<ExecutionResp
                     StreamKind::Stdout => &mut out,
                     StreamKind::Stderr => &mut err,
                 };
+                // A terminal in raw mode ends lines with \r\n itself (the guest's sends them).
                 let _ = w.write_all(data.as_bytes());
                 let _ = w.flush();
             }
@@ -102,4 +125,79 @@ fn forward_stdin(ws: &Socket) {
         }
     }
     send(&WsInput::CloseStdin);
+}
+
+/// Sends every byte of our (raw) terminal as it is typed.
+fn forward_keys(ws: &Socket) {
+    use base64::Engine as _;
+    use std::io::Read as _;
+    let mut buf = [0u8; 4096];
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let m = WsInput::Stdin {
+            data: None,
+            data_base64: Some(base64::engine::general_purpose::STANDARD.encode(&buf[..n])),
+        };
+        let Ok(text) = serde_json::to_string(&m) else {
+            return;
+        };
+        let sent = ws
+            .lock()
+            .map(|mut ws| ws.send(Message::Text(text)).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            return;
+        }
+    }
+}
+
+/// Our terminal's size (`stty size` on our standard input).
+fn terminal_size() -> Option<cloude_api::TtySize> {
+    let out = std::process::Command::new("stty")
+        .arg("size")
+        .stdin(std::process::Stdio::inherit())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let size = cloude_api::TtySize {
+        rows: it.next()?.ok()?,
+        cols: it.next()?.ok()?,
+    };
+    size.validate().ok().map(|()| size)
+}
+
+/// Our terminal in raw mode until dropped (then as it was: `stty -g` saved, restored).
+struct RawMode {
+    saved: String,
+}
+
+impl RawMode {
+    fn enter() -> anyhow::Result<RawMode> {
+        let stty = |args: &[&str]| {
+            std::process::Command::new("stty")
+                .args(args)
+                .stdin(std::process::Stdio::inherit())
+                .output()
+        };
+        let saved = stty(&["-g"]).context("stty -g")?;
+        anyhow::ensure!(saved.status.success(), "stty -g failed");
+        let saved = String::from_utf8_lossy(&saved.stdout).trim().to_string();
+        let raw = stty(&["raw", "-echo"]).context("stty raw")?;
+        anyhow::ensure!(raw.status.success(), "stty raw -echo failed");
+        Ok(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("stty")
+            .arg(&self.saved)
+            .stdin(std::process::Stdio::inherit())
+            .status();
+    }
 }

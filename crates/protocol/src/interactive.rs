@@ -7,7 +7,10 @@
 //! [`crate::StreamEvent`]s (`started`, `output`, `ended` per stage), the last one `result` or
 //! `error`, after which it closes its side. Standard input that arrives before the run stage
 //! has started is kept for it (the compile stage reads none); it ends when the host sends
-//! `close_stdin` or closes its side.
+//! `close_stdin` or closes its side. With a `tty` the run stage's standard streams are a
+//! pseudo-terminal: input goes through its line discipline (Ctrl-C, `\x03`, interrupts the
+//! foreground program), output is one stream (`stdout`), `close_stdin` sends end-of-file
+//! (`\x04`) and `resize` changes its size.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +23,8 @@ pub const UPGRADE: &str = "cloude-interactive/1";
 pub const MAX_INPUT_LINE_BYTES: usize = 1 << 20;
 /// Standard input bytes one interactive run may receive in all.
 pub const MAX_INTERACTIVE_STDIN_BYTES: usize = crate::MAX_STDIN_BYTES;
-/// Signals one interactive run may receive (each one kills or wakes processes in the guest).
+/// Signals and resizes one interactive run may receive (each one kills, wakes or redraws
+/// processes in the guest).
 pub const MAX_SIGNALS: usize = 1024;
 
 /// One line from the host during an interactive run.
@@ -33,6 +37,8 @@ pub enum Input {
     CloseStdin,
     /// A signal for the running stage's processes (its process group).
     Signal { signal: i32 },
+    /// The terminal's new size (a run with a `tty`; its foreground programs get `SIGWINCH`).
+    Resize { rows: u16, cols: u16 },
 }
 
 /// Signals a client may send (what Piston accepts, minus the ones the kernel never delivers

@@ -272,6 +272,32 @@ pub struct RunRequest {
     /// stdin; `stdin` must then be empty. Answers are in [`RunResponse::tests`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tests: Vec<TestInput>,
+    /// Interactive runs only: the run stage gets a pseudo-terminal of this size as its
+    /// standard input, output and error (its controlling terminal), instead of pipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size, in characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl TtySize {
+    /// Largest rows or columns a terminal may have.
+    pub const MAX: u16 = 1000;
+
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        if self.rows == 0 || self.cols == 0 || self.rows > Self::MAX || self.cols > Self::MAX {
+            return Err(ProtocolError::OutOfRange(
+                "tty rows and cols",
+                Self::MAX.into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One test case of a [`RunRequest`].
@@ -508,6 +534,9 @@ impl RunRequest {
         if !self.tests.is_empty() && !self.stdin.0.is_empty() {
             return Err(ProtocolError::StdinWithTests);
         }
+        if let Some(t) = &self.tty {
+            t.validate()?;
+        }
         let tests_stdin: usize = self.tests.iter().map(|t| t.stdin.0.len()).sum();
         if tests_stdin > MAX_STDIN_BYTES {
             return Err(ProtocolError::TooLarge(
@@ -642,6 +671,7 @@ mod tests {
             file_size_limit_kib: None,
             merge_stderr: false,
             tests: vec![],
+            tty: None,
         }
     }
 

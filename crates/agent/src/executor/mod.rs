@@ -16,7 +16,7 @@ use cloude_protocol::{
 };
 use tokio::sync::mpsc;
 
-pub use stage::{error_result, Controls, StdinChunk};
+pub use stage::{error_result, Control, Controls, StdinChunk};
 pub use workdir::{WorkDir, WorkDirError};
 
 use crate::cgroup::Limits;
@@ -218,6 +218,7 @@ impl Executor {
                 sink: sink.clone(),
                 keep_background: false,
                 controls: controls.clone(),
+                tty: req.tty.filter(|_| run && controls.is_some()),
             }
         };
 
@@ -344,6 +345,7 @@ impl Executor {
             sink: None,
             keep_background: true,
             controls: None,
+            tty: None,
         };
         Ok(run_stage(spec).await)
     }

@@ -1,13 +1,13 @@
 //! One stage (compile or run): spawn the program in its own session and cgroup, feed stdin,
 //! capture output under the cap, enforce the timeout, then measure and clean up.
 
-use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cloude_protocol::{Stage, StageResult, StageStatus, StreamEvent, StreamKind};
+use cloude_protocol::{Stage, StageResult, StageStatus, StreamEvent, StreamKind, TtySize};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt as _;
@@ -54,6 +54,15 @@ pub struct StageSpec {
     /// An interactive run's signals (delivered to the stage's process group) and the
     /// `started`/`ended` events sent to `sink`.
     pub controls: Option<Arc<Controls>>,
+    /// A pseudo-terminal of this size as the stage's standard streams (interactive runs).
+    pub tty: Option<TtySize>,
+}
+
+/// What the host sends an interactive run's stage besides its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Signal(i32),
+    Resize(u16, u16),
 }
 
 /// Where a stage's standard input comes from.
@@ -81,7 +90,7 @@ pub enum StdinChunk {
 #[derive(Debug)]
 pub struct Controls {
     pub stdin: tokio::sync::Mutex<mpsc::UnboundedReceiver<StdinChunk>>,
-    pub signals: tokio::sync::Mutex<mpsc::UnboundedReceiver<i32>>,
+    pub control: tokio::sync::Mutex<mpsc::UnboundedReceiver<Control>>,
 }
 
 impl Controls {
@@ -89,13 +98,13 @@ impl Controls {
     pub fn new() -> (
         Arc<Controls>,
         mpsc::UnboundedSender<StdinChunk>,
-        mpsc::UnboundedSender<i32>,
+        mpsc::UnboundedSender<Control>,
     ) {
         let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
         let (sig_tx, sig_rx) = mpsc::unbounded_channel();
         let c = Controls {
             stdin: tokio::sync::Mutex::new(stdin_rx),
-            signals: tokio::sync::Mutex::new(sig_rx),
+            control: tokio::sync::Mutex::new(sig_rx),
         };
         (Arc::new(c), stdin_tx, sig_tx)
     }
@@ -129,9 +138,9 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         Ok(r) => r,
         Err(e) => return error_result(e.to_string()),
     };
-    let (mut cmd, merged) = match command(&spec, cgroup.as_ref()) {
+    let (mut cmd, merged, master) = match command(&spec, cgroup.as_ref()) {
         Ok(c) => c,
-        Err(e) => return error_result(format!("cannot make the output pipe: {e}")),
+        Err(e) => return error_result(format!("cannot make the output pipe or terminal: {e}")),
     };
     let start = Instant::now();
     let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
@@ -164,13 +173,35 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
     };
     let out = merged.or_else(|| child.stdout.take().map(OwnedFd::from));
     let err = child.stderr.take().map(OwnedFd::from);
-    let out_task = tokio::spawn(drain(
-        out,
-        StreamKind::Stdout,
-        cap.clone(),
-        sink(0),
-        stop_rx.clone(),
-    ));
+    // With a terminal, its master end is the program's input and output (and resizes it).
+    let term = match master.as_ref().map(terminal) {
+        Some(Err(e)) => {
+            kill_all(cgroup.as_ref(), pid);
+            return error_result(format!("cannot drive the terminal: {e}"));
+        }
+        Some(Ok(t)) => Some(t),
+        None => None,
+    };
+    let (term_reader, term_writer) = match term {
+        Some((r, w)) => (Some(r), Some(w)),
+        None => (None, None),
+    };
+    let out_task = match term_reader {
+        Some(r) => tokio::spawn(pump(
+            r,
+            StreamKind::Stdout,
+            cap.clone(),
+            sink(0),
+            Some(stop_rx.clone()),
+        )),
+        None => tokio::spawn(drain(
+            out,
+            StreamKind::Stdout,
+            cap.clone(),
+            sink(0),
+            stop_rx.clone(),
+        )),
+    };
     let err_task = tokio::spawn(drain(
         err,
         StreamKind::Stderr,
@@ -178,16 +209,24 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         sink(1),
         stop_rx,
     ));
-    let stdin_task = child.stdin.take().map(|w| {
-        let fd = OwnedFd::from(w);
-        match &spec.stdin {
-            Stdin::Bytes(data) => tokio::spawn(feed(fd, data.clone())),
-            Stdin::Live(c) => tokio::spawn(feed_live(fd, c.clone())),
-        }
-    });
+    let stdin_task = match (term_writer, &spec.stdin) {
+        (Some(w), Stdin::Live(c)) => Some(tokio::spawn(feed_live(w, c.clone(), Some(EOT)))),
+        (_, Stdin::Bytes(data)) => child
+            .stdin
+            .take()
+            .map(|w| tokio::spawn(feed(OwnedFd::from(w), data.clone()))),
+        (None, Stdin::Live(c)) => child.stdin.take().map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                if let Ok(w) = pipe::Sender::from_owned_fd(OwnedFd::from(w)) {
+                    feed_live(w, c, None).await;
+                }
+            })
+        }),
+    };
     // Held for the whole stage: signals that arrive between two stages wait for the next.
     let mut signals = match &spec.controls {
-        Some(c) => Some(c.signals.lock().await),
+        Some(c) => Some(c.control.lock().await),
         None => None,
     };
 
@@ -218,7 +257,12 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
                 kill_all(cgroup.as_ref(), pid);
             }
             sig = next_signal(&mut signals), if signals.is_some() => match sig {
-                Some(n) => deliver(n, cgroup.as_ref(), pid),
+                Some(Control::Signal(n)) => deliver(n, cgroup.as_ref(), pid),
+                Some(Control::Resize(rows, cols)) => {
+                    if let Some(m) = &master {
+                        let _ = sys::set_winsize(m.as_fd(), rows, cols);
+                    }
+                }
                 None => signals = None,
             },
         }
@@ -306,14 +350,25 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
 fn command(
     spec: &StageSpec,
     cgroup: Option<&StageCgroup>,
-) -> std::io::Result<(Command, Option<OwnedFd>)> {
+) -> std::io::Result<(Command, Option<OwnedFd>, Option<OwnedFd>)> {
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd)
         .stdin(Stdio::piped());
-    let merged = if spec.merge_stderr {
+    let mut master = None;
+    let merged = if let Some(size) = spec.tty {
+        let (m, slave) = crate::pty::open(size)?;
+        cmd.stdin(slave.try_clone()?)
+            .stdout(slave.try_clone()?)
+            .stderr(slave);
+        if !spec.env.iter().any(|(k, _)| k == "TERM") {
+            cmd.env("TERM", "xterm-256color");
+        }
+        master = Some(m);
+        None
+    } else if spec.merge_stderr {
         let (r, w) = std::io::pipe()?;
         cmd.stdout(w.try_clone()?).stderr(w);
         Some(OwnedFd::from(r))
@@ -329,9 +384,21 @@ fn command(
             gid: spec.gid,
             new_netns: spec.new_netns,
             rlimits: spec.rlimits,
+            controlling_tty: spec.tty.is_some(),
         },
     );
-    Ok((cmd, merged))
+    Ok((cmd, merged, master))
+}
+
+/// End of transmission: what `close_stdin` types on a terminal (its end of file).
+const EOT: u8 = 0x04;
+
+/// A terminal's master end as the stage's output reader and input writer.
+fn terminal(master: &OwnedFd) -> std::io::Result<(crate::pty::Master, crate::pty::Master)> {
+    Ok((
+        crate::pty::Master::new(master.try_clone()?)?,
+        crate::pty::Master::new(master.try_clone()?)?,
+    ))
 }
 
 /// Kills the stage's processes: the whole cgroup, and the session's process group.
@@ -372,14 +439,21 @@ async fn feed(fd: OwnedFd, data: Arc<Vec<u8>>) {
 
 /// Writes an interactive run's standard input as it arrives; closes it at `close_stdin` or
 /// when the host's side ends. Data the program no longer reads (EPIPE) is dropped.
-async fn feed_live(fd: OwnedFd, controls: Arc<Controls>) {
-    let Ok(mut w) = pipe::Sender::from_owned_fd(fd) else {
-        return;
-    };
+async fn feed_live<W: tokio::io::AsyncWrite + Unpin>(
+    mut w: W,
+    controls: Arc<Controls>,
+    eof: Option<u8>,
+) {
     let mut rx = controls.stdin.lock().await;
     let mut open = true;
-    while let Some(StdinChunk::Data(d)) = rx.recv().await {
-        if open && w.write_all(&d).await.is_err() {
+    loop {
+        let data = match (rx.recv().await, eof) {
+            (Some(StdinChunk::Data(d)), _) => d,
+            // A terminal stays open: end of input is a character its line discipline reads.
+            (Some(StdinChunk::Close), Some(c)) => vec![c],
+            (Some(StdinChunk::Close), None) | (None, _) => break,
+        };
+        if open && w.write_all(&data).await.is_err() {
             open = false;
         }
     }
@@ -388,8 +462,8 @@ async fn feed_live(fd: OwnedFd, controls: Arc<Controls>) {
 
 /// The next signal of an interactive run (`None`: the host will send no more).
 async fn next_signal(
-    rx: &mut Option<tokio::sync::MutexGuard<'_, mpsc::UnboundedReceiver<i32>>>,
-) -> Option<i32> {
+    rx: &mut Option<tokio::sync::MutexGuard<'_, mpsc::UnboundedReceiver<Control>>>,
+) -> Option<Control> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -111,6 +111,7 @@ pub fn request(run: &[&str]) -> RunRequest {
         file_size_limit_kib: None,
         merge_stderr: false,
         tests: vec![],
+        tty: None,
     }
 }
 

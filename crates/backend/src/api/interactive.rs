@@ -90,6 +90,11 @@ impl Run {
         let _ = self.input.send(Input::CloseStdin).await;
     }
 
+    /// Resizes the run's terminal (size already checked by the face).
+    pub async fn resize(&mut self, rows: u16, cols: u16) {
+        let _ = self.input.send(Input::Resize { rows, cols }).await;
+    }
+
     /// Sends a signal to the running stage (`signal` already checked by the face).
     pub async fn signal(&mut self, signal: i32) {
         let _ = self.input.send(Input::Signal { signal }).await;

@@ -234,6 +234,7 @@ pub fn build_job(d: Draft, limits: &Limits) -> Result<Job, ApiError> {
         file_size_limit_kib: None,
         merge_stderr: false,
         tests: d.tests,
+        tty: None,
     })
 }
 

@@ -101,7 +101,14 @@ pub fn job_from_request(
             })
             .collect(),
     };
-    build_job(
+    if let Some(t) = &r.tty {
+        t.validate()
+            .map_err(|e| ApiError::invalid("tty", e.to_string()))?;
+        if !tests.is_empty() {
+            return Err(ApiError::invalid("tty", "test cases have no terminal"));
+        }
+    }
+    let mut job = build_job(
         Draft {
             language,
             files,
@@ -115,7 +122,20 @@ pub fn job_from_request(
             tests,
         },
         &config.limits,
-    )
+    )?;
+    job.tty = r.tty;
+    Ok(job)
+}
+
+/// Refuses a terminal on the routes that have no input while the program runs.
+fn no_tty(job: &Job) -> Result<(), ApiError> {
+    if job.tty.is_some() {
+        return Err(ApiError::invalid(
+            "tty",
+            "a terminal needs a connection that carries input: use the WebSocket /v1/executions/ws",
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn exec_error(e: ExecError) -> ApiError {
@@ -385,6 +405,7 @@ pub(crate) async fn run_once(
 ) -> Result<ExecutionResponse, ApiError> {
     let t = Instant::now();
     let job = to_job(state, req)?;
+    no_tty(&job)?;
     let (permit, queued) = state.executor.admit().await?;
     let outcome = state
         .executor
@@ -403,6 +424,7 @@ pub async fn execute_stream(
 ) -> Result<Response, ApiError> {
     let t = Instant::now();
     let job = to_job(&state, req)?;
+    no_tty(&job)?;
     if !job.tests.is_empty() {
         return Err(ApiError::invalid(
             "tests",

@@ -156,6 +156,13 @@ async fn input(run: &mut Run, text: &str) -> Result<(), String> {
             run.close_stdin().await;
             Ok(())
         }
+        WsInput::Resize { rows, cols } => {
+            cloude_protocol::TtySize { rows, cols }
+                .validate()
+                .map_err(|e| e.to_string())?;
+            run.resize(rows, cols).await;
+            Ok(())
+        }
         WsInput::Signal { signal } => {
             let n = signal
                 .number()
