@@ -270,6 +270,28 @@ fn piston_connect_close_codes() {
     );
     // A plain GET is told to upgrade.
     assert_eq!(s.get("/api/v2/connect").status, 426);
+    // A page of another site cannot open a socket through the visitor's browser.
+    for (origin, want) in [
+        ("https://evil.example", "403"),
+        ("http://localhost:3000", "101"),
+    ] {
+        use std::io::{Read as _, Write as _};
+        let mut c = TcpStream::connect(s.addr).expect("connect");
+        write!(
+            c,
+            "GET /v1/executions/ws HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\norigin: {origin}\r\n\r\n",
+            s.addr
+        )
+        .expect("write");
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).expect("status line");
+        assert_eq!(
+            &head[9..12],
+            want.as_bytes(),
+            "{origin}: {}",
+            String::from_utf8_lossy(&head)
+        );
+    }
 }
 
 #[test]

@@ -109,6 +109,15 @@ where
     {
         return ApiError::bad_request(None, "Sec-WebSocket-Version must be 13").into_response();
     }
+    if let Err(origin) = same_site(headers) {
+        return ApiError::forbidden(
+            "forbidden_origin",
+            format!(
+                "a WebSocket from a page of another site ({origin}) is refused: only this server's own pages and non-browser clients may open one"
+            ),
+        )
+        .into_response();
+    }
     let Some(handover) = handover else {
         return ApiError::bad_request(None, "WebSockets are served on the server's own listener")
             .into_response();
@@ -124,6 +133,40 @@ where
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
+}
+
+/// Browsers send `Origin` with every WebSocket and let any page open one to any address (no
+/// same-origin rule for WebSockets): a page on another site must not run programs through a
+/// server on the visitor's loopback. A request without `Origin` (not a browser: Piston's CLI,
+/// tungstenite) passes; one whose `Origin` names this server (the `Host` it asked) or a
+/// loopback name passes; any other is refused with the origin it named.
+fn same_site(headers: &HeaderMap) -> Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("?").to_string();
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or("")
+        .trim_end_matches('/');
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !authority.is_empty() && (authority.eq_ignore_ascii_case(host) || loopback) {
+        Ok(())
+    } else {
+        Err(origin)
+    }
 }
 
 /// Sends one JSON text message.
@@ -170,5 +213,34 @@ pub async fn next_text(ws: &mut Socket) -> Option<Result<String, String>> {
             Err(tungstenite::Error::Capacity(e)) => return Some(Err(format!("{e}"))),
             Err(_) => return None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(header::HOST, HeaderValue::from_str(host).expect("host"));
+        if let Some(o) = origin {
+            m.insert(header::ORIGIN, HeaderValue::from_str(o).expect("origin"));
+        }
+        m
+    }
+
+    #[test]
+    fn only_this_server_s_pages_and_non_browsers_open_websockets() {
+        assert!(same_site(&h(None, "127.0.0.1:8787")).is_ok());
+        assert!(same_site(&h(
+            Some("http://cloude.example:8787"),
+            "cloude.example:8787"
+        ))
+        .is_ok());
+        assert!(same_site(&h(Some("http://localhost:3000"), "127.0.0.1:8787")).is_ok());
+        assert!(same_site(&h(Some("http://[::1]:8787"), "[::1]:8787")).is_ok());
+        assert!(same_site(&h(Some("https://evil.example"), "127.0.0.1:8787")).is_err());
+        assert!(same_site(&h(Some("null"), "127.0.0.1:8787")).is_err());
+        assert!(same_site(&h(Some("http://127.0.0.1.evil.example"), "127.0.0.1:8787")).is_err());
     }
 }
