@@ -385,6 +385,20 @@ pub fn signal_number(name: &str) -> Option<i32> {
         .or_else(|| name.parse().ok())
 }
 
+/// Percent-encodes a path segment or query value: every byte but unreserved ones and `/` (the
+/// one spelling the server's agent client and the CLI use).
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,7 +212,10 @@ impl AgentClient {
 
     /// `GET /v1/files?path=`: a file's bytes (at most `max`) or a directory's listing.
     pub async fn file_get(&mut self, path: &str, max: u64) -> Result<FileAnswer, AgentError> {
-        let uri = format!("/v1/files?path={}&max={max}", query_escape(path));
+        let uri = format!(
+            "/v1/files?path={}&max={max}",
+            cloude_api::query_escape(path)
+        );
         let resp = self
             .send(
                 hyper::Method::GET,
@@ -247,7 +250,10 @@ impl AgentClient {
             cloude_protocol::sandbox::SandboxUser::User => "user",
             cloude_protocol::sandbox::SandboxUser::Root => "root",
         };
-        let mut uri = format!("/v1/files?path={}&user={user}", query_escape(path));
+        let mut uri = format!(
+            "/v1/files?path={}&user={user}",
+            cloude_api::query_escape(path)
+        );
         if let Some(m) = mode {
             uri.push_str(&format!("&mode={m:o}"));
         }
@@ -260,7 +266,7 @@ impl AgentClient {
 
     /// `DELETE /v1/files?path=`.
     pub async fn file_delete(&mut self, path: &str) -> Result<(), AgentError> {
-        let uri = format!("/v1/files?path={}", query_escape(path));
+        let uri = format!("/v1/files?path={}", cloude_api::query_escape(path));
         let resp = self
             .send(
                 hyper::Method::DELETE,
@@ -583,19 +589,6 @@ pub enum FileAnswer {
 
 /// Largest directory listing answer read from an agent.
 const MAX_LISTING_BODY_BYTES: usize = 8 << 20;
-
-/// Percent-encodes a query value (every byte but unreserved ones and `/`).
-fn query_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 async fn collect(body: hyper::body::Incoming, max: usize) -> Result<Bytes, AgentError> {
     Limited::new(body, max)

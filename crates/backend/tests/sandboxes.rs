@@ -246,3 +246,56 @@ fn sandboxes_time_out_and_every_cap_answers() {
     let (st, v) = create(&s, json!({}));
     assert_eq!(st, 201, "a slot is free again: {v}");
 }
+
+/// `cloude sandbox`: create, exec (its output and exit code become the CLI's), put, get, ls, rm.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn the_cli_drives_a_sandbox() {
+    use std::process::Command;
+    let s = server("");
+    let cloude = support::sibling_bin("cloude").expect("cloude binary");
+    let run = |args: &[&str]| {
+        let out = Command::new(&cloude)
+            .arg("--server")
+            .arg(&s.url)
+            .arg("sandbox")
+            .args(args)
+            .output()
+            .expect("cloude");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, id, err) = run(&["create", "--template", "python", "--timeout-s", "120"]);
+    assert_eq!(code, Some(0), "{err}");
+    let id = id.trim().to_string();
+    assert!(id.starts_with("sbx_"), "{id}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let local = dir.path().join("in.txt");
+    std::fs::write(&local, "from the host\n").expect("write");
+    let (code, _, err) = run(&[
+        "put",
+        &id,
+        local.to_str().expect("path"),
+        "/home/user/d/in.txt",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = run(&["exec", &id, "-c", "cat d/in.txt; echo oops >&2; exit 4"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (Some(4), "from the host\n", "oops\n")
+    );
+    let (code, out, _) = run(&["exec", &id, "--", "python3", "-c", "print(6*7)"]);
+    assert_eq!((code, out.as_str()), (Some(0), "42\n"));
+    let (code, out, _) = run(&["get", &id, "/home/user/d/in.txt"]);
+    assert_eq!((code, out.as_str()), (Some(0), "from the host\n"));
+    let (_, out, _) = run(&["ls"]);
+    assert!(out.contains(&id), "{out}");
+    let (code, _, err) = run(&["rm", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = run(&["exec", &id, "-c", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("404") || err.contains("no sandbox"), "{err}");
+}

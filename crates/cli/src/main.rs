@@ -4,6 +4,7 @@
 mod interactive;
 mod mcp;
 mod run;
+mod sandbox;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,9 @@ enum Command {
     Run(run::RunArgs),
     /// List the languages the server offers.
     Languages,
+    /// Sandboxes: VMs that keep their files and processes across calls.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCmd),
     /// Serve the Model Context Protocol over stdio (what an AI agent launches), carried to the
     /// server's /mcp.
     Mcp,
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&client, args, cli.json),
         Command::Languages => run::languages(&client, cli.json),
         Command::Mcp => mcp::run(&cli.server),
+        Command::Sandbox(cmd) => sandbox::run(&client, cmd, cli.json),
     };
     match result {
         Ok(code) => ExitCode::from(code),

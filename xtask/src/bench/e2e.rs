@@ -418,7 +418,7 @@ pub fn interactive(server: &Server, n: usize) -> anyhow::Result<serde_json::Valu
     stream_timeout(&ws)?;
     let code =
         "import sys\nfor line in sys.stdin:\n    sys.stdout.write(line)\n    sys.stdout.flush()\n";
-    let start = json!({"language": "python", "code": code, "timeout_ms": 120000});
+    let start = json!({"language": "python", "code": code, "timeout_ms": 60000});
     let t = Instant::now();
     ws.send(Message::Text(start.to_string()))?;
     while read_json(&mut ws)?["type"] != "stage" {}
