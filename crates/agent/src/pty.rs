@@ -3,13 +3,14 @@
 //! controlling terminal (`sys::ChildSetup::controlling_tty`).
 
 use std::io;
-use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use cloude_protocol::TtySize;
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use tokio::io::unix::AsyncFd;
+
+use crate::transport::FdStream;
+use nix::fcntl::{fcntl, FcntlArg};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A new terminal of `size`: (master, slave).
@@ -29,65 +30,45 @@ pub fn open(size: TtySize) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r.master, r.slave))
 }
 
-/// One descriptor of the master end, non-blocking, driven by tokio.
-pub struct Master(AsyncFd<OwnedFd>);
+/// One descriptor of the master end: the agent's [`FdStream`], except that `EIO` (every slave
+/// descriptor closed) is the terminal's end of file.
+pub struct Master(FdStream);
 
 impl Master {
     /// Wraps a (duplicate of the) master descriptor.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
-        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
-        Ok(Master(crate::sys::async_fd(fd)?))
+        Ok(Master(FdStream::new(fd)?))
     }
 }
 
 impl AsyncRead for Master {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            let mut guard = ready!(self.0.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match nix::unistd::read(guard.get_inner().as_raw_fd(), unfilled) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                // Every slave descriptor closed: the terminal's end of file.
-                Err(nix::errno::Errno::EIO) => return Poll::Ready(Ok(())),
-                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Poll::Ready(Err(e.into())),
-            }
+        match ready!(Pin::new(&mut self.0).poll_read(cx, buf)) {
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Poll::Ready(Ok(())),
+            r => Poll::Ready(r),
         }
     }
 }
 
 impl AsyncWrite for Master {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            let mut guard = ready!(self.0.poll_write_ready(cx))?;
-            match nix::unistd::write(guard.get_inner().as_fd(), data) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Poll::Ready(Err(e.into())),
-            }
-        }
+        Pin::new(&mut self.0).poll_write(cx, data)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A terminal has no half-close: its end of input is a character (`^D`).
         Poll::Ready(Ok(()))
     }
 }

@@ -433,7 +433,7 @@ async fn a_sealed_agent_runs_nothing_until_woken() {
 /// events frame the output, and the result comes last.
 #[tokio::test]
 async fn interactive_run_reads_input_as_it_comes() {
-    use cloude_protocol::interactive::{Input, UPGRADE};
+    use cloude_protocol::interactive::Input;
     use tokio::io::AsyncBufReadExt as _;
     let Some((srv, _)) = start("http-interactive").await else {
         return;
@@ -444,23 +444,7 @@ async fn interactive_run_reads_input_as_it_comes() {
     let (status, _, _) = call(&mut c, Method::GET, "/v1/run/interactive", Vec::new()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
-    let stream = TcpStream::connect(srv.addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn.with_upgrades());
-    let up = Request::builder()
-        .method(Method::GET)
-        .uri("/v1/run/interactive")
-        .header("host", "agent")
-        .header("connection", "upgrade")
-        .header("upgrade", UPGRADE)
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = sender.send_request(up).await.expect("response");
-    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
-    let (rd, mut wr) = tokio::io::split(io);
+    let (rd, mut wr) = interactive(srv.addr).await;
     let mut lines = tokio::io::BufReader::new(rd).lines();
     let req = sh("trap 'echo got-usr1' USR1; while read -r l; do echo \"echo:$l\"; done; echo eof; sleep 30 & wait; sleep 30");
     let mut first = json(&req);
@@ -533,28 +517,12 @@ async fn interactive_run_reads_input_as_it_comes() {
 /// the foreground program and the shell lives on, typed input is echoed and read by lines.
 #[tokio::test]
 async fn interactive_run_on_a_terminal() {
-    use cloude_protocol::interactive::{Input, UPGRADE};
+    use cloude_protocol::interactive::Input;
     use tokio::io::AsyncBufReadExt as _;
     let Some((srv, _)) = start("http-tty").await else {
         return;
     };
-    let stream = TcpStream::connect(srv.addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn.with_upgrades());
-    let up = Request::builder()
-        .method(Method::GET)
-        .uri("/v1/run/interactive")
-        .header("host", "agent")
-        .header("connection", "upgrade")
-        .header("upgrade", UPGRADE)
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = sender.send_request(up).await.expect("response");
-    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
-    let (rd, mut wr) = tokio::io::split(io);
+    let (rd, mut wr) = interactive(srv.addr).await;
     let mut lines = tokio::io::BufReader::new(rd).lines();
     let mut req =
         sh("trap 'echo INT' INT; tty; stty size; sleep 100; stty size; read x; echo got:$x");
@@ -619,4 +587,30 @@ async fn interactive_run_on_a_terminal() {
         .expect("the result");
     let run = result.run.expect("run");
     assert_eq!(run.exit_code, Some(0), "{run:?}");
+}
+
+/// Opens an interactive run's connection (`GET /v1/run/interactive`, upgraded): its two halves.
+async fn interactive(
+    addr: SocketAddr,
+) -> (
+    tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>,
+    tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>,
+) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn.with_upgrades());
+    let up = Request::builder()
+        .method(Method::GET)
+        .uri("/v1/run/interactive")
+        .header("host", "agent")
+        .header("connection", "upgrade")
+        .header("upgrade", cloude_protocol::interactive::UPGRADE)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(up).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
+    tokio::io::split(io)
 }
