@@ -11,8 +11,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cloude_protocol::sandbox::{
-    validate_sandbox_path, DirEntry, Listing, SandboxUser, MAX_LISTING_ENTRIES,
-    MAX_SANDBOX_FILE_BYTES,
+    validate_sandbox_path, DirEntry, FileOp, FileOpAnswer, Listing, SandboxUser,
+    MAX_LISTING_ENTRIES, MAX_SANDBOX_FILE_BYTES,
 };
 use serde::Deserialize;
 
@@ -100,8 +100,99 @@ fn too_large(path: &Path, n: u64, max: u64) -> ApiError {
     )
 }
 
+/// What a listing or a stat says of `path`, named `name`.
+fn entry(path: &Path, name: String, m: &std::fs::Metadata) -> DirEntry {
+    use std::os::unix::fs::MetadataExt as _;
+    let ft = m.file_type();
+    let kind = if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else {
+        "other"
+    };
+    DirEntry {
+        name,
+        kind: kind.into(),
+        size: m.len(),
+        mode: m.mode() & 0o7777,
+        modified_ms: m.mtime().saturating_mul(1000) + m.mtime_nsec() / 1_000_000,
+        uid: m.uid(),
+        gid: m.gid(),
+        target: ft
+            .is_symlink()
+            .then(|| std::fs::read_link(path).ok())
+            .flatten()
+            .map(|t| t.display().to_string()),
+    }
+}
+
+fn stat(path: &Path) -> Result<FileOpAnswer, ApiError> {
+    let m = path.symlink_metadata().map_err(|e| io_error(path, e))?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "/".into(), |n| n.to_string_lossy().into_owned());
+    Ok(FileOpAnswer {
+        path: path.display().to_string(),
+        entry: entry(path, name, &m),
+        created: false,
+    })
+}
+
+/// Makes `dir` and its missing parents, each handed to `uid`:`gid`; whether it made `dir`.
+fn make_dirs(dir: &Path, uid: u32, gid: u32) -> Result<bool, ApiError> {
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while p.symlink_metadata().is_err() {
+        missing.push(p.to_path_buf());
+        p = p.parent().unwrap_or(Path::new("/"));
+    }
+    for d in missing.iter().rev() {
+        std::fs::create_dir(d).map_err(|e| io_error(d, e))?;
+        let _ = std::os::unix::fs::chown(d, Some(uid), Some(gid));
+    }
+    if !dir.is_dir() {
+        return Err(ApiError::Conflict(format!(
+            "{}: exists and is not a directory",
+            dir.display()
+        )));
+    }
+    Ok(!missing.is_empty())
+}
+
+/// `POST /v1/files/op`: stat, make a directory, move.
+pub async fn op(
+    State(state): State<Arc<AgentState>>,
+    Json(op): Json<FileOp>,
+) -> Result<Json<FileOpAnswer>, ApiError> {
+    check_unsealed(&state)?;
+    op.validate()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let ids = state.executor.program_ids();
+    blocking(move || match op {
+        FileOp::Stat { path } => stat(Path::new(&path)),
+        FileOp::MakeDir { path, user } => {
+            let (uid, gid) = match user {
+                SandboxUser::Root => (0, 0),
+                SandboxUser::User => ids,
+            };
+            let created = make_dirs(Path::new(&path), uid, gid)?;
+            let mut a = stat(Path::new(&path))?;
+            a.created = created;
+            Ok(a)
+        }
+        FileOp::Move { from, to } => {
+            std::fs::rename(&from, &to).map_err(|e| io_error(Path::new(&from), e))?;
+            stat(Path::new(&to))
+        }
+    })
+    .await
+    .map(Json)
+}
+
 fn list(dir: &Path) -> Result<Listing, ApiError> {
-    use std::os::unix::fs::PermissionsExt as _;
     let mut entries = Vec::new();
     let mut truncated = false;
     for e in std::fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
@@ -113,22 +204,11 @@ fn list(dir: &Path) -> Result<Listing, ApiError> {
         let Ok(m) = e.path().symlink_metadata() else {
             continue;
         };
-        let ft = m.file_type();
-        let kind = if ft.is_symlink() {
-            "symlink"
-        } else if ft.is_dir() {
-            "dir"
-        } else if ft.is_file() {
-            "file"
-        } else {
-            "other"
-        };
-        entries.push(DirEntry {
-            name: e.file_name().to_string_lossy().into_owned(),
-            kind: kind.into(),
-            size: m.len(),
-            mode: m.permissions().mode() & 0o7777,
-        });
+        entries.push(entry(
+            &e.path(),
+            e.file_name().to_string_lossy().into_owned(),
+            &m,
+        ));
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Listing {
@@ -163,17 +243,7 @@ pub async fn put(
         let parent = path
             .parent()
             .ok_or_else(|| ApiError::BadRequest("cannot write /".into()))?;
-        // Make the missing directories one by one, each handed to the owner.
-        let mut missing = Vec::new();
-        let mut p = parent;
-        while !p.exists() {
-            missing.push(p.to_path_buf());
-            p = p.parent().unwrap_or(Path::new("/"));
-        }
-        for d in missing.iter().rev() {
-            std::fs::create_dir(d).map_err(|e| io_error(d, e))?;
-            let _ = std::os::unix::fs::chown(d, Some(uid), Some(gid));
-        }
+        make_dirs(parent, uid, gid)?;
         std::fs::write(&path, &body).map_err(|e| io_error(&path, e))?;
         std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(|e| io_error(&path, e))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))

@@ -14,6 +14,7 @@ pub mod interactive;
 pub mod logging;
 pub mod output;
 pub mod power;
+pub mod procs;
 pub mod pty;
 pub mod reaper;
 pub mod serve;

@@ -31,6 +31,8 @@ const STREAM_QUEUE: usize = 64;
 #[derive(Debug)]
 pub struct AgentState {
     pub executor: Executor,
+    /// Sandbox processes (`/v1/procs`).
+    pub procs: crate::procs::Procs,
     /// Held for the duration of a run: one run at a time.
     busy: Arc<Mutex<()>>,
     started: Instant,
@@ -53,6 +55,7 @@ impl AgentState {
     pub fn new(executor: Executor, poweroff_enabled: bool) -> Arc<Self> {
         Arc::new(AgentState {
             executor,
+            procs: Default::default(),
             busy: Arc::new(Mutex::new(())),
             started: Instant::now(),
             poweroff_enabled,
@@ -86,6 +89,8 @@ pub enum ApiError {
     Wake(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error")]
     Internal,
 }
@@ -98,6 +103,7 @@ impl IntoResponse for ApiError {
             ApiError::Busy | ApiError::Sealed => StatusCode::CONFLICT,
             ApiError::Wake(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let body = ErrorBody {
@@ -128,6 +134,14 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/wake", post(wake))
         .route("/v1/exec", post(exec))
         .route("/v1/run/interactive", get(crate::interactive::start))
+        .route(
+            "/v1/procs",
+            post(crate::procs::start).get(crate::procs::list),
+        )
+        .route("/v1/files/op", post(crate::files::op))
+        .route("/v1/procs/:id/read", post(crate::procs::read))
+        .route("/v1/procs/:id/input", post(crate::procs::input))
+        .route("/v1/procs/:id", axum::routing::delete(crate::procs::delete))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .route(
             "/v1/files",

@@ -16,6 +16,9 @@ use crate::vm::AgentIo;
 const ANSWER_SLACK_BYTES: usize = 64 * 1024;
 /// Largest error body we read from the agent.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+/// Largest process listing taken from an agent (64 processes, 64 arguments of 1 KiB each, in
+/// JSON).
+const MAX_PROC_LIST_BYTES: usize = 8 << 20;
 
 /// Bounds on one answer, derived from the request's output limit (the agent is not trusted to
 /// honour it: a hostile agent may send anything).
@@ -208,6 +211,96 @@ impl AgentClient {
             )));
         }
         Ok(r)
+    }
+
+    /// `POST /v1/files/op`: stat, make a directory, move.
+    pub async fn file_op(
+        &mut self,
+        op: &cloude_protocol::sandbox::FileOp,
+    ) -> Result<cloude_protocol::sandbox::FileOpAnswer, AgentError> {
+        let resp = self.post("/v1/files/op", serde_json::to_vec(op)?).await?;
+        let body = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// `POST /v1/procs`: starts a sandbox process; its id.
+    pub async fn proc_start(
+        &mut self,
+        req: &cloude_protocol::sandbox::ProcStart,
+    ) -> Result<u32, AgentError> {
+        let resp = self.post("/v1/procs", serde_json::to_vec(req)?).await?;
+        let body = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
+        let r: cloude_protocol::sandbox::ProcStarted = serde_json::from_slice(&body)?;
+        Ok(r.id)
+    }
+
+    /// `POST /v1/procs/{id}/read`: output from `since` on (at most the agent's buffer).
+    pub async fn proc_read(
+        &mut self,
+        id: u32,
+        req: &cloude_protocol::sandbox::ProcRead,
+    ) -> Result<cloude_protocol::sandbox::ProcOutput, AgentError> {
+        let max = cloude_protocol::sandbox::PROC_BUFFER_BYTES / 3 * 4 * 2 + ANSWER_SLACK_BYTES;
+        let resp = self
+            .post(&format!("/v1/procs/{id}/read"), serde_json::to_vec(req)?)
+            .await?;
+        let body = collect(resp.into_body(), max).await?;
+        let r: cloude_protocol::sandbox::ProcOutput = serde_json::from_slice(&body)?;
+        let n: usize = r.chunks.iter().map(|c| c.data.0.len()).sum();
+        if n > cloude_protocol::sandbox::PROC_BUFFER_BYTES || r.chunks.len() > n.max(1) {
+            return Err(AgentError::Body(format!(
+                "a process read carries {n} bytes in {} chunks, more than its buffer holds",
+                r.chunks.len()
+            )));
+        }
+        Ok(r)
+    }
+
+    /// `POST /v1/procs/{id}/input`.
+    pub async fn proc_input(
+        &mut self,
+        id: u32,
+        input: &cloude_protocol::interactive::Input,
+    ) -> Result<(), AgentError> {
+        let resp = self
+            .post(&format!("/v1/procs/{id}/input"), serde_json::to_vec(input)?)
+            .await?;
+        let _ = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
+        Ok(())
+    }
+
+    /// `GET /v1/procs`.
+    pub async fn proc_list(
+        &mut self,
+    ) -> Result<Vec<cloude_protocol::sandbox::ProcInfo>, AgentError> {
+        let resp = self
+            .send(
+                hyper::Method::GET,
+                "/v1/procs",
+                "application/json",
+                Vec::new(),
+            )
+            .await?;
+        let body = collect(resp.into_body(), MAX_PROC_LIST_BYTES).await?;
+        let v: Vec<cloude_protocol::sandbox::ProcInfo> = serde_json::from_slice(&body)?;
+        if v.len() > cloude_protocol::sandbox::MAX_PROCS {
+            return Err(AgentError::Body(format!("{} processes listed", v.len())));
+        }
+        Ok(v)
+    }
+
+    /// `DELETE /v1/procs/{id}`: kills it if it runs and forgets it.
+    pub async fn proc_delete(&mut self, id: u32) -> Result<(), AgentError> {
+        let resp = self
+            .send(
+                hyper::Method::DELETE,
+                &format!("/v1/procs/{id}"),
+                "application/json",
+                Vec::new(),
+            )
+            .await?;
+        let _ = collect(resp.into_body(), MAX_ERROR_BODY_BYTES).await?;
+        Ok(())
     }
 
     /// `GET /v1/files?path=`: a file's bytes (at most `max`) or a directory's listing.

@@ -23,10 +23,45 @@ pub struct Config {
     pub sandboxes: SandboxConfig,
     /// The MCP face (`api/mcp`).
     pub mcp: McpConfig,
+    /// API keys of the sandbox faces (`api/e2b`).
+    pub auth: AuthConfig,
     /// The Judge0-compatible API (`judge0`, `api/judge0.rs`).
     pub judge0: crate::judge0::Judge0Config,
     /// Where Judge0 submissions are kept (`store`).
     pub store: crate::store::StoreConfig,
+}
+
+/// `[auth]`: API keys. Empty: no key is asked for (every client sees every sandbox).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Each key is a tenant of its own: it sees only the sandboxes it made.
+    pub keys: Vec<String>,
+}
+
+/// The tenant `given` names among `keys`: `key-` and the first 16 hex digits of the key's
+/// SHA-256 (the key itself is never kept with what it made or logged); `None` if it is not one
+/// of them. Every key is compared, each in constant time.
+pub fn key_tenant(keys: &[String], given: &str) -> Option<String> {
+    use sha2::Digest as _;
+    let mut hit = false;
+    for k in keys {
+        let (a, b) = (k.as_bytes(), given.as_bytes());
+        let same =
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        hit |= same;
+    }
+    if !hit {
+        return None;
+    }
+    let d = sha2::Sha256::digest(given.as_bytes());
+    Some(format!(
+        "key-{}",
+        d.iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
 }
 
 /// The MCP face (`api/mcp`, `/mcp`).

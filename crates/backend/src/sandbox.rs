@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cloude_image::catalog::Language;
-use cloude_protocol::sandbox::{ExecRequest, SandboxUser};
+use cloude_protocol::interactive::Input;
+use cloude_protocol::sandbox::{
+    ExecRequest, FileOp, FileOpAnswer, ProcInfo, ProcOutput, ProcRead, ProcStart, SandboxUser,
+};
 use cloude_protocol::StageResult;
 
 use crate::agent::{AgentClient, FileAnswer};
@@ -64,6 +67,21 @@ pub struct Info {
     pub memory_mib: u64,
     pub vcpus: u32,
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub owner: Option<String>,
+}
+
+/// What a new sandbox is asked to be.
+#[derive(Clone, Debug, Default)]
+pub struct NewSandbox {
+    /// Killed after this long without a call (`idle`), or this long after creation or the
+    /// last `set_timeout` (E2B's rule: calls do not extend it).
+    pub timeout: Duration,
+    pub idle: bool,
+    /// Applied to every command (a command's own variables win).
+    pub env: Vec<(String, String)>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The API key's tenant that made it (`None` without `[auth]` keys): only it sees it.
+    pub owner: Option<String>,
 }
 
 struct Live {
@@ -78,9 +96,14 @@ pub struct Sandbox {
     created_ms: i64,
     vcpus: u32,
     metadata: serde_json::Map<String, serde_json::Value>,
+    owner: Option<String>,
+    /// A secret for faces whose sandbox calls carry no API key (E2B's `envdAccessToken`).
+    token: String,
     /// Applied to every command (a command's own variables win).
     env: Vec<(String, String)>,
-    /// Idle timeout and the instant it runs out.
+    /// Whether calls push the deadline back ([`NewSandbox::idle`]).
+    idle: bool,
+    /// Timeout and the instant it runs out.
     clock: Mutex<(Duration, Instant)>,
     /// `None` once killed.
     live: tokio::sync::Mutex<Option<Live>>,
@@ -119,22 +142,52 @@ impl Sandbox {
             memory_mib: self.language.memory_mib,
             vcpus: self.vcpus,
             metadata: self.metadata.clone(),
+            owner: self.owner.clone(),
         }
     }
 
-    /// Pushes the deadline back by the idle timeout (every call does).
+    /// Whether `token` is this sandbox's secret (compared in constant time).
+    pub fn token_matches(&self, token: &str) -> bool {
+        let (a, b) = (self.token.as_bytes(), token.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The tenant that made it.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
+    /// Pushes the deadline back by the idle timeout (every call of an idle-timed sandbox).
     fn touch(&self) {
+        if !self.idle {
+            return;
+        }
         let mut c = self.clock();
         c.1 = Instant::now() + c.0;
     }
 
+    /// Past its deadline: an idle-timed sandbox only between calls, an E2B-timed one whatever
+    /// it is doing.
     fn expired(&self) -> bool {
-        self.busy.load(Ordering::SeqCst) == 0 && Instant::now() >= self.clock().1
+        (!self.idle || self.busy.load(Ordering::SeqCst) == 0) && Instant::now() >= self.clock().1
     }
 
     /// Sets a new idle timeout, counted from now.
     pub fn set_timeout(&self, timeout: Duration) {
         *self.clock() = (timeout, Instant::now() + timeout);
+    }
+
+    /// Makes it live at least `timeout` from now (E2B's connect: never shortens it).
+    pub fn extend(&self, timeout: Duration) {
+        let mut c = self.clock();
+        let until = Instant::now() + timeout;
+        if until > c.1 {
+            *c = (timeout, until);
+        }
     }
 
     /// Kills the VM (idempotent); a call in progress ends first.
@@ -180,13 +233,14 @@ impl Sandboxes {
     }
 
     /// Starts a sandbox of `language` (see the module documentation).
-    pub async fn create(
-        &self,
-        language: &Language,
-        timeout: Duration,
-        env: Vec<(String, String)>,
-        metadata: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Info, SandboxError> {
+    pub async fn create(&self, language: &Language, new: NewSandbox) -> Result<Info, SandboxError> {
+        let NewSandbox {
+            timeout,
+            idle,
+            env,
+            metadata,
+            owner,
+        } = new;
         // Counted as starting until this returns or is dropped (a client that goes away).
         let _starting = {
             let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,6 +262,7 @@ impl Sandboxes {
             .await
             .map_err(|e| SandboxError::Start(e.to_string()))?;
         let id = new_id()?;
+        let token = random_hex(16)?;
         tracing::info!(sandbox = %id, language = %language.name, cid = vm.cid(), boot_ms = vm.boot.as_millis() as u64, "sandbox started");
         let sb = Arc::new(Sandbox {
             id: id.clone(),
@@ -215,7 +270,10 @@ impl Sandboxes {
             created_ms: now_ms(),
             vcpus: self.exec.vcpus(),
             metadata,
+            owner,
+            token,
             env,
+            idle,
             clock: Mutex::new((timeout, Instant::now() + timeout)),
             live: tokio::sync::Mutex::new(Some(Live {
                 vm,
@@ -258,7 +316,13 @@ impl Sandboxes {
 
     /// Runs `call` on the sandbox's agent, one call at a time, within `within`; a VM that
     /// stopped makes the sandbox lost (removed).
-    async fn call<T, F>(&self, id: &str, within: Duration, call: F) -> Result<T, SandboxError>
+    async fn call<T, F>(
+        &self,
+        id: &str,
+        within: Duration,
+        touch: bool,
+        call: F,
+    ) -> Result<T, SandboxError>
     where
         F: for<'a> FnOnce(
             &'a mut AgentClient,
@@ -267,7 +331,9 @@ impl Sandboxes {
         >,
     {
         let sb = self.get(id)?;
-        sb.touch();
+        if touch {
+            sb.touch();
+        }
         sb.busy.fetch_add(1, Ordering::SeqCst);
         let _busy = Busy(&sb.busy);
         let mut guard = tokio::select! {
@@ -290,7 +356,9 @@ impl Sandboxes {
             }
         };
         drop(guard);
-        sb.touch();
+        if touch {
+            sb.touch();
+        }
         if let Err(SandboxError::Lost(..) | SandboxError::Agent(..)) = &r {
             // The VM or its agent connection is gone: so is the sandbox.
             self.map().remove(id);
@@ -310,8 +378,67 @@ impl Sandboxes {
             env.append(&mut req.env);
             req.env = env;
         }
-        self.call(id, within, |agent| {
+        self.call(id, within, true, |agent| {
             Box::pin(async move { agent.exec(&req).await.map_err(agent_error) })
+        })
+        .await
+    }
+
+    /// Starts a process that outlives the call (its output read by `read_proc`).
+    pub async fn start_proc(&self, id: &str, mut req: ProcStart) -> Result<u32, SandboxError> {
+        {
+            let sb = self.get(id)?;
+            let mut env = sb.env.clone();
+            env.retain(|(k, _)| !req.env.iter().any(|(rk, _)| rk == k));
+            env.append(&mut req.env);
+            req.env = env;
+        }
+        self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
+            Box::pin(async move { agent.proc_start(&req).await.map_err(agent_error) })
+        })
+        .await
+    }
+
+    /// A process's output from byte `since` on, waiting up to `wait` for some. Reading does not
+    /// push an idle deadline back (a client that follows a process forever would keep the
+    /// sandbox forever).
+    pub async fn read_proc(
+        &self,
+        id: &str,
+        proc: u32,
+        since: u64,
+        wait: Duration,
+    ) -> Result<ProcOutput, SandboxError> {
+        let req = ProcRead {
+            since,
+            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        };
+        self.call(id, wait + FILE_CALL_TIMEOUT, false, move |agent| {
+            Box::pin(async move { agent.proc_read(proc, &req).await.map_err(agent_error) })
+        })
+        .await
+    }
+
+    /// Standard input, its end, a signal or a terminal size for a process.
+    pub async fn proc_input(&self, id: &str, proc: u32, input: Input) -> Result<(), SandboxError> {
+        self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
+            Box::pin(async move { agent.proc_input(proc, &input).await.map_err(agent_error) })
+        })
+        .await
+    }
+
+    /// The processes a sandbox keeps (running, or ended and not yet forgotten).
+    pub async fn list_procs(&self, id: &str) -> Result<Vec<ProcInfo>, SandboxError> {
+        self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
+            Box::pin(async move { agent.proc_list().await.map_err(agent_error) })
+        })
+        .await
+    }
+
+    /// Kills a process (if it runs) and forgets it.
+    pub async fn delete_proc(&self, id: &str, proc: u32) -> Result<(), SandboxError> {
+        self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
+            Box::pin(async move { agent.proc_delete(proc).await.map_err(agent_error) })
         })
         .await
     }
@@ -319,7 +446,7 @@ impl Sandboxes {
     /// A file's bytes or a directory's listing.
     pub async fn read(&self, id: &str, path: String) -> Result<FileAnswer, SandboxError> {
         let max = self.cfg.max_file_bytes;
-        self.call(id, FILE_CALL_TIMEOUT, move |agent| {
+        self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move { agent.file_get(&path, max).await.map_err(agent_error) })
         })
         .await
@@ -341,7 +468,7 @@ impl Sandboxes {
                 self.cfg.max_file_bytes
             )));
         }
-        self.call(id, FILE_CALL_TIMEOUT, move |agent| {
+        self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move {
                 agent
                     .file_put(&path, user, mode, data)
@@ -352,9 +479,17 @@ impl Sandboxes {
         .await
     }
 
+    /// Stat, make a directory, move.
+    pub async fn file_op(&self, id: &str, op: FileOp) -> Result<FileOpAnswer, SandboxError> {
+        self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
+            Box::pin(async move { agent.file_op(&op).await.map_err(agent_error) })
+        })
+        .await
+    }
+
     /// Removes a file or a directory tree.
     pub async fn remove(&self, id: &str, path: String) -> Result<(), SandboxError> {
-        self.call(id, FILE_CALL_TIMEOUT, move |agent| {
+        self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move { agent.file_delete(&path).await.map_err(agent_error) })
         })
         .await
@@ -429,13 +564,15 @@ fn agent_error(e: crate::agent::AgentError) -> SandboxError {
 
 /// `sbx_` and 24 hex digits from the kernel's CSPRNG.
 fn new_id() -> Result<String, SandboxError> {
-    let mut b = [0u8; 12];
+    Ok(format!("sbx_{}", random_hex(12)?))
+}
+
+/// `n` bytes from the kernel's CSPRNG, in hex.
+fn random_hex(n: usize) -> Result<String, SandboxError> {
+    let mut b = vec![0u8; n];
     crate::agent::fill_random(&mut b)
-        .map_err(|e| SandboxError::Start(format!("no random id: {e}")))?;
-    Ok(format!(
-        "sbx_{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    ))
+        .map_err(|e| SandboxError::Start(format!("no random bytes: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Whether `s` looks like an id we issue (anything else is not looked up).

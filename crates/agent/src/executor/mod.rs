@@ -21,7 +21,7 @@ pub use workdir::{WorkDir, WorkDirError};
 
 use crate::cgroup::Limits;
 use crate::sys::Rlimits;
-use stage::{run_stage, StageSpec, Stdin};
+pub use stage::{run_stage, StageSpec, Stdin};
 
 /// Search path given to programs unless the request sets its own `PATH`.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -298,6 +298,12 @@ impl Executor {
     /// of its own with the default memory and task limits, killed whole at its timeout or
     /// output cap. What it leaves running in the background keeps running.
     pub async fn exec(&self, req: &ExecRequest) -> Result<StageResult, ExecError> {
+        Ok(run_stage(self.exec_spec(req)?).await)
+    }
+
+    /// The stage of a sandbox command (see [`Executor::exec`]); sandbox processes
+    /// (`crate::procs`) start from it too.
+    pub fn exec_spec(&self, req: &ExecRequest) -> Result<StageSpec, ExecError> {
         req.validate()?;
         let cfg = &self.cfg;
         let home = cfg.sandbox_home.clone();
@@ -347,7 +353,7 @@ impl Executor {
             controls: None,
             tty: None,
         };
-        Ok(run_stage(spec).await)
+        Ok(spec)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, shared state, middleware.
 
 pub mod conn;
+pub mod e2b;
 pub mod error;
 pub mod interactive;
 pub mod json;
@@ -79,6 +80,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ("/metrics", get(metrics)),
     ];
     routes.extend(sandboxes::routes());
+    routes.extend(e2b::routes());
     // Judge0's routes, each behind its optional API key.
     for (path, method) in judge0::routes() {
         let auth = axum::middleware::from_fn_with_state(state.clone(), judge0::auth);

@@ -96,19 +96,24 @@ async fn create(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<SandboxCreate>,
 ) -> Result<Response, ApiError> {
-    let info = create_sandbox(&state, req).await?;
+    let info = create_sandbox(&state, req, true, None).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-/// Validates and creates a sandbox (`POST /v1/sandboxes`, the MCP `create_sandbox` tool).
+/// Validates and creates a sandbox (`POST /v1/sandboxes`, the MCP `create_sandbox` tool, E2B's
+/// create): killed after its timeout without a call (`idle`) or after its timeout (E2B's),
+/// visible to `owner` only when there is one.
 pub(crate) async fn create_sandbox(
     state: &AppState,
     req: SandboxCreate,
+    idle: bool,
+    owner: Option<String>,
 ) -> Result<SandboxInfo, ApiError> {
     let sbx = sandboxes(state)?;
     let cfg = sbx.config();
     let name = req.template.as_deref().unwrap_or(DEFAULT_TEMPLATE);
-    let name = if name == "base" {
+    // E2B's default templates: its base image and its code interpreter's.
+    let name = if name == "base" || name == "code-interpreter-v1" {
         DEFAULT_TEMPLATE
     } else {
         name
@@ -144,7 +149,16 @@ pub(crate) async fn create_sandbox(
         ));
     }
     let info = sbx
-        .create(&language, Duration::from_secs(timeout_s), env, metadata)
+        .create(
+            &language,
+            crate::sandbox::NewSandbox {
+                timeout: Duration::from_secs(timeout_s),
+                idle,
+                env,
+                metadata,
+                owner,
+            },
+        )
         .await?;
     Ok(show_info(info))
 }

@@ -291,7 +291,7 @@ impl Cloude {
             env: None,
             metadata: None,
         };
-        match super::sandboxes::create_sandbox(&self.state, req).await {
+        match super::sandboxes::create_sandbox(&self.state, req, true, None).await {
             Err(e) => refused(e),
             Ok(info) => answer(
                 format!("sandbox_id: {}", info.id),
