@@ -3,7 +3,9 @@
 //! `E2B_API_URL`/`E2B_SANDBOX_URL`. Real VMs on the QEMU fallback. The Python script
 //! (`e2b_client/run.py`) drives every behaviour the issue names (streamed output, exit errors,
 //! envs, files, state, background processes, connect, list and its filters, isolation between
-//! sandboxes and between API keys, kill, timeouts); afterwards no VM may be left.
+//! sandboxes and between API keys, kill, timeouts); `e2b_client/interpreter.py` the code
+//! interpreter (`e2b-code-interpreter`: results, state, stdout/stderr, errors, contexts);
+//! afterwards no VM may be left.
 
 use cloude_testkit as support;
 
@@ -15,7 +17,7 @@ use support::Server;
 
 const FIRST_START: Duration = Duration::from_secs(3600);
 /// The pinned SDKs (what the issue was written against).
-const PYTHON_SDK: &str = "e2b==2.63.0";
+const PYTHON_SDKS: &str = "e2b==2.63.0 e2b-code-interpreter==2.11.5";
 const KEY_A: &str = "test-key-a-0123456789";
 const KEY_B: &str = "test-key-b-9876543210";
 
@@ -29,7 +31,8 @@ fn server() -> Server {
 
 fn python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2b-sdk-venv");
-    support::python_venv(&venv, "e2b", PYTHON_SDK).unwrap_or_else(|e| panic!("{e}"))
+    support::python_venv(&venv, "e2b_code_interpreter", PYTHON_SDKS)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn scripts() -> PathBuf {
@@ -73,10 +76,25 @@ fn e2bs_python_and_javascript_sdks_unchanged() {
     );
     wait_no_vms(&s);
 
+    let out = Command::new(python())
+        .arg(scripts().join("interpreter.py"))
+        .args([&base, KEY_A])
+        .output()
+        .expect("python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprint!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("all ok"),
+        "the E2B code interpreter SDK failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_no_vms(&s);
+
     // Without a key, or with a wrong one: 401 in E2B's error shape.
     let r = support::http(s.addr, "GET", "/e2b/v2/sandboxes", None);
-    assert_eq!(r.status, 401, "{}", r.body);
-    assert!(r.body.contains("\"code\":401"), "{}", r.body);
+    let body = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 401, "{body}");
+    assert!(body.contains("\"code\":401"), "{body}");
 
     if !have("node") || !have("npm") {
         eprintln!("e2b: SKIPPED: the JavaScript SDK (node/npm not installed)");
@@ -93,7 +111,10 @@ fn e2bs_python_and_javascript_sdks_unchanged() {
             .current_dir(&dir)
             .status()
             .expect("npm");
-        assert!(st.success(), "npm install e2b failed (is the registry reachable?)");
+        assert!(
+            st.success(),
+            "npm install e2b failed (is the registry reachable?)"
+        );
     }
     let out = Command::new("node")
         .arg("run.mjs")

@@ -495,8 +495,8 @@ pub fn server_cgroup_dirs(runtime_name: &str) -> Vec<PathBuf> {
     out
 }
 
-/// A Python venv at `dir` with `requirement` installed from the package index (made once; kept
-/// while `import` succeeds in it). Returns its `python`.
+/// A Python venv at `dir` with `requirement` (one or more, separated by spaces) installed from
+/// the package index (made once; kept while `import` succeeds in it). Returns its `python`.
 pub fn python_venv(dir: &Path, import: &str, requirement: &str) -> Result<PathBuf, String> {
     let python = dir.join("bin/python");
     let have = Command::new(&python)
@@ -516,12 +516,8 @@ pub fn python_venv(dir: &Path, import: &str, requirement: &str) -> Result<PathBu
         return Err("python3 -m venv failed (install python3-venv)".into());
     }
     let st = Command::new(dir.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            requirement,
-        ])
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(requirement.split_whitespace())
         .status()
         .map_err(|e| format!("pip: {e}"))?;
     if !st.success() {

@@ -216,7 +216,10 @@ mod tests {
         let mut big = vec![0u8, 0xff, 0xff, 0xff, 0xff];
         big.extend_from_slice(b"{}");
         assert_eq!(
-            split_envelope(&big).map(|_| ()).expect_err("over the cap").status,
+            split_envelope(&big)
+                .map(|_| ())
+                .expect_err("over the cap")
+                .status,
             StatusCode::PAYLOAD_TOO_LARGE
         );
         assert!(split_envelope(&[0, 0, 0]).is_err());

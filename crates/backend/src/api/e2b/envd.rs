@@ -56,13 +56,13 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
 }
 
 /// The sandbox a call is for, its secret checked.
-struct Target {
-    sbx: Arc<Sandboxes>,
-    id: String,
-    user: SandboxUser,
+pub(super) struct Target {
+    pub sbx: Arc<Sandboxes>,
+    pub id: String,
+    pub user: SandboxUser,
 }
 
-fn target(state: &AppState, headers: &HeaderMap) -> Result<Target, E2bError> {
+pub(super) fn target(state: &AppState, headers: &HeaderMap) -> Result<Target, E2bError> {
     let sbx = sandboxes(state)?.clone();
     let id = headers
         .get("e2b-sandbox-id")

@@ -6,6 +6,8 @@
 //! - `envd.rs`: what E2B's in-VM daemon (envd) serves, for the sandbox named by the
 //!   `E2b-Sandbox-Id` header: `process.Process` and `filesystem.Filesystem` over the Connect
 //!   protocol (`connect.rs`), `/files`, `/health`.
+//! - `interpreter.rs` (+ `interpreter.py`, our own context program): the code interpreter's
+//!   `/execute` and `/contexts` (its port 49999, on the same URL).
 //!
 //! There is no second lifecycle: every call is an operation of `sandbox::Sandboxes`. A sandbox
 //! made here lives for its timeout from creation or the last `set_timeout`, as E2B's do (calls
@@ -16,6 +18,7 @@
 mod connect;
 mod control;
 mod envd;
+mod interpreter;
 
 use std::sync::Arc;
 
@@ -39,6 +42,7 @@ const CLIENT_ID: &str = "cloude";
 pub fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
     let mut r = control::routes();
     r.extend(envd::routes());
+    r.extend(interpreter::routes());
     r
 }
 
