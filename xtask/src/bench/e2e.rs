@@ -236,6 +236,103 @@ pub fn sandbox(server: &Server, n: usize) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// E2B's Python SDK (`e2b` from PyPI, in a venv under the bench directory) beside the native
+/// API: `n` times create + run `echo hi` + kill, each trio timed; the same three calls on
+/// `/v1/sandboxes` (create, exec of `cmd`, delete) first.
+pub fn e2b(server: &Server, n: usize, venv: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let mut native = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = http::request(
+            server.addr,
+            "POST",
+            "/v1/sandboxes",
+            Some(r#"{"template": "python"}"#),
+            REQUEST_TIMEOUT,
+        )?;
+        if r.status != 201 {
+            bail!("create: HTTP {}: {}", r.status, r.body);
+        }
+        let v: serde_json::Value = serde_json::from_str(&r.body)?;
+        let id = v["id"].as_str().context("no sandbox id")?.to_string();
+        let r = http::request(
+            server.addr,
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(r#"{"cmd": "echo hi"}"#),
+            REQUEST_TIMEOUT,
+        )?;
+        if r.status != 200 || !r.body.contains("aGkK") && !r.body.contains("hi\\n") {
+            bail!("exec: HTTP {}: {}", r.status, r.body);
+        }
+        let r = http::request(
+            server.addr,
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            None,
+            REQUEST_TIMEOUT,
+        )?;
+        if r.status != 204 {
+            bail!("delete: HTTP {}: {}", r.status, r.body);
+        }
+        native.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let python = venv.join("bin/python");
+    let have = Command::new(&python)
+        .args(["-c", "import e2b"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(venv)
+            .status()?
+            .success()
+            && Command::new(venv.join("bin/pip"))
+                .args([
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "e2b==2.63.0",
+                ])
+                .status()?
+                .success();
+        if !ok {
+            bail!("cannot install the e2b SDK into {}", venv.display());
+        }
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/bench/e2b_sdk.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .arg(format!("http://{}/e2b", server.addr))
+        .arg(n.to_string())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "the E2B SDK bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let sdk: Vec<f64> = v["samples"]
+        .as_array()
+        .context("no samples")?
+        .iter()
+        .filter_map(serde_json::Value::as_f64)
+        .collect();
+    let p = |s: &[f64], q| percentile(s, q).map(r1);
+    let ratio = match (p(&sdk, 50.0), p(&native, 50.0)) {
+        (Some(a), Some(b)) if b > 0.0 => Some((a / b * 1000.0).round() / 1000.0),
+        _ => None,
+    };
+    Ok(json!({
+        "sdk_p50": p(&sdk, 50.0), "sdk_p90": p(&sdk, 90.0), "sdk_p99": p(&sdk, 99.0),
+        "native_p50": p(&native, 50.0), "native_p90": p(&native, 90.0), "native_p99": p(&native, 99.0),
+        "ratio_p50": ratio, "runs": n, "sdk_samples": sdk, "native_samples": native,
+    }))
+}
+
 /// Sequential latency with a warm pool: before each (timed) request, waits (untimed) until the
 /// pool holds a booted python VM again — the latency a client sees when requests arrive no faster
 /// than the pool refills.

@@ -112,6 +112,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         // one-shot request (`e2e_hello_python_ms`).
         results["interactive_ms"] = e2e::interactive(&server, requests)
             .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+        // E2B's SDK against the native API: create + `echo hi` + kill.
+        let venv = path.parent().map_or_else(
+            || Path::new("target/bench").join("e2b-venv"),
+            |d| d.join("e2b-venv"),
+        );
+        results["e2b_ms"] = e2e::e2b(&server, requests.max(20), &venv)
+            .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
         results["throughput"] = json!(e2e::throughput(&server, levels, window));
         results["memory_snapshot"] =
             e2e::memory(&server, 4, 8).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
