@@ -14,6 +14,7 @@ pub const TARGETS: &[&str] = &[
     "agent_protocol",
     "api_request",
     "cpio_reader",
+    "e2b_messages",
     "interactive_messages",
     "judge0_request",
     "judge0_zip",
@@ -30,6 +31,7 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         "agent_protocol" => agent_protocol(data),
         "api_request" => api::run_v1(data),
         "cpio_reader" => cpio::run(data),
+        "e2b_messages" => e2b_messages(data),
         "interactive_messages" => interactive_messages(data),
         "judge0_request" => api::run_judge0(data),
         "judge0_zip" => api::run_judge0_zip(data),
@@ -43,6 +45,19 @@ pub fn run_target(name: &str, data: &[u8]) -> bool {
         _ => return false,
     }
     true
+}
+
+/// The E2B face: Connect envelopes (walked, round-tripped, a stream request's one message),
+/// envd `Start` messages turned into sandbox processes, paths resolved in a home; the agent's
+/// sandbox-process and file-operation requests.
+pub fn e2b_messages(data: &[u8]) {
+    cloude_server::api::e2b::fuzz_messages(data);
+    if let Ok(p) = serde_json::from_slice::<cloude_protocol::sandbox::ProcStart>(data) {
+        let _ = p.validate();
+    }
+    if let Ok(op) = serde_json::from_slice::<cloude_protocol::sandbox::FileOp>(data) {
+        let _ = op.validate();
+    }
 }
 
 /// Interactive runs: a hostile agent's event stream read by the host (bounded, never a panic),

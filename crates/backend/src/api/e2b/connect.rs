@@ -202,6 +202,31 @@ pub fn stream_error(e: E2bError) -> Response {
         .into_response()
 }
 
+/// Fuzzing hook: envelopes walked as a stream of them, and a stream request read; never a
+/// panic, never a message over the cap, always progress.
+pub fn fuzz(data: &[u8]) {
+    let mut rest = data;
+    while let Ok((_, msg, next)) = split_envelope(rest) {
+        assert!(msg.len() <= MAX_MESSAGE_BYTES && next.len() < rest.len());
+        let again = envelope(0, msg);
+        assert_eq!(split_envelope(&again).map(|(_, m, _)| m).ok(), Some(msg));
+        rest = next;
+    }
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(STREAM_CONTENT_TYPE),
+    );
+    if parse_stream_request::<serde_json::Value>(&h, data).is_ok() {
+        assert_eq!(data[0], 0, "only an uncompressed message is accepted");
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let _ = parse_unary::<serde_json::Value>(&h, data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -258,13 +258,11 @@ async fn process(
     }
 }
 
-async fn start(t: Target, req: StartIn) -> Response {
+/// The sandbox process a `Start` asks for, checked.
+fn proc_start(req: StartIn, user: SandboxUser) -> Result<ProcStart, E2bError> {
     let cwd = match req.process.cwd.as_deref().filter(|c| !c.is_empty()) {
         None => None,
-        Some(c) => match resolve(c, t.user) {
-            Ok(c) => Some(c),
-            Err(e) => return connect::stream_error(e),
-        },
+        Some(c) => Some(resolve(c, user)?),
     };
     let tty = req.pty.as_ref().map(|p| cloude_protocol::TtySize {
         rows: p.size.rows,
@@ -279,22 +277,52 @@ async fn start(t: Target, req: StartIn) -> Response {
             .collect(),
         env,
         cwd,
-        user: t.user,
+        user,
         tag: req.tag,
         // The process outlives its stream: it ends by itself, by a signal, or with the sandbox.
         timeout_ms: 0,
         stdin: req.stdin.unwrap_or(true),
         tty,
     };
-    if let Err(e) = start.validate() {
-        return connect::stream_error(E2bError::bad(e.to_string()));
+    start.validate().map_err(|e| E2bError::bad(e.to_string()))?;
+    Ok(start)
+}
+
+/// Fuzzing hook: envd messages as `Start` and the path rules read them, never a panic.
+pub(super) fn fuzz(data: &[u8]) {
+    if let Ok(req) = serde_json::from_slice::<StartIn>(data) {
+        if let Ok(p) = proc_start(req, SandboxUser::User) {
+            assert!(!p.argv.is_empty() && p.timeout_ms == 0);
+        }
     }
+    let _ = serde_json::from_slice::<SendSignalIn>(data);
+    let _ = serde_json::from_slice::<SendInputIn>(data);
+    if let Ok(s) = std::str::from_utf8(data) {
+        for user in [SandboxUser::User, SandboxUser::Root] {
+            if let Ok(p) = resolve(s, user) {
+                assert!(p.starts_with('/') && validate_sandbox_path(&p).is_ok());
+            }
+        }
+        let _ = named_user(s);
+    }
+    let mode = data
+        .iter()
+        .fold(0u32, |a, b| a.rotate_left(8) ^ u32::from(*b));
+    assert_eq!(permissions("dir", mode).len(), 10);
+}
+
+async fn start(t: Target, req: StartIn) -> Response {
+    let tty = req.pty.is_some();
+    let start = match proc_start(req, t.user) {
+        Ok(s) => s,
+        Err(e) => return connect::stream_error(e),
+    };
     let pid = match t.sbx.start_proc(&t.id, start).await {
         Ok(p) => p,
         Err(e) => return connect::stream_error(e.into()),
     };
     let (tx, resp) = connect::stream();
-    tokio::spawn(follow(t, pid, 0, tty.is_some(), tx));
+    tokio::spawn(follow(t, pid, 0, tty, tx));
     resp
 }
 

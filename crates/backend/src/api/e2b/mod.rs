@@ -126,6 +126,12 @@ pub fn tenant(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, E
         .ok_or_else(|| E2bError::new(StatusCode::UNAUTHORIZED, "invalid API key"))
 }
 
+/// Fuzzing hook (`cloude_fuzz::e2b_messages`): Connect envelopes and envd messages.
+pub fn fuzz_messages(data: &[u8]) {
+    connect::fuzz(data);
+    envd::fuzz(data);
+}
+
 /// The sandbox `id` if `tenant` may see it (else 404, as if it did not exist).
 pub fn owned(
     state: &AppState,
