@@ -19,7 +19,7 @@ pub struct Config {
     pub jail: JailConfig,
     pub snapshot: SnapshotConfig,
     pub images: ImagesConfig,
-    /// VMs that live across calls (`sandbox.rs`, `api/sandboxes.rs`).
+    /// VMs that live across calls (`sandbox.rs`, `api/sandboxes/`).
     pub sandboxes: SandboxConfig,
     /// The MCP face (`api/mcp`).
     pub mcp: McpConfig,

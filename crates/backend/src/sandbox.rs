@@ -1,4 +1,4 @@
-//! Sandboxes: VMs that live across many calls (no HTTP here; the face is `api/sandboxes.rs`).
+//! Sandboxes: VMs that live across many calls (no HTTP here; the face is `api/sandboxes/`).
 //!
 //! A sandbox is a VM of a catalogue language, got the way an execution gets one (a restored,
 //! woken clone of the language's snapshot when there is one, else a boot), kept with its agent
@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use cloude_image::catalog::Language;
 use cloude_protocol::interactive::Input;
 use cloude_protocol::sandbox::{
-    ExecRequest, FileOp, FileOpAnswer, ProcInfo, ProcOutput, ProcRead, ProcStart, SandboxUser,
+    ExecRequest, FileOp, FileOpAnswer, ProcChunk, ProcEnd, ProcInfo, ProcOutput, ProcRead,
+    ProcStart, SandboxUser,
 };
 use cloude_protocol::StageResult;
 
@@ -32,6 +33,20 @@ const REAP_EVERY: Duration = Duration::from_secs(1);
 const CALL_SLACK: Duration = Duration::from_secs(30);
 /// How long a file call may take.
 const FILE_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest one output poll of [`Sandboxes::follow_proc`] holds a sandbox's agent connection.
+pub const POLL_WAIT: Duration = Duration::from_millis(100);
+/// Longest a follower sleeps between polls that found nothing (it starts at 10 ms and doubles).
+const IDLE_SLEEP_MAX: Duration = Duration::from_millis(200);
+
+/// What following a process yields ([`Sandboxes::follow_proc`]).
+#[derive(Debug)]
+pub enum ProcEvent {
+    Output(ProcChunk),
+    /// Bytes the agent's buffer dropped before they were read.
+    Skipped(u64),
+    /// The last event.
+    End(ProcEnd),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -417,6 +432,47 @@ impl Sandboxes {
             Box::pin(async move { agent.proc_read(proc, &req).await.map_err(agent_error) })
         })
         .await
+    }
+
+    /// Sends process `pid`'s output from byte `since` on (`FROM_NOW`: what comes from now
+    /// on) to `tx` until it ends (`End` is the last event) or `tx` is closed. It polls: each read
+    /// holds the sandbox's one agent connection for at most [`POLL_WAIT`], and between reads that
+    /// found nothing it sleeps (10 ms, doubling up to 200 ms), so other calls and other
+    /// followers share the connection.
+    pub async fn follow_proc(
+        &self,
+        id: &str,
+        pid: u32,
+        mut since: u64,
+        tx: &tokio::sync::mpsc::Sender<ProcEvent>,
+    ) -> Result<(), SandboxError> {
+        let mut idle = Duration::ZERO;
+        loop {
+            let out = self.read_proc(id, pid, since, POLL_WAIT).await?;
+            since = out.next;
+            if out.skipped > 0 && tx.send(ProcEvent::Skipped(out.skipped)).await.is_err() {
+                return Ok(());
+            }
+            let got = !out.chunks.is_empty();
+            for c in out.chunks {
+                if tx.send(ProcEvent::Output(c)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if let Some(end) = out.end {
+                let _ = tx.send(ProcEvent::End(end)).await;
+                return Ok(());
+            }
+            if got {
+                idle = Duration::ZERO;
+                continue;
+            }
+            idle = (idle * 2).clamp(Duration::from_millis(10), IDLE_SLEEP_MAX);
+            tokio::select! {
+                () = tokio::time::sleep(idle) => {}
+                () = tx.closed() => return Ok(()),
+            }
+        }
     }
 
     /// Standard input, its end, a signal or a terminal size for a process.

@@ -299,3 +299,355 @@ fn the_cli_drives_a_sandbox() {
     assert_ne!(code, Some(0));
     assert!(err.contains("404") || err.contains("no sandbox"), "{err}");
 }
+
+/// One request with an optional API key, over a plain socket: (status, body).
+fn keyed(s: &Server, method: &str, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::net::TcpStream::connect(s.addr).expect("connect");
+    let key = key.map_or(String::new(), |k| format!("x-api-key: {k}\r\n"));
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{key}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn processes_outlive_calls_stream_and_take_input() {
+    let s = server("");
+    let (st, sb) = create(&s, json!({"timeout_s": 120}));
+    assert_eq!(st, 201, "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+
+    // Output is read while the process runs, from an offset, and the exit comes last.
+    let r = s.post(
+        &format!("/v1/sandboxes/{id}/procs"),
+        &json!({"cmd": "for i in 1 2 3; do echo line $i; sleep 0.5; done; exit 4", "tag": "ticker"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pid = r.json()["pid"].as_u64().expect("pid");
+    let mut text = String::new();
+    let mut since = 0;
+    let mut saw_running_output = false;
+    let exit = loop {
+        let r = raw(
+            &s,
+            "GET",
+            &format!("/v1/sandboxes/{id}/procs/{pid}/output?since={since}&wait_ms=2000"),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        for c in v["chunks"].as_array().expect("chunks") {
+            text.push_str(c["text"].as_str().expect("text"));
+        }
+        since = v["next"].as_u64().expect("next");
+        if v["exit"].is_null() && text.contains("line 1") {
+            saw_running_output = true;
+        }
+        if !v["exit"].is_null() {
+            break v["exit"].clone();
+        }
+    };
+    assert!(saw_running_output, "output came before the exit");
+    assert_eq!(text, "line 1\nline 2\nline 3\n");
+    assert_eq!(exit["exit_code"], 4, "{exit}");
+
+    // Standard input, sent later, then closed.
+    let r = s.post(
+        &format!("/v1/sandboxes/{id}/procs"),
+        &json!({"argv": ["sh", "-c", "read a; echo got $a; cat"], "stdin": true}),
+    );
+    let cat = r.json()["pid"].as_u64().expect("pid");
+    let input = |body: Value| {
+        let r = s.post(&format!("/v1/sandboxes/{id}/procs/{cat}/input"), &body);
+        assert_eq!(r.status, 204, "{body}: {}", r.text());
+    };
+    input(json!({"type": "stdin", "data": "one\n"}));
+    input(json!({"type": "stdin", "data_base64": "dHdvCg=="}));
+    input(json!({"type": "close_stdin"}));
+    let r = raw(
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{id}/procs/{cat}/output?since=0&wait_ms=3000"),
+        None,
+    );
+    let mut v = r.json();
+    for _ in 0..20 {
+        if !v["exit"].is_null() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        v = raw(
+            &s,
+            "GET",
+            &format!("/v1/sandboxes/{id}/procs/{cat}/output?since=0"),
+            None,
+        )
+        .json();
+    }
+    let all: String = v["chunks"]
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .map(|c| c["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(all, "got one\ntwo\n", "{v}");
+    assert_eq!(v["exit"]["exit_code"], 0, "{v}");
+
+    // A background process lives across calls, is listed, and a signal or delete ends it.
+    let r = s.post(
+        &format!("/v1/sandboxes/{id}/procs"),
+        &json!({"cmd": "sleep 300", "tag": "sleeper"}),
+    );
+    let sleeper = r.json()["pid"].as_u64().expect("pid");
+    let ps = exec(&s, &id, json!({"cmd": "ps -eo args"}));
+    assert!(
+        ps["stdout"].as_str().unwrap_or("").contains("sleep 300"),
+        "{ps}"
+    );
+    let list = raw(&s, "GET", &format!("/v1/sandboxes/{id}/procs"), None).json();
+    assert!(
+        list["procs"]
+            .as_array()
+            .expect("procs")
+            .iter()
+            .any(|p| p["pid"] == sleeper && p["running"] == true && p["tag"] == "sleeper"),
+        "{list}"
+    );
+    let r = s.post(
+        &format!("/v1/sandboxes/{id}/procs/{sleeper}/input"),
+        &json!({"type": "signal", "signal": "SIGTERM"}),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let v = raw(
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{id}/procs/{sleeper}/output?wait_ms=3000"),
+        None,
+    )
+    .json();
+    assert_eq!(v["exit"]["signal"], "SIGTERM", "{v}");
+    let r = raw(
+        &s,
+        "DELETE",
+        &format!("/v1/sandboxes/{id}/procs/{sleeper}"),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let r = raw(
+        &s,
+        "DELETE",
+        &format!("/v1/sandboxes/{id}/procs/{sleeper}"),
+        None,
+    );
+    assert_eq!(r.status, 404, "a forgotten process is not found");
+    let r = s.post(
+        &format!("/v1/sandboxes/{id}/procs"),
+        &json!({"cmd": "true", "timeout_ms": 100_000_000_000u64}),
+    );
+    assert_eq!(r.status, 422, "a timeout past the cap: {}", r.text());
+
+    // exec/stream: NDJSON lines as the command prints.
+    let r = s.post(
+        &format!("/v1/sandboxes/{id}/exec/stream"),
+        &json!({"cmd": "echo a; echo b >&2; exit 2"}),
+    );
+    assert_eq!(r.status, 200);
+    let lines: Vec<Value> = r
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines[0]["type"], "started", "{lines:?}");
+    let out: String = lines
+        .iter()
+        .filter(|l| l["type"] == "output")
+        .map(|l| {
+            format!(
+                "{}:{}",
+                l["stream"].as_str().unwrap_or(""),
+                l["text"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert!(
+        out.contains("stdout:a\n") && out.contains("stderr:b\n"),
+        "{out}"
+    );
+    let last = lines.last().expect("lines");
+    assert_eq!(
+        (last["type"].as_str(), last["exit_code"].as_i64()),
+        (Some("exit"), Some(2)),
+        "{last}"
+    );
+
+    // A client that leaves a stream takes its command with it.
+    {
+        use std::io::{BufRead as _, Write as _};
+        let mut c = std::net::TcpStream::connect(s.addr).expect("connect");
+        let body = r#"{"cmd": "echo go; sleep 77"}"#;
+        write!(
+            c,
+            "POST /v1/sandboxes/{id}/exec/stream HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut rd = std::io::BufReader::new(c.try_clone().expect("clone"));
+        let mut line = String::new();
+        while !line.contains("go") {
+            line.clear();
+            assert!(
+                rd.read_line(&mut line).expect("read") > 0,
+                "the stream ended early"
+            );
+        }
+    }
+    let t = Instant::now();
+    loop {
+        let ps = exec(&s, &id, json!({"cmd": "ps -eo args"}));
+        if !ps["stdout"].as_str().unwrap_or("").contains("sleep 77") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the command outlived its client: {ps}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = raw(&s, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(r.status, 204);
+    let t = Instant::now();
+    while vm_processes(&s) > 0 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(vm_processes(&s), 0, "no VM left");
+}
+
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn api_keys_keep_tenants_apart() {
+    let s = server("[auth]\nkeys = [\"key-one-aaaaaaaa\", \"key-two-bbbbbbbb\"]\n");
+    let (st, body) = keyed(&s, "GET", "/v1/sandboxes", None, "");
+    assert_eq!(st, 401, "no key: {body}");
+    let (st, body) = keyed(&s, "GET", "/v1/sandboxes", Some("wrong"), "");
+    assert_eq!(st, 401, "a wrong key: {body}");
+    let (st, body) = keyed(&s, "POST", "/v1/sandboxes", Some("key-one-aaaaaaaa"), "{}");
+    assert_eq!(st, 201, "{body}");
+    let id = serde_json::from_str::<Value>(&body).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (_, mine) = keyed(&s, "GET", "/v1/sandboxes", Some("key-one-aaaaaaaa"), "");
+    assert!(mine.contains(&id), "its own key lists it: {mine}");
+    let (_, theirs) = keyed(&s, "GET", "/v1/sandboxes", Some("key-two-bbbbbbbb"), "");
+    assert!(!theirs.contains(&id), "another key does not: {theirs}");
+    for (method, path, body) in [
+        ("GET", format!("/v1/sandboxes/{id}"), ""),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            r#"{"cmd": "true"}"#,
+        ),
+        (
+            "GET",
+            format!("/v1/sandboxes/{id}/files?path=/home/user"),
+            "",
+        ),
+        ("GET", format!("/v1/sandboxes/{id}/procs"), ""),
+        ("DELETE", format!("/v1/sandboxes/{id}"), ""),
+    ] {
+        let (st, b) = keyed(&s, method, &path, Some("key-two-bbbbbbbb"), body);
+        assert_eq!(st, 404, "{method} {path} with another key: {b}");
+    }
+    let (st, b) = keyed(
+        &s,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some("key-one-aaaaaaaa"),
+        r#"{"cmd": "echo mine"}"#,
+    );
+    assert_eq!(st, 200, "{b}");
+    assert!(b.contains("mine"), "{b}");
+    let (st, _) = keyed(
+        &s,
+        "DELETE",
+        &format!("/v1/sandboxes/{id}"),
+        Some("key-one-aaaaaaaa"),
+        "",
+    );
+    assert_eq!(st, 204);
+}
+
+/// `cloude sandbox shell` on a real terminal (`script` gives it one): an interactive bash on a
+/// terminal in the sandbox, its files there, what it writes kept for later calls, its exit code
+/// ours, and no shell left behind.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn the_cli_opens_a_shell_in_a_sandbox() {
+    use std::io::{Read as _, Write as _};
+    use std::process::{Command, Stdio};
+    let s = server("");
+    let (st, sb) = create(&s, json!({"timeout_s": 120}));
+    assert_eq!(st, 201, "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+    exec(&s, &id, json!({"cmd": "echo kept-$((2+3)) > notes.txt"}));
+    let cloude = support::sibling_bin("cloude").expect("cloude binary");
+    let cmd = format!("{} --server {} sandbox shell {id}", cloude.display(), s.url);
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = stdout.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    stdin
+        .write_all(b"cat notes.txt; tty; echo from-shell > /tmp/shell.txt\n")
+        .expect("type");
+    std::thread::sleep(Duration::from_secs(3));
+    stdin.write_all(b"exit 5\n").expect("type");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "cloude sandbox shell did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(stdin);
+    let out = reader.join().expect("reader");
+    assert!(out.contains("$ "), "a prompt: {out:?}");
+    assert!(out.contains("kept-5"), "the sandbox's files: {out:?}");
+    assert!(out.contains("/dev/pts/"), "a terminal: {out:?}");
+    assert_eq!(status.code(), Some(5), "{out:?}");
+    let after = exec(&s, &id, json!({"cmd": "cat /tmp/shell.txt; ps -eo args"}));
+    let text = after["stdout"].as_str().unwrap_or("");
+    assert!(
+        text.starts_with("from-shell\n"),
+        "what the shell wrote is kept: {after}"
+    );
+    assert!(!text.contains("bash -il"), "no shell left behind: {after}");
+    let r = raw(&s, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(r.status, 204);
+}

@@ -33,16 +33,18 @@ pub fn run(server: &str, req: &ExecutionRequest) -> anyhow::Result<ExecutionResp
     talk(server, &req, tty)
 }
 
-fn talk(server: &str, req: &ExecutionRequest, tty: bool) -> anyhow::Result<ExecutionResponse> {
+/// Opens the WebSocket at `path` on `server`, sends `first`, and starts sending our input
+/// (keys on a terminal, lines on a pipe) on a thread of its own.
+fn open(server: &str, path: &str, first: String, tty: bool) -> anyhow::Result<Socket> {
     let hostport = server
         .strip_prefix("http://")
         .context("interactive runs need an http:// server URL")?
         .trim_end_matches('/');
     let stream =
         TcpStream::connect(hostport).with_context(|| format!("cannot connect to {hostport}"))?;
-    let (mut ws, _) = tungstenite::client(format!("ws://{hostport}/v1/executions/ws"), stream)
+    let (mut ws, _) = tungstenite::client(format!("ws://{hostport}{path}"), stream)
         .context("WebSocket handshake")?;
-    ws.send(Message::Text(serde_json::to_string(req)?))?;
+    ws.send(Message::Text(first))?;
     ws.get_mut().set_read_timeout(Some(POLL))?;
     let ws: Socket = Arc::new(Mutex::new(ws));
     let input = ws.clone();
@@ -53,6 +55,93 @@ fn talk(server: &str, req: &ExecutionRequest, tty: bool) -> anyhow::Result<Execu
             forward_stdin(&input)
         }
     });
+    Ok(ws)
+}
+
+/// The next text message (`None`: the server closed, with its reason).
+fn next_text(ws: &Socket) -> anyhow::Result<Result<String, String>> {
+    loop {
+        let msg = {
+            let mut ws = ws.lock().map_err(|_| anyhow::anyhow!("socket lock"))?;
+            match ws.read() {
+                Ok(m) => m,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => anyhow::bail!("the connection ended: {e}"),
+            }
+        };
+        match msg {
+            Message::Text(t) => return Ok(Ok(t)),
+            Message::Close(f) => {
+                return Ok(Err(f.map(|f| f.reason.to_string()).unwrap_or_default()))
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// `cloude sandbox shell`: `argv` (default an interactive login bash) on a terminal in sandbox
+/// `id`, connected to ours (raw, restored on exit) or to our pipes; its exit code (128+N for a
+/// signal).
+pub fn shell(server: &str, id: &str, argv: Vec<String>, root: bool) -> anyhow::Result<u8> {
+    use cloude_api::sandbox::{ExecLine, ShellIn};
+    use std::io::{IsTerminal as _, Write as _};
+    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let first = ShellIn {
+        argv: (!argv.is_empty()).then_some(argv),
+        tty: Some(terminal_size().unwrap_or(cloude_api::TtySize { rows: 24, cols: 80 })),
+        user: root.then(|| "root".to_string()),
+        ..Default::default()
+    };
+    let _raw = if tty { Some(RawMode::enter()?) } else { None };
+    let path = format!("/v1/sandboxes/{}/shell", cloude_api::query_escape(id));
+    let ws = open(server, &path, serde_json::to_string(&first)?, tty)?;
+    let mut out = std::io::stdout();
+    loop {
+        let text = match next_text(&ws)? {
+            Ok(t) => t,
+            Err(reason) => anyhow::bail!("the server closed the shell: {reason}"),
+        };
+        match serde_json::from_str::<ExecLine>(&text)? {
+            ExecLine::Output(c) => {
+                use base64::Engine as _;
+                let bytes = match &c.data_base64 {
+                    Some(b) => base64::engine::general_purpose::STANDARD.decode(b)?,
+                    None => c.text.into_bytes(),
+                };
+                let _ = out.write_all(&bytes);
+                let _ = out.flush();
+            }
+            ExecLine::Exit(e) => {
+                let code = match (
+                    e.exit_code,
+                    e.signal.as_deref().and_then(cloude_api::signal_number),
+                ) {
+                    (Some(c), _) => u8::try_from(c.clamp(0, 255)).unwrap_or(1),
+                    (None, Some(n)) => u8::try_from(128 + n.clamp(0, 127)).unwrap_or(1),
+                    (None, None) => 1,
+                };
+                return Ok(code);
+            }
+            ExecLine::Error { error, message } => anyhow::bail!("{error}: {message}"),
+            ExecLine::Started { .. } => {}
+        }
+    }
+}
+
+fn talk(server: &str, req: &ExecutionRequest, tty: bool) -> anyhow::Result<ExecutionResponse> {
+    let ws = open(
+        server,
+        "/v1/executions/ws",
+        serde_json::to_string(req)?,
+        tty,
+    )?;
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     loop {

@@ -48,6 +48,16 @@ pub enum SandboxCmd {
     Get { id: String, path: String },
     /// Delete a sandbox.
     Rm { id: String },
+    /// A terminal in a sandbox: `bash -il` (or `-- ARGV...`) on a guest terminal of our size,
+    /// our terminal raw until it ends; its exit code becomes ours.
+    Shell {
+        id: String,
+        /// As root in the guest instead of `user`.
+        #[arg(long)]
+        root: bool,
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
 }
 
 pub fn run(client: &Client, cmd: SandboxCmd, raw_json: bool) -> anyhow::Result<u8> {
@@ -122,6 +132,9 @@ pub fn run(client: &Client, cmd: SandboxCmd, raw_json: bool) -> anyhow::Result<u
             answered(r.status, &r.body)?;
             std::io::stdout().write_all(&r.body)?;
             Ok(0)
+        }
+        SandboxCmd::Shell { id, root, argv } => {
+            crate::interactive::shell(client.base(), &id, argv, root)
         }
         SandboxCmd::Rm { id } => {
             let r = client.raw(

@@ -1,5 +1,6 @@
 //! The HTTP API: routes, shared state, middleware.
 
+pub mod auth;
 pub mod conn;
 pub mod e2b;
 pub mod error;
@@ -79,7 +80,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         ("/healthz", get(healthz)),
         ("/metrics", get(metrics)),
     ];
-    routes.extend(sandboxes::routes());
+    // The native sandbox routes, each behind the `[auth]` keys (when there are any).
+    for (path, method) in sandboxes::routes() {
+        let auth = axum::middleware::from_fn_with_state(state.clone(), auth::sandbox_auth);
+        routes.push((path, method.layer(auth)));
+    }
     routes.extend(e2b::routes());
     // Judge0's routes, each behind its optional API key.
     for (path, method) in judge0::routes() {

@@ -5,9 +5,8 @@
 //!
 //! A process is a sandbox process (`Sandboxes::start_proc`): it outlives the stream that
 //! started it (E2B's `background=True`, a client that disconnects), and a stream follows its
-//! output by reading it from the agent in short polls (`POLL_WAIT`), so the sandbox's one
-//! agent connection is never held long; between empty polls the stream sleeps, longer while
-//! nothing comes (`IDLE_SLEEP_MAX`).
+//! output with `Sandboxes::follow_proc` (short polls that share the sandbox's one agent
+//! connection).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,18 +26,15 @@ use cloude_protocol::sandbox::{
 use cloude_protocol::{StageStatus, StreamKind};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
 use super::connect::{self, StreamTx};
 use super::E2bError;
 use crate::agent::FileAnswer;
 use crate::api::sandboxes::sandboxes;
 use crate::api::AppState;
-use crate::sandbox::Sandboxes;
+use crate::sandbox::{ProcEvent, Sandboxes};
 
-/// Longest one output poll holds the sandbox's agent connection.
-const POLL_WAIT: Duration = Duration::from_millis(100);
-/// Longest a stream sleeps between polls that found nothing.
-const IDLE_SLEEP_MAX: Duration = Duration::from_millis(250);
 /// A keepalive event after this long without one (E2B's clients ask for 50 s).
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(30);
 /// Deepest recursive listing (`ListDir` depth).
@@ -338,70 +334,77 @@ async fn reconnect(t: Target, sel: Selector) -> Response {
 
 /// Sends a process's events to a stream: `start`, its output as it comes, `end`; then the
 /// end of the stream. A client that goes away stops the following, not the process.
-async fn follow(t: Target, pid: u32, mut since: u64, pty: bool, tx: StreamTx) {
+async fn follow(t: Target, pid: u32, since: u64, pty: bool, tx: StreamTx) {
     if !tx.send(&json!({"event": {"start": {"pid": pid}}})).await {
         return;
     }
     let b64 = base64::engine::general_purpose::STANDARD;
-    let mut idle = Duration::ZERO;
-    let mut quiet_since = tokio::time::Instant::now();
+    let (etx, mut erx) = mpsc::channel(16);
+    let mut poller = {
+        let (sbx, id) = (t.sbx.clone(), t.id.clone());
+        tokio::spawn(async move { sbx.follow_proc(&id, pid, since, &etx).await })
+    };
+    let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
+    keepalive.tick().await;
     loop {
-        let out = match t.sbx.read_proc(&t.id, pid, since, POLL_WAIT).await {
-            Ok(o) => o,
-            Err(e) => {
-                tx.end(Some(e.into())).await;
-                return;
-            }
-        };
-        let got = !out.chunks.is_empty();
-        for c in out.chunks {
-            let key = match (pty, c.stream) {
-                (true, _) => "pty",
-                (false, StreamKind::Stdout) => "stdout",
-                (false, StreamKind::Stderr) => "stderr",
-            };
-            let ev = json!({"event": {"data": {key: b64.encode(&c.data.0)}}});
-            if !tx.send(&ev).await {
-                return;
-            }
-        }
-        since = out.next;
-        if let Some(end) = out.end {
-            let (exit, exited, status) = match (end.exit_code, end.signal) {
-                (Some(c), _) => (c, true, format!("exit status {c}")),
-                (None, Some(s)) => (-1, false, format!("signal: {}", signal_name(s))),
-                (None, None) => (-1, false, "ended".to_string()),
-            };
-            let error = match end.status {
-                StageStatus::Ok => None,
-                _ => end.message.or_else(|| Some(format!("{:?}", end.status))),
-            };
-            let mut ev = json!({"exitCode": exit, "exited": exited, "status": status});
-            if let Some(e) = error {
-                ev["error"] = Value::String(e);
-            }
-            if tx.send(&json!({"event": {"end": ev}})).await {
-                tx.end(None).await;
-            }
-            return;
-        }
-        if got {
-            idle = Duration::ZERO;
-            quiet_since = tokio::time::Instant::now();
-            continue;
-        }
-        if quiet_since.elapsed() >= KEEPALIVE_EVERY {
-            if !tx.send(&json!({"event": {"keepalive": {}}})).await {
-                return;
-            }
-            quiet_since = tokio::time::Instant::now();
-        }
-        idle = (idle * 2).clamp(Duration::from_millis(10), IDLE_SLEEP_MAX);
         tokio::select! {
-            () = tokio::time::sleep(idle) => {}
+            ev = erx.recv() => match ev {
+                Some(ProcEvent::Output(c)) => {
+                    let key = match (pty, c.stream) {
+                        (true, _) => "pty",
+                        (false, StreamKind::Stdout) => "stdout",
+                        (false, StreamKind::Stderr) => "stderr",
+                    };
+                    let ev = json!({"event": {"data": {key: b64.encode(&c.data.0)}}});
+                    if !tx.send(&ev).await {
+                        return;
+                    }
+                    keepalive.reset();
+                }
+                // envd has no word for output dropped unread; the stream goes on.
+                Some(ProcEvent::Skipped(_)) => {}
+                Some(ProcEvent::End(end)) => {
+                    if tx.send(&json!({"event": {"end": end_event(end)}})).await {
+                        tx.end(None).await;
+                    }
+                    return;
+                }
+                None => {
+                    let error = match (&mut poller).await {
+                        Ok(Err(e)) => e.into(),
+                        _ => E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, "following the process failed"),
+                    };
+                    tx.end(Some(error)).await;
+                    return;
+                }
+            },
+            _ = keepalive.tick() => {
+                if !tx.send(&json!({"event": {"keepalive": {}}})).await {
+                    return;
+                }
+            }
             () = tx.gone() => return,
         }
     }
+}
+
+/// envd's `end` event: the exit code (-1 when a signal ended it), whether it exited, a status
+/// line, and an error when a limit stopped it.
+fn end_event(end: cloude_protocol::sandbox::ProcEnd) -> Value {
+    let (exit, exited, status) = match (end.exit_code, end.signal) {
+        (Some(c), _) => (c, true, format!("exit status {c}")),
+        (None, Some(s)) => (-1, false, format!("signal: {}", signal_name(s))),
+        (None, None) => (-1, false, "ended".to_string()),
+    };
+    let error = match end.status {
+        StageStatus::Ok => None,
+        _ => end.message.or_else(|| Some(format!("{:?}", end.status))),
+    };
+    let mut ev = json!({"exitCode": exit, "exited": exited, "status": status});
+    if let Some(e) = error {
+        ev["error"] = Value::String(e);
+    }
+    ev
 }
 
 fn signal_name(s: i32) -> &'static str {

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use super::envd::{target, Target};
 use super::E2bError;
 use crate::api::AppState;
+use crate::sandbox::ProcEvent;
 
 /// Our context program (Python).
 const INTERPRETER: &str = include_str!("interpreter.py");
@@ -32,10 +33,6 @@ const TAG_PREFIX: &str = "e2b-context:";
 const DEFAULT_CONTEXT: &str = "default";
 /// Longest event line taken from a context (a large figure as a png).
 const MAX_EVENT_LINE_BYTES: usize = 16 << 20;
-/// Longest one output poll holds the sandbox's agent connection.
-const POLL_WAIT: Duration = Duration::from_millis(100);
-/// Longest a stream sleeps between polls that found nothing.
-const IDLE_SLEEP_MAX: Duration = Duration::from_millis(100);
 /// Largest request body (code and its variables).
 const MAX_BODY_BYTES: usize = 4 << 20;
 /// NDJSON lines queued for a slow client.
@@ -236,38 +233,53 @@ fn ndjson(v: &Value) -> Bytes {
 }
 
 /// Forwards execution `x`'s events from the context's output; ends after its
-/// `end_of_execution` (or with an error event if the context died).
-async fn follow(t: Target, pid: u32, mut since: u64, x: u64, tx: mpsc::Sender<Bytes>) {
+/// `end_of_execution` (or with an error event if the context died or output was lost).
+async fn follow(t: Target, pid: u32, since: u64, x: u64, tx: mpsc::Sender<Bytes>) {
+    let (etx, mut erx) = mpsc::channel(16);
+    let mut poller = {
+        let (sbx, id) = (t.sbx.clone(), t.id.clone());
+        tokio::spawn(async move { sbx.follow_proc(&id, pid, since, &etx).await })
+    };
+    let error = |name: &str, value: String| {
+        ndjson(&json!({"type": "error", "name": name, "value": value, "traceback": ""}))
+    };
     let mut pending: Vec<u8> = Vec::new();
-    let mut idle = Duration::ZERO;
     loop {
-        let out = match t.sbx.read_proc(&t.id, pid, since, POLL_WAIT).await {
-            Ok(o) => o,
-            Err(e) => {
-                let _ = tx
-                    .send(ndjson(&json!({"type": "error", "name": "SandboxError",
-                        "value": e.to_string(), "traceback": ""})))
-                    .await;
-                return;
-            }
+        let ev = tokio::select! {
+            ev = erx.recv() => ev,
+            () = tx.closed() => return,
         };
-        since = out.next;
-        if out.skipped > 0 {
-            // The agent's buffer dropped output we had not read: the line in progress is lost.
-            pending.clear();
-            let ev = json!({"type": "error", "name": "OutputLost",
-                "value": format!("{} bytes of the context's output were dropped", out.skipped),
-                "traceback": ""});
-            if tx.send(ndjson(&ev)).await.is_err() {
+        match ev {
+            Some(ProcEvent::Output(c)) => {
+                if c.stream == cloude_protocol::StreamKind::Stdout {
+                    pending.extend_from_slice(&c.data.0);
+                }
+            }
+            Some(ProcEvent::Skipped(n)) => {
+                // The agent's buffer dropped output we had not read: the line in progress is lost.
+                pending.clear();
+                let msg = format!("{n} bytes of the context's output were dropped");
+                if tx.send(error("OutputLost", msg)).await.is_err() {
+                    return;
+                }
+            }
+            Some(ProcEvent::End(end)) => {
+                let why = end.message.unwrap_or_else(|| {
+                    format!("exit code {:?}, signal {:?}", end.exit_code, end.signal)
+                });
+                let msg = format!("the context's Python process ended: {why}");
+                let _ = tx.send(error("ContextDied", msg)).await;
+                let _ = tx.send(ndjson(&json!({"type": "end_of_execution"}))).await;
                 return;
             }
-        }
-        let got = !out.chunks.is_empty();
-        for c in out.chunks {
-            if c.stream != cloude_protocol::StreamKind::Stdout {
-                continue;
+            None => {
+                let why = match (&mut poller).await {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "following the context failed".into(),
+                };
+                let _ = tx.send(error("SandboxError", why)).await;
+                return;
             }
-            pending.extend_from_slice(&c.data.0);
         }
         while let Some(i) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=i).collect();
@@ -292,31 +304,9 @@ async fn follow(t: Target, pid: u32, mut since: u64, x: u64, tx: mpsc::Sender<By
             }
         }
         if pending.len() > MAX_EVENT_LINE_BYTES {
-            let _ = tx
-                .send(ndjson(&json!({"type": "error", "name": "OutputTooLarge",
-                    "value": format!("an output line over {MAX_EVENT_LINE_BYTES} bytes"), "traceback": ""})))
-                .await;
+            let msg = format!("an output line over {MAX_EVENT_LINE_BYTES} bytes");
+            let _ = tx.send(error("OutputTooLarge", msg)).await;
             return;
-        }
-        if let Some(end) = out.end {
-            let why = end.message.unwrap_or_else(|| {
-                format!("exit code {:?}, signal {:?}", end.exit_code, end.signal)
-            });
-            let _ = tx
-                .send(ndjson(&json!({"type": "error", "name": "ContextDied",
-                    "value": format!("the context's Python process ended: {why}"), "traceback": ""})))
-                .await;
-            let _ = tx.send(ndjson(&json!({"type": "end_of_execution"}))).await;
-            return;
-        }
-        if got {
-            idle = Duration::ZERO;
-            continue;
-        }
-        idle = (idle * 2).clamp(Duration::from_millis(5), IDLE_SLEEP_MAX);
-        tokio::select! {
-            () = tokio::time::sleep(idle) => {}
-            () = tx.closed() => return,
         }
     }
 }

@@ -100,30 +100,10 @@ impl IntoResponse for E2bError {
 }
 
 /// The tenant a control-plane request acts for: `None` without `[auth] keys`, else the key's
-/// name (a digest of it, never the key). A missing or unknown key is refused (401).
+/// (`api::auth::tenant_of`). A missing or unknown key is refused (401).
 pub fn tenant(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, E2bError> {
-    let keys = &state.config.auth.keys;
-    if keys.is_empty() {
-        return Ok(None);
-    }
-    let given = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            headers
-                .get(axum::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        });
-    let Some(given) = given else {
-        return Err(E2bError::new(
-            StatusCode::UNAUTHORIZED,
-            "an API key is required (X-API-KEY)",
-        ));
-    };
-    crate::config::key_tenant(keys, given)
-        .map(Some)
-        .ok_or_else(|| E2bError::new(StatusCode::UNAUTHORIZED, "invalid API key"))
+    crate::api::auth::tenant_of(&state.config.auth, headers)
+        .map_err(|m| E2bError::new(StatusCode::UNAUTHORIZED, m))
 }
 
 /// Fuzzing hook (`cloude_fuzz::e2b_messages`): Connect envelopes and envd messages.

@@ -1,4 +1,5 @@
-//! The native sandbox API (`/v1/sandboxes`): create, list, show, delete, exec, files, timeout.
+//! The native sandbox API (`/v1/sandboxes`): create, list, show, delete, exec, files, timeout;
+//! processes and streamed commands in `procs.rs`, a terminal over a WebSocket in `shell.rs`.
 //! The lifecycle is `sandbox.rs`'s; this face only decodes, checks the caps and shapes answers.
 
 use std::sync::Arc;
@@ -14,6 +15,9 @@ use base64::Engine as _;
 use cloude_api::sandbox::{ExecIn, ExecOut, SandboxCreate, SandboxInfo, SandboxList, TimeoutIn};
 use cloude_protocol::sandbox::{validate_sandbox_path, ExecRequest, SandboxUser};
 use serde::Deserialize;
+
+mod procs;
+mod shell;
 
 use super::error::ApiError;
 use super::json::{read_body, ApiJson};
@@ -33,6 +37,24 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/v1/sandboxes", post(create).get(list)),
         ("/v1/sandboxes/:id", get(show).delete(delete)),
         ("/v1/sandboxes/:id/exec", post(exec)),
+        ("/v1/sandboxes/:id/exec/stream", post(procs::exec_stream)),
+        (
+            "/v1/sandboxes/:id/procs",
+            post(procs::start_proc).get(procs::list_procs),
+        ),
+        (
+            "/v1/sandboxes/:id/procs/:pid",
+            axum::routing::delete(procs::delete_proc),
+        ),
+        (
+            "/v1/sandboxes/:id/procs/:pid/output",
+            get(procs::proc_output),
+        ),
+        (
+            "/v1/sandboxes/:id/procs/:pid/input",
+            post(procs::proc_input),
+        ),
+        ("/v1/sandboxes/:id/shell", get(shell::shell)),
         ("/v1/sandboxes/:id/timeout", post(timeout)),
         (
             "/v1/sandboxes/:id/files",
@@ -94,9 +116,11 @@ fn show_info(i: Info) -> SandboxInfo {
 
 async fn create(
     State(state): State<Arc<AppState>>,
+    tenant: Option<axum::Extension<super::auth::Tenant>>,
     ApiJson(req): ApiJson<SandboxCreate>,
 ) -> Result<Response, ApiError> {
-    let info = create_sandbox(&state, req, true, None).await?;
+    let owner = tenant.and_then(|t| t.0 .0.clone());
+    let info = create_sandbox(&state, req, true, owner).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -163,7 +187,7 @@ pub(crate) async fn create_sandbox(
     Ok(show_info(info))
 }
 
-fn check_env(env: &[(String, String)], field: &str) -> Result<(), ApiError> {
+pub(super) fn check_env(env: &[(String, String)], field: &str) -> Result<(), ApiError> {
     if env.len() > MAX_ENV {
         return Err(ApiError::too_large(
             Some(field.into()),
@@ -181,10 +205,19 @@ fn check_env(env: &[(String, String)], field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn list(State(state): State<Arc<AppState>>) -> Result<Json<SandboxList>, ApiError> {
+async fn list(
+    State(state): State<Arc<AppState>>,
+    tenant: Option<axum::Extension<super::auth::Tenant>>,
+) -> Result<Json<SandboxList>, ApiError> {
     let sbx = sandboxes(&state)?;
+    let owner = tenant.and_then(|t| t.0 .0.clone());
     Ok(Json(SandboxList {
-        sandboxes: sbx.list().into_iter().map(show_info).collect(),
+        sandboxes: sbx
+            .list()
+            .into_iter()
+            .filter(|i| owner.is_none() || i.owner == owner)
+            .map(show_info)
+            .collect(),
     }))
 }
 
@@ -223,7 +256,7 @@ async fn timeout(
     Ok(Json(show_info(sb.info())))
 }
 
-fn user_of(user: Option<&str>) -> Result<SandboxUser, ApiError> {
+pub(super) fn user_of(user: Option<&str>) -> Result<SandboxUser, ApiError> {
     match user {
         None | Some("user") => Ok(SandboxUser::User),
         Some("root") => Ok(SandboxUser::Root),
@@ -244,16 +277,7 @@ pub(crate) async fn exec_in(state: &AppState, id: &str, req: ExecIn) -> Result<E
     let sbx = sandboxes(state)?;
     let id = checked_id(id)?;
     let l = &state.config.limits;
-    let argv = match (req.cmd, req.argv) {
-        (Some(cmd), None) => vec!["/bin/bash".into(), "-lc".into(), cmd],
-        (None, Some(argv)) if !argv.is_empty() => argv,
-        _ => {
-            return Err(ApiError::invalid(
-                "cmd",
-                "give exactly one of cmd (run by /bin/bash -lc) or argv (non-empty)",
-            ))
-        }
-    };
+    let argv = procs::argv_of(req.cmd, req.argv)?;
     let stdin = req.stdin.unwrap_or_default().into_bytes();
     if stdin.len() > l.max_stdin_bytes {
         return Err(ApiError::too_large(
