@@ -334,3 +334,41 @@ pub async fn delete(
     }
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_keeps_the_newest_bytes_and_counts_the_rest() {
+        let mut b = Buffer::default();
+        for _ in 0..5 {
+            b.push(StreamKind::Stdout, vec![b'a'; 700 * 1024]);
+        }
+        b.push(StreamKind::Stderr, b"end".to_vec());
+        let total = 5 * 700 * 1024 + 3;
+        assert_eq!(b.end, total as u64);
+        assert!(b.end - b.start <= PROC_BUFFER_BYTES as u64);
+        let all = b.read(0);
+        let got: usize = all.chunks.iter().map(|c| c.data.0.len()).sum();
+        assert_eq!(got, PROC_BUFFER_BYTES);
+        assert_eq!(all.skipped as usize, total - PROC_BUFFER_BYTES);
+        assert_eq!(all.next, total as u64);
+        assert_eq!(
+            all.chunks.last().map(|c| c.stream),
+            Some(StreamKind::Stderr)
+        );
+        // From the middle of the kept bytes: only what follows, nothing skipped.
+        let tail = b.read(total as u64 - 2);
+        assert_eq!(tail.skipped, 0);
+        assert_eq!(tail.chunks.len(), 1);
+        assert_eq!(tail.chunks[0].data.0, b"nd");
+        // From now on: nothing yet, and where to read next.
+        let now = b.read(FROM_NOW);
+        assert!(now.chunks.is_empty());
+        assert_eq!(now.next, total as u64);
+        // Past the end (a confused reader): nothing, and no underflow.
+        let past = b.read(total as u64 + 10);
+        assert!(past.chunks.is_empty() && past.skipped == 0);
+    }
+}

@@ -614,3 +614,107 @@ async fn interactive(
     let io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgrade"));
     tokio::io::split(io)
 }
+
+/// Sandbox processes: output nobody reads stays within the buffer (the rest is counted as
+/// skipped), at most `MAX_PROCS` run at once (an ended one makes room), signals are capped.
+#[tokio::test]
+async fn sandbox_processes_are_capped_and_their_output_bounded() {
+    use cloude_protocol::sandbox::{ProcOutput, ProcStart, MAX_PROCS, PROC_BUFFER_BYTES};
+    let Some((server, _state)) = start("procs").await else {
+        return;
+    };
+    let mut c = tcp_client(server.addr).await;
+    let start_proc = |argv: &[&str]| {
+        serde_json::to_vec(&ProcStart {
+            protocol_version: PROTOCOL_VERSION,
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            cwd: Some("/tmp".into()),
+            user: Default::default(),
+            tag: None,
+            timeout_ms: 0,
+            stdin: false,
+            tty: None,
+        })
+        .expect("json")
+    };
+    let id_of = |b: &Bytes| {
+        serde_json::from_slice::<serde_json::Value>(b).expect("json")["id"]
+            .as_u64()
+            .expect("id")
+    };
+    // 5 MB written, nobody reading.
+    let (st, _, b) = call(
+        &mut c,
+        Method::POST,
+        "/v1/procs",
+        start_proc(&["sh", "-c", "head -c 5000000 /dev/zero | tr '\\0' a"]),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{b:?}");
+    let noisy = id_of(&b);
+    let out = loop {
+        let (st, _, b) = call(
+            &mut c,
+            Method::POST,
+            &format!("/v1/procs/{noisy}/read"),
+            r#"{"since": 0, "wait_ms": 1000}"#,
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        let o: ProcOutput = serde_json::from_slice(&b).expect("output");
+        if o.end.is_some() {
+            break o;
+        }
+    };
+    let kept: usize = out.chunks.iter().map(|c| c.data.0.len()).sum();
+    assert!(kept <= PROC_BUFFER_BYTES, "{kept} bytes kept");
+    assert_eq!(out.next, 5_000_000);
+    assert_eq!(out.skipped as usize + kept, 5_000_000);
+    // MAX_PROCS running: one more is refused; the ended one made room for the last.
+    let mut ids = Vec::new();
+    for _ in 0..MAX_PROCS {
+        let (st, _, b) = call(
+            &mut c,
+            Method::POST,
+            "/v1/procs",
+            start_proc(&["sleep", "60"]),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{b:?}");
+        ids.push(id_of(&b));
+    }
+    let (st, _, b) = call(
+        &mut c,
+        Method::POST,
+        "/v1/procs",
+        start_proc(&["sleep", "60"]),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{b:?}");
+    // Signals are capped per process.
+    let first = ids[0];
+    let mut refused = false;
+    for _ in 0..=cloude_protocol::interactive::MAX_SIGNALS {
+        let (st, _, _) = call(
+            &mut c,
+            Method::POST,
+            &format!("/v1/procs/{first}/input"),
+            r#"{"type": "signal", "signal": 28}"#,
+        )
+        .await;
+        if st == StatusCode::BAD_REQUEST {
+            refused = true;
+            break;
+        }
+        assert_eq!(st, StatusCode::NO_CONTENT);
+    }
+    assert!(refused, "more than MAX_SIGNALS signals are refused");
+    for id in ids {
+        let (st, _, _) = call(&mut c, Method::DELETE, &format!("/v1/procs/{id}"), "").await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+    }
+    let (st, _, b) = call(&mut c, Method::GET, "/v1/procs", "").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(&b[..], b"[]", "all forgotten");
+}
