@@ -211,6 +211,9 @@ pub async fn start(
             signal: r.signal,
             status: r.status,
             message: r.message,
+            wall_ms: r.wall_ms,
+            cpu_ms: r.cpu_ms,
+            memory_kib: r.memory_kib,
         });
         proc.changed.notify_waiters();
         tracing::info!(proc = id, "sandbox process ended");

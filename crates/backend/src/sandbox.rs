@@ -330,61 +330,76 @@ impl Sandboxes {
     }
 
     /// Runs `call` on the sandbox's agent, one call at a time, within `within`; a VM that
-    /// stopped makes the sandbox lost (removed).
+    /// stopped makes the sandbox lost (removed). The call runs in a task of its own: a caller
+    /// that goes away (a client that disconnects, a dropped future) never cuts an agent request
+    /// in half, which would close the sandbox's one agent connection; the request finishes (or
+    /// times out) and the connection serves the next call.
     async fn call<T, F>(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         within: Duration,
         touch: bool,
         call: F,
     ) -> Result<T, SandboxError>
     where
+        T: Send + 'static,
         F: for<'a> FnOnce(
-            &'a mut AgentClient,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<T, SandboxError>> + Send + 'a>,
-        >,
+                &'a mut AgentClient,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<T, SandboxError>> + Send + 'a>,
+            > + Send
+            + 'static,
     {
         let sb = self.get(id)?;
         if touch {
             sb.touch();
         }
-        sb.busy.fetch_add(1, Ordering::SeqCst);
-        let _busy = Busy(&sb.busy);
-        let mut guard = tokio::select! {
-            g = sb.live.lock() => g,
-            () = sb.cancel.notified() => return Err(SandboxError::NotFound(id.to_string())),
-        };
-        let Some(live) = guard.as_mut().filter(|_| !sb.dead.load(Ordering::SeqCst)) else {
-            return Err(SandboxError::NotFound(id.to_string()));
-        };
-        let Live { vm, agent, .. } = live;
-        let r = tokio::select! {
-            () = sb.cancel.notified() => Err(SandboxError::NotFound(id.to_string())),
-            r = tokio::time::timeout(within, call(agent)) => match r {
-                Ok(r) => r,
-                Err(_) => Err(SandboxError::Agent(format!("no answer within {} s", within.as_secs()))),
-            },
-            () = vm.exited() => {
-                let why = vm.exit_status_within(Duration::from_millis(200)).await.unwrap_or_else(|| "exited".into());
-                Err(SandboxError::Lost(id.to_string(), why))
+        let me = self.clone();
+        let id = id.to_string();
+        let task = tokio::spawn(async move {
+            sb.busy.fetch_add(1, Ordering::SeqCst);
+            let _busy = Busy(&sb.busy);
+            let mut guard = tokio::select! {
+                g = sb.live.lock() => g,
+                () = sb.cancel.notified() => return Err(SandboxError::NotFound(id)),
+            };
+            let Some(live) = guard.as_mut().filter(|_| !sb.dead.load(Ordering::SeqCst)) else {
+                return Err(SandboxError::NotFound(id));
+            };
+            let Live { vm, agent, .. } = live;
+            let r = tokio::select! {
+                () = sb.cancel.notified() => Err(SandboxError::NotFound(id.clone())),
+                r = tokio::time::timeout(within, call(agent)) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(SandboxError::Agent(format!("no answer within {} s", within.as_secs()))),
+                },
+                () = vm.exited() => {
+                    let why = vm.exit_status_within(Duration::from_millis(200)).await.unwrap_or_else(|| "exited".into());
+                    Err(SandboxError::Lost(id.clone(), why))
+                }
+            };
+            drop(guard);
+            if touch {
+                sb.touch();
             }
-        };
-        drop(guard);
-        if touch {
-            sb.touch();
-        }
-        if let Err(SandboxError::Lost(..) | SandboxError::Agent(..)) = &r {
-            // The VM or its agent connection is gone: so is the sandbox.
-            self.map().remove(id);
-            sb.kill().await;
-            tracing::warn!(sandbox = %id, "sandbox lost");
-        }
-        r
+            if let Err(SandboxError::Lost(..) | SandboxError::Agent(..)) = &r {
+                // The VM or its agent connection is gone: so is the sandbox.
+                me.map().remove(&id);
+                sb.kill().await;
+                tracing::warn!(sandbox = %id, "sandbox lost");
+            }
+            r
+        });
+        task.await
+            .unwrap_or_else(|e| Err(SandboxError::Agent(format!("the call's task failed: {e}"))))
     }
 
     /// One command in the sandbox.
-    pub async fn exec(&self, id: &str, mut req: ExecRequest) -> Result<StageResult, SandboxError> {
+    pub async fn exec(
+        self: &Arc<Self>,
+        id: &str,
+        mut req: ExecRequest,
+    ) -> Result<StageResult, SandboxError> {
         let within = Duration::from_millis(req.timeout_ms) + CALL_SLACK;
         {
             let sb = self.get(id)?;
@@ -400,7 +415,11 @@ impl Sandboxes {
     }
 
     /// Starts a process that outlives the call (its output read by `read_proc`).
-    pub async fn start_proc(&self, id: &str, mut req: ProcStart) -> Result<u32, SandboxError> {
+    pub async fn start_proc(
+        self: &Arc<Self>,
+        id: &str,
+        mut req: ProcStart,
+    ) -> Result<u32, SandboxError> {
         {
             let sb = self.get(id)?;
             let mut env = sb.env.clone();
@@ -418,7 +437,7 @@ impl Sandboxes {
     /// push an idle deadline back (a client that follows a process forever would keep the
     /// sandbox forever).
     pub async fn read_proc(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         proc: u32,
         since: u64,
@@ -440,7 +459,7 @@ impl Sandboxes {
     /// found nothing it sleeps (10 ms, doubling up to 200 ms), so other calls and other
     /// followers share the connection.
     pub async fn follow_proc(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         pid: u32,
         mut since: u64,
@@ -475,8 +494,90 @@ impl Sandboxes {
         }
     }
 
+    /// Runs a process to its end and returns its output and how it ended. Output past `cap`
+    /// bytes (both streams) kills it (status `output_limit`). Dropping the future (a client
+    /// that went away) kills it too: unlike `exec`, whose command the agent runs to its end,
+    /// nothing is left running.
+    pub async fn run_proc(
+        self: &Arc<Self>,
+        id: &str,
+        start: ProcStart,
+        cap: u64,
+    ) -> Result<ProcRun, SandboxError> {
+        let pid = self.start_proc(id, start).await?;
+        let mut guard = KillOnDrop {
+            sbx: Some(self.clone()),
+            id: id.to_string(),
+            pid,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let follow = async {
+            let r = self.follow_proc(id, pid, 0, &tx).await;
+            drop(tx);
+            r
+        };
+        let collect = async {
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    ProcEvent::Output(c) => {
+                        let buf = match c.stream {
+                            cloude_protocol::StreamKind::Stdout => &mut stdout,
+                            cloude_protocol::StreamKind::Stderr => &mut stderr,
+                        };
+                        buf.extend_from_slice(&c.data.0);
+                        if (stdout.len() + stderr.len()) as u64 > cap {
+                            return (stdout, stderr, None, true);
+                        }
+                    }
+                    ProcEvent::Skipped(_) => {}
+                    ProcEvent::End(e) => return (stdout, stderr, Some(e), false),
+                }
+            }
+            (stdout, stderr, None, false)
+        };
+        let (followed, (mut stdout, mut stderr, end, over)) = tokio::join!(follow, collect);
+        // Ended or not, it is killed (if it still runs) and forgotten.
+        if let Some(sbx) = guard.sbx.take() {
+            let _ = sbx.delete_proc(id, pid).await;
+        }
+        let end = match (end, over) {
+            (Some(e), _) => e,
+            (None, true) => {
+                let keep = usize::try_from(cap).unwrap_or(usize::MAX);
+                stdout.truncate(keep);
+                stderr.truncate(keep.saturating_sub(stdout.len()));
+                ProcEnd {
+                    exit_code: None,
+                    signal: Some(libc::SIGKILL),
+                    status: cloude_protocol::StageStatus::OutputLimit,
+                    message: Some(format!("the output passed {cap} bytes")),
+                    wall_ms: 0,
+                    cpu_ms: 0,
+                    memory_kib: 0,
+                }
+            }
+            (None, false) => {
+                followed?;
+                return Err(SandboxError::Agent(
+                    "the process's output ended without its end".into(),
+                ));
+            }
+        };
+        Ok(ProcRun {
+            stdout,
+            stderr,
+            end,
+        })
+    }
+
     /// Standard input, its end, a signal or a terminal size for a process.
-    pub async fn proc_input(&self, id: &str, proc: u32, input: Input) -> Result<(), SandboxError> {
+    pub async fn proc_input(
+        self: &Arc<Self>,
+        id: &str,
+        proc: u32,
+        input: Input,
+    ) -> Result<(), SandboxError> {
         self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move { agent.proc_input(proc, &input).await.map_err(agent_error) })
         })
@@ -484,7 +585,7 @@ impl Sandboxes {
     }
 
     /// The processes a sandbox keeps (running, or ended and not yet forgotten).
-    pub async fn list_procs(&self, id: &str) -> Result<Vec<ProcInfo>, SandboxError> {
+    pub async fn list_procs(self: &Arc<Self>, id: &str) -> Result<Vec<ProcInfo>, SandboxError> {
         self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move { agent.proc_list().await.map_err(agent_error) })
         })
@@ -492,7 +593,7 @@ impl Sandboxes {
     }
 
     /// Kills a process (if it runs) and forgets it.
-    pub async fn delete_proc(&self, id: &str, proc: u32) -> Result<(), SandboxError> {
+    pub async fn delete_proc(self: &Arc<Self>, id: &str, proc: u32) -> Result<(), SandboxError> {
         self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move { agent.proc_delete(proc).await.map_err(agent_error) })
         })
@@ -500,7 +601,11 @@ impl Sandboxes {
     }
 
     /// A file's bytes or a directory's listing.
-    pub async fn read(&self, id: &str, path: String) -> Result<FileAnswer, SandboxError> {
+    pub async fn read(
+        self: &Arc<Self>,
+        id: &str,
+        path: String,
+    ) -> Result<FileAnswer, SandboxError> {
         let max = self.cfg.max_file_bytes;
         self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move { agent.file_get(&path, max).await.map_err(agent_error) })
@@ -510,7 +615,7 @@ impl Sandboxes {
 
     /// Writes a file (parents made), owned by `user`.
     pub async fn write(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         path: String,
         user: SandboxUser,
@@ -536,7 +641,11 @@ impl Sandboxes {
     }
 
     /// Stat, make a directory, move.
-    pub async fn file_op(&self, id: &str, op: FileOp) -> Result<FileOpAnswer, SandboxError> {
+    pub async fn file_op(
+        self: &Arc<Self>,
+        id: &str,
+        op: FileOp,
+    ) -> Result<FileOpAnswer, SandboxError> {
         self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move { agent.file_op(&op).await.map_err(agent_error) })
         })
@@ -544,7 +653,7 @@ impl Sandboxes {
     }
 
     /// Removes a file or a directory tree.
-    pub async fn remove(&self, id: &str, path: String) -> Result<(), SandboxError> {
+    pub async fn remove(self: &Arc<Self>, id: &str, path: String) -> Result<(), SandboxError> {
         self.call(id, FILE_CALL_TIMEOUT, true, move |agent| {
             Box::pin(async move { agent.file_delete(&path).await.map_err(agent_error) })
         })
@@ -584,6 +693,34 @@ impl Sandboxes {
             sb.kill().await;
         }
         n
+    }
+}
+
+/// What [`Sandboxes::run_proc`] answers.
+#[derive(Debug)]
+pub struct ProcRun {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub end: ProcEnd,
+}
+
+/// Kills a sandbox process (in a task of its own) if dropped before it is disarmed (`sbx`
+/// taken).
+struct KillOnDrop {
+    sbx: Option<Arc<Sandboxes>>,
+    id: String,
+    pid: u32,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(sbx) = self.sbx.take() {
+            let (id, pid) = (std::mem::take(&mut self.id), self.pid);
+            tokio::spawn(async move {
+                let _ = sbx.delete_proc(&id, pid).await;
+                tracing::info!(sandbox = %id, pid, "a dropped command was killed");
+            });
+        }
     }
 }
 

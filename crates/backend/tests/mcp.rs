@@ -99,4 +99,51 @@ fn the_official_sdk_over_streamable_http_and_stdio() {
         s.children()
     );
     eprintln!("VM gone {:?} after the MCP client left", t.elapsed());
+
+    // A client that leaves in the middle of run_command: its command is killed, the sandbox
+    // lives on.
+    let r = s.post("/v1/sandboxes", &serde_json::json!({"timeout_s": 120}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    let mut c = TcpStream::connect(s.addr).expect("connect");
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+        "params": {"name": "run_command", "arguments": {"sandbox_id": id, "command": "sleep 88", "timeout_ms": 60000}}})
+    .to_string();
+    write!(
+        c,
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-06-18\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let ps = |s: &Server| {
+        let r = s.post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            &serde_json::json!({"cmd": "ps -eo args"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["stdout"]
+            .as_str()
+            .unwrap_or("")
+            .contains("sleep 88")
+    };
+    let t = Instant::now();
+    while !ps(&s) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the command never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(c);
+    let t = Instant::now();
+    while ps(&s) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the command outlived its MCP client"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("command gone {:?} after the MCP client left", t.elapsed());
+    let r = support::http(s.addr, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(r.status, 204);
 }

@@ -526,6 +526,22 @@ fn processes_outlive_calls_stream_and_take_input() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A client that leaves in the middle of a plain exec does not take the sandbox (its one
+    // agent connection) down: the next call is served.
+    {
+        use std::io::Write as _;
+        let mut c = std::net::TcpStream::connect(s.addr).expect("connect");
+        let body = r#"{"cmd": "sleep 2; echo late > /tmp/late.txt"}"#;
+        write!(
+            c,
+            "POST /v1/sandboxes/{id}/exec HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = exec(&s, &id, json!({"cmd": "cat /tmp/late.txt"}));
+    assert_eq!(after["stdout"], "late\n", "the dropped exec ran to its end: {after}");
     let r = raw(&s, "DELETE", &format!("/v1/sandboxes/{id}"), None);
     assert_eq!(r.status, 204);
     let t = Instant::now();

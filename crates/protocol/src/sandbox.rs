@@ -223,6 +223,12 @@ pub struct ProcEnd {
     pub signal: Option<i32>,
     pub status: crate::StageStatus,
     pub message: Option<String>,
+    #[serde(default)]
+    pub wall_ms: u64,
+    #[serde(default)]
+    pub cpu_ms: u64,
+    #[serde(default)]
+    pub memory_kib: u64,
 }
 
 /// The answer to a read: output, where the next read starts, and the end once every byte

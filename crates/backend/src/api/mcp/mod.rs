@@ -322,7 +322,7 @@ impl Cloude {
             timeout_ms: p.timeout_ms,
             user: None,
         };
-        match super::sandboxes::exec_in(&self.state, &p.sandbox_id, req).await {
+        match super::sandboxes::exec_killable(&self.state, &p.sandbox_id, req).await {
             Err(e) => refused(e),
             Ok(r) => {
                 let status = serde_json::to_value(r.status)

@@ -272,10 +272,58 @@ async fn exec(
     Ok(Json(exec_in(&state, &id, req).await?))
 }
 
-/// Validates and runs one command in a sandbox (`POST …/exec`, the MCP `run_command` tool).
+/// Validates and runs one command in a sandbox (`POST …/exec`): the agent runs it to its end
+/// (even if the client goes away).
 pub(crate) async fn exec_in(state: &AppState, id: &str, req: ExecIn) -> Result<ExecOut, ApiError> {
     let sbx = sandboxes(state)?;
     let id = checked_id(id)?;
+    let agent_req = exec_request(state, req)?;
+    let r = sbx.exec(id, agent_req).await?;
+    Ok(exec_out(
+        &r.stdout.0,
+        &r.stderr.0,
+        cloude_protocol::sandbox::ProcEnd {
+            exit_code: r.exit_code,
+            signal: r.signal,
+            status: r.status,
+            message: r.message,
+            wall_ms: r.wall_ms,
+            cpu_ms: r.cpu_ms,
+            memory_kib: r.memory_kib,
+        },
+    ))
+}
+
+/// [`exec_in`] for callers that may go away (the MCP `run_command` tool): the command is a
+/// sandbox process, killed if the caller's future is dropped. No `stdin`.
+pub(crate) async fn exec_killable(
+    state: &AppState,
+    id: &str,
+    req: ExecIn,
+) -> Result<ExecOut, ApiError> {
+    let sbx = sandboxes(state)?;
+    let id = checked_id(id)?;
+    let r = exec_request(state, req)?;
+    if !r.stdin.0.is_empty() {
+        return Err(ApiError::invalid("stdin", "not offered here"));
+    }
+    let start = cloude_protocol::sandbox::ProcStart {
+        protocol_version: r.protocol_version,
+        argv: r.argv,
+        env: r.env,
+        cwd: r.cwd,
+        user: r.user,
+        tag: None,
+        timeout_ms: r.timeout_ms,
+        stdin: false,
+        tty: None,
+    };
+    let run = sbx.run_proc(id, start, r.output_limit_bytes).await?;
+    Ok(exec_out(&run.stdout, &run.stderr, run.end))
+}
+
+/// A checked agent command from an exec's body.
+fn exec_request(state: &AppState, req: ExecIn) -> Result<ExecRequest, ApiError> {
     let l = &state.config.limits;
     let argv = procs::argv_of(req.cmd, req.argv)?;
     let stdin = req.stdin.unwrap_or_default().into_bytes();
@@ -316,22 +364,25 @@ pub(crate) async fn exec_in(state: &AppState, id: &str, req: ExecIn) -> Result<E
     agent_req
         .validate()
         .map_err(|e| ApiError::invalid("argv", e.to_string()))?;
-    let r = sbx.exec(id, agent_req).await?;
-    let stdout_base64 = std::str::from_utf8(&r.stdout.0)
+    Ok(agent_req)
+}
+
+fn exec_out(stdout: &[u8], stderr: &[u8], end: cloude_protocol::sandbox::ProcEnd) -> ExecOut {
+    let stdout_base64 = std::str::from_utf8(stdout)
         .is_err()
-        .then(|| base64::engine::general_purpose::STANDARD.encode(&r.stdout.0));
-    Ok(ExecOut {
-        stdout: String::from_utf8_lossy(&r.stdout.0).into_owned(),
-        stderr: String::from_utf8_lossy(&r.stderr.0).into_owned(),
+        .then(|| base64::engine::general_purpose::STANDARD.encode(stdout));
+    ExecOut {
+        stdout: String::from_utf8_lossy(stdout).into_owned(),
+        stderr: String::from_utf8_lossy(stderr).into_owned(),
         stdout_base64,
-        exit_code: r.exit_code,
-        signal: r.signal.map(cloude_api::signal_name),
-        status: r.status,
-        message: r.message,
-        wall_ms: r.wall_ms,
-        cpu_ms: r.cpu_ms,
-        memory_kib: r.memory_kib,
-    })
+        exit_code: end.exit_code,
+        signal: end.signal.map(cloude_api::signal_name),
+        status: end.status,
+        message: end.message,
+        wall_ms: end.wall_ms,
+        cpu_ms: end.cpu_ms,
+        memory_kib: end.memory_kib,
+    }
 }
 
 #[derive(Debug, Deserialize)]
