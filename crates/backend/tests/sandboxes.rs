@@ -541,7 +541,10 @@ fn processes_outlive_calls_stream_and_take_input() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let after = exec(&s, &id, json!({"cmd": "cat /tmp/late.txt"}));
-    assert_eq!(after["stdout"], "late\n", "the dropped exec ran to its end: {after}");
+    assert_eq!(
+        after["stdout"], "late\n",
+        "the dropped exec ran to its end: {after}"
+    );
     let r = raw(&s, "DELETE", &format!("/v1/sandboxes/{id}"), None);
     assert_eq!(r.status, 204);
     let t = Instant::now();
