@@ -145,28 +145,16 @@ fn talk(server: &str, req: &ExecutionRequest, tty: bool) -> anyhow::Result<Execu
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     loop {
-        let msg = {
-            let mut ws = ws.lock().map_err(|_| anyhow::anyhow!("socket lock"))?;
-            match ws.read() {
-                Ok(m) => m,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => anyhow::bail!("the connection ended: {e}"),
-            }
-        };
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Close(f) => anyhow::bail!(
+        let text = match next_text(&ws)? {
+            Ok(t) => t,
+            Err(reason) => anyhow::bail!(
                 "the server closed the connection without a result{}",
-                f.map(|f| format!(": {}", f.reason)).unwrap_or_default()
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
             ),
-            _ => continue,
         };
         match serde_json::from_str::<StreamLine>(&text)? {
             StreamLine::Output { stream, data, .. } => {

@@ -307,7 +307,15 @@ pub(crate) async fn exec_killable(
     if !r.stdin.0.is_empty() {
         return Err(ApiError::invalid("stdin", "not offered here"));
     }
-    let start = cloude_protocol::sandbox::ProcStart {
+    let cap = r.output_limit_bytes;
+    let run = sbx.run_proc(id, proc_of(r, false), cap).await?;
+    Ok(exec_out(&run.stdout, &run.stderr, run.end))
+}
+
+/// The sandbox process that runs a checked command (its `stdin` is sent separately, so the
+/// process keeps standard input open when `stdin` is true).
+pub(super) fn proc_of(r: ExecRequest, stdin: bool) -> cloude_protocol::sandbox::ProcStart {
+    cloude_protocol::sandbox::ProcStart {
         protocol_version: r.protocol_version,
         argv: r.argv,
         env: r.env,
@@ -315,15 +323,13 @@ pub(crate) async fn exec_killable(
         user: r.user,
         tag: None,
         timeout_ms: r.timeout_ms,
-        stdin: false,
+        stdin,
         tty: None,
-    };
-    let run = sbx.run_proc(id, start, r.output_limit_bytes).await?;
-    Ok(exec_out(&run.stdout, &run.stderr, run.end))
+    }
 }
 
 /// A checked agent command from an exec's body.
-fn exec_request(state: &AppState, req: ExecIn) -> Result<ExecRequest, ApiError> {
+pub(super) fn exec_request(state: &AppState, req: ExecIn) -> Result<ExecRequest, ApiError> {
     let l = &state.config.limits;
     let argv = procs::argv_of(req.cmd, req.argv)?;
     let stdin = req.stdin.unwrap_or_default().into_bytes();

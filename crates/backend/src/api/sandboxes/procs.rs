@@ -244,37 +244,9 @@ pub(super) async fn exec_stream(
 ) -> Result<Response, ApiError> {
     let sbx = sandboxes(&state)?.clone();
     let id = checked_id(&id)?.to_string();
-    let l = &state.config.limits;
-    let timeout_ms = req.timeout_ms.unwrap_or(l.default_timeout_ms);
-    if timeout_ms == 0 || timeout_ms > l.max_timeout_ms {
-        return Err(ApiError::invalid(
-            "timeout_ms",
-            format!(
-                "{timeout_ms} is out of range: 1 to {} ms (limits.max_timeout_ms)",
-                l.max_timeout_ms
-            ),
-        ));
-    }
-    let stdin = req.stdin.clone().unwrap_or_default().into_bytes();
-    if stdin.len() > l.max_stdin_bytes {
-        return Err(ApiError::too_large(
-            Some("stdin".into()),
-            format!(
-                "stdin is over {} bytes (limits.max_stdin_bytes)",
-                l.max_stdin_bytes
-            ),
-        ));
-    }
-    let start = proc_start(ProcIn {
-        cmd: req.cmd,
-        argv: req.argv,
-        env: req.env,
-        cwd: req.cwd,
-        user: req.user,
-        tag: None,
-        stdin: Some(!stdin.is_empty()),
-        timeout_ms: Some(timeout_ms),
-    })?;
+    let r = super::exec_request(&state, req)?;
+    let stdin = r.stdin.0.clone();
+    let start = super::proc_of(r, !stdin.is_empty());
     let pid = sbx.start_proc(&id, start).await?;
     if !stdin.is_empty() {
         sbx.proc_input(&id, pid, Input::Stdin { data: stdin.into() })
