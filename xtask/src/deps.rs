@@ -30,6 +30,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     // The PostgreSQL TLS test makes its CA and server certificate.
     "openssl",
+    // The playground's tests drive a real browser (Selenium from PyPI, in the tests' venv).
+    "chromium",
+    "chromium-driver",
 ];
 
 /// The workspace root (the parent of xtask's manifest dir).

@@ -283,6 +283,10 @@ pub enum StreamLine {
     Error {
         error: String,
         message: String,
+        /// For a refusal that may pass (a full queue): seconds to wait before trying again (the
+        /// `Retry-After` of the HTTP routes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_s: Option<u64>,
     },
     /// `/v1/executions/ws` only: a stage began.
     Stage {

@@ -25,6 +25,8 @@ pub struct Config {
     pub mcp: McpConfig,
     /// API keys of the sandbox faces (`api/e2b`).
     pub auth: AuthConfig,
+    /// The page at `/` (`api/playground`).
+    pub playground: crate::api::playground::PlaygroundConfig,
     /// The Judge0-compatible API (`judge0`, `api/judge0.rs`).
     pub judge0: crate::judge0::Judge0Config,
     /// Where Judge0 submissions are kept (`store`).
@@ -324,6 +326,7 @@ impl Config {
             return bad("vm.console_bytes must be at least 64 KiB");
         }
         self.judge0.validate().map_err(ConfigError::Invalid)?;
+        self.playground.validate().map_err(ConfigError::Invalid)?;
         self.store.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }

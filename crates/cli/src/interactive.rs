@@ -167,7 +167,7 @@ fn talk(server: &str, req: &ExecutionRequest, tty: bool) -> anyhow::Result<Execu
                 let _ = w.flush();
             }
             StreamLine::Result { result } => return Ok(*result),
-            StreamLine::Error { error, message } => anyhow::bail!("{error}: {message}"),
+            StreamLine::Error { error, message, .. } => anyhow::bail!("{error}: {message}"),
             StreamLine::Stage { .. } | StreamLine::Exit { .. } => {}
         }
     }

@@ -37,6 +37,10 @@ macro_rules! vars {
 vars! {
     HOME = "CLOUDE_HOME", Program,
         "Where kernels, images, packages and the store live (default /var/lib/cloude).";
+    PLAYGROUND_BUNDLE = "CLOUDE_PLAYGROUND_BUNDLE", Program,
+        "`off`: build cloude-server without node and npm; the page at / then says its editor was left out (crates/backend/build.rs).";
+    WEB_CACHE = "CLOUDE_WEB_CACHE", Program,
+        "Where build.rs caches the playground's npm packages and bundle by content hash (default ~/.cache/cloude/web).";
     RUNTIME_DIR = "CLOUDE_RUNTIME_DIR", Program,
         "The server's per-VM runtime directory (sockets, jails); tests give each server its own.";
     SERVER = "CLOUDE_SERVER", Program,

@@ -9,6 +9,7 @@ pub mod json;
 pub mod judge0;
 pub mod mcp;
 pub mod piston;
+pub mod playground;
 pub mod request_id;
 pub mod sandboxes;
 pub mod types;
@@ -98,6 +99,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         r = r
             .route(path, method.clone())
             .route(&format!("{path}/"), method);
+    }
+    // The page at `/` (not doubled with a trailing slash: `/` is its own).
+    for (path, method) in playground::routes(&state.config.playground) {
+        r = r.route(path, method);
     }
     r = r.route(
         "/mcp",

@@ -492,6 +492,7 @@ pub async fn execute_stream(
                     StreamLine::Error {
                         error: e.code.into(),
                         message: e.message,
+                        retry_after_s: e.retry_after,
                     }
                 }
             };

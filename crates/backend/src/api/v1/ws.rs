@@ -41,9 +41,21 @@ pub async fn connect(
 }
 
 async fn refuse(ws: &mut Socket, code: u16, error: &str, message: String) {
+    refuse_after(ws, code, error, message, None).await
+}
+
+/// [`refuse`] for a refusal that may pass: the client is told when to try again.
+async fn refuse_after(
+    ws: &mut Socket,
+    code: u16,
+    error: &str,
+    message: String,
+    retry_after_s: Option<u64>,
+) {
     let line = StreamLine::Error {
         error: error.into(),
         message,
+        retry_after_s,
     };
     let _ = ws::send_json(ws, &line).await;
     ws::close(ws, code, error).await;
@@ -74,7 +86,7 @@ async fn session(state: Arc<AppState>, rid: String, mut ws: Socket) {
     }
     let mut run = match Run::start(&state, job.clone()).await {
         Ok(r) => r,
-        Err(e) => return refuse(&mut ws, 1008, e.code, e.message).await,
+        Err(e) => return refuse_after(&mut ws, 1008, e.code, e.message, e.retry_after).await,
     };
     // One joiner per (stage, stream), as the NDJSON route.
     let mut joiners: [Utf8Joiner; 4] = Default::default();
@@ -110,7 +122,9 @@ async fn session(state: Arc<AppState>, rid: String, mut ws: Socket) {
                         }
                         return ws::close(&mut ws, 1000, "done").await;
                     }
-                    Step::Done(Err(e)) => return refuse(&mut ws, 1011, e.code, e.message).await,
+                    Step::Done(Err(e)) => {
+                        return refuse_after(&mut ws, 1011, e.code, e.message, e.retry_after).await
+                    }
                 };
                 if let Err(e) = ws::send_json(&mut ws, &line).await {
                     tracing::info!("websocket ended: {e}");
