@@ -23,7 +23,7 @@ const KEY_B: &str = "test-key-b-9876543210";
 
 fn server() -> Server {
     let config = format!(
-        "[vm]\nprebuild = [\"python\"]\n[limits]\nmax_concurrent_vms = 3\n[auth]\nkeys = [\"{KEY_A}\", \"{KEY_B}\"]\n"
+        "[vm]\nprebuild = [\"python\", \"python-data\"]\n[limits]\nmax_concurrent_vms = 3\n[auth]\nkeys = [\"{KEY_A}\", \"{KEY_B}\"]\n"
     );
     Server::start(&["--hypervisor", "qemu"], Some(&config), FIRST_START)
         .unwrap_or_else(|e| panic!("e2b: {e}"))

@@ -3,6 +3,7 @@
 Usage: interpreter.py BASE_URL KEY
 """
 
+import base64
 import os
 import sys
 
@@ -47,6 +48,16 @@ sbx.remove_code_context(ctx)
 check(all(c.id != ctx.id for c in sbx.list_code_contexts()), "remove_code_context")
 ex = sbx.run_code("import os\nos.environ.get('V')", envs={"V": "per-run"})
 check(ex.text == "'per-run'", f"envs per run ({ex.text})")
+# The data packages E2B's template has: numpy computes, pandas reads a CSV, a figure comes back.
+ex = sbx.run_code("import numpy as np\nint(np.arange(10).sum())")
+check(ex.text == "45", f"numpy computes ({ex.text}, {ex.error})")
+sbx.files.write("/tmp/data.csv", "a,b\n1,2\n3,4\n")
+ex = sbx.run_code("import pandas as pd\nint(pd.read_csv('/tmp/data.csv')['b'].sum())")
+check(ex.text == "6", f"pandas reads a CSV ({ex.text}, {ex.error})")
+ex = sbx.run_code("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [3, 1, 2])\nplt.title('t')")
+pngs = [r.png for r in ex.results if r.png]
+check(len(pngs) == 1 and base64.b64decode(pngs[0]).startswith(b"\x89PNG"),
+      f"a figure left open is a png result ({[list(r.formats()) for r in ex.results]}, {ex.error})")
 r = sbx.commands.run("echo shell too")
 check(r.stdout == "shell too\n", "commands work in a code interpreter sandbox")
 sbx.kill()

@@ -26,6 +26,8 @@ use crate::sandbox::{plausible_id, Info, SandboxError, Sandboxes};
 
 /// The template when a creation names none (bash, python3 and the Debian userland).
 pub const DEFAULT_TEMPLATE: &str = "python";
+/// E2B's `code-interpreter-v1`: Python with numpy, pandas, scipy and matplotlib.
+pub const CODE_INTERPRETER_TEMPLATE: &str = "python-data";
 /// Most metadata keys, and bytes of metadata as JSON.
 const MAX_METADATA_KEYS: usize = 64;
 const MAX_METADATA_BYTES: usize = 4096;
@@ -136,11 +138,20 @@ pub(crate) async fn create_sandbox(
     let sbx = sandboxes(state)?;
     let cfg = sbx.config();
     let name = req.template.as_deref().unwrap_or(DEFAULT_TEMPLATE);
-    // E2B's default templates: its base image and its code interpreter's.
-    let name = if name == "base" || name == "code-interpreter-v1" {
-        DEFAULT_TEMPLATE
-    } else {
-        name
+    // E2B's default templates: its base image, and its code interpreter's (Python with the data
+    // packages, where the catalogue has them).
+    let name = match name {
+        "base" => DEFAULT_TEMPLATE,
+        "code-interpreter-v1"
+            if state
+                .catalog
+                .find(CODE_INTERPRETER_TEMPLATE, None)
+                .is_some() =>
+        {
+            CODE_INTERPRETER_TEMPLATE
+        }
+        "code-interpreter-v1" => DEFAULT_TEMPLATE,
+        other => other,
     };
     let language = state
         .catalog
