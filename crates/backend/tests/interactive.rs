@@ -640,3 +640,28 @@ fn cli_run_interactive_on_a_terminal() {
     );
     assert_eq!(status.code(), Some(3), "{out:?}");
 }
+
+/// Every VM busy and no room in the queue: the native socket's refusal says when to try again
+/// (`retry_after_s`, the `Retry-After` of the HTTP routes) and closes with 1008.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn native_websocket_says_when_to_retry_a_full_queue() {
+    let config = "[vm]\nprebuild = [\"bash\"]\n[limits]\nmax_concurrent_vms = 1\nmax_queue = 0\n";
+    let s = Server::start(&["--hypervisor", "qemu"], Some(config), FIRST_START)
+        .unwrap_or_else(|e| panic!("interactive: {e}"));
+    let mut busy = Ws::connect(&s, "/v1/executions/ws");
+    busy.send(&json!({"language": "bash", "code": "echo up; sleep 100", "timeout_ms": 60000}));
+    let mut seen = vec![];
+    while !seen.iter().any(|m: &Value| {
+        m["type"] == "output" && m["data"].as_str().is_some_and(|d| d.contains("up"))
+    }) {
+        seen.push(busy.recv(WAIT).expect("up"));
+    }
+    let mut ws = Ws::connect(&s, "/v1/executions/ws");
+    ws.send(&json!({"language": "bash", "code": "echo never"}));
+    let m = ws.recv(WAIT).expect("the refusal");
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["error"], "saturated", "{m}");
+    assert_eq!(m["retry_after_s"], 1, "{m}");
+    assert_eq!(ws.close_code(), 1008);
+}

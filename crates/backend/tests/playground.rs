@@ -38,7 +38,9 @@ fn the_playground_runs_programs_in_a_real_browser() {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("selenium-venv");
     let python =
         support::python_venv(&venv, "selenium", SELENIUM).unwrap_or_else(|e| panic!("{e}"));
-    let config = "[vm]\nprebuild = [\"python\", \"c\"]\n[limits]\nmax_concurrent_vms = 2\n";
+    // Two VMs and no queue: the script fills both to see the page's busy sentence.
+    let config =
+        "[vm]\nprebuild = [\"python\", \"c\"]\n[limits]\nmax_concurrent_vms = 2\nmax_queue = 0\n";
     let s = Server::start(&["--hypervisor", "qemu"], Some(config), FIRST_START)
         .unwrap_or_else(|e| panic!("playground: {e}"));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/playground_client/drive.py");

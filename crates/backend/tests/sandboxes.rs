@@ -642,7 +642,36 @@ fn the_cli_opens_a_shell_in_a_sandbox() {
         .write_all(b"cat notes.txt; tty; echo from-shell > /tmp/shell.txt\n")
         .expect("type");
     std::thread::sleep(Duration::from_secs(3));
-    stdin.write_all(b"exit 5\n").expect("type");
+    // Our window changes size: the CLI's terminal is set to 33x101 and it gets SIGWINCH, as a
+    // terminal emulator would do; the shell's terminal in the guest follows.
+    let cli = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.starts_with(&*cloude.to_string_lossy()) && cmd.contains(&id)
+        })
+        .expect("the cloude process");
+    let pty = std::fs::read_link(format!("/proc/{cli}/fd/0")).expect("its terminal");
+    let st = Command::new("stty")
+        .arg("-F")
+        .arg(&pty)
+        .args(["rows", "33", "cols", "101"])
+        .status()
+        .expect("stty");
+    assert!(st.success(), "stty -F {}", pty.display());
+    let st = Command::new("kill")
+        .args(["-WINCH", &cli.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    std::thread::sleep(Duration::from_secs(1));
+    // (A CLI that died on the signal shows in the output and the exit code below.)
+    let _ = stdin.write_all(b"stty size\n");
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = stdin.write_all(b"exit 5\n");
     let t = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().expect("wait") {
@@ -659,6 +688,10 @@ fn the_cli_opens_a_shell_in_a_sandbox() {
     assert!(out.contains("$ "), "a prompt: {out:?}");
     assert!(out.contains("kept-5"), "the sandbox's files: {out:?}");
     assert!(out.contains("/dev/pts/"), "a terminal: {out:?}");
+    assert!(
+        out.contains("33 101"),
+        "the guest's terminal took the new size: {out:?}"
+    );
     assert_eq!(status.code(), Some(5), "{out:?}");
     let after = exec(&s, &id, json!({"cmd": "cat /tmp/shell.txt; ps -eo args"}));
     let text = after["stdout"].as_str().unwrap_or("");

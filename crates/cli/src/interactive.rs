@@ -2,7 +2,8 @@
 //! pipe) while it runs, over `/v1/executions/ws`. On a pipe, input goes line by line (end of
 //! input closes the program's). On a terminal the program gets a terminal of the same size in
 //! the guest and ours is put in raw mode (restored on exit, whatever the exit): every key goes
-//! as typed, so Ctrl-C interrupts the program's foreground job, not this client.
+//! as typed, so Ctrl-C interrupts the program's foreground job, not this client; a change of our
+//! window's size (`SIGWINCH`) is sent as a resize.
 
 use std::io::BufRead as _;
 use std::net::TcpStream;
@@ -55,7 +56,37 @@ fn open(server: &str, path: &str, first: String, tty: bool) -> anyhow::Result<So
             forward_stdin(&input)
         }
     });
+    if tty {
+        let resizes = ws.clone();
+        let mut winch = signal_hook::iterator::Signals::new([signal_hook::consts::SIGWINCH])
+            .context("watching SIGWINCH")?;
+        std::thread::spawn(move || forward_resizes(&resizes, &mut winch));
+    }
     Ok(ws)
+}
+
+/// Sends our terminal's new size whenever it changes (`SIGWINCH`), so that the program's
+/// terminal in the guest follows (full-screen programs redraw; `stty size` tells).
+fn forward_resizes(ws: &Socket, winch: &mut signal_hook::iterator::Signals) {
+    for _ in winch.forever() {
+        let Some(size) = terminal_size() else {
+            continue;
+        };
+        let m = WsInput::Resize {
+            rows: size.rows,
+            cols: size.cols,
+        };
+        let Ok(text) = serde_json::to_string(&m) else {
+            return;
+        };
+        let sent = ws
+            .lock()
+            .map(|mut ws| ws.send(Message::Text(text)).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            return;
+        }
+    }
 }
 
 /// The next text message (`None`: the server closed, with its reason).
@@ -65,10 +96,13 @@ fn next_text(ws: &Socket) -> anyhow::Result<Result<String, String>> {
             let mut ws = ws.lock().map_err(|_| anyhow::anyhow!("socket lock"))?;
             match ws.read() {
                 Ok(m) => m,
+                // A poll that timed out, or a signal (SIGWINCH) that cut the wait short.
                 Err(tungstenite::Error::Io(e))
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) =>
                 {
                     continue
@@ -212,6 +246,7 @@ fn forward_keys(ws: &Socket) {
     let mut stdin = std::io::stdin().lock();
     loop {
         let n = match stdin.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };

@@ -249,7 +249,30 @@ try:
     check(bg not in ("rgb(255, 255, 255)", "rgba(0, 0, 0, 0)"), f"a dark editor: {bg}")
     driver.save_screenshot(f"{SHOTS}/playground-dark.png")
 
-    # 10. The server goes away mid-run: the page says so.
+    # 10. Every VM busy and no room in the queue (the test's server has 2 VMs and max_queue 0):
+    # a sentence with the time to wait, not a failure.
+    def healthz():
+        with urllib.request.urlopen(BASE + "/healthz") as r:
+            return json.load(r)
+
+    wait(lambda: healthz()["vms_running"] == 0, "the VMs of earlier runs to go", timeout=30)
+    import threading
+    hold = json.dumps({"language": "python", "code": "import time; time.sleep(20)",
+                       "timeout_ms": 60000}).encode()
+    holders = [threading.Thread(target=lambda: urllib.request.urlopen(urllib.request.Request(
+        BASE + "/v1/executions", data=hold, headers={"Content-Type": "application/json"}),
+        timeout=120).read()) for _ in range(2)]
+    for h in holders:
+        h.start()
+    wait(lambda: healthz()["vms_running"] == 2, "two VMs held by other clients", timeout=60)
+    by_label("Run").click()
+    wait(lambda: "busy" in notice(), "the busy sentence", timeout=30)
+    check("Try again in 1 s" in notice(), f"the sentence names the wait: {notice()!r}")
+    check(status() == "Not run", f"status when busy: {status()}")
+    for h in holders:
+        h.join()
+
+    # 11. The server goes away mid-run: the page says so.
     type_code("import time; print('long', flush=True); time.sleep(120)")
     by_label("Run").click()
     wait(lambda: "long" in output(), "the program before the kill")
