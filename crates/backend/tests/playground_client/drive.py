@@ -196,6 +196,14 @@ try:
     check(status().startswith("Killed by SIGKILL"), f"Stop kills it: {status()} "
           f"in {time.time() - t:.1f} s")
 
+    # Highlighting: the python example's keywords are marked up (a variant entry too).
+    check(len(driver.find_elements(By.CSS_SELECTOR, ".cm-content span[class]")) > 3,
+          "python is highlighted")
+    if "python-data" in langs:
+        pick("python-data")
+        check(len(driver.find_elements(By.CSS_SELECTOR, ".cm-content span[class]")) > 3,
+              "python-data is highlighted as python")
+
     # 6. A C compile error.
     pick("c")
     check("scanf" in code(), "the C example replaces the untouched python example")

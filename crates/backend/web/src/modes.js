@@ -94,8 +94,11 @@ const MODES = {
   verilog: legacy(verilog),
 };
 
-/** The editor extension for a catalogue language (an empty list: plain text). */
+/**
+ * The editor extension for a catalogue language (an empty list: plain text). A variant entry
+ * (`python-data`) takes its base language's (`python`).
+ */
 export function modeFor(language) {
-  const make = MODES[language];
+  const make = language in MODES ? MODES[language] : MODES[language.split("-")[0]];
   return make ? make() : [];
 }
