@@ -76,14 +76,7 @@ fn forward_resizes(ws: &Socket, winch: &mut signal_hook::iterator::Signals) {
             rows: size.rows,
             cols: size.cols,
         };
-        let Ok(text) = serde_json::to_string(&m) else {
-            return;
-        };
-        let sent = ws
-            .lock()
-            .map(|mut ws| ws.send(Message::Text(text)).is_ok())
-            .unwrap_or(false);
-        if !sent {
+        if !send_input(ws, &m) {
             return;
         }
     }
@@ -207,16 +200,19 @@ fn talk(server: &str, req: &ExecutionRequest, tty: bool) -> anyhow::Result<Execu
     }
 }
 
+/// Sends one input message; false once the socket is gone.
+fn send_input(ws: &Socket, m: &WsInput) -> bool {
+    let Ok(text) = serde_json::to_string(m) else {
+        return false;
+    };
+    ws.lock()
+        .map(|mut ws| ws.send(Message::Text(text)).is_ok())
+        .unwrap_or(false)
+}
+
 /// Sends each line of our standard input as it comes, then the end of input.
 fn forward_stdin(ws: &Socket) {
-    let send = |m: &WsInput| {
-        let Ok(text) = serde_json::to_string(m) else {
-            return false;
-        };
-        ws.lock()
-            .map(|mut ws| ws.send(Message::Text(text)).is_ok())
-            .unwrap_or(false)
-    };
+    let send = |m: &WsInput| send_input(ws, m);
     let stdin = std::io::stdin();
     let mut lock = stdin.lock();
     let mut line = String::new();
@@ -254,14 +250,7 @@ fn forward_keys(ws: &Socket) {
             data: None,
             data_base64: Some(base64::engine::general_purpose::STANDARD.encode(&buf[..n])),
         };
-        let Ok(text) = serde_json::to_string(&m) else {
-            return;
-        };
-        let sent = ws
-            .lock()
-            .map(|mut ws| ws.send(Message::Text(text)).is_ok())
-            .unwrap_or(false);
-        if !sent {
+        if !send_input(ws, &m) {
             return;
         }
     }
