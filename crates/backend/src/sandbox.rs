@@ -378,6 +378,18 @@ impl Sandboxes {
                     Err(SandboxError::Lost(id.clone(), why))
                 }
             };
+            // A hypervisor that died mid-call (killed by its cgroup, say) closes the agent's
+            // connection first: say that the VM stopped, and how, rather than only that the
+            // connection closed.
+            let r = match r {
+                Err(SandboxError::Agent(e)) => {
+                    match vm.exit_status_within(Duration::from_millis(300)).await {
+                        Some(why) => Err(SandboxError::Lost(id.clone(), why)),
+                        None => Err(SandboxError::Agent(e)),
+                    }
+                }
+                r => r,
+            };
             drop(guard);
             if touch {
                 sb.touch();

@@ -33,8 +33,14 @@ const INCOMING_FD: i32 = 4;
 /// Bytes of migration stream beyond guest RAM accepted from QEMU (device state, headers).
 const STREAM_SLACK_BYTES: u64 = 64 << 20;
 
+/// TCG's translation cache, MiB (`-accel tcg,tb-size=`). QEMU's default is 1 GiB, filled as the
+/// guest runs new code: a sandbox that starts node a dozen times (each process JIT-compiles its
+/// code at new addresses) grew QEMU past guest memory + 700 MiB and its cgroup killed it. With a
+/// cap, a full cache is flushed and refilled instead; the cap fits in [`JAIL_PROFILE`]'s overhead.
+pub(crate) const TCG_CACHE_MIB: u64 = 128;
+
 /// QEMU's cgroup and rlimits on top of the guest. Measured under TCG (README, Jail): RSS beyond
-/// guest memory up to ~100 MiB (the translation cache grows with the code the guest runs), ~8
+/// guest memory up to the translation cache ([`TCG_CACHE_MIB`]) plus ~60 MiB of QEMU itself, ~8
 /// threads plus a worker pool QEMU grows on demand.
 pub(crate) const JAIL_PROFILE: JailProfile = JailProfile {
     overhead_mib: 256,
@@ -99,7 +105,11 @@ pub(crate) fn args(
         // No ACPI in the guest kernel: QEMU then adds virtio_mmio.device= to the command line.
         "microvm,acpi=off,rtc=on".into(),
         "-accel".into(),
-        accel.into(),
+        if accel == "kvm" {
+            accel.into()
+        } else {
+            format!("{accel},tb-size={TCG_CACHE_MIB}")
+        },
         "-cpu".into(),
         if accel == "kvm" {
             "host".into()
@@ -488,7 +498,7 @@ mod tests {
         };
         let a = args(&d, &spec, &slot, &d.paths(&spec, &slot), Mode::Boot).join(" ");
         assert!(a.contains("-nic none"), "{a}");
-        assert!(a.contains("-accel tcg"), "{a}");
+        assert!(a.contains("-accel tcg,tb-size=128"), "{a}");
         assert!(a.contains("name=cloude.agent"), "{a}");
         assert!(a.contains("-no-reboot"), "{a}");
         assert!(!a.contains("server"), "QEMU connects to our socket: {a}");

@@ -25,6 +25,23 @@ struct Prog {
     verify: Verify,
 }
 
+/// Writes 4 MiB of x86 code (`mov eax, i; inc eax` x 2M; `ret`) into an executable mapping and
+/// calls it, 30 times over the same addresses: every pass is new code to the emulator.
+const JIT_SPRAY: &str = r#"
+import ctypes, mmap
+SIZE = 4 << 20
+buf = mmap.mmap(-1, SIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+fn = ctypes.CFUNCTYPE(ctypes.c_uint32)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+incs = (SIZE - 16) // 2
+body = b"\xff\xc0" * incs
+buf[5 + 2 * incs] = 0xC3
+for i in range(30):
+    buf[0:5] = b"\xb8" + i.to_bytes(4, "little")
+    buf[5:5 + 2 * incs] = body
+    assert fn() == i + incs
+print("ok", 30, "passes")
+"#;
+
 pub fn exec(s: &Server, body: &Value) -> (u16, Value) {
     let r = s.post("/v1/executions", body);
     let v = serde_json::from_slice(&r.body).unwrap_or_else(|_| json!({"raw": r.text()}));
@@ -88,6 +105,21 @@ fn programs() -> Vec<Prog> {
             "a = []\nwhile True:\n    a.append(b'x' * (32 << 20))\n",
             30000,
             status_is(&["memory_limit"]),
+        ),
+        // The emulator translates guest code into a cache of host code (TCG). A program that
+        // rewrites and runs 4 MiB of code 30 times makes ~0.4 GiB of translations: without a cap
+        // on that cache QEMU grew past its cgroup's memory limit and was killed mid-run.
+        prog(
+            "writing new machine code over and over (the emulator's translation cache)",
+            "python",
+            JIT_SPRAY,
+            60000,
+            |v| {
+                status_is(&["ok"])(v)?;
+                (v["stdout"].as_str().unwrap_or("").starts_with("ok 30 "))
+                    .then_some(())
+                    .ok_or("the program did not finish its 30 passes".into())
+            },
         ),
         prog("printing forever", "bash", "yes", 10000, move |v| {
             status_is(&["output_limit"])(v)?;

@@ -24,11 +24,6 @@ use super::validate::{build_job, decode_content, Draft, RawFile};
 use super::AppState;
 use crate::executor::{Job, Outcome, Talk};
 
-/// Piston's default run timeout (ms).
-const DEFAULT_RUN_TIMEOUT_MS: u64 = 3000;
-/// Piston's default compile timeout (ms).
-const DEFAULT_COMPILE_TIMEOUT_MS: u64 = 10000;
-
 #[derive(Debug, Serialize, PartialEq)]
 pub struct PistonStage {
     pub stdout: String,
@@ -221,16 +216,12 @@ pub fn job_from_body(
             files: raw,
             stdin,
             args,
-            timeout_ms: Some(
-                as_u64(run_timeout)
-                    .unwrap_or(DEFAULT_RUN_TIMEOUT_MS)
-                    .min(limits.max_timeout_ms),
-            ),
-            compile_timeout_ms: Some(
-                as_u64(compile_timeout)
-                    .unwrap_or(DEFAULT_COMPILE_TIMEOUT_MS)
-                    .min(limits.max_compile_timeout_ms),
-            ),
+            // Unnamed, a timeout is the language's own default, else the server's (`[limits]`):
+            // what Piston's per-language limit overrides do. Piston's fixed 3 s and 10 s are
+            // for native speed, and a Kotlin or Elixir hello world takes longer under emulation.
+            timeout_ms: as_u64(run_timeout).map(|t| t.min(limits.max_timeout_ms)),
+            compile_timeout_ms: as_u64(compile_timeout)
+                .map(|t| t.min(limits.max_compile_timeout_ms)),
             memory_mib: as_u64(run_mem).map(|b| (b / (1024 * 1024)).max(16)),
             // Piston's API has no network switch; its runs are offline.
             network: false,
