@@ -324,6 +324,12 @@ impl Executor {
         Ok((p, t.elapsed()))
     }
 
+    /// A VM slot if one is free now ([`Limiter::try_acquire`]): for background work, which
+    /// waits outside the clients' queue.
+    pub fn try_admit(&self) -> Result<Option<Permit>, LimitError> {
+        self.limiter.try_acquire()
+    }
+
     /// What a snapshot template of `language` runs before it is sealed ([`VmSpec::warm_up`]):
     /// its compile and run commands on an empty entry file, with the default limits.
     pub(crate) fn warm_up_request(&self, language: &Language) -> RunRequest {

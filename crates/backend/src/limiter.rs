@@ -66,6 +66,20 @@ impl Limiter {
         }
     }
 
+    /// A VM slot if one is free now, else `None`: never waits and never takes a place in the
+    /// queue (background work, such as stored Judge0 submissions, must not crowd clients out
+    /// of it).
+    pub fn try_acquire(&self) -> Result<Option<Permit>, LimitError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(LimitError::ShuttingDown);
+        }
+        match self.sem.clone().try_acquire_owned() {
+            Ok(p) => Ok(Some(Permit { _permit: p })),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Ok(None),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(LimitError::ShuttingDown),
+        }
+    }
+
     /// Requests waiting for a VM.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
@@ -100,5 +114,17 @@ mod tests {
         drop(p);
         l.close();
         assert!(matches!(l.acquire().await, Err(LimitError::ShuttingDown)));
+    }
+
+    #[tokio::test]
+    async fn try_acquire_never_queues() {
+        let l = Limiter::new(1, 1, Duration::from_millis(200));
+        let p = l.try_acquire().expect("open").expect("a free slot");
+        assert!(l.try_acquire().expect("open").is_none());
+        assert_eq!(l.queued(), 0, "a refused try takes no queue place");
+        drop(p);
+        assert!(l.try_acquire().expect("open").is_some());
+        l.close();
+        assert!(matches!(l.try_acquire(), Err(LimitError::ShuttingDown)));
     }
 }

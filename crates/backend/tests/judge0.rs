@@ -982,3 +982,52 @@ async fn judge0_postgres_store_claims_each_row_once() {
     assert_eq!(b.delete_finished_before(6).await.expect("retention"), 1);
     drop(pg);
 }
+
+/// The Judge0 dispatcher waits for stored work outside the clients' queue: with one VM and a
+/// queue of one, a second client waits its turn behind a running one. (It used to take a VM
+/// slot through the queue on every poll, so the dispatcher held the only queue place while the
+/// VM was busy and the second client was refused with 429.)
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn judge0_dispatcher_never_takes_a_clients_queue_place() {
+    let _turn = one_at_a_time();
+    let dir = test_dir();
+    let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
+    let cfg = config(&url, "").replace(
+        "max_concurrent_vms = 2\n",
+        "max_concurrent_vms = 1\nmax_queue = 1\n",
+    );
+    assert!(cfg.contains("max_queue = 1"), "{cfg}");
+    let server = start(&cfg);
+    let addr = server.addr;
+    let first = std::thread::spawn(move || {
+        let body = json!({"language": "python", "timeout_ms": 30000,
+                          "code": "import time\ntime.sleep(5)\nprint('first')"});
+        support::http(
+            addr,
+            "POST",
+            "/v1/executions",
+            Some(serde_json::to_vec(&body).expect("json")),
+        )
+    });
+    // The first run holds the only VM; the dispatcher polls the store (every 500 ms) meanwhile.
+    std::thread::sleep(Duration::from_millis(3000));
+    let second = server.post(
+        "/v1/executions",
+        &json!({"language": "python", "code": "print('second')", "timeout_ms": 30000}),
+    );
+    assert_eq!(
+        second.status,
+        200,
+        "the queued client was refused: {}",
+        second.text()
+    );
+    assert_eq!(second.json()["stdout"], "second\n", "{}", second.text());
+    let first = first.join().expect("first client");
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.json()["stdout"], "first\n", "{}", first.text());
+    // The API still runs stored submissions when a VM is free.
+    let tokens = submit_batch(&server, sleepers(1, 0));
+    let done = wait_final(&server, &tokens, Duration::from_secs(120));
+    assert!(all_done(&done), "{done:?}");
+}

@@ -13,7 +13,7 @@ use super::request::{self, Ctx, Request};
 use super::verdict::{self, Outcome, View, DEFAULT_FIELDS};
 use super::Judge0;
 use crate::api::AppState;
-use crate::limiter::{LimitError, Permit};
+use crate::limiter::Permit;
 use crate::store::{now_ms, Row};
 
 /// Longest time between two looks for expired results (half the retention when shorter).
@@ -128,13 +128,35 @@ async fn dispatcher(state: Arc<AppState>, j0: Arc<Judge0>) {
             return;
         };
         let t = Instant::now();
-        let permit = match state.executor.admit().await {
-            Ok((p, _)) => p,
-            Err(LimitError::ShuttingDown) => return,
-            Err(_) => {
+        // Stored submissions wait in the store, never in the clients' queue: a VM slot is
+        // taken only when there is work and one is free now. (Taking it through the queue on
+        // every poll refused clients of a small queue, and held a slot while nothing waited.)
+        match j0.store.queued().await {
+            Ok(0) => {
+                drop(slot);
+                tokio::select! {
+                    () = j0.wake.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("judge0: cannot read the queue: {e}");
+                drop(slot);
                 tokio::time::sleep(poll).await;
                 continue;
             }
+        }
+        let permit = match state.executor.try_admit() {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                drop(slot);
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+            // Only a closed limiter refuses a try.
+            Err(_) => return,
         };
         let lease = now_ms() + lease_ms(&j0);
         match j0.store.claim(&j0.owner, lease).await {
