@@ -703,3 +703,56 @@ fn the_cli_opens_a_shell_in_a_sandbox() {
     let r = raw(&s, "DELETE", &format!("/v1/sandboxes/{id}"), None);
     assert_eq!(r.status, 204);
 }
+
+/// A hypervisor killed mid-call (as its cgroup's OOM killer does) ends the sandbox, and the
+/// call's answer says the VM stopped and how, not only that the agent's connection closed; no
+/// VM process is left.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn a_sandbox_whose_hypervisor_is_killed_says_so() {
+    let s = server("");
+    let (st, sb) = create(&s, json!({"template": "python", "timeout_s": 120}));
+    assert_eq!(st, 201, "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+    let addr = s.addr;
+    let path = format!("/v1/sandboxes/{id}/exec");
+    let call = std::thread::spawn(move || {
+        let body = json!({"cmd": "sleep 30", "timeout_ms": 60000});
+        support::http(
+            addr,
+            "POST",
+            &path,
+            Some(serde_json::to_vec(&body).expect("json")),
+        )
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // The jailers are the server's children; each hypervisor is its jailer's child.
+    let qemu: Vec<u32> = s
+        .children()
+        .into_iter()
+        .flat_map(|j| std::iter::once(j).chain(support::children_of(j)))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .collect();
+    assert_eq!(qemu.len(), 1, "one hypervisor: {:?}", s.children());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(qemu[0]).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the hypervisor");
+    let r = call.join().expect("call");
+    let text = r.text();
+    assert_eq!(r.status, 404, "{text}");
+    assert!(
+        text.contains("its VM stopped") && text.contains("SIGKILL"),
+        "the answer names the VM's end: {text}"
+    );
+    assert_eq!(s.get(&format!("/v1/sandboxes/{id}")).status, 404);
+    let t = Instant::now();
+    while vm_processes(&s) > 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(vm_processes(&s), 0, "no VM process is left");
+}
