@@ -385,6 +385,14 @@ pub struct Group {
     v2: bool,
 }
 
+/// The `oom_kill N` line of a `memory.events` / `memory.oom_control` file (0 without one).
+fn oom_kill_count(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 impl Group {
     fn write(&self, file: &str, value: &str) -> Result<(), CgroupError> {
         for d in &self.dirs {
@@ -431,6 +439,21 @@ impl Group {
     /// The `cgroup.procs` files a process writes its pid to (the jailer's `--cgroup-procs`).
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// How many times the kernel's OOM killer killed a process of the group for its memory
+    /// limit (`oom_kill` in v2's `memory.events`, or v1's `memory.oom_control`).
+    pub fn oom_kills(&self) -> u64 {
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        self.dirs
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join(file)).ok())
+            .map(|text| oom_kill_count(&text))
+            .sum()
     }
 
     /// The directories (one per v1 controller, or the v2 one).
@@ -504,6 +527,15 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_oom_kill_count_of_v1_and_v2() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
+        let v2 = "low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(oom_kill_count(v1), 2);
+        assert_eq!(oom_kill_count(v2), 1);
+        assert_eq!(oom_kill_count("oom_kill_disable 0\nunder_oom 0\n"), 0);
+    }
 
     #[test]
     fn detects_v1_and_v2_layouts() {

@@ -206,6 +206,11 @@ impl Lease {
             .unwrap_or_default()
     }
 
+    /// How many of the VM's processes its cgroup's memory limit killed (0 unjailed).
+    pub fn oom_kills(&self) -> u64 {
+        self.group.as_ref().map_or(0, Group::oom_kills)
+    }
+
     /// SIGKILLs the VM's processes but the jailer `spare` (see [`Group::kill_except`]).
     pub fn kill_except(&self, spare: Option<u32>) {
         if let Some(g) = &self.group {

@@ -270,7 +270,13 @@ impl Vm {
         match tokio::time::timeout(within, child.wait()).await {
             Ok(Ok(s)) => {
                 self.slot.settle_console().await;
-                Some(describe_exit(s, &self.slot.console_tail()))
+                let mut why = describe_exit(s, &self.slot.console_tail());
+                if self.lease.as_ref().is_some_and(|l| l.oom_kills() > 0) {
+                    why.push_str(
+                        ": the hypervisor outgrew its cgroup's memory limit (guest memory plus its overhead) and the host killed it",
+                    );
+                }
+                Some(why)
             }
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => None,
