@@ -143,6 +143,10 @@ pub struct Timings {
     pub boot_ms: u64,
     pub run_ms: u64,
     pub total_ms: u64,
+    /// CPU time the VM's hypervisor used during the run (all stages, the guest kernel and
+    /// agent included), measured by the host: what the guest reports can be checked against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cpu_ms: Option<u64>,
     /// Where the request's VM came from.
     #[serde(default)]
     pub vm_source: VmSource,

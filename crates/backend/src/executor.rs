@@ -548,6 +548,7 @@ impl Executor {
         ) + AGENT_DEADLINE_SLACK
             .saturating_mul(u32::try_from(runs.min(8)).unwrap_or(8));
         let run_start = Instant::now();
+        let cpu_before = vm.host_cpu_time();
         let result = match vm.agent().await {
             Err(e) => Err(RunFailure::NoAgent(e.to_string())),
             Ok(mut client) => {
@@ -580,6 +581,9 @@ impl Executor {
             }
         };
         timings.run_ms = ms(run_start.elapsed());
+        timings.host_cpu_ms = cpu_before
+            .zip(vm.host_cpu_time())
+            .map(|(a, b)| ms(b.saturating_sub(a)));
         self.metrics.observe("run", run_start.elapsed());
         if let Err(e) = &result {
             tracing::error!(

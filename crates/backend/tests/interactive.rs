@@ -144,7 +144,9 @@ fn piston_connect_talks_to_a_running_program() {
     eprintln!("line round trips over /api/v2/connect: {rtts:?}");
     // A signal by message ends it; Piston reports the signal's name.
     ws.send(&json!({"type": "signal", "signal": "SIGKILL"}));
-    let exit = ws.until("exit", &mut seen).expect("exit");
+    let exit = ws
+        .until("exit", &mut seen)
+        .unwrap_or_else(|| panic!("closed ({:?}) with no exit after: {seen:?}", ws.closed));
     assert_eq!(exit["stage"], "run");
     assert_eq!(exit["signal"], "SIGKILL", "{exit}");
     assert_eq!(exit["code"], Value::Null);
@@ -204,7 +206,9 @@ int main(void) { int a, b; if (scanf("%d %d", &a, &b) != 2) return 9;
         seen.push(ws.recv(WAIT).expect("ready"));
     }
     ws.send(&json!({"type": "signal", "signal": "SIGINT"}));
-    let exit = ws.until("exit", &mut seen).expect("exit");
+    let exit = ws
+        .until("exit", &mut seen)
+        .unwrap_or_else(|| panic!("closed ({:?}) with no exit after: {seen:?}", ws.closed));
     assert!(text_of(&seen, "stdout").contains("interrupted"), "{seen:?}");
     assert_eq!(exit["code"], 0, "{exit}");
     assert_eq!(ws.close_code(), 4999);

@@ -1031,3 +1031,115 @@ fn judge0_dispatcher_never_takes_a_clients_queue_place() {
     let done = wait_final(&server, &tokens, Duration::from_secs(120));
     assert!(all_done(&done), "{done:?}");
 }
+
+/// A root-run Python for the verdict-bounds test (Judge0 id 9901): with guest root a program
+/// can leave its stage's cgroup, whose CPU time is what the guest reports.
+const ROOT_PYTHON: &str = r#"
+[[language]]
+name = "python-root-j0"
+file = "main.py"
+run = ["python3", "main.py"]
+debian_packages = ["python3"]
+memory_mib = 256
+run_as_root = true
+judge0_ids = [9901]
+"#;
+
+/// Burns `secs` of CPU in a child; with `escape` the child first moves itself to the guest's
+/// root cgroup (and lifts its CPU rlimit), so that the stage's cgroup does not count it.
+fn burner(secs: f64, escape: bool) -> String {
+    format!(
+        r#"import os, resource, time
+pid = os.fork()
+if pid == 0:
+    if {escape}:
+        resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        with open('/sys/fs/cgroup/cgroup.procs', 'w') as f:
+            f.write(str(os.getpid()))
+    end = time.monotonic() + {secs}
+    while time.monotonic() < end:
+        pass
+    os._exit(0)
+os.waitpid(pid, 0)
+print('done')
+"#,
+        escape = if escape { "True" } else { "False" },
+    )
+}
+
+/// #28 item 5: a program with guest root that hides its CPU time from the guest's accounting
+/// still gets Time Limit Exceeded, with at least the time the host measured; honest programs
+/// under the limit keep their verdict and their own figures.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn judge0_verdicts_are_bounded_by_what_the_host_measured() {
+    let _turn = one_at_a_time();
+    let dir = test_dir();
+    let url = format!("sqlite:{}", dir.path().join("j0.sqlite3").display());
+    let (_catalog_file, catalog) = support::test_catalog(ROOT_PYTHON);
+    // The root-run image is built on first use (the same packages as `python`).
+    let cfg = format!(
+        "[vm]\nprebuild = [\"python-root-j0\"]\n{}",
+        config(&url, "")
+    );
+    let server = Server::start(
+        &["--hypervisor", "qemu", "--catalog", &catalog],
+        Some(&cfg),
+        Duration::from_secs(1800),
+    )
+    .unwrap_or_else(|e| panic!("judge0: {e}"));
+    let sub = |code: String| {
+        json!({"language_id": 9901, "source_code": b64(code.as_bytes()),
+               "cpu_time_limit": 2.0, "cpu_extra_time": 0.5, "wall_time_limit": 15.0})
+    };
+    let tokens: Vec<String> = [burner(4.0, true), burner(0.2, false), burner(0.3, true)]
+        .into_iter()
+        .map(|code| {
+            let r = server.post("/submissions?base64_encoded=true", &sub(code));
+            assert_eq!(r.status, 201, "{}", r.text());
+            r.json()["token"].as_str().expect("token").to_string()
+        })
+        .collect();
+    let mut got = vec![];
+    for t in &tokens {
+        let start = Instant::now();
+        loop {
+            let r = server.get(&format!(
+                "/submissions/{t}?fields=status_id,time,wall_time,message,stdout"
+            ));
+            assert_eq!(r.status, 200, "{}", r.text());
+            let v = r.json();
+            if v["status_id"].as_i64().unwrap_or(0) >= 3 {
+                got.push(v);
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(180), "not final: {v}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    eprintln!("verdicts: {got:?}");
+    let time = |v: &Value| {
+        v["time"]
+            .as_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .or_else(|| v["time"].as_f64())
+            .unwrap_or(-1.0)
+    };
+    // 4 s of CPU hidden from the guest's accounting: TLE (limit 2 s) on the host's measure.
+    assert_eq!(got[0]["status_id"], 5, "{}", got[0]);
+    assert!(time(&got[0]) > 2.0, "{}", got[0]);
+    assert!(
+        got[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("host measured"),
+        "{}",
+        got[0]
+    );
+    // Honest, under the limit: Accepted with the guest's own figure (a fraction of a second
+    // of work, within the slack).
+    assert_eq!(got[1]["status_id"], 3, "{}", got[1]);
+    assert!(time(&got[1]) < 2.0, "{}", got[1]);
+    // Hidden but small: still Accepted.
+    assert_eq!(got[2]["status_id"], 3, "{}", got[2]);
+}

@@ -177,7 +177,9 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
     let term = match master.as_ref().map(terminal) {
         Some(Err(e)) => {
             kill_all(cgroup.as_ref(), pid);
-            return error_result(format!("cannot drive the terminal: {e}"));
+            let r = error_result(format!("cannot drive the terminal: {e}"));
+            announce(ended(spec.stage, &r)).await;
+            return r;
         }
         Some(Ok(t)) => Some(t),
         None => None,
@@ -295,7 +297,13 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
     }
 
     let Some(waited) = waited else {
-        return error_result("lost track of the program's exit status".into());
+        tracing::error!(
+            pid = pid.as_raw(),
+            "lost track of the program's exit status"
+        );
+        let r = error_result("lost track of the program's exit status".into());
+        announce(ended(spec.stage, &r)).await;
+        return r;
     };
     let cpu_us = stats.cpu_us.unwrap_or(waited.cpu_us);
     // Past the limit between two polls, or stopped by the RLIMIT_CPU backstop: the limit ended
@@ -331,18 +339,22 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         cpu_ms: cpu_us / 1000,
         memory_kib: stats.memory_peak_kib.unwrap_or(waited.maxrss_kib),
     };
-    announce(StreamEvent::Ended {
-        stage: spec.stage,
-        exit_code: result.exit_code,
-        signal: result.signal,
-        status: result.status,
-        message: result.message.clone(),
-        wall_ms: result.wall_ms,
-        cpu_ms: result.cpu_ms,
-        memory_kib: result.memory_kib,
-    })
-    .await;
+    announce(ended(spec.stage, &result)).await;
     result
+}
+
+/// The event that ends a stage that was announced started.
+fn ended(stage: Stage, r: &StageResult) -> StreamEvent {
+    StreamEvent::Ended {
+        stage,
+        exit_code: r.exit_code,
+        signal: r.signal,
+        status: r.status,
+        message: r.message.clone(),
+        wall_ms: r.wall_ms,
+        cpu_ms: r.cpu_ms,
+        memory_kib: r.memory_kib,
+    }
 }
 
 /// The stage's command, and with `merge_stderr` the read end of the one pipe its stdout and

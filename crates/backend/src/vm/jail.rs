@@ -211,6 +211,11 @@ impl Lease {
         self.group.as_ref().map_or(0, Group::oom_kills)
     }
 
+    /// CPU time the VM's processes have used (see [`Group::cpu_time`]); `None` unjailed.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        self.group.as_ref().and_then(Group::cpu_time)
+    }
+
     /// SIGKILLs the VM's processes but the jailer `spare` (see [`Group::kill_except`]).
     pub fn kill_except(&self, spare: Option<u32>) {
         if let Some(g) = &self.group {

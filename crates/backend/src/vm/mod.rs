@@ -262,6 +262,17 @@ impl Vm {
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
+    /// CPU time the hypervisor has used so far, measured by the host (its cgroup, or the
+    /// process itself when unjailed): it bounds what the guest can have used, whatever the
+    /// guest says.
+    pub fn host_cpu_time(&self) -> Option<Duration> {
+        if let Some(l) = &self.lease {
+            return l.cpu_time();
+        }
+        let pid = i32::try_from(self.pid()?).ok()?;
+        cloude_jail::cgroup::process_cpu_time(pid)
+    }
+
     /// Whether the hypervisor process has exited, and how.
     /// Waits up to `within` for the hypervisor to exit (it may close the agent channel a moment
     /// before its exit is visible); returns how it ended, or `None` if it is still running.

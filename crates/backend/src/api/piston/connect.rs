@@ -105,7 +105,16 @@ async fn session(state: Arc<AppState>, mut ws: Socket) {
                     }
                 }
                 Step::Done(Ok(outcome)) => match outcome.result {
-                    Ok(_) => return ws::close(&mut ws, 4999, "Job Completed").await,
+                    Ok(resp) => {
+                        // A stage that started must end with its `exit` (clients wait for it)
+                        // even when its end came only in the final result.
+                        for msg in out.unended(&resp) {
+                            if ws::send_json(&mut ws, &msg).await.is_err() {
+                                return;
+                            }
+                        }
+                        return ws::close(&mut ws, 4999, "Job Completed").await;
+                    }
                     Err(e) => return fail(&mut ws, &e.to_string()).await,
                 },
                 Step::Done(Err(e)) => return fail(&mut ws, &e.message).await,
@@ -170,13 +179,49 @@ struct Output {
     joiners: [Utf8Joiner; 2],
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    /// The stage that started and has not ended yet.
+    open: Option<Stage>,
 }
 
 impl Output {
+    /// The `exit` of a stage that started but whose end event never came, from the final
+    /// result (logged: the agent should always send the end).
+    fn unended(&mut self, resp: &cloude_protocol::RunResponse) -> Vec<Value> {
+        let Some(stage) = self.open else {
+            return vec![];
+        };
+        let r = match stage {
+            Stage::Compile => resp.compile.as_ref(),
+            Stage::Run => resp.run.as_ref(),
+        };
+        let Some(r) = r else {
+            return vec![];
+        };
+        tracing::warn!(
+            stage = stage_name(stage),
+            status = ?r.status,
+            message = r.message.as_deref().unwrap_or(""),
+            "piston connect: the stage's end came only in the final result"
+        );
+        self.messages(StreamEvent::Ended {
+            stage,
+            exit_code: r.exit_code,
+            signal: r.signal,
+            status: r.status,
+            message: r.message.clone(),
+            wall_ms: r.wall_ms,
+            cpu_ms: r.cpu_ms,
+            memory_kib: r.memory_kib,
+        })
+    }
+
     fn messages(&mut self, ev: StreamEvent) -> Vec<Value> {
         match ev {
             StreamEvent::Started { stage } => {
-                *self = Output::default();
+                *self = Output {
+                    open: Some(stage),
+                    ..Output::default()
+                };
                 vec![json!({"type": "stage", "stage": stage_name(stage)})]
             }
             StreamEvent::Output { stream, data, .. } => {
@@ -212,6 +257,7 @@ impl Output {
                     cpu_ms,
                     memory_kib,
                 };
+                self.open = None;
                 let mut exit = serde_json::to_value(piston_stage(&r)).unwrap_or(json!({}));
                 if let Some(o) = exit.as_object_mut() {
                     o.insert("type".into(), "exit".into());
@@ -265,6 +311,40 @@ mod tests {
             client_message(r#"{"type":"x"}"#),
             Ok(Client::Other)
         ));
+    }
+
+    #[test]
+    fn a_stage_whose_end_came_only_in_the_result_still_gets_its_exit() {
+        let mut o = Output::default();
+        o.messages(StreamEvent::Started { stage: Stage::Run });
+        o.messages(StreamEvent::Output {
+            stage: Stage::Run,
+            stream: StreamKind::Stdout,
+            data: Bytes(b"ready\n".to_vec()),
+        });
+        let result = StageResult {
+            stdout: Bytes(vec![]),
+            stderr: Bytes(vec![]),
+            exit_code: None,
+            signal: None,
+            status: cloude_protocol::StageStatus::Error,
+            message: Some("lost track".into()),
+            wall_ms: 1,
+            cpu_ms: 1,
+            memory_kib: 1,
+        };
+        let resp = cloude_protocol::RunResponse {
+            compile: None,
+            run: Some(result),
+            tests: vec![],
+        };
+        let m = o.unended(&resp);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0]["type"], "exit");
+        assert_eq!(m[0]["stage"], "run");
+        assert_eq!(m[0]["stdout"], "ready\n");
+        // Once ended, nothing more.
+        assert!(o.unended(&resp).is_empty());
     }
 
     #[test]
