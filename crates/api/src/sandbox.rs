@@ -29,7 +29,7 @@ pub struct SandboxInfo {
     pub id: String,
     pub template: String,
     pub version: String,
-    /// `running` (the only state so far).
+    /// `running`, or `paused` (its VM frozen: calls answer 409 until it is resumed).
     pub state: String,
     pub created_at: String,
     pub expires_at: String,

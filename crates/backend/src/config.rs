@@ -171,6 +171,9 @@ pub struct SandboxConfig {
     pub max_timeout_s: u64,
     /// Largest file read or written in one call, bytes.
     pub max_file_bytes: u64,
+    /// Longest a sandbox stays paused (its VM frozen, its memory kept) before it is killed,
+    /// seconds.
+    pub max_paused_s: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -268,6 +271,9 @@ impl Config {
             || s.max_file_bytes > cloude_protocol::sandbox::MAX_SANDBOX_FILE_BYTES
         {
             return bad("sandboxes.max_file_bytes must be between 1 and the agent's 64 MiB");
+        }
+        if s.max_paused_s == 0 {
+            return bad("sandboxes.max_paused_s must be at least 1");
         }
         if l.max_connections_per_ip == 0 {
             return bad("limits.max_connections_per_ip must be at least 1");

@@ -68,6 +68,9 @@ pub enum SandboxError {
     NoFile(String),
     #[error("{0}")]
     TooLarge(String),
+    /// A call on a paused sandbox, or a pause of one that is paused already.
+    #[error("sandbox {0} is paused: resume it first")]
+    Paused(String),
 }
 
 /// What a caller sees of a sandbox.
@@ -83,6 +86,9 @@ pub struct Info {
     pub vcpus: u32,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub owner: Option<String>,
+    /// Paused: its VM frozen, calls refused until it is resumed (`expires_ms` is then when
+    /// `[sandboxes] max_paused_s` ends it).
+    pub paused: bool,
 }
 
 /// What a new sandbox is asked to be.
@@ -127,6 +133,9 @@ pub struct Sandbox {
     cancel: tokio::sync::Notify,
     /// Calls in progress (an idle timeout never kills a sandbox in the middle of one).
     busy: AtomicUsize,
+    /// While paused: what its timeout had left when it was paused (the clock meanwhile runs
+    /// `[sandboxes] max_paused_s`).
+    paused: Mutex<Option<Duration>>,
 }
 
 fn now_ms() -> i64 {
@@ -158,7 +167,17 @@ impl Sandbox {
             vcpus: self.vcpus,
             metadata: self.metadata.clone(),
             owner: self.owner.clone(),
+            paused: self.is_paused(),
         }
+    }
+
+    fn paused(&self) -> std::sync::MutexGuard<'_, Option<Duration>> {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether it is paused now.
+    pub fn is_paused(&self) -> bool {
+        self.paused().is_some()
     }
 
     /// Whether `token` is this sandbox's secret (compared in constant time).
@@ -178,7 +197,7 @@ impl Sandbox {
 
     /// Pushes the deadline back by the idle timeout (every call of an idle-timed sandbox).
     fn touch(&self) {
-        if !self.idle {
+        if !self.idle || self.is_paused() {
             return;
         }
         let mut c = self.clock();
@@ -192,12 +211,25 @@ impl Sandbox {
     }
 
     /// Sets a new idle timeout, counted from now.
+    /// (Paused, it is what the timeout will have when resumed.)
     pub fn set_timeout(&self, timeout: Duration) {
+        let mut paused = self.paused();
+        if let Some(left) = paused.as_mut() {
+            *left = timeout;
+            self.clock().0 = timeout;
+            return;
+        }
         *self.clock() = (timeout, Instant::now() + timeout);
     }
 
     /// Makes it live at least `timeout` from now (E2B's connect: never shortens it).
     pub fn extend(&self, timeout: Duration) {
+        let mut paused = self.paused();
+        if let Some(left) = paused.as_mut() {
+            *left = (*left).max(timeout);
+            return;
+        }
+        drop(paused);
         let mut c = self.clock();
         let until = Instant::now() + timeout;
         if until > c.1 {
@@ -298,6 +330,7 @@ impl Sandboxes {
             dead: AtomicBool::new(false),
             cancel: tokio::sync::Notify::new(),
             busy: AtomicUsize::new(0),
+            paused: Mutex::new(None),
         });
         let info = sb.info();
         self.map().insert(id, sb);
@@ -327,6 +360,58 @@ impl Sandboxes {
         sb.kill().await;
         tracing::info!(sandbox = %id, "sandbox deleted");
         Ok(())
+    }
+
+    /// Pauses a sandbox once the call in progress (if any) has ended: its VM is frozen (no
+    /// guest code runs, no CPU is used, its memory and its slot stay), its timeout stops, and
+    /// calls are refused until [`Sandboxes::resume`]. It is killed after `[sandboxes]
+    /// max_paused_s` paused.
+    pub async fn pause(&self, id: &str) -> Result<(), SandboxError> {
+        let sb = self.get(id)?;
+        let guard = sb.live.lock().await;
+        let live = guard
+            .as_ref()
+            .filter(|_| !sb.dead.load(Ordering::SeqCst))
+            .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+        let mut paused = sb.paused();
+        if paused.is_some() {
+            return Err(SandboxError::Paused(id.to_string()));
+        }
+        live.vm
+            .freeze(true)
+            .map_err(|e| SandboxError::Agent(format!("cannot freeze the VM: {e}")))?;
+        let mut clock = sb.clock();
+        *paused = Some(clock.1.saturating_duration_since(Instant::now()));
+        clock.1 = Instant::now() + Duration::from_secs(self.cfg.max_paused_s);
+        tracing::info!(sandbox = %id, "sandbox paused");
+        Ok(())
+    }
+
+    /// Resumes a paused sandbox (thaws its VM; its timeout runs again with what it had left,
+    /// or `timeout` if that is longer). False when it was not paused.
+    pub async fn resume(&self, id: &str, timeout: Option<Duration>) -> Result<bool, SandboxError> {
+        let sb = self.get(id)?;
+        let guard = sb.live.lock().await;
+        let live = guard
+            .as_ref()
+            .filter(|_| !sb.dead.load(Ordering::SeqCst))
+            .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+        let mut paused = sb.paused();
+        let Some(left) = *paused else {
+            return Ok(false);
+        };
+        live.vm
+            .freeze(false)
+            .map_err(|e| SandboxError::Agent(format!("cannot thaw the VM: {e}")))?;
+        *paused = None;
+        let mut clock = sb.clock();
+        let left = timeout.map_or(left, |t| t.max(left));
+        clock.1 = Instant::now() + left;
+        if let Some(t) = timeout {
+            clock.0 = t;
+        }
+        tracing::info!(sandbox = %id, "sandbox resumed");
+        Ok(true)
     }
 
     /// Runs `call` on the sandbox's agent, one call at a time, within `within`; a VM that
@@ -366,6 +451,9 @@ impl Sandboxes {
             let Some(live) = guard.as_mut().filter(|_| !sb.dead.load(Ordering::SeqCst)) else {
                 return Err(SandboxError::NotFound(id));
             };
+            if sb.is_paused() {
+                return Err(SandboxError::Paused(id));
+            }
             let Live { vm, agent, .. } = live;
             let r = tokio::select! {
                 () = sb.cancel.notified() => Err(SandboxError::NotFound(id.clone())),

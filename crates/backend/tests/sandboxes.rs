@@ -756,3 +756,101 @@ fn a_sandbox_whose_hypervisor_is_killed_says_so() {
     }
     assert_eq!(vm_processes(&s), 0, "no VM process is left");
 }
+
+/// The hypervisors of this server's VMs (each its jailer's child).
+fn hypervisors(s: &Server) -> Vec<u32> {
+    s.children()
+        .into_iter()
+        .flat_map(|j| std::iter::once(j).chain(support::children_of(j)))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .collect()
+}
+
+/// State letter and `utime + stime` (ticks) of a process, from `/proc/<pid>/stat`.
+fn state_and_cpu(pid: u32) -> (char, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = &stat[stat.rfind(')').expect(")") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let state = f[0].chars().next().unwrap_or('?');
+    let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    (state, ticks)
+}
+
+/// Pause freezes the VM (its hypervisor stopped, no CPU used, calls refused with 409), resume
+/// thaws it with its processes and files; a sandbox paused past `max_paused_s` is killed and
+/// leaves no VM process.
+#[test]
+#[ignore = "boots VMs; run with --include-ignored"]
+fn a_paused_sandbox_is_frozen_until_resumed() {
+    let s = server("[sandboxes]\nmax_paused_s = 4\n");
+    let (st, sb) = create(&s, json!({"template": "python", "timeout_s": 120}));
+    assert_eq!(st, 201, "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+    let start = s.post(
+        &format!("/v1/sandboxes/{id}/procs"),
+        &json!({"cmd": "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"}),
+    );
+    assert!(
+        start.status == 200 || start.status == 201,
+        "{}",
+        start.text()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let r = s.post(&format!("/v1/sandboxes/{id}/pause"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "paused", "{}", r.text());
+    assert_eq!(
+        s.get(&format!("/v1/sandboxes/{id}")).json()["state"],
+        "paused"
+    );
+    let again = s.post(&format!("/v1/sandboxes/{id}/pause"), &json!({}));
+    assert_eq!(again.status, 409, "{}", again.text());
+    // The hypervisor is stopped and uses no CPU while paused.
+    let hv = hypervisors(&s);
+    assert_eq!(hv.len(), 1, "{hv:?}");
+    let (state, cpu0) = state_and_cpu(hv[0]);
+    assert!(state == 'T' || state == 't', "hypervisor state {state}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, cpu1) = state_and_cpu(hv[0]);
+    assert_eq!(cpu1, cpu0, "a frozen hypervisor used CPU");
+    let refused = s.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &json!({"cmd": "cat /tmp/n"}),
+    );
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    assert!(refused.text().contains("paused"), "{}", refused.text());
+    let r = s.post(&format!("/v1/sandboxes/{id}/resume"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "running", "{}", r.text());
+    let n1: u64 = exec(&s, &id, json!({"cmd": "cat /tmp/n"}))["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .expect("a count");
+    std::thread::sleep(Duration::from_secs(1));
+    let n2: u64 = exec(&s, &id, json!({"cmd": "cat /tmp/n"}))["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(n2 > n1, "the background loop runs again ({n1} -> {n2})");
+    // Paused past max_paused_s (4 s): killed, nothing left.
+    let r = s.post(&format!("/v1/sandboxes/{id}/pause"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = Instant::now();
+    while s.get(&format!("/v1/sandboxes/{id}")).status == 200 {
+        assert!(t.elapsed() < Duration::from_secs(20), "still there");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
+    let t = Instant::now();
+    while vm_processes(&s) > 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(vm_processes(&s), 0, "no VM process is left");
+}

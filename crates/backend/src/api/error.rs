@@ -97,6 +97,11 @@ impl ApiError {
     }
 
     /// A resource that does not exist (or no longer does), named in the message (404).
+    /// The thing is not in a state that allows it (409).
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
     pub fn gone_or_missing(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }

@@ -211,6 +211,14 @@ impl Lease {
         self.group.as_ref().map_or(0, Group::oom_kills)
     }
 
+    /// Freezes or thaws the VM's processes (see [`Group::freeze`]); unjailed, an error.
+    pub fn freeze(&self, frozen: bool) -> std::io::Result<()> {
+        match &self.group {
+            Some(g) => g.freeze(frozen).map_err(std::io::Error::other),
+            None => Err(std::io::Error::other("the VM has no cgroup")),
+        }
+    }
+
     /// CPU time the VM's processes have used (see [`Group::cpu_time`]); `None` unjailed.
     pub fn cpu_time(&self) -> Option<Duration> {
         self.group.as_ref().and_then(Group::cpu_time)

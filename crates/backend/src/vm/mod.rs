@@ -262,6 +262,24 @@ impl Vm {
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
+    /// Freezes the VM (its hypervisor runs no guest code and takes no CPU; its memory stays) or
+    /// thaws it: its cgroup when jailed, else `SIGSTOP` / `SIGCONT` to the hypervisor.
+    pub fn freeze(&self, frozen: bool) -> std::io::Result<()> {
+        if let Some(l) = &self.lease {
+            return l.freeze(frozen);
+        }
+        let pid = self
+            .pid()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| std::io::Error::other("the VM has no process"))?;
+        let sig = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(std::io::Error::from)
+    }
+
     /// CPU time the hypervisor has used so far, measured by the host (its cgroup, or the
     /// process itself when unjailed): it bounds what the guest can have used, whatever the
     /// guest says.

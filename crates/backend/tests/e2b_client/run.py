@@ -155,12 +155,33 @@ except Exception:
     check(True, "another API key cannot see them")
 os.environ["E2B_API_KEY"] = key_a
 
-# Pause is refused clearly (not offered yet).
-try:
-    sbx.pause()
-    check(False, "pause is refused")
-except SandboxException as e:
-    check("not offered" in str(e), f"pause is refused clearly ({e})")
+# Pause freezes the VM (no guest code runs); connect resumes it with its files and processes.
+from e2b import SandboxState  # noqa: E402
+
+counter = sbx.commands.run(
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done", background=True
+)
+time.sleep(1.5)
+before = int(sbx.files.read("/tmp/count"))
+check(sbx.pause() is True, "pause -> True")
+check(sbx.pause() is False, "pause again -> False (409: already paused)")
+check(not sbx.is_running(), "a paused sandbox is not running")
+paused = [s.sandbox_id for s in Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()]
+check(sbx.sandbox_id in paused, f"list by state: paused ({paused})")
+running = [s.sandbox_id for s in Sandbox.list(query=SandboxQuery(state=[SandboxState.RUNNING])).next_items()]
+check(sbx.sandbox_id not in running, "and not running")
+time.sleep(3)
+resumed = Sandbox.connect(sbx.sandbox_id)
+after = int(resumed.files.read("/tmp/count"))
+# 3 s paused would have been 15 more turns of the loop had the VM run.
+check(after - before < 8, f"nothing ran while paused ({before} -> {after})")
+check(resumed.is_running(), "connect resumes it")
+check(resumed.files.read("/tmp/state") == "42\n", "its files are kept across the pause")
+pids = [p.pid for p in resumed.commands.list()]
+check(counter.pid in pids and h.pid in pids, "its background processes are kept across the pause")
+time.sleep(1.5)
+check(int(resumed.files.read("/tmp/count")) > after, "and run again")
+resumed.commands.kill(counter.pid)
 
 # Kill: True, then False.
 check(other.kill() is True, "kill -> True")

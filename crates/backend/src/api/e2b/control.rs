@@ -94,7 +94,7 @@ fn listed_json(i: &Info) -> Value {
         "cpuCount": i.vcpus,
         "memoryMB": i.memory_mib,
         "diskSizeMB": 0,
-        "state": "running",
+        "state": if i.paused { "paused" } else { "running" },
         "envdVersion": ENVD_VERSION,
         "metadata": meta,
     })
@@ -161,11 +161,14 @@ fn visible(
     q: &HashMap<String, String>,
 ) -> Result<Vec<Info>, E2bError> {
     let sbx = sandboxes(state)?;
-    if let Some(states) = q.get("state") {
-        if !states.split(',').any(|s| s.trim() == "running") {
-            return Ok(Vec::new());
-        }
-    }
+    let states: Option<Vec<&str>> = q
+        .get("state")
+        .map(|s| s.split(',').map(str::trim).collect());
+    let wanted = |i: &Info| {
+        states
+            .as_ref()
+            .is_none_or(|s| s.contains(&if i.paused { "paused" } else { "running" }))
+    };
     let want: Vec<(String, String)> = match q.get("metadata") {
         None => Vec::new(),
         Some(m) => serde_urlencoded::from_str(m)
@@ -175,6 +178,7 @@ fn visible(
         .list()
         .into_iter()
         .filter(|i| t.is_none() || i.owner == *t)
+        .filter(wanted)
         .filter(|i| {
             want.iter()
                 .all(|(k, v)| i.metadata.get(k).and_then(Value::as_str) == Some(v.as_str()))
@@ -275,32 +279,48 @@ async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Pause: 204, or 409 when it is paused already. The VM is frozen, not saved to disk: its memory
+/// stays held (see `[sandboxes] max_paused_s`).
 async fn pause(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<StatusCode, E2bError> {
     let t = tenant(&state, &headers)?;
-    owned(&state, &t, &id)?;
-    Err(E2bError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "pausing a sandbox is not offered by this server yet: extend its timeout instead",
-    ))
+    let sb = owned(&state, &t, &id)?;
+    match sandboxes(&state)?.pause(sb.id()).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(crate::sandbox::SandboxError::Paused(_)) => Err(E2bError::new(
+            StatusCode::CONFLICT,
+            format!("Sandbox {id} is already paused"),
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
-/// Connect (or resume): a running sandbox answers at once, its timeout extended to at least
-/// the one asked for.
+/// Connect (or resume): a paused sandbox is resumed (201), a running one answers at once (200);
+/// either way its timeout is at least the one asked for.
 async fn connect(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Body,
-) -> Result<Json<Value>, E2bError> {
+) -> Result<Response, E2bError> {
     let t = tenant(&state, &headers)?;
     let sb = owned(&state, &t, &id)?;
     let req: TimeoutIn = body_json(body).await?;
-    if let Some(secs) = req.timeout {
-        sb.extend(checked_timeout(&state, secs)?);
+    let timeout = req
+        .timeout
+        .map(|s| checked_timeout(&state, s))
+        .transpose()?;
+    let resumed = sandboxes(&state)?.resume(sb.id(), timeout).await?;
+    if let (false, Some(t)) = (resumed, timeout) {
+        sb.extend(t);
     }
-    Ok(Json(sandbox_json(&sb, &sb.info())))
+    let status = if resumed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(sandbox_json(&sb, &sb.info()))).into_response())
 }

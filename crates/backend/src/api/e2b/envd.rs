@@ -85,6 +85,13 @@ pub(super) fn target(state: &AppState, headers: &HeaderMap) -> Result<Target, E2
             "the sandbox's access token (X-Access-Token) is missing or wrong",
         ));
     }
+    // As E2B's: a paused sandbox's envd does not answer (the SDK's `is_running` is then false).
+    if sb.is_paused() {
+        return Err(E2bError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("The sandbox {id} is paused: connect to resume it"),
+        ));
+    }
     let user = user_of(headers)?;
     Ok(Target {
         sbx,

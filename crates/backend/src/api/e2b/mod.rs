@@ -2,7 +2,7 @@
 //! `E2B_API_URL=http://HOST/e2b` and `E2B_SANDBOX_URL=http://HOST/e2b`, work unchanged.
 //!
 //! - `control.rs`: the control plane (`/sandboxes`, `/v2/sandboxes`: create, get, list, kill,
-//!   timeout, connect; pause answers 501).
+//!   timeout, pause (the VM frozen), connect (resumes)).
 //! - `envd.rs`: what E2B's in-VM daemon (envd) serves, for the sandbox named by the
 //!   `E2b-Sandbox-Id` header: `process.Process` and `filesystem.Filesystem` over the Connect
 //!   protocol (`connect.rs`), `/files`, `/health`.

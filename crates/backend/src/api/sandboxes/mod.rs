@@ -58,6 +58,8 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ),
         ("/v1/sandboxes/:id/shell", get(shell::shell)),
         ("/v1/sandboxes/:id/timeout", post(timeout)),
+        ("/v1/sandboxes/:id/pause", post(pause)),
+        ("/v1/sandboxes/:id/resume", post(resume)),
         (
             "/v1/sandboxes/:id/files",
             get(read_file).put(write_file).delete(delete_file),
@@ -78,6 +80,7 @@ impl From<SandboxError> for ApiError {
             SandboxError::Agent(_) => ApiError::internal(msg),
             SandboxError::Refused(_) => ApiError::bad_request(None, msg),
             SandboxError::TooLarge(_) => ApiError::too_large(None, msg),
+            SandboxError::Paused(_) => ApiError::conflict("paused", msg),
         }
     }
 }
@@ -106,7 +109,7 @@ fn show_info(i: Info) -> SandboxInfo {
         id: i.id,
         template: i.template,
         version: i.version,
-        state: "running".into(),
+        state: if i.paused { "paused" } else { "running" }.into(),
         created_at: crate::judge0::timestamp(i.created_ms),
         expires_at: crate::judge0::timestamp(i.expires_ms),
         timeout_s: i.timeout_s,
@@ -265,6 +268,28 @@ async fn timeout(
     let sb = sbx.get(checked_id(&id)?)?;
     sb.set_timeout(Duration::from_secs(req.timeout_s));
     Ok(Json(show_info(sb.info())))
+}
+
+/// `POST /v1/sandboxes/{id}/pause`: its VM frozen until resumed (409 if it is paused already).
+async fn pause(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxInfo>, ApiError> {
+    let sbx = sandboxes(&state)?;
+    let id = checked_id(&id)?;
+    sbx.pause(id).await?;
+    Ok(Json(show_info(sbx.get(id)?.info())))
+}
+
+/// `POST /v1/sandboxes/{id}/resume`: thaws a paused sandbox (a running one answers as it is).
+async fn resume(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxInfo>, ApiError> {
+    let sbx = sandboxes(&state)?;
+    let id = checked_id(&id)?;
+    sbx.resume(id, None).await?;
+    Ok(Json(show_info(sbx.get(id)?.info())))
 }
 
 pub(super) fn user_of(user: Option<&str>) -> Result<SandboxUser, ApiError> {
