@@ -293,6 +293,23 @@ fn the_cli_drives_a_sandbox() {
     assert_eq!((code, out.as_str()), (Some(0), "from the host\n"));
     let (_, out, _) = run(&["ls"]);
     assert!(out.contains(&id), "{out}");
+    let (code, out, err) = run(&["pause", &id]);
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), format!("{id} paused").as_str()),
+        "{err}"
+    );
+    let (code, _, err) = run(&["exec", &id, "-c", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("paused"), "{err}");
+    let (code, out, err) = run(&["resume", &id]);
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), format!("{id} running").as_str()),
+        "{err}"
+    );
+    let (code, out, _) = run(&["get", &id, "/home/user/d/in.txt"]);
+    assert_eq!((code, out.as_str()), (Some(0), "from the host\n"));
     let (code, _, err) = run(&["rm", &id]);
     assert_eq!(code, Some(0), "{err}");
     let (code, _, err) = run(&["exec", &id, "-c", "true"]);

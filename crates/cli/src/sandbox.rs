@@ -48,6 +48,11 @@ pub enum SandboxCmd {
     Get { id: String, path: String },
     /// Delete a sandbox.
     Rm { id: String },
+    /// Pause a sandbox: its VM frozen (no CPU, processes and files kept, memory held) until
+    /// `resume`.
+    Pause { id: String },
+    /// Resume a paused sandbox.
+    Resume { id: String },
     /// A terminal in a sandbox: `bash -il` (or `-- ARGV...`) on a guest terminal of our size,
     /// our terminal raw until it ends; its exit code becomes ours.
     Shell {
@@ -136,6 +141,8 @@ pub fn run(client: &Client, cmd: SandboxCmd, raw_json: bool) -> anyhow::Result<u
         SandboxCmd::Shell { id, root, argv } => {
             crate::interactive::shell(client.base(), &id, argv, root)
         }
+        SandboxCmd::Pause { id } => state_change(client, &id, "pause"),
+        SandboxCmd::Resume { id } => state_change(client, &id, "resume"),
         SandboxCmd::Rm { id } => {
             let r = client.raw(
                 "DELETE",
@@ -146,6 +153,19 @@ pub fn run(client: &Client, cmd: SandboxCmd, raw_json: bool) -> anyhow::Result<u
             Ok(0)
         }
     }
+}
+
+/// `POST /v1/sandboxes/{id}/pause` or `…/resume`; prints the state it is in now.
+fn state_change(client: &Client, id: &str, what: &str) -> anyhow::Result<u8> {
+    let r = client.raw(
+        "POST",
+        &format!("/v1/sandboxes/{}/{what}", cloude_api::query_escape(id)),
+        Some(b"{}"),
+    )?;
+    answered(r.status, &r.body)?;
+    let info: serde_json::Value = serde_json::from_slice(&r.body)?;
+    println!("{} {}", id, info["state"].as_str().unwrap_or("?"));
+    Ok(0)
 }
 
 /// `/v1/sandboxes/{id}/files?path=`.
