@@ -60,6 +60,9 @@ pub struct Gauges {
     pub pool_ready: usize,
     pub queue_length: usize,
     pub max_vms: usize,
+    /// Sandboxes alive (paused ones included), and of those the paused ones.
+    pub sandboxes: usize,
+    pub sandboxes_paused: usize,
 }
 
 impl Metrics {
@@ -220,6 +223,21 @@ impl Metrics {
         let _ = writeln!(o, "# HELP cloude_vms_max Most VMs allowed at once.");
         let _ = writeln!(o, "# TYPE cloude_vms_max gauge");
         let _ = writeln!(o, "cloude_vms_max {}", g.max_vms);
+        let _ = writeln!(
+            o,
+            "# HELP cloude_sandboxes Sandboxes alive, by state (a paused one still holds its VM)."
+        );
+        let _ = writeln!(o, "# TYPE cloude_sandboxes gauge");
+        let _ = writeln!(
+            o,
+            "cloude_sandboxes{{state=\"running\"}} {}",
+            g.sandboxes.saturating_sub(g.sandboxes_paused)
+        );
+        let _ = writeln!(
+            o,
+            "cloude_sandboxes{{state=\"paused\"}} {}",
+            g.sandboxes_paused
+        );
         o
     }
 }
@@ -239,6 +257,8 @@ mod tests {
             pool_ready: 0,
             queue_length: 1,
             max_vms: 4,
+            sandboxes: 3,
+            sandboxes_paused: 1,
         });
         assert!(
             t.contains("cloude_executions_total{endpoint=\"v1\",status=\"ok\"} 2"),
@@ -254,5 +274,7 @@ mod tests {
         );
         assert!(t.contains("cloude_vms_running 2"));
         assert!(t.contains("cloude_queue_length 1"));
+        assert!(t.contains("cloude_sandboxes{state=\"running\"} 2"), "{t}");
+        assert!(t.contains("cloude_sandboxes{state=\"paused\"} 1"), "{t}");
     }
 }

@@ -274,9 +274,14 @@ impl Sandboxes {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sandboxes running now.
+    /// Sandboxes running now (paused ones included: they hold their VM).
     pub fn running(&self) -> usize {
         self.map().len()
+    }
+
+    /// Of those, the paused ones.
+    pub fn paused(&self) -> usize {
+        self.map().values().filter(|s| s.is_paused()).count()
     }
 
     /// Starts a sandbox of `language` (see the module documentation).
@@ -367,6 +372,7 @@ impl Sandboxes {
     /// calls are refused until [`Sandboxes::resume`]. It is killed after `[sandboxes]
     /// max_paused_s` paused.
     pub async fn pause(&self, id: &str) -> Result<(), SandboxError> {
+        let t = Instant::now();
         let sb = self.get(id)?;
         let guard = sb.live.lock().await;
         let live = guard
@@ -383,6 +389,7 @@ impl Sandboxes {
         let mut clock = sb.clock();
         *paused = Some(clock.1.saturating_duration_since(Instant::now()));
         clock.1 = Instant::now() + Duration::from_secs(self.cfg.max_paused_s);
+        self.exec.metrics.observe("sandbox_pause", t.elapsed());
         tracing::info!(sandbox = %id, "sandbox paused");
         Ok(())
     }
@@ -390,6 +397,7 @@ impl Sandboxes {
     /// Resumes a paused sandbox (thaws its VM; its timeout runs again with what it had left,
     /// or `timeout` if that is longer). False when it was not paused.
     pub async fn resume(&self, id: &str, timeout: Option<Duration>) -> Result<bool, SandboxError> {
+        let t = Instant::now();
         let sb = self.get(id)?;
         let guard = sb.live.lock().await;
         let live = guard
@@ -410,6 +418,7 @@ impl Sandboxes {
         if let Some(t) = timeout {
             clock.0 = t;
         }
+        self.exec.metrics.observe("sandbox_resume", t.elapsed());
         tracing::info!(sandbox = %id, "sandbox resumed");
         Ok(true)
     }

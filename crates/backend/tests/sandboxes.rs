@@ -825,6 +825,10 @@ fn a_paused_sandbox_is_frozen_until_resumed() {
     );
     let again = s.post(&format!("/v1/sandboxes/{id}/pause"), &json!({}));
     assert_eq!(again.status, 409, "{}", again.text());
+    assert_eq!(s.get("/healthz").json()["sandboxes_paused"], 1);
+    let m = s.get("/metrics").text();
+    assert!(m.contains("cloude_sandboxes{state=\"paused\"} 1"), "{m}");
+    assert!(m.contains("phase=\"sandbox_pause\""), "{m}");
     // The hypervisor is stopped and uses no CPU while paused.
     let hv = hypervisors(&s);
     assert_eq!(hv.len(), 1, "{hv:?}");

@@ -65,6 +65,8 @@ impl AppState {
             pool_ready: self.executor.pool_ready(),
             queue_length: self.executor.queued(),
             max_vms: self.config.limits.max_concurrent_vms,
+            sandboxes: self.sandboxes.as_ref().map_or(0, |s| s.running()),
+            sandboxes_paused: self.sandboxes.as_ref().map_or(0, |s| s.paused()),
         }
     }
 }
@@ -139,6 +141,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
         "snapshots_detail": state.executor.snapshots().status(),
         "snapshots_ready": state.executor.snapshots().ready_count(),
         "sandboxes_running": state.sandboxes.as_ref().map(|s| s.running()),
+        "sandboxes_paused": state.sandboxes.as_ref().map(|s| s.paused()),
     }))
 }
 
