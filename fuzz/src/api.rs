@@ -78,6 +78,16 @@ pub fn run_piston(data: &[u8]) {
     }
 }
 
+/// The MCP tools' arguments (`tools/call` params), as each tool decodes and checks them before
+/// it reaches a VM; an accepted `run_code` is a job within the limits.
+pub fn run_mcp(data: &[u8]) {
+    for r in rules() {
+        if let Some(result) = cloude_server::api::mcp::fuzz_tool_call(data, &r.catalog, &r.config) {
+            check(result, &r.config);
+        }
+    }
+}
+
 /// `POST /submissions` (Judge0), both with and without `base64_encoded`. Beyond the job's
 /// limits: the stored form round-trips, and every rejection names a field and says why.
 pub fn run_judge0(data: &[u8]) {

@@ -242,6 +242,10 @@ impl Sandbox {
         self.dead.store(true, Ordering::SeqCst);
         self.cancel.notify_waiters();
         if let Some(live) = self.live.lock().await.take() {
+            // A frozen jailer could not reap its hypervisor: thaw first (it dies at once).
+            if self.paused().take().is_some() {
+                let _ = live.vm.freeze(false);
+            }
             live.vm.shutdown(Duration::ZERO).await;
         }
     }

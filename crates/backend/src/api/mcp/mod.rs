@@ -168,6 +168,96 @@ fn answer(text: String, structured: serde_json::Value) -> CallToolResult {
     r
 }
 
+impl RunCode {
+    /// The execution `run_code` asks for.
+    fn request(self) -> ExecutionRequest {
+        ExecutionRequest {
+            language: self.language,
+            code: Some(self.code),
+            stdin: self.stdin,
+            args: self.args.unwrap_or_default(),
+            timeout_ms: self.timeout_ms,
+            ..Default::default()
+        }
+    }
+}
+
+impl RunCommand {
+    /// The sandbox command `run_command` asks for.
+    fn request(&self) -> ExecIn {
+        ExecIn {
+            cmd: Some(self.command.clone()),
+            argv: None,
+            stdin: None,
+            env: None,
+            cwd: None,
+            timeout_ms: self.timeout_ms,
+            user: None,
+        }
+    }
+}
+
+/// Fuzzing (`fuzz/fuzz_targets/mcp_arguments.rs`): a client's `tools/call` parameters
+/// (`{"name", "arguments"}`) decoded into the tool's arguments as rmcp does, then checked as the
+/// tool checks them before it reaches a VM (the execution's validation against `catalog` and
+/// `config`, sandbox ids, paths, a command's limits). Never panics; every refusal is a client
+/// error with a sentence; a command that passes is one the agent accepts. Returns the job an
+/// accepted `run_code` would run, for the caller's checks of the limits.
+#[doc(hidden)]
+pub fn fuzz_tool_call(
+    data: &[u8],
+    catalog: &cloude_image::catalog::Catalog,
+    config: &crate::config::Config,
+) -> Option<Result<crate::executor::Job, ApiError>> {
+    let call: serde_json::Value = serde_json::from_slice(data).ok()?;
+    let name = call.get("name")?.as_str()?;
+    let args = call
+        .get("arguments")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    let refused_well = |r: Result<(), ApiError>| {
+        if let Err(e) = r {
+            assert!(e.status.is_client_error(), "{} for {e:?}", e.status);
+            assert!(!e.message.is_empty(), "{e:?}");
+        }
+    };
+    match name {
+        "run_code" => {
+            let p: RunCode = serde_json::from_value(args).ok()?;
+            Some(super::v1::job_from_request(catalog, config, p.request()))
+        }
+        "run_command" => {
+            let p: RunCommand = serde_json::from_value(args).ok()?;
+            refused_well(super::sandboxes::checked_id(&p.sandbox_id).map(|_| ()));
+            let r = super::sandboxes::exec_request_within(&config.limits, p.request());
+            if let Ok(req) = &r {
+                assert!(req.validate().is_ok(), "the agent refuses {req:?}");
+                assert!(req.timeout_ms <= config.limits.max_timeout_ms);
+            }
+            refused_well(r.map(|_| ()));
+            None
+        }
+        "write_file" => {
+            let p: WriteFile = serde_json::from_value(args).ok()?;
+            refused_well(super::sandboxes::checked_id(&p.sandbox_id).map(|_| ()));
+            refused_well(sandbox_path(&p.path).map(|_| ()));
+            None
+        }
+        "read_file" | "list_files" => {
+            let p: FilePath = serde_json::from_value(args).ok()?;
+            refused_well(super::sandboxes::checked_id(&p.sandbox_id).map(|_| ()));
+            refused_well(sandbox_path(&p.path).map(|_| ()));
+            None
+        }
+        "close_sandbox" => {
+            let p: SandboxId = serde_json::from_value(args).ok()?;
+            refused_well(super::sandboxes::checked_id(&p.sandbox_id).map(|_| ()));
+            None
+        }
+        _ => None,
+    }
+}
+
 /// A sandbox path as the agent takes it (absolute; relative ones are under the home).
 fn sandbox_path(path: &str) -> Result<String, ApiError> {
     let p = if path.starts_with('/') {
@@ -213,14 +303,7 @@ impl Cloude {
 
     /// Runs the tool.
     async fn run_code_now(&self, p: RunCode) -> CallToolResult {
-        let req = ExecutionRequest {
-            language: p.language,
-            code: Some(p.code),
-            stdin: p.stdin,
-            args: p.args.unwrap_or_default(),
-            timeout_ms: p.timeout_ms,
-            ..Default::default()
-        };
+        let req = p.request();
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rid = format!("mcp-{}-{n}", std::process::id());
@@ -313,15 +396,7 @@ impl Cloude {
     }
 
     async fn run_command_now(&self, p: RunCommand) -> CallToolResult {
-        let req = ExecIn {
-            cmd: Some(p.command),
-            argv: None,
-            stdin: None,
-            env: None,
-            cwd: None,
-            timeout_ms: p.timeout_ms,
-            user: None,
-        };
+        let req = p.request();
         match super::sandboxes::exec_killable(&self.state, &p.sandbox_id, req).await {
             Err(e) => refused(e),
             Ok(r) => {

@@ -366,7 +366,14 @@ pub(super) fn proc_of(r: ExecRequest, stdin: bool) -> cloude_protocol::sandbox::
 
 /// A checked agent command from an exec's body.
 pub(super) fn exec_request(state: &AppState, req: ExecIn) -> Result<ExecRequest, ApiError> {
-    let l = &state.config.limits;
+    exec_request_within(&state.config.limits, req)
+}
+
+/// [`exec_request`] against `l`.
+pub(crate) fn exec_request_within(
+    l: &crate::config::Limits,
+    req: ExecIn,
+) -> Result<ExecRequest, ApiError> {
     let argv = procs::argv_of(req.cmd, req.argv)?;
     let stdin = req.stdin.unwrap_or_default().into_bytes();
     if stdin.len() > l.max_stdin_bytes {
