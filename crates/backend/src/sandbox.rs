@@ -175,6 +175,13 @@ impl Sandbox {
         self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Its VM and agent, unless it was killed.
+    fn alive<'a>(&self, live: &'a Option<Live>) -> Result<&'a Live, SandboxError> {
+        live.as_ref()
+            .filter(|_| !self.dead.load(Ordering::SeqCst))
+            .ok_or_else(|| SandboxError::NotFound(self.id.clone()))
+    }
+
     /// Whether it is paused now.
     pub fn is_paused(&self) -> bool {
         self.paused().is_some()
@@ -379,10 +386,7 @@ impl Sandboxes {
         let t = Instant::now();
         let sb = self.get(id)?;
         let guard = sb.live.lock().await;
-        let live = guard
-            .as_ref()
-            .filter(|_| !sb.dead.load(Ordering::SeqCst))
-            .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+        let live = sb.alive(&guard)?;
         let mut paused = sb.paused();
         if paused.is_some() {
             return Err(SandboxError::Paused(id.to_string()));
@@ -404,10 +408,7 @@ impl Sandboxes {
         let t = Instant::now();
         let sb = self.get(id)?;
         let guard = sb.live.lock().await;
-        let live = guard
-            .as_ref()
-            .filter(|_| !sb.dead.load(Ordering::SeqCst))
-            .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+        let live = sb.alive(&guard)?;
         let mut paused = sb.paused();
         let Some(left) = *paused else {
             return Ok(false);

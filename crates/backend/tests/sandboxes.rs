@@ -743,16 +743,7 @@ fn a_sandbox_whose_hypervisor_is_killed_says_so() {
         )
     });
     std::thread::sleep(Duration::from_secs(2));
-    // The jailers are the server's children; each hypervisor is its jailer's child.
-    let qemu: Vec<u32> = s
-        .children()
-        .into_iter()
-        .flat_map(|j| std::iter::once(j).chain(support::children_of(j)))
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.starts_with("qemu-system"))
-        })
-        .collect();
+    let qemu = hypervisors(&s);
     assert_eq!(qemu.len(), 1, "one hypervisor: {:?}", s.children());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(qemu[0]).expect("pid")),
@@ -774,7 +765,8 @@ fn a_sandbox_whose_hypervisor_is_killed_says_so() {
     assert_eq!(vm_processes(&s), 0, "no VM process is left");
 }
 
-/// The hypervisors of this server's VMs (each its jailer's child).
+/// The hypervisors of this server's VMs: the jailers are the server's children, each
+/// hypervisor its jailer's child.
 fn hypervisors(s: &Server) -> Vec<u32> {
     s.children()
         .into_iter()

@@ -423,6 +423,22 @@ pub enum StreamEvent {
     },
 }
 
+impl StreamEvent {
+    /// The event that ends `stage`, from its result.
+    pub fn ended(stage: Stage, r: &StageResult) -> StreamEvent {
+        StreamEvent::Ended {
+            stage,
+            exit_code: r.exit_code,
+            signal: r.signal,
+            status: r.status,
+            message: r.message.clone(),
+            wall_ms: r.wall_ms,
+            cpu_ms: r.cpu_ms,
+            memory_kib: r.memory_kib,
+        }
+    }
+}
+
 /// `GET /v1/health`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {

@@ -178,7 +178,7 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         Some(Err(e)) => {
             kill_all(cgroup.as_ref(), pid);
             let r = error_result(format!("cannot drive the terminal: {e}"));
-            announce(ended(spec.stage, &r)).await;
+            announce(StreamEvent::ended(spec.stage, &r)).await;
             return r;
         }
         Some(Ok(t)) => Some(t),
@@ -302,7 +302,7 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
             "lost track of the program's exit status"
         );
         let r = error_result("lost track of the program's exit status".into());
-        announce(ended(spec.stage, &r)).await;
+        announce(StreamEvent::ended(spec.stage, &r)).await;
         return r;
     };
     let cpu_us = stats.cpu_us.unwrap_or(waited.cpu_us);
@@ -339,22 +339,8 @@ pub async fn run_stage(spec: StageSpec) -> StageResult {
         cpu_ms: cpu_us / 1000,
         memory_kib: stats.memory_peak_kib.unwrap_or(waited.maxrss_kib),
     };
-    announce(ended(spec.stage, &result)).await;
+    announce(StreamEvent::ended(spec.stage, &result)).await;
     result
-}
-
-/// The event that ends a stage that was announced started.
-fn ended(stage: Stage, r: &StageResult) -> StreamEvent {
-    StreamEvent::Ended {
-        stage,
-        exit_code: r.exit_code,
-        signal: r.signal,
-        status: r.status,
-        message: r.message.clone(),
-        wall_ms: r.wall_ms,
-        cpu_ms: r.cpu_ms,
-        memory_kib: r.memory_kib,
-    }
 }
 
 /// The stage's command, and with `merge_stderr` the read end of the one pipe its stdout and

@@ -203,16 +203,7 @@ impl Output {
             message = r.message.as_deref().unwrap_or(""),
             "piston connect: the stage's end came only in the final result"
         );
-        self.messages(StreamEvent::Ended {
-            stage,
-            exit_code: r.exit_code,
-            signal: r.signal,
-            status: r.status,
-            message: r.message.clone(),
-            wall_ms: r.wall_ms,
-            cpu_ms: r.cpu_ms,
-            memory_kib: r.memory_kib,
-        })
+        self.messages(StreamEvent::ended(stage, r))
     }
 
     fn messages(&mut self, ev: StreamEvent) -> Vec<Value> {
